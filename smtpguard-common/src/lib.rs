@@ -1,0 +1,153 @@
+//! Types the XDP program and the daemon both see: map names, map key and value layouts,
+//! counter indices and verdict codes. Everything here is `#[repr(C)]` with fixed-width fields
+//! and explicit padding, because the kernel copies these bytes between the two sides verbatim.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Names of the maps in the eBPF object. The XDP program declares its maps with exactly these
+/// names (`#[map(name = ...)]`); the daemon looks them up and pins them by the same names.
+pub mod map_name {
+    /// `Array<u32>` of one entry: which policy slot (0 or 1) the program reads.
+    pub const ACTIVE_SLOT: &str = "SG_ACTIVE";
+    /// `Array<SlotConfig>` of [`super::SLOTS`] entries: guarded ports per policy slot.
+    pub const SLOT_CONFIG: &str = "SG_SLOT_CFG";
+    /// `LpmTrie<[u8; 4], RuleValue>` holding the IPv4 prefixes of policy slot 0.
+    pub const V4_SLOT0: &str = "SG_V4_0";
+    /// `LpmTrie<[u8; 4], RuleValue>` holding the IPv4 prefixes of policy slot 1.
+    pub const V4_SLOT1: &str = "SG_V4_1";
+    /// `LpmTrie<[u8; 16], RuleValue>` holding the IPv6 prefixes of policy slot 0.
+    pub const V6_SLOT0: &str = "SG_V6_0";
+    /// `LpmTrie<[u8; 16], RuleValue>` holding the IPv6 prefixes of policy slot 1.
+    pub const V6_SLOT1: &str = "SG_V6_1";
+    /// `PerCpuHashMap<u32, u64>`: SYNs matched, keyed by [`super::RuleValue::counter_id`].
+    pub const PREFIX_HITS: &str = "SG_PREFIX_HITS";
+    /// `PerCpuArray<u64>` of [`super::counter::COUNT`] entries: global counters.
+    pub const GLOBAL: &str = "SG_GLOBAL";
+
+    /// Every map, in a stable order (pinning, listing, tests).
+    pub const ALL: [&str; 8] = [
+        ACTIVE_SLOT,
+        SLOT_CONFIG,
+        V4_SLOT0,
+        V4_SLOT1,
+        V6_SLOT0,
+        V6_SLOT1,
+        PREFIX_HITS,
+        GLOBAL,
+    ];
+}
+
+/// Name of the XDP program inside the object.
+pub const PROGRAM_NAME: &str = "smtpguard";
+
+/// Number of policy slots. The daemon writes the slot the program is not reading, then flips
+/// [`map_name::ACTIVE_SLOT`] with one 4-byte store: a packet sees the old policy or the new one.
+pub const SLOTS: u32 = 2;
+
+/// Upper bound on prefixes per family and slot. LPM tries are created with `BPF_F_NO_PREALLOC`,
+/// so this is a limit, not memory that is reserved up front.
+pub const MAX_PREFIXES_PER_FAMILY: u32 = 4 << 20;
+
+/// Upper bound on live per-prefix counters (both families, both slots).
+pub const MAX_PREFIX_COUNTERS: u32 = 2 * MAX_PREFIXES_PER_FAMILY;
+
+/// Words in the guarded-port bitmap: one bit for each of the 65536 TCP ports.
+pub const PORT_WORDS: usize = 65536 / 32;
+
+/// Per-slot settings the program reads on every TCP segment.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SlotConfig {
+    /// Bit `p % 32` of word `p / 32` is set when TCP destination port `p` is guarded.
+    pub ports: [u32; PORT_WORDS],
+    /// Incremented by the daemon on every apply; lets `stats` tell which policy is in force.
+    pub generation: u32,
+    pub _reserved: u32,
+}
+const _: () = assert!(size_of::<SlotConfig>() == PORT_WORDS * 4 + 8);
+
+impl SlotConfig {
+    pub const EMPTY: Self = Self {
+        ports: [0; PORT_WORDS],
+        generation: 0,
+        _reserved: 0,
+    };
+
+    /// Whether TCP destination `port` is guarded in this slot.
+    #[inline(always)]
+    pub fn guards(&self, port: u16) -> bool {
+        let word = (port >> 5) as usize;
+        match self.ports.get(word) {
+            Some(bits) => bits & (1u32 << (port & 31)) != 0,
+            None => false,
+        }
+    }
+
+    /// Marks TCP destination `port` as guarded.
+    pub fn guard(&mut self, port: u16) {
+        let word = (port >> 5) as usize;
+        if let Some(bits) = self.ports.get_mut(word) {
+            *bits |= 1u32 << (port & 31);
+        }
+    }
+}
+
+/// What a trie entry says about sources under its prefix. Raw `u32` codes, not an enum:
+/// the program must never trust a value it reads from a map to be a valid discriminant.
+pub mod action {
+    pub const ALLOW: u32 = 1;
+    pub const DENY: u32 = 2;
+}
+
+/// Value stored in the LPM tries for one prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RuleValue {
+    /// One of [`action`].
+    pub action: u32,
+    /// Key of this prefix's entry in [`map_name::PREFIX_HITS`]; stable while the prefix stays
+    /// in the policy, so its counter keeps counting across reloads.
+    pub counter_id: u32,
+}
+const _: () = assert!(size_of::<RuleValue>() == 8);
+
+/// Indices into the global per-CPU counter array.
+pub mod counter {
+    /// Guarded SYNs whose source matched an allow prefix (passed).
+    pub const SYN_ALLOWED: u32 = 0;
+    /// Guarded SYNs whose source matched a deny prefix (dropped).
+    pub const SYN_DENIED: u32 = 1;
+    /// Guarded SYNs whose source matched no prefix (dropped).
+    pub const SYN_UNLISTED: u32 = 2;
+    /// Packets the program dropped.
+    pub const DROPPED: u32 = 3;
+    /// Frames too short or malformed to parse, passed (the kernel drops them too).
+    pub const PASSED_UNPARSED: u32 = 4;
+    /// Packets whose TCP ports or flags were out of the program's sight (a first fragment that
+    /// stops early, a long IPv6 extension chain): decided by source as if they were guarded SYNs.
+    pub const HIDDEN_DECIDED: u32 = 5;
+    /// Non-first fragments, passed (the first fragment carries the decision).
+    pub const PASSED_FRAGMENTS: u32 = 6;
+    /// Number of global counters.
+    pub const COUNT: u32 = 7;
+
+    /// Stable names, indexed by counter; used for stats and metrics.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "syn_allowed",
+        "syn_denied",
+        "syn_unlisted",
+        "dropped",
+        "passed_unparsed",
+        "hidden_decided_by_source",
+        "passed_fragments",
+    ];
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: both types are `#[repr(C)]`, made only of integers, with no implicit padding
+    // (checked by the size assertions beside them).
+    unsafe impl aya::Pod for super::SlotConfig {}
+    unsafe impl aya::Pod for super::RuleValue {}
+}

@@ -1,0 +1,466 @@
+//! The TOML configuration file, read into typed settings. Every value keeps the line it came
+//! from, so a refusal can name the file, the line and the offending value.
+
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// The guarded port when the file does not say: SMTP.
+pub const DEFAULT_PORTS: [u16; 1] = [25];
+
+/// Where a value came from: the file and the 1-based line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Location {
+    pub file: PathBuf,
+    pub line: usize,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.file.display(), self.line)
+    }
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}", path = path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not UTF-8 text: {source}", path = path.display())]
+    NotUtf8 {
+        path: PathBuf,
+        source: std::string::FromUtf8Error,
+    },
+    #[error("{at}: {message}")]
+    Syntax { at: Location, message: String },
+    #[error("{at}: bad prefix {value:?}: {reason}")]
+    BadPrefix {
+        at: Location,
+        value: String,
+        reason: crate::prefix::PrefixError,
+    },
+    #[error("{at}: prefix {prefix} is in both lists: allow rule {allow_rule:?} ({allow_at}) and deny rule {deny_rule:?}")]
+    Conflict {
+        at: Location,
+        prefix: ipnet::IpNet,
+        allow_rule: String,
+        allow_at: Location,
+        deny_rule: String,
+    },
+    #[error("{at}: bad port {value}: ports are 1 to 65535")]
+    BadPort { at: Location, value: i64 },
+    #[error("{at}: `ports` is empty: nothing would be guarded")]
+    NoPorts { at: Location },
+    #[error("{at}: `interfaces` is empty: name the interfaces to guard, e.g. interfaces = [\"eth0\"]")]
+    NoInterfaces { at: Location },
+    #[error("{at}: bad interface name {value:?}: {reason}")]
+    BadInterface {
+        at: Location,
+        value: String,
+        reason: &'static str,
+    },
+    #[error("{at}: bad rule name {value:?}: {reason}")]
+    BadRuleName {
+        at: Location,
+        value: String,
+        reason: &'static str,
+    },
+    #[error(
+        "{path}: no allow prefix at all: every source would be blocked; add [[allow]] entries, or set allow_none = true if that is what you mean",
+        path = path.display()
+    )]
+    NoAllow { path: PathBuf },
+}
+
+/// How the program is attached to an interface.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// Native (driver) mode where the driver supports it, generic mode otherwise.
+    #[default]
+    Auto,
+    /// Native (driver) mode only.
+    Native,
+    /// Generic (skb) mode.
+    Skb,
+}
+
+impl fmt::Display for XdpMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Native => "native",
+            Self::Skb => "skb",
+        })
+    }
+}
+
+/// The file as written, before any validation beyond TOML types.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    interfaces: Spanned<Vec<Spanned<String>>>,
+    ports: Option<Spanned<Vec<Spanned<i64>>>>,
+    #[serde(default)]
+    xdp_mode: XdpMode,
+    #[serde(default)]
+    allow_none: bool,
+    #[serde(default)]
+    allow: Vec<RuleTable>,
+    #[serde(default)]
+    deny: Vec<RuleTable>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleTable {
+    name: Spanned<String>,
+    #[serde(default)]
+    prefixes: Vec<Spanned<String>>,
+}
+
+/// One `[[allow]]` or `[[deny]]` table.
+#[derive(Clone, Debug)]
+pub struct RuleSpec {
+    pub name: String,
+    pub at: Location,
+    /// The prefixes as written, each with its own line.
+    pub prefixes: Vec<(String, Location)>,
+}
+
+/// A configuration whose settings are valid. Prefixes are still text: turning them into a
+/// policy is [`crate::policy::Policy::build`]'s job.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub path: PathBuf,
+    pub interfaces: Vec<String>,
+    pub ports: Vec<(u16, Location)>,
+    pub xdp_mode: XdpMode,
+    pub allow_none: bool,
+    pub allow: Vec<RuleSpec>,
+    pub deny: Vec<RuleSpec>,
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let text = String::from_utf8(bytes).map_err(|source| ConfigError::NotUtf8 {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Validates `text` as if read from `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let lines = LineIndex::new(path, text);
+        let file: File = toml::from_str(text).map_err(|error| ConfigError::Syntax {
+            at: lines.at(error.span().map_or(0, |span| span.start)),
+            message: error.message().trim_end().to_owned(),
+        })?;
+
+        let interfaces = validate_interfaces(&file.interfaces, &lines)?;
+        let ports = validate_ports(file.ports.as_ref(), &lines)?;
+        let allow = rule_specs(&file.allow, &lines)?;
+        let deny = rule_specs(&file.deny, &lines)?;
+        Ok(Self {
+            path: path.to_owned(),
+            interfaces,
+            ports,
+            xdp_mode: file.xdp_mode,
+            allow_none: file.allow_none,
+            allow,
+            deny,
+        })
+    }
+}
+
+fn validate_interfaces(
+    interfaces: &Spanned<Vec<Spanned<String>>>,
+    lines: &LineIndex<'_>,
+) -> Result<Vec<String>, ConfigError> {
+    if interfaces.get_ref().is_empty() {
+        return Err(ConfigError::NoInterfaces {
+            at: lines.at(interfaces.span().start),
+        });
+    }
+    let mut names: Vec<String> = Vec::new();
+    for name in interfaces.get_ref() {
+        let value = name.get_ref();
+        if let Some(reason) = interface_name_problem(value) {
+            return Err(ConfigError::BadInterface {
+                at: lines.at(name.span().start),
+                value: value.clone(),
+                reason,
+            });
+        }
+        if !names.contains(value) {
+            names.push(value.clone());
+        }
+    }
+    Ok(names)
+}
+
+/// Linux interface names: 1 to 15 bytes, no `/`, no white space.
+fn interface_name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("empty")
+    } else if name.len() > 15 {
+        Some("longer than 15 bytes, the Linux limit")
+    } else if name.contains('/') || name.chars().any(char::is_whitespace) || name.contains(':') {
+        Some("contains '/', ':' or white space")
+    } else if name == "." || name == ".." {
+        Some("not a valid interface name")
+    } else {
+        None
+    }
+}
+
+fn validate_ports(
+    ports: Option<&Spanned<Vec<Spanned<i64>>>>,
+    lines: &LineIndex<'_>,
+) -> Result<Vec<(u16, Location)>, ConfigError> {
+    let Some(ports) = ports else {
+        return Ok(DEFAULT_PORTS
+            .iter()
+            .map(|&port| (port, lines.default_location()))
+            .collect());
+    };
+    if ports.get_ref().is_empty() {
+        return Err(ConfigError::NoPorts {
+            at: lines.at(ports.span().start),
+        });
+    }
+    let mut out: Vec<(u16, Location)> = Vec::new();
+    for port in ports.get_ref() {
+        let at = lines.at(port.span().start);
+        let value = *port.get_ref();
+        let port = u16::try_from(value)
+            .ok()
+            .filter(|&port| port != 0)
+            .ok_or(ConfigError::BadPort {
+                at: at.clone(),
+                value,
+            })?;
+        if !out.iter().any(|(known, _)| *known == port) {
+            out.push((port, at));
+        }
+    }
+    Ok(out)
+}
+
+fn rule_specs(tables: &[RuleTable], lines: &LineIndex<'_>) -> Result<Vec<RuleSpec>, ConfigError> {
+    tables
+        .iter()
+        .map(|table| {
+            let at = lines.at(table.name.span().start);
+            let name = table.name.get_ref().trim();
+            if name.is_empty() {
+                return Err(ConfigError::BadRuleName {
+                    at,
+                    value: table.name.get_ref().clone(),
+                    reason: "empty",
+                });
+            }
+            if name.chars().any(char::is_control) {
+                return Err(ConfigError::BadRuleName {
+                    at,
+                    value: table.name.get_ref().clone(),
+                    reason: "contains control characters",
+                });
+            }
+            Ok(RuleSpec {
+                name: name.to_owned(),
+                at,
+                prefixes: table
+                    .prefixes
+                    .iter()
+                    .map(|prefix| (prefix.get_ref().clone(), lines.at(prefix.span().start)))
+                    .collect(),
+            })
+        })
+        .collect()
+}
+
+/// Maps byte offsets in the file to line numbers.
+struct LineIndex<'a> {
+    path: &'a Path,
+    line_starts: Vec<usize>,
+}
+
+impl<'a> LineIndex<'a> {
+    fn new(path: &'a Path, text: &str) -> Self {
+        let line_starts = std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(index, _)| index + 1))
+            .collect();
+        Self { path, line_starts }
+    }
+
+    fn at(&self, offset: usize) -> Location {
+        let line = self.line_starts.partition_point(|&start| start <= offset);
+        Location {
+            file: self.path.to_owned(),
+            line: line.max(1),
+        }
+    }
+
+    /// For values the file leaves to their default.
+    fn default_location(&self) -> Location {
+        Location {
+            file: self.path.to_owned(),
+            line: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/smtpguard/test.toml"), text)
+    }
+
+    fn refusal(text: &str) -> String {
+        match parse(text) {
+            Ok(config) => panic!("expected a refusal, got {config:?}"),
+            Err(error) => error.to_string(),
+        }
+    }
+
+    #[test]
+    fn defaults_guard_port_25_in_auto_mode() {
+        let config = parse("interfaces = [\"eth0\"]\n").unwrap();
+        assert_eq!(config.interfaces, ["eth0"]);
+        assert_eq!(
+            config.ports.iter().map(|(port, _)| *port).collect::<Vec<_>>(),
+            [25]
+        );
+        assert_eq!(config.xdp_mode, XdpMode::Auto);
+        assert!(!config.allow_none);
+    }
+
+    #[test]
+    fn the_documented_example_parses() {
+        let config = parse(
+            r#"
+interfaces = ["eth0"]
+ports = [25]
+xdp_mode = "auto"
+
+[[allow]]
+name = "provider"
+prefixes = ["89.16.184.144/28", "89.16.176.76", "208.123.79.0/255.255.255.0", "2001:db8:25::/48"]
+
+[[deny]]
+name = "abuser"
+prefixes = ["89.16.184.150"]
+"#,
+        )
+        .unwrap();
+        assert_eq!(config.allow.len(), 1);
+        assert_eq!(config.allow[0].name, "provider");
+        assert_eq!(config.allow[0].prefixes.len(), 4);
+        assert_eq!(config.allow[0].prefixes[0].1.line, 8);
+        assert_eq!(config.deny[0].prefixes[0].0, "89.16.184.150");
+        assert_eq!(config.deny[0].prefixes[0].1.line, 12);
+    }
+
+    #[test]
+    fn unknown_key_is_refused_with_its_line() {
+        let message = refusal("interfaces = [\"eth0\"]\n\n[[allow]]\nname = \"x\"\nprefix = [\"192.0.2.1\"]\n");
+        assert!(message.starts_with("/etc/smtpguard/test.toml:5: unknown field `prefix`"), "{message}");
+    }
+
+    #[test]
+    fn unknown_top_level_key_is_refused() {
+        let message = refusal("interfaces = [\"eth0\"]\nport = [25]\n");
+        assert!(message.contains(":2: unknown field `port`"), "{message}");
+    }
+
+    #[test]
+    fn empty_interface_list_is_refused() {
+        let message = refusal("\ninterfaces = []\n");
+        assert!(message.contains("test.toml:2: `interfaces` is empty"), "{message}");
+    }
+
+    #[test]
+    fn missing_interfaces_is_refused() {
+        let message = refusal("ports = [25]\n");
+        assert!(message.contains("missing field `interfaces`"), "{message}");
+    }
+
+    #[test]
+    fn bad_interface_names_are_refused() {
+        let message = refusal("interfaces = [\"eth0\", \"averyveryverylongname\"]\n");
+        assert!(message.contains(":1: bad interface name \"averyveryverylongname\""), "{message}");
+        let message = refusal("interfaces = [\"eth 0\"]\n");
+        assert!(message.contains("bad interface name \"eth 0\""), "{message}");
+    }
+
+    #[test]
+    fn bad_ports_are_refused_with_line_and_value() {
+        let message = refusal("interfaces = [\"eth0\"]\nports = [25,\n 70000]\n");
+        assert_eq!(message, "/etc/smtpguard/test.toml:3: bad port 70000: ports are 1 to 65535");
+        let message = refusal("interfaces = [\"eth0\"]\nports = [0]\n");
+        assert!(message.contains(":2: bad port 0"), "{message}");
+        let message = refusal("interfaces = [\"eth0\"]\nports = []\n");
+        assert!(message.contains(":2: `ports` is empty"), "{message}");
+        let message = refusal("interfaces = [\"eth0\"]\nports = [\"25\"]\n");
+        assert!(message.contains(":2: invalid type: string \"25\", expected i64"), "{message}");
+    }
+
+    #[test]
+    fn bad_xdp_mode_is_refused() {
+        let message = refusal("interfaces = [\"eth0\"]\nxdp_mode = \"fast\"\n");
+        assert!(message.contains(":2: unknown variant `fast`"), "{message}");
+    }
+
+    #[test]
+    fn syntax_error_names_the_line() {
+        let message = refusal("interfaces = [\"eth0\"]\n\n[[allow]\nname = \"x\"\n");
+        assert!(message.starts_with("/etc/smtpguard/test.toml:3: "), "{message}");
+    }
+
+    #[test]
+    fn empty_rule_name_is_refused() {
+        let message = refusal("interfaces = [\"eth0\"]\n[[allow]]\nname = \" \"\n");
+        assert!(message.contains(":3: bad rule name \" \": empty"), "{message}");
+    }
+
+    #[test]
+    fn duplicate_ports_and_interfaces_are_folded() {
+        let config = parse("interfaces = [\"eth0\", \"eth0\"]\nports = [25, 2525, 25]\n").unwrap();
+        assert_eq!(config.interfaces, ["eth0"]);
+        assert_eq!(
+            config.ports.iter().map(|(port, _)| *port).collect::<Vec<_>>(),
+            [25, 2525]
+        );
+    }
+
+    #[test]
+    fn unreadable_and_non_utf8_files_are_refused() {
+        let message = Config::load(Path::new("/nonexistent/smtpguard.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(message.starts_with("/nonexistent/smtpguard.toml: cannot read"), "{message}");
+        let dir = std::env::temp_dir().join(format!("sg-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("latin1.toml");
+        std::fs::write(&path, b"interfaces = [\"eth\xe9\"]\n").unwrap();
+        let message = Config::load(&path).unwrap_err().to_string();
+        assert!(message.contains("not UTF-8"), "{message}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

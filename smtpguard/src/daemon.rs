@@ -1,0 +1,263 @@
+//! The long-running daemon: load the program, apply the policy, attach, then serve signals
+//! until told to stop. SIGHUP re-reads the configuration; a configuration that fails to
+//! validate is reported and the running policy stays. SIGTERM/SIGINT detach and return.
+
+use std::{
+    future::Future,
+    path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    config::{Config, ConfigError},
+    filter::{Filter, FilterError},
+    instance::{Instance, InstanceError, InstanceLock, InterfaceState, PrefixState, RunState},
+    maps::{ApplyError, ApplyReport, PolicyMaps},
+    policy::{List, Policy},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Instance(#[from] InstanceError),
+    #[error(transparent)]
+    Filter(#[from] FilterError),
+    #[error("applying the policy: {0}")]
+    Apply(#[from] ApplyError),
+    #[error("cannot listen for {signal}: {source}")]
+    Signal {
+        signal: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{what} changed from {from} to {to}: restart smtpguard to change it")]
+    NeedsRestart {
+        what: &'static str,
+        from: String,
+        to: String,
+    },
+}
+
+/// Runs the daemon for `instance` with the configuration at `config_path` until SIGTERM,
+/// SIGINT or `shutdown` completes; then detaches and removes its pins.
+pub async fn run(
+    config_path: &Path,
+    instance: &Instance,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DaemonError> {
+    // Register before anything slow: SIGHUP's default action would kill us.
+    let listen = |kind: SignalKind, name: &'static str| {
+        signal(kind).map_err(|source| DaemonError::Signal {
+            signal: name,
+            source,
+        })
+    };
+    let mut hangup = listen(SignalKind::hangup(), "SIGHUP")?;
+    let mut terminate = listen(SignalKind::terminate(), "SIGTERM")?;
+    let mut interrupt = listen(SignalKind::interrupt(), "SIGINT")?;
+
+    let mut daemon = Daemon::start(config_path, instance)?;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => {
+                log::info!("SIGHUP: reloading {}", config_path.display());
+                match daemon.reload() {
+                    Ok(report) => log::info!("reloaded: {}", daemon.describe(&report)),
+                    Err(error) => log::error!(
+                        "reload failed, generation {} stays in force: {error}",
+                        daemon.maps.generation()
+                    ),
+                }
+            }
+            _ = terminate.recv() => { log::info!("SIGTERM: detaching"); break; }
+            _ = interrupt.recv() => { log::info!("SIGINT: detaching"); break; }
+            () = &mut shutdown => { log::info!("shutdown requested: detaching"); break; }
+        }
+    }
+    daemon.stop();
+    Ok(())
+}
+
+/// A running instance: the attached program, its maps and the policy in force.
+struct Daemon {
+    config_path: PathBuf,
+    config: Config,
+    policy: Policy,
+    instance: Instance,
+    // Field order is drop order: detach first, then remove the pins, then release the lock.
+    filter: Filter,
+    maps: PolicyMaps,
+    _pins: PinsGuard,
+    _lock: InstanceLock,
+}
+
+impl Daemon {
+    fn start(config_path: &Path, instance: &Instance) -> Result<Self, DaemonError> {
+        let config = Config::load(config_path)?;
+        let (policy, warnings) = Policy::build(&config)?;
+        for warning in &warnings {
+            log::warn!("{warning}");
+        }
+        let lock = instance.lock()?;
+        let pin_dir = instance.fresh_pin_dir()?;
+        let pins = PinsGuard(instance.clone());
+        let (mut filter, mut maps) = Filter::load(Some(&pin_dir))?;
+        // The policy is in the maps before the program sees its first packet.
+        let report = maps.apply(&policy)?;
+        for interface in &config.interfaces {
+            let mode = filter.attach(interface, config.xdp_mode)?;
+            log::info!("attached to {interface} in {mode} mode");
+        }
+        let daemon = Self {
+            config_path: config_path.to_owned(),
+            config,
+            policy,
+            instance: instance.clone(),
+            filter,
+            maps,
+            _pins: pins,
+            _lock: lock,
+        };
+        daemon.write_state()?;
+        log::info!("enforcing: {}", daemon.describe(&report));
+        Ok(daemon)
+    }
+
+    /// Re-reads the configuration and applies it whole, or not at all.
+    fn reload(&mut self) -> Result<ApplyReport, DaemonError> {
+        let config = Config::load(&self.config_path)?;
+        let (policy, warnings) = Policy::build(&config)?;
+        for warning in &warnings {
+            log::warn!("{warning}");
+        }
+        if config.xdp_mode != self.config.xdp_mode {
+            return Err(DaemonError::NeedsRestart {
+                what: "xdp_mode",
+                from: self.config.xdp_mode.to_string(),
+                to: config.xdp_mode.to_string(),
+            });
+        }
+        let added: Vec<String> = config
+            .interfaces
+            .iter()
+            .filter(|interface| !self.config.interfaces.contains(interface))
+            .cloned()
+            .collect();
+        let removed: Vec<String> = self
+            .config
+            .interfaces
+            .iter()
+            .filter(|interface| !config.interfaces.contains(interface))
+            .cloned()
+            .collect();
+        let mut attached = Vec::new();
+        let outcome = (|| {
+            for interface in &added {
+                let mode = self.filter.attach(interface, config.xdp_mode)?;
+                log::info!("attached to {interface} in {mode} mode");
+                attached.push(interface.clone());
+            }
+            Ok::<_, DaemonError>(self.maps.apply(&policy)?)
+        })();
+        let report = match outcome {
+            Ok(report) => report,
+            Err(error) => {
+                for interface in &attached {
+                    if let Err(detach_error) = self.filter.detach(interface) {
+                        log::error!("{detach_error}");
+                    }
+                }
+                return Err(error);
+            }
+        };
+        for interface in &removed {
+            match self.filter.detach(interface) {
+                Ok(()) => log::info!("detached from {interface}"),
+                Err(error) => log::error!("{error}"),
+            }
+        }
+        self.config = config;
+        self.policy = policy;
+        self.write_state()?;
+        Ok(report)
+    }
+
+    fn describe(&self, report: &ApplyReport) -> String {
+        let ports: Vec<String> = self.policy.ports.iter().map(ToString::to_string).collect();
+        format!(
+            "generation {}: {} allow and {} deny prefixes on port {}; {} entries written, {} counters retired, in {:.1} ms",
+            report.generation,
+            self.policy.count(List::Allow),
+            self.policy.count(List::Deny),
+            ports.join(","),
+            report.written,
+            report.removed,
+            report.elapsed.as_secs_f64() * 1000.0
+        )
+    }
+
+    fn write_state(&self) -> Result<(), DaemonError> {
+        let prefixes = self
+            .maps
+            .counter_ids()
+            .map(|(net, list, counter_id)| PrefixState {
+                counter_id,
+                list,
+                rule: self
+                    .policy
+                    .entries
+                    .get(net)
+                    .map(|entry| entry.rule.clone())
+                    .unwrap_or_default(),
+                prefix: *net,
+            })
+            .collect();
+        let state = RunState {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            config: self.config_path.clone(),
+            generation: self.maps.generation(),
+            applied_at_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |elapsed| elapsed.as_secs()),
+            interfaces: self
+                .filter
+                .attachments()
+                .iter()
+                .map(|attachment| InterfaceState {
+                    name: attachment.interface.clone(),
+                    mode: attachment.mode,
+                })
+                .collect(),
+            ports: self.policy.ports.iter().copied().collect(),
+            prefixes,
+        };
+        Ok(self.instance.write_state(&state)?)
+    }
+
+    fn stop(self) {
+        let interfaces: Vec<String> = self
+            .filter
+            .attachments()
+            .iter()
+            .map(|attachment| attachment.interface.clone())
+            .collect();
+        drop(self);
+        log::info!("detached from {}", interfaces.join(", "));
+    }
+}
+
+/// Removes the instance's pins and state file when the daemon goes away, however it goes.
+struct PinsGuard(Instance);
+
+impl Drop for PinsGuard {
+    fn drop(&mut self) {
+        if let Err(error) = self.0.clean_up() {
+            log::warn!("cleaning up: {error}");
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! Where a running instance keeps its state: pinned maps under bpffs
+//! (`/sys/fs/bpf/smtpguard/NAME`), and a lock and a state file under `/run/smtpguard/NAME`.
+//! Several instances (one per name) can run side by side, e.g. one per network namespace.
+
+use std::{
+    fs::File,
+    io,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{filter::AttachedMode, policy::List};
+
+/// bpffs magic number (`BPF_FS_MAGIC` in linux/magic.h).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const BPFFS_ROOT: &str = "/sys/fs/bpf";
+const PIN_ROOT: &str = "/sys/fs/bpf/smtpguard";
+const RUN_ROOT: &str = "/run/smtpguard";
+
+#[derive(Debug, thiserror::Error)]
+pub enum InstanceError {
+    #[error("bad instance name {0:?}: use 1 to 64 letters, digits, '-' or '_'")]
+    BadName(String),
+    #[error("{path}: {source}", path = path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error("cannot mount bpffs at {BPFFS_ROOT}: {0}")]
+    Mount(io::Error),
+    #[error("instance {name:?} is already running (lock {path} is held); stop it first or pick another --instance", path = path.display())]
+    Running { name: String, path: PathBuf },
+    #[error("no running smtpguard instance {name:?}: {path} is missing ({source}); is `smtpguard run` running?", path = path.display())]
+    NotRunning {
+        name: String,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("{path}: corrupt state file: {source}", path = path.display())]
+    BadState {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+/// A named instance of the daemon.
+#[derive(Clone, Debug)]
+pub struct Instance {
+    name: String,
+}
+
+impl Instance {
+    pub fn new(name: &str) -> Result<Self, InstanceError> {
+        let valid = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|byte| byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_');
+        if !valid {
+            return Err(InstanceError::BadName(name.to_owned()));
+        }
+        Ok(Self {
+            name: name.to_owned(),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn pin_dir(&self) -> PathBuf {
+        Path::new(PIN_ROOT).join(&self.name)
+    }
+
+    pub fn run_dir(&self) -> PathBuf {
+        Path::new(RUN_ROOT).join(&self.name)
+    }
+
+    pub fn state_path(&self) -> PathBuf {
+        self.run_dir().join("state.json")
+    }
+
+    /// Takes the instance lock; held until the returned guard is dropped.
+    pub fn lock(&self) -> Result<InstanceLock, InstanceError> {
+        let dir = self.run_dir();
+        create_dir(&dir)?;
+        let path = dir.join("lock");
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| InstanceError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        // SAFETY: flock on a file descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(InstanceError::Running {
+                name: self.name.clone(),
+                path,
+            });
+        }
+        Ok(InstanceLock { _file: file })
+    }
+
+    /// Prepares an empty pin directory, mounting bpffs first if the system has not.
+    pub fn fresh_pin_dir(&self) -> Result<PathBuf, InstanceError> {
+        ensure_bpffs()?;
+        let dir = self.pin_dir();
+        remove_dir(&dir)?;
+        create_dir(&dir)?;
+        Ok(dir)
+    }
+
+    /// Removes the pins and the state file.
+    pub fn clean_up(&self) -> Result<(), InstanceError> {
+        remove_dir(&self.pin_dir())?;
+        let state = self.state_path();
+        match std::fs::remove_file(&state) {
+            Ok(()) => Ok(()),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(InstanceError::Io {
+                path: state,
+                source,
+            }),
+        }
+    }
+
+    /// Replaces the state file atomically.
+    pub fn write_state(&self, state: &RunState) -> Result<(), InstanceError> {
+        let path = self.state_path();
+        let temporary = path.with_extension("json.tmp");
+        let text = serde_json::to_vec_pretty(state).map_err(|source| InstanceError::BadState {
+            path: path.clone(),
+            source,
+        })?;
+        std::fs::write(&temporary, text)
+            .and_then(|()| std::fs::rename(&temporary, &path))
+            .map_err(|source| InstanceError::Io { path, source })
+    }
+
+    pub fn read_state(&self) -> Result<RunState, InstanceError> {
+        let path = self.state_path();
+        let text = std::fs::read(&path).map_err(|source| InstanceError::NotRunning {
+            name: self.name.clone(),
+            path: path.clone(),
+            source,
+        })?;
+        serde_json::from_slice(&text).map_err(|source| InstanceError::BadState { path, source })
+    }
+}
+
+/// Held while a daemon runs an instance.
+pub struct InstanceLock {
+    _file: File,
+}
+
+/// What `smtpguard stats` needs to know about a running daemon, beyond the counters.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunState {
+    pub pid: u32,
+    pub version: String,
+    pub config: PathBuf,
+    pub generation: u32,
+    pub applied_at_unix: u64,
+    pub interfaces: Vec<InterfaceState>,
+    pub ports: Vec<u16>,
+    pub prefixes: Vec<PrefixState>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InterfaceState {
+    pub name: String,
+    pub mode: AttachedMode,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PrefixState {
+    pub counter_id: u32,
+    pub list: List,
+    pub rule: String,
+    pub prefix: ipnet::IpNet,
+}
+
+fn ensure_bpffs() -> Result<(), InstanceError> {
+    if is_bpffs(Path::new(BPFFS_ROOT)) {
+        return Ok(());
+    }
+    log::info!("bpffs is not mounted at {BPFFS_ROOT}; mounting it");
+    let target = std::ffi::CString::new(BPFFS_ROOT).map_err(|error| InstanceError::Mount(error.into()))?;
+    // SAFETY: all pointers are valid NUL-terminated strings; data is null.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(InstanceError::Mount(io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs fills the zeroed struct we own.
+    unsafe {
+        let mut stat: libc::statfs = std::mem::zeroed();
+        libc::statfs(path.as_ptr(), &mut stat) == 0 && stat.f_type as i64 == BPF_FS_MAGIC
+    }
+}
+
+fn create_dir(path: &Path) -> Result<(), InstanceError> {
+    std::fs::create_dir_all(path).map_err(|source| InstanceError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn remove_dir(path: &Path) -> Result<(), InstanceError> {
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(InstanceError::Io {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instance_names_are_checked() {
+        assert!(Instance::new("default").is_ok());
+        assert!(Instance::new("sg-123_4").is_ok());
+        for bad in ["", "../etc", "a b", "a/b", &"x".repeat(65)] {
+            assert!(Instance::new(bad).is_err(), "{bad:?} should be refused");
+        }
+        let instance = Instance::new("mail").unwrap();
+        assert_eq!(instance.pin_dir(), Path::new("/sys/fs/bpf/smtpguard/mail"));
+        assert_eq!(instance.state_path(), Path::new("/run/smtpguard/mail/state.json"));
+    }
+}

@@ -1,0 +1,424 @@
+//! Writing a [`Policy`] into the kernel maps in one atomic step, and reading the counters back.
+//!
+//! The program reads one of two policy slots, chosen by a single `u32` in `SG_ACTIVE`. An apply
+//! brings the other (standby) slot up to date with the new policy, entry by entry (only what
+//! differs is written), then flips `SG_ACTIVE` with one store. A packet therefore sees the old
+//! policy or the new one, never a mix; if anything fails before the flip, the running policy
+//! is untouched.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{
+    Array, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
+    lpm_trie::Key,
+};
+use ipnet::IpNet;
+use smtpguard_common::{RuleValue, SLOTS, SlotConfig, action, counter, map_name};
+
+use crate::{
+    filter::FilterError,
+    policy::{List, Policy},
+};
+
+/// Time given to packets that read the old slot index before the standby slot is rewritten:
+/// an XDP run takes microseconds, so this is a wide margin.
+const FLIP_GRACE: Duration = Duration::from_millis(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("writing {what} to map {map}: {source}")]
+    Write {
+        map: &'static str,
+        what: String,
+        #[source]
+        source: MapError,
+    },
+    #[error("reading map {map}: {source}")]
+    Read {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("cannot count CPUs: {0}")]
+    Cpus(String),
+}
+
+/// The identity of a per-prefix counter: it survives reloads as long as this pair does.
+type CounterKey = (IpNet, List);
+
+/// What one apply did.
+#[derive(Clone, Debug)]
+pub struct ApplyReport {
+    pub generation: u32,
+    pub slot: u32,
+    pub written: usize,
+    pub removed: usize,
+    pub elapsed: Duration,
+}
+
+/// Summed counters: global ones by [`counter`] index, per-prefix ones by counter id.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CounterSnapshot {
+    pub global: [u64; counter::COUNT as usize],
+    pub prefixes: HashMap<u32, u64>,
+}
+
+impl CounterSnapshot {
+    pub fn get(&self, index: u32) -> u64 {
+        self.global.get(index as usize).copied().unwrap_or(0)
+    }
+}
+
+/// Handles to every map of the program, and what the daemon wrote into each slot.
+pub struct PolicyMaps {
+    active: Array<MapData, u32>,
+    slot_config: Array<MapData, SlotConfig>,
+    v4: [LpmTrie<MapData, [u8; 4], RuleValue>; 2],
+    v6: [LpmTrie<MapData, [u8; 16], RuleValue>; 2],
+    prefix_hits: PerCpuHashMap<MapData, u32, u64>,
+    global: PerCpuArray<MapData, u64>,
+    /// The entries each slot holds, as written by this process.
+    slots: [BTreeMap<IpNet, RuleValue>; 2],
+    active_slot: u32,
+    counter_ids: HashMap<CounterKey, u32>,
+    next_counter_id: u32,
+    generation: u32,
+    last_flip: Option<Instant>,
+    cpus: usize,
+}
+
+impl PolicyMaps {
+    /// Takes the maps, by name, from `take`.
+    pub(crate) fn from_maps(
+        mut take: impl FnMut(&'static str) -> Result<Map, FilterError>,
+    ) -> Result<Self, FilterError> {
+        fn typed<T: TryFrom<Map, Error = MapError>>(
+            name: &'static str,
+            map: Map,
+        ) -> Result<T, FilterError> {
+            T::try_from(map).map_err(|source| FilterError::Map { name, source })
+        }
+        let cpus = aya::util::nr_cpus().map_err(|(path, source)| FilterError::Map {
+            name: map_name::GLOBAL,
+            source: MapError::SyscallError(aya::sys::SyscallError {
+                call: path,
+                io_error: source,
+            }),
+        })?;
+        let mut maps = Self {
+            active: typed(map_name::ACTIVE_SLOT, take(map_name::ACTIVE_SLOT)?)?,
+            slot_config: typed(map_name::SLOT_CONFIG, take(map_name::SLOT_CONFIG)?)?,
+            v4: [
+                typed(map_name::V4_SLOT0, take(map_name::V4_SLOT0)?)?,
+                typed(map_name::V4_SLOT1, take(map_name::V4_SLOT1)?)?,
+            ],
+            v6: [
+                typed(map_name::V6_SLOT0, take(map_name::V6_SLOT0)?)?,
+                typed(map_name::V6_SLOT1, take(map_name::V6_SLOT1)?)?,
+            ],
+            prefix_hits: typed(map_name::PREFIX_HITS, take(map_name::PREFIX_HITS)?)?,
+            global: typed(map_name::GLOBAL, take(map_name::GLOBAL)?)?,
+            slots: [BTreeMap::new(), BTreeMap::new()],
+            active_slot: 0,
+            counter_ids: HashMap::new(),
+            next_counter_id: 1,
+            generation: 0,
+            last_flip: None,
+            cpus,
+        };
+        maps.active_slot = maps
+            .active
+            .get(&0, 0)
+            .map_err(|source| FilterError::Map {
+                name: map_name::ACTIVE_SLOT,
+                source,
+            })?
+            % SLOTS;
+        Ok(maps)
+    }
+
+    /// The generation of the policy in force (0 before the first apply).
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+
+    /// The counter id of each prefix of the policy in force.
+    pub fn counter_ids(&self) -> impl Iterator<Item = (&IpNet, List, u32)> {
+        self.counter_ids
+            .iter()
+            .map(|((net, list), id)| (net, *list, *id))
+    }
+
+    /// Makes `policy` the one in force, atomically.
+    pub fn apply(&mut self, policy: &Policy) -> Result<ApplyReport, ApplyError> {
+        let started = Instant::now();
+        if let Some(elapsed) = self.last_flip.map(|flip| flip.elapsed())
+            && elapsed < FLIP_GRACE
+        {
+            std::thread::sleep(FLIP_GRACE - elapsed);
+        }
+        let standby = (self.active_slot + 1) % SLOTS;
+        let (counter_ids, fresh_ids) = self.assign_counter_ids(policy);
+        let target: BTreeMap<IpNet, RuleValue> = policy
+            .entries
+            .iter()
+            .map(|(net, entry)| {
+                let value = RuleValue {
+                    action: match entry.list {
+                        List::Allow => action::ALLOW,
+                        List::Deny => action::DENY,
+                    },
+                    counter_id: counter_ids[&(*net, entry.list)],
+                };
+                (*net, value)
+            })
+            .collect();
+
+        if let Err(error) = self.create_counters(&fresh_ids) {
+            self.remove_counters(&fresh_ids);
+            return Err(error);
+        }
+        let written = match self.write_slot(standby, &target) {
+            Ok(written) => written,
+            Err(error) => {
+                self.remove_counters(&fresh_ids);
+                return Err(error);
+            }
+        };
+        let generation = self.generation.wrapping_add(1);
+        let mut config = SlotConfig::EMPTY;
+        for &port in &policy.ports {
+            config.guard(port);
+        }
+        config.generation = generation;
+        let flip = self
+            .slot_config
+            .set(standby, config, 0)
+            .map_err(|source| ApplyError::Write {
+                map: map_name::SLOT_CONFIG,
+                what: format!("slot {standby} ports"),
+                source,
+            })
+            .and_then(|()| {
+                self.active
+                    .set(0, standby, 0)
+                    .map_err(|source| ApplyError::Write {
+                        map: map_name::ACTIVE_SLOT,
+                        what: format!("active slot {standby}"),
+                        source,
+                    })
+            });
+        if let Err(error) = flip {
+            self.remove_counters(&fresh_ids);
+            return Err(error);
+        }
+        // The new policy is in force. Counters of prefixes that left it go now.
+        self.last_flip = Some(Instant::now());
+        let retired: Vec<u32> = self
+            .counter_ids
+            .iter()
+            .filter(|(key, _)| !counter_ids.contains_key(key))
+            .map(|(_, id)| *id)
+            .collect();
+        self.remove_counters(&retired);
+        let removed = retired.len();
+        self.counter_ids = counter_ids;
+        self.active_slot = standby;
+        self.generation = generation;
+        Ok(ApplyReport {
+            generation,
+            slot: standby,
+            written,
+            removed,
+            elapsed: started.elapsed(),
+        })
+    }
+
+    /// Keeps the id of every prefix that stays; hands new ones out for the rest.
+    fn assign_counter_ids(&mut self, policy: &Policy) -> (HashMap<CounterKey, u32>, Vec<u32>) {
+        let mut ids = HashMap::with_capacity(policy.entries.len());
+        let mut fresh = Vec::new();
+        for (net, entry) in &policy.entries {
+            let key = (*net, entry.list);
+            let id = match self.counter_ids.get(&key) {
+                Some(id) => *id,
+                None => {
+                    let id = self.next_counter_id;
+                    self.next_counter_id = self.next_counter_id.wrapping_add(1).max(1);
+                    fresh.push(id);
+                    id
+                }
+            };
+            ids.insert(key, id);
+        }
+        (ids, fresh)
+    }
+
+    fn create_counters(&mut self, ids: &[u32]) -> Result<(), ApplyError> {
+        for &id in ids {
+            let zeros = PerCpuValues::try_from(vec![0u64; self.cpus]).map_err(|source| {
+                ApplyError::Write {
+                    map: map_name::PREFIX_HITS,
+                    what: format!("counter {id}"),
+                    source: MapError::SyscallError(aya::sys::SyscallError {
+                        call: "per-cpu values",
+                        io_error: source,
+                    }),
+                }
+            })?;
+            self.prefix_hits
+                .insert(id, zeros, 0)
+                .map_err(|source| ApplyError::Write {
+                    map: map_name::PREFIX_HITS,
+                    what: format!("counter {id}"),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    fn remove_counters(&mut self, ids: &[u32]) {
+        for id in ids {
+            if let Err(error) = self.prefix_hits.remove(id) {
+                log::warn!("could not remove counter {id}: {error}");
+            }
+        }
+    }
+
+    /// Brings `slot` to exactly `target`, writing only what differs. What the slot holds is
+    /// tracked entry by entry, so a failure part-way leaves an exact record for the next try.
+    fn write_slot(
+        &mut self,
+        slot: u32,
+        target: &BTreeMap<IpNet, RuleValue>,
+    ) -> Result<usize, ApplyError> {
+        let index = slot as usize;
+        let stale: Vec<IpNet> = self.slots[index]
+            .keys()
+            .filter(|net| !target.contains_key(net))
+            .copied()
+            .collect();
+        for net in stale {
+            self.remove_entry(index, net)?;
+            self.slots[index].remove(&net);
+        }
+        let mut written = 0;
+        for (net, value) in target {
+            if self.slots[index].get(net) == Some(value) {
+                continue;
+            }
+            self.insert_entry(index, *net, *value)?;
+            self.slots[index].insert(*net, *value);
+            written += 1;
+        }
+        Ok(written)
+    }
+
+    fn insert_entry(&mut self, slot: usize, net: IpNet, value: RuleValue) -> Result<(), ApplyError> {
+        let result = match net {
+            IpNet::V4(v4) => self.v4[slot].insert(
+                &Key::new(u32::from(v4.prefix_len()), v4.addr().octets()),
+                value,
+                0,
+            ),
+            IpNet::V6(v6) => self.v6[slot].insert(
+                &Key::new(u32::from(v6.prefix_len()), v6.addr().octets()),
+                value,
+                0,
+            ),
+        };
+        result.map_err(|source| ApplyError::Write {
+            map: trie_name(net, slot),
+            what: net.to_string(),
+            source,
+        })
+    }
+
+    fn remove_entry(&mut self, slot: usize, net: IpNet) -> Result<(), ApplyError> {
+        let result = match net {
+            IpNet::V4(v4) => self.v4[slot]
+                .remove(&Key::new(u32::from(v4.prefix_len()), v4.addr().octets())),
+            IpNet::V6(v6) => self.v6[slot]
+                .remove(&Key::new(u32::from(v6.prefix_len()), v6.addr().octets())),
+        };
+        match result {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(ApplyError::Write {
+                map: trie_name(net, slot),
+                what: format!("removal of {net}"),
+                source,
+            }),
+        }
+    }
+
+    /// Reads the counters, summed over CPUs.
+    pub fn counters(&self) -> Result<CounterSnapshot, ApplyError> {
+        read_counters(&self.global, &self.prefix_hits)
+    }
+
+    /// Looks `addr` up in the trie the program reads now, as the program does.
+    pub fn lookup(&self, addr: IpAddr) -> Option<RuleValue> {
+        let slot = self.active_slot as usize;
+        match addr {
+            IpAddr::V4(v4) => self.v4[slot].get(&Key::new(32, v4.octets()), 0).ok(),
+            IpAddr::V6(v6) => self.v6[slot].get(&Key::new(128, v6.octets()), 0).ok(),
+        }
+    }
+}
+
+fn trie_name(net: IpNet, slot: usize) -> &'static str {
+    match (net, slot) {
+        (IpNet::V4(_), 0) => map_name::V4_SLOT0,
+        (IpNet::V4(_), _) => map_name::V4_SLOT1,
+        (IpNet::V6(_), 0) => map_name::V6_SLOT0,
+        (IpNet::V6(_), _) => map_name::V6_SLOT1,
+    }
+}
+
+/// Sums the per-CPU counters of `global` and `prefix_hits`.
+pub fn read_counters(
+    global: &PerCpuArray<MapData, u64>,
+    prefix_hits: &PerCpuHashMap<MapData, u32, u64>,
+) -> Result<CounterSnapshot, ApplyError> {
+    let mut snapshot = CounterSnapshot::default();
+    for (index, total) in snapshot.global.iter_mut().enumerate() {
+        let values = global
+            .get(&(index as u32), 0)
+            .map_err(|source| ApplyError::Read {
+                map: map_name::GLOBAL,
+                source,
+            })?;
+        *total = values.iter().sum();
+    }
+    for item in prefix_hits.iter() {
+        let (id, values) = item.map_err(|source| ApplyError::Read {
+            map: map_name::PREFIX_HITS,
+            source,
+        })?;
+        snapshot.prefixes.insert(id, values.iter().sum());
+    }
+    Ok(snapshot)
+}
+
+/// Opens the counter maps pinned under `pin_dir` by a running daemon.
+pub fn open_pinned_counters(
+    pin_dir: &std::path::Path,
+) -> Result<(PerCpuArray<MapData, u64>, PerCpuHashMap<MapData, u32, u64>), FilterError> {
+    fn open<T: TryFrom<Map, Error = MapError>>(
+        dir: &std::path::Path,
+        name: &'static str,
+    ) -> Result<T, FilterError> {
+        let data = MapData::from_pin(dir.join(name))
+            .map_err(|source| FilterError::Map { name, source })?;
+        let map = Map::from_map_data(data).map_err(|source| FilterError::Map { name, source })?;
+        T::try_from(map).map_err(|source| FilterError::Map { name, source })
+    }
+    Ok((
+        open(pin_dir, map_name::GLOBAL)?,
+        open(pin_dir, map_name::PREFIX_HITS)?,
+    ))
+}

@@ -1,0 +1,308 @@
+//! The policy: validated, normalised prefixes with the list and rule they belong to, and the
+//! guarded ports. Built from a [`Config`]; conflicts are refused here, before anything reaches
+//! the kernel.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, btree_map},
+    fmt,
+    net::IpAddr,
+};
+
+use ipnet::IpNet;
+
+use crate::{
+    config::{Config, ConfigError, Location, RuleSpec},
+    prefix,
+};
+
+/// Which list a prefix is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum List {
+    Allow,
+    Deny,
+}
+
+impl List {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+        }
+    }
+}
+
+impl fmt::Display for List {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the policy says about one prefix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub list: List,
+    pub rule: String,
+    pub at: Location,
+}
+
+/// Something worth telling the admin that does not stop the policy from applying.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Warning {
+    pub at: Location,
+    pub message: String,
+}
+
+impl fmt::Display for Warning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.at, self.message)
+    }
+}
+
+/// A validated policy, ready to be written to the maps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    pub ports: BTreeSet<u16>,
+    pub entries: BTreeMap<IpNet, Entry>,
+}
+
+/// The decision for one source and port, as the XDP program takes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict<'a> {
+    /// The port is not guarded: the policy does not apply.
+    NotGuarded,
+    /// The longest matching prefix is on the allow list.
+    Allowed(IpNet, &'a Entry),
+    /// The longest matching prefix is on the deny list.
+    Denied(IpNet, &'a Entry),
+    /// No prefix matches.
+    Unlisted,
+}
+
+impl Policy {
+    /// Builds the policy from `config`, refusing conflicts and bad prefixes.
+    pub fn build(config: &Config) -> Result<(Self, Vec<Warning>), ConfigError> {
+        let mut warnings = Vec::new();
+        let mut entries: BTreeMap<IpNet, Entry> = BTreeMap::new();
+        for (list, specs) in [(List::Allow, &config.allow), (List::Deny, &config.deny)] {
+            for spec in specs {
+                add_rule(&mut entries, &mut warnings, list, spec)?;
+            }
+        }
+        let policy = Self {
+            ports: config.ports.iter().map(|(port, _)| *port).collect(),
+            entries,
+        };
+        if !config.allow_none && policy.count(List::Allow) == 0 {
+            return Err(ConfigError::NoAllow {
+                path: config.path.clone(),
+            });
+        }
+        Ok((policy, warnings))
+    }
+
+    /// Number of prefixes on `list`.
+    pub fn count(&self, list: List) -> usize {
+        self.entries.values().filter(|entry| entry.list == list).count()
+    }
+
+    /// The decision the XDP program takes for a SYN from `src` to `port`.
+    pub fn verdict(&self, src: IpAddr, port: u16) -> Verdict<'_> {
+        if !self.ports.contains(&port) {
+            return Verdict::NotGuarded;
+        }
+        match self.longest_match(src) {
+            Some((net, entry)) if entry.list == List::Allow => Verdict::Allowed(net, entry),
+            Some((net, entry)) => Verdict::Denied(net, entry),
+            None => Verdict::Unlisted,
+        }
+    }
+
+    /// The most specific prefix containing `addr`.
+    pub fn longest_match(&self, addr: IpAddr) -> Option<(IpNet, &Entry)> {
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        (0..=max).rev().find_map(|len| {
+            let net = IpNet::new(addr, len).ok()?.trunc();
+            self.entries.get(&net).map(|entry| (net, entry))
+        })
+    }
+}
+
+fn add_rule(
+    entries: &mut BTreeMap<IpNet, Entry>,
+    warnings: &mut Vec<Warning>,
+    list: List,
+    spec: &RuleSpec,
+) -> Result<(), ConfigError> {
+    for (text, at) in &spec.prefixes {
+        let parsed = prefix::parse(text).map_err(|reason| ConfigError::BadPrefix {
+            at: at.clone(),
+            value: text.clone(),
+            reason,
+        })?;
+        if parsed.had_host_bits {
+            warnings.push(Warning {
+                at: at.clone(),
+                message: format!("{text:?} has host bits set; using {}", parsed.net),
+            });
+        }
+        let entry = Entry {
+            list,
+            rule: spec.name.clone(),
+            at: at.clone(),
+        };
+        match entries.entry(parsed.net) {
+            btree_map::Entry::Vacant(vacant) => {
+                vacant.insert(entry);
+            }
+            btree_map::Entry::Occupied(occupied) => {
+                let first = occupied.get();
+                if first.list != list {
+                    let (allow, deny) = if list == List::Deny {
+                        (first, &entry)
+                    } else {
+                        (&entry, first)
+                    };
+                    return Err(ConfigError::Conflict {
+                        at: at.clone(),
+                        prefix: parsed.net,
+                        allow_rule: allow.rule.clone(),
+                        allow_at: allow.at.clone(),
+                        deny_rule: deny.rule.clone(),
+                    });
+                }
+                warnings.push(Warning {
+                    at: at.clone(),
+                    message: format!(
+                        "{} is already on the {list} list (rule {:?}, {}); counted there",
+                        parsed.net, first.rule, first.at
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn build(text: &str) -> Result<(Policy, Vec<Warning>), ConfigError> {
+        let config = Config::parse(Path::new("/etc/smtpguard/test.toml"), text)?;
+        Policy::build(&config)
+    }
+
+    const EXAMPLE: &str = r#"interfaces = ["eth0"]
+[[allow]]
+name = "provider"
+prefixes = ["89.16.184.144/28", "89.16.176.76", "208.123.79.0/255.255.255.0", "2001:db8:25::/48"]
+[[allow]]
+name = "lan"
+prefixes = ["192.168.1.7/24"]
+[[deny]]
+name = "abuser"
+prefixes = ["89.16.184.150"]
+"#;
+
+    #[test]
+    fn example_normalises_and_warns_about_host_bits() {
+        let (policy, warnings) = build(EXAMPLE).unwrap();
+        let prefixes: Vec<String> = policy.entries.keys().map(ToString::to_string).collect();
+        assert_eq!(
+            prefixes,
+            [
+                "89.16.176.76/32",
+                "89.16.184.144/28",
+                "89.16.184.150/32",
+                "192.168.1.0/24",
+                "208.123.79.0/24",
+                "2001:db8:25::/48"
+            ]
+        );
+        assert_eq!(policy.count(List::Allow), 5);
+        assert_eq!(policy.count(List::Deny), 1);
+        assert_eq!(warnings.len(), 1);
+        assert_eq!(
+            warnings[0].to_string(),
+            "/etc/smtpguard/test.toml:7: \"192.168.1.7/24\" has host bits set; using 192.168.1.0/24"
+        );
+    }
+
+    #[test]
+    fn most_specific_prefix_decides() {
+        let (policy, _) = build(EXAMPLE).unwrap();
+        let verdict = |addr: &str, port| match policy.verdict(addr.parse().unwrap(), port) {
+            Verdict::NotGuarded => "not guarded".to_owned(),
+            Verdict::Allowed(net, entry) => format!("allow {net} {}", entry.rule),
+            Verdict::Denied(net, entry) => format!("deny {net} {}", entry.rule),
+            Verdict::Unlisted => "unlisted".to_owned(),
+        };
+        assert_eq!(verdict("89.16.184.149", 25), "allow 89.16.184.144/28 provider");
+        assert_eq!(verdict("89.16.184.150", 25), "deny 89.16.184.150/32 abuser");
+        assert_eq!(verdict("89.16.184.160", 25), "unlisted");
+        assert_eq!(verdict("89.16.184.150", 587), "not guarded");
+        assert_eq!(verdict("2001:db8:25:ffff::1", 25), "allow 2001:db8:25::/48 provider");
+        assert_eq!(verdict("2001:db8:26::1", 25), "unlisted");
+        assert_eq!(verdict("192.168.1.200", 25), "allow 192.168.1.0/24 lan");
+    }
+
+    #[test]
+    fn bad_prefix_names_file_line_and_value() {
+        let error = build("interfaces = [\"eth0\"]\n[[allow]]\nname = \"p\"\nprefixes = [\n  \"192.0.2.0/24\",\n  \"192.0.2.300\",\n]\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            error,
+            "/etc/smtpguard/test.toml:6: bad prefix \"192.0.2.300\": not an IPv4 or IPv6 address"
+        );
+    }
+
+    #[test]
+    fn non_contiguous_mask_is_refused() {
+        let error = build("interfaces = [\"eth0\"]\n[[allow]]\nname = \"p\"\nprefixes = [\"208.123.79.0/255.255.0.255\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            error,
+            "/etc/smtpguard/test.toml:4: bad prefix \"208.123.79.0/255.255.0.255\": netmask 255.255.0.255 is not contiguous"
+        );
+    }
+
+    #[test]
+    fn prefix_in_both_lists_is_refused() {
+        let error = build("interfaces = [\"eth0\"]\n[[allow]]\nname = \"p\"\nprefixes = [\"192.0.2.0/24\"]\n[[deny]]\nname = \"bad\"\nprefixes = [\"192.0.2.9/24\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            error,
+            "/etc/smtpguard/test.toml:7: prefix 192.0.2.0/24 is in both lists: allow rule \"p\" (/etc/smtpguard/test.toml:4) and deny rule \"bad\""
+        );
+    }
+
+    #[test]
+    fn no_allow_entry_is_refused_unless_allow_none() {
+        let error = build("interfaces = [\"eth0\"]\n[[deny]]\nname = \"bad\"\nprefixes = [\"192.0.2.9\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("no allow prefix at all"), "{error}");
+        let error = build("interfaces = [\"eth0\"]\n[[allow]]\nname = \"empty\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("no allow prefix at all"), "{error}");
+        let (policy, _) = build("interfaces = [\"eth0\"]\nallow_none = true\n").unwrap();
+        assert!(policy.entries.is_empty());
+        assert_eq!(policy.verdict("192.0.2.1".parse().unwrap(), 25), Verdict::Unlisted);
+    }
+
+    #[test]
+    fn duplicate_in_same_list_warns_and_keeps_first() {
+        let (policy, warnings) = build("interfaces = [\"eth0\"]\n[[allow]]\nname = \"a\"\nprefixes = [\"192.0.2.0/24\"]\n[[allow]]\nname = \"b\"\nprefixes = [\"192.0.2.0/24\"]\n").unwrap();
+        assert_eq!(policy.entries.len(), 1);
+        assert_eq!(policy.entries.values().next().unwrap().rule, "a");
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].message.contains("already on the allow list (rule \"a\""), "{}", warnings[0]);
+    }
+}

@@ -1,0 +1,134 @@
+//! Prefix notation as provider lists write it: CIDR (`89.16.184.144/28`), single addresses
+//! (`/32` or `/128`), and IPv4 netmask notation (`208.123.79.0/255.255.255.0`).
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+/// Why a prefix string was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PrefixError {
+    #[error("not an IPv4 or IPv6 address")]
+    BadAddress,
+    #[error("prefix length must be 0 to {max}")]
+    BadLength { max: u8 },
+    #[error("netmask {mask} is not contiguous")]
+    NonContiguousMask { mask: Ipv4Addr },
+    #[error("netmask notation is for IPv4 only; write IPv6 prefixes as ADDR/LEN")]
+    MaskOnIpv6,
+}
+
+/// A parsed prefix, with host bits cleared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parsed {
+    pub net: IpNet,
+    /// The text had host bits set (`192.168.1.7/24`); `net` is the normalised form.
+    pub had_host_bits: bool,
+}
+
+/// Parses one prefix in any of the accepted notations.
+pub fn parse(text: &str) -> Result<Parsed, PrefixError> {
+    let text = text.trim();
+    let (addr, len) = match text.split_once('/') {
+        None => {
+            let addr: IpAddr = text.parse().map_err(|_| PrefixError::BadAddress)?;
+            let len = if addr.is_ipv4() { 32 } else { 128 };
+            (addr, len)
+        }
+        Some((addr, suffix)) => {
+            let addr: IpAddr = addr.trim().parse().map_err(|_| PrefixError::BadAddress)?;
+            (addr, parse_length(addr, suffix.trim())?)
+        }
+    };
+    let net = match addr {
+        IpAddr::V4(v4) => IpNet::V4(Ipv4Net::new(v4, len).map_err(|_| PrefixError::BadLength { max: 32 })?),
+        IpAddr::V6(v6) => {
+            IpNet::V6(Ipv6Net::new(v6, len).map_err(|_| PrefixError::BadLength { max: 128 })?)
+        }
+    };
+    let normalised = net.trunc();
+    Ok(Parsed {
+        net: normalised,
+        had_host_bits: normalised.addr() != net.addr(),
+    })
+}
+
+fn parse_length(addr: IpAddr, suffix: &str) -> Result<u8, PrefixError> {
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    if !suffix.is_empty() && suffix.bytes().all(|byte| byte.is_ascii_digit()) {
+        return match suffix.parse::<u8>() {
+            Ok(len) if len <= max => Ok(len),
+            _ => Err(PrefixError::BadLength { max }),
+        };
+    }
+    let mask: Ipv4Addr = suffix.parse().map_err(|_| PrefixError::BadLength { max })?;
+    if addr.is_ipv6() {
+        return Err(PrefixError::MaskOnIpv6);
+    }
+    let bits = u32::from(mask);
+    let len = bits.leading_ones();
+    if bits.checked_shl(len).unwrap_or(0) != 0 {
+        return Err(PrefixError::NonContiguousMask { mask });
+    }
+    Ok(len as u8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(text: &str) -> IpNet {
+        parse(text).unwrap().net
+    }
+
+    #[test]
+    fn cidr_single_and_netmask_notations() {
+        assert_eq!(net("89.16.184.144/28").to_string(), "89.16.184.144/28");
+        assert_eq!(net("89.16.176.76").to_string(), "89.16.176.76/32");
+        assert_eq!(net("208.123.79.0/255.255.255.0").to_string(), "208.123.79.0/24");
+        assert_eq!(net("10.0.0.0/255.0.0.0").to_string(), "10.0.0.0/8");
+        assert_eq!(net("0.0.0.0/0.0.0.0").to_string(), "0.0.0.0/0");
+        assert_eq!(net("192.0.2.1/255.255.255.255").to_string(), "192.0.2.1/32");
+        assert_eq!(net("2001:db8:25::/48").to_string(), "2001:db8:25::/48");
+        assert_eq!(net("2001:db8::1").to_string(), "2001:db8::1/128");
+        assert_eq!(net(" 192.0.2.0/24 ").to_string(), "192.0.2.0/24");
+    }
+
+    #[test]
+    fn host_bits_are_cleared_and_reported() {
+        let parsed = parse("192.168.1.7/24").unwrap();
+        assert_eq!(parsed.net.to_string(), "192.168.1.0/24");
+        assert!(parsed.had_host_bits);
+        assert!(!parse("192.168.1.0/24").unwrap().had_host_bits);
+        let parsed = parse("2001:db8::1/64").unwrap();
+        assert_eq!(parsed.net.to_string(), "2001:db8::/64");
+        assert!(parsed.had_host_bits);
+    }
+
+    #[test]
+    fn refusals() {
+        assert_eq!(parse("89.16.184.300/28"), Err(PrefixError::BadAddress));
+        assert_eq!(parse("mail.example.com"), Err(PrefixError::BadAddress));
+        assert_eq!(parse(""), Err(PrefixError::BadAddress));
+        assert_eq!(parse("/24"), Err(PrefixError::BadAddress));
+        assert_eq!(parse("192.0.2.0/33"), Err(PrefixError::BadLength { max: 32 }));
+        assert_eq!(parse("192.0.2.0/"), Err(PrefixError::BadLength { max: 32 }));
+        assert_eq!(parse("192.0.2.0/-1"), Err(PrefixError::BadLength { max: 32 }));
+        assert_eq!(parse("2001:db8::/129"), Err(PrefixError::BadLength { max: 128 }));
+        assert_eq!(parse("2001:db8::/255.255.0.0"), Err(PrefixError::MaskOnIpv6));
+        assert_eq!(
+            parse("192.0.2.0/255.0.255.0"),
+            Err(PrefixError::NonContiguousMask {
+                mask: Ipv4Addr::new(255, 0, 255, 0)
+            })
+        );
+        assert_eq!(
+            parse("192.0.2.0/0.0.0.255"),
+            Err(PrefixError::NonContiguousMask {
+                mask: Ipv4Addr::new(0, 0, 0, 255)
+            })
+        );
+        assert_eq!(parse("192.0.2.0/24/8"), Err(PrefixError::BadLength { max: 32 }));
+        assert_eq!(parse("010.0.0.1"), Err(PrefixError::BadAddress));
+    }
+}

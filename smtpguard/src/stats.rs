@@ -1,0 +1,191 @@
+//! The counters of a running instance, joined with its policy, as text or JSON.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+use smtpguard_common::counter;
+
+use crate::{
+    instance::{InterfaceState, RunState},
+    maps::CounterSnapshot,
+    policy::List,
+};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Stats {
+    pub instance: String,
+    pub pid: u32,
+    pub generation: u32,
+    pub config: String,
+    pub interfaces: Vec<InterfaceState>,
+    pub ports: Vec<u16>,
+    pub syn_allowed: u64,
+    pub syn_denied: u64,
+    pub syn_unlisted: u64,
+    pub dropped: u64,
+    pub passed_unparsed: u64,
+    pub hidden_decided_by_source: u64,
+    pub passed_fragments: u64,
+    pub prefixes: Vec<PrefixStats>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PrefixStats {
+    pub list: List,
+    pub rule: String,
+    pub prefix: String,
+    pub syns: u64,
+}
+
+impl Stats {
+    pub fn new(instance: &str, state: &RunState, counters: &CounterSnapshot) -> Self {
+        let mut prefixes: Vec<PrefixStats> = state
+            .prefixes
+            .iter()
+            .map(|prefix| PrefixStats {
+                list: prefix.list,
+                rule: prefix.rule.clone(),
+                prefix: prefix.prefix.to_string(),
+                syns: counters
+                    .prefixes
+                    .get(&prefix.counter_id)
+                    .copied()
+                    .unwrap_or(0),
+            })
+            .collect();
+        prefixes.sort_by(|a, b| (a.list, &a.rule, b.syns).cmp(&(b.list, &b.rule, a.syns)));
+        Self {
+            instance: instance.to_owned(),
+            pid: state.pid,
+            generation: state.generation,
+            config: state.config.display().to_string(),
+            interfaces: state.interfaces.clone(),
+            ports: state.ports.clone(),
+            syn_allowed: counters.get(counter::SYN_ALLOWED),
+            syn_denied: counters.get(counter::SYN_DENIED),
+            syn_unlisted: counters.get(counter::SYN_UNLISTED),
+            dropped: counters.get(counter::DROPPED),
+            passed_unparsed: counters.get(counter::PASSED_UNPARSED),
+            hidden_decided_by_source: counters.get(counter::HIDDEN_DECIDED),
+            passed_fragments: counters.get(counter::PASSED_FRAGMENTS),
+            prefixes,
+        }
+    }
+
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        let interfaces: Vec<String> = self
+            .interfaces
+            .iter()
+            .map(|interface| format!("{} ({})", interface.name, interface.mode))
+            .collect();
+        let ports: Vec<String> = self.ports.iter().map(ToString::to_string).collect();
+        let _ = writeln!(
+            out,
+            "instance {:?} (pid {}), policy generation {}, config {}",
+            self.instance, self.pid, self.generation, self.config
+        );
+        let _ = writeln!(
+            out,
+            "attached to {}; guarding TCP port {}",
+            interfaces.join(", "),
+            ports.join(", ")
+        );
+        let _ = writeln!(
+            out,
+            "guarded SYNs: allowed {}, denied {}, unlisted {}; dropped {}",
+            self.syn_allowed, self.syn_denied, self.syn_unlisted, self.dropped
+        );
+        let _ = writeln!(
+            out,
+            "passed unparsed {}, hidden decided by source {}, later fragments passed {}",
+            self.passed_unparsed, self.hidden_decided_by_source, self.passed_fragments
+        );
+        let rule_width = self
+            .prefixes
+            .iter()
+            .map(|prefix| prefix.rule.len())
+            .max()
+            .unwrap_or(4)
+            .max(4);
+        let prefix_width = self
+            .prefixes
+            .iter()
+            .map(|prefix| prefix.prefix.len())
+            .max()
+            .unwrap_or(6)
+            .max(6);
+        let _ = writeln!(
+            out,
+            "\n{:<5}  {:<rule_width$}  {:<prefix_width$}  {:>10}",
+            "LIST", "RULE", "PREFIX", "SYNS"
+        );
+        for prefix in &self.prefixes {
+            let _ = writeln!(
+                out,
+                "{:<5}  {:<rule_width$}  {:<prefix_width$}  {:>10}",
+                prefix.list.as_str(),
+                prefix.rule,
+                prefix.prefix,
+                prefix.syns
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::{
+        filter::AttachedMode,
+        instance::{InterfaceState, PrefixState},
+    };
+
+    #[test]
+    fn text_and_json_show_counters_by_prefix() {
+        let state = RunState {
+            pid: 42,
+            version: "0.1.0".into(),
+            config: "/etc/smtpguard/smtpguard.toml".into(),
+            generation: 3,
+            applied_at_unix: 0,
+            interfaces: vec![InterfaceState {
+                name: "eth0".into(),
+                mode: AttachedMode::Native,
+            }],
+            ports: vec![25],
+            prefixes: vec![
+                PrefixState {
+                    counter_id: 1,
+                    list: List::Allow,
+                    rule: "provider".into(),
+                    prefix: "89.16.184.144/28".parse().unwrap(),
+                },
+                PrefixState {
+                    counter_id: 2,
+                    list: List::Deny,
+                    rule: "abuser".into(),
+                    prefix: "89.16.184.150/32".parse().unwrap(),
+                },
+            ],
+        };
+        let mut counters = CounterSnapshot::default();
+        counters.global[counter::SYN_ALLOWED as usize] = 7;
+        counters.global[counter::SYN_UNLISTED as usize] = 3;
+        counters.global[counter::DROPPED as usize] = 3;
+        counters.prefixes = HashMap::from([(1, 7), (2, 0)]);
+        let stats = Stats::new("default", &state, &counters);
+        let text = stats.to_text();
+        assert!(text.contains("attached to eth0 (native); guarding TCP port 25"), "{text}");
+        assert!(text.contains("guarded SYNs: allowed 7, denied 0, unlisted 3; dropped 3"), "{text}");
+        assert!(text.contains("allow  provider  89.16.184.144/28           7"), "{text}");
+        let json: serde_json::Value = serde_json::to_value(&stats).unwrap();
+        assert_eq!(json["syn_allowed"], 7);
+        assert_eq!(json["prefixes"][0]["prefix"], "89.16.184.144/28");
+        assert_eq!(json["prefixes"][0]["syns"], 7);
+        assert_eq!(json["prefixes"][1]["list"], "deny");
+    }
+}

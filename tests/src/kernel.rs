@@ -1,0 +1,57 @@
+//! The real XDP program loaded into the running kernel (the verifier runs), with a policy
+//! applied through the daemon's own map code, driven through `BPF_PROG_TEST_RUN`.
+
+use std::path::Path;
+
+use smtpguard::{
+    config::Config,
+    filter::Filter,
+    maps::{ApplyReport, CounterSnapshot, PolicyMaps},
+    policy::Policy,
+};
+
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+
+/// The loaded program and its maps.
+pub struct Kernel {
+    pub filter: Filter,
+    pub maps: PolicyMaps,
+}
+
+impl Kernel {
+    /// Loads the program and applies the policy written in `toml`.
+    pub fn with_policy(toml: &str) -> Self {
+        let (filter, maps) = Filter::load(None).unwrap_or_else(|error| panic!("loading the program failed: {error}"));
+        let mut kernel = Self { filter, maps };
+        kernel.apply(toml);
+        kernel
+    }
+
+    pub fn apply(&mut self, toml: &str) -> ApplyReport {
+        let config = Config::parse(Path::new("test.toml"), toml).unwrap_or_else(|error| panic!("bad test config: {error}"));
+        let (policy, _) = Policy::build(&config).unwrap_or_else(|error| panic!("bad test policy: {error}"));
+        self.maps.apply(&policy).unwrap_or_else(|error| panic!("apply failed: {error}"))
+    }
+
+    /// The program's verdict on `frame`.
+    pub fn verdict(&mut self, frame: &[u8]) -> u32 {
+        self.filter.test_run(frame).unwrap_or_else(|error| panic!("test run failed: {error}"))
+    }
+
+    pub fn counters(&self) -> CounterSnapshot {
+        self.maps.counters().unwrap_or_else(|error| panic!("reading counters failed: {error}"))
+    }
+}
+
+/// Human-readable verdict, for assertion messages.
+pub fn verdict_name(verdict: u32) -> &'static str {
+    match verdict {
+        XDP_DROP => "XDP_DROP",
+        XDP_PASS => "XDP_PASS",
+        0 => "XDP_ABORTED",
+        3 => "XDP_TX",
+        4 => "XDP_REDIRECT",
+        _ => "unknown",
+    }
+}

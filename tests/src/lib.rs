@@ -1,0 +1,5 @@
+//! Helpers for smtpguard's privileged tests: crafted frames, the real program loaded into the
+//! kernel, and network-namespace fixtures that run the real daemon against real TCP.
+
+pub mod frames;
+pub mod kernel;

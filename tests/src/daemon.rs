@@ -1,0 +1,199 @@
+//! The real `smtpguard` binary as a child process inside a test namespace, entered with
+//! `nsenter --net` so it keeps the host's bpffs for its pins.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::netns::{Netns, unique_tag};
+
+/// Path of the daemon binary: `$SMTPGUARD_BIN`, or `smtpguard` beside this test's target dir.
+pub fn binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("SMTPGUARD_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| if deps.ends_with("deps") { deps.parent() } else { Some(deps) })
+        .expect("target dir");
+    let path = profile_dir.join("smtpguard");
+    assert!(
+        path.exists(),
+        "{} is missing: build it first (`cargo build -p smtpguard`) or set SMTPGUARD_BIN",
+        path.display()
+    );
+    path
+}
+
+/// A running daemon; stopped with SIGTERM on drop.
+pub struct Daemon {
+    child: Option<Child>,
+    pub instance: String,
+    pub dir: PathBuf,
+    pub config_path: PathBuf,
+    log_path: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `smtpguard run` inside `netns` with `config`, and waits until it enforces.
+    pub fn start(netns: &Netns, config: &str) -> Self {
+        let instance = format!("sg-{}", unique_tag());
+        let dir = std::env::temp_dir().join(&instance);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let config_path = dir.join("smtpguard.toml");
+        let log_path = dir.join("daemon.log");
+        std::fs::write(&config_path, config).expect("write config");
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", netns.path()))
+            .arg(binary())
+            .args(["--instance", &instance, "run", "--config"])
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn nsenter smtpguard");
+        let mut daemon = Self {
+            child: Some(child),
+            instance,
+            dir,
+            config_path,
+            log_path,
+        };
+        daemon.wait_for_generation(1, Duration::from_secs(20));
+        daemon
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map_or(0, |child| child.id() as i32)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The daemon's state file, if it has written one.
+    pub fn state(&self) -> Option<serde_json::Value> {
+        let path = Path::new("/run/smtpguard").join(&self.instance).join("state.json");
+        let text = std::fs::read(path).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.state()
+            .and_then(|state| state["generation"].as_u64())
+            .unwrap_or(0)
+    }
+
+    /// Waits until the policy of `generation` (or later) is in force.
+    pub fn wait_for_generation(&mut self, generation: u64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut().and_then(|child| child.try_wait().ok().flatten()) {
+                panic!("smtpguard exited with {status} before generation {generation}:\n{}", self.log());
+            }
+            if self.generation() >= generation {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("smtpguard did not reach generation {generation} in {timeout:?}:\n{}", self.log());
+    }
+
+    /// Writes `config` and sends SIGHUP; waits until the new generation is in force.
+    pub fn reload(&mut self, config: &str) {
+        let next = self.generation() + 1;
+        std::fs::write(&self.config_path, config).expect("write config");
+        self.signal(libc::SIGHUP);
+        self.wait_for_generation(next, Duration::from_secs(20));
+    }
+
+    /// Writes `config` and sends SIGHUP, expecting the reload to be refused; returns the log
+    /// line that says so.
+    pub fn reload_refused(&mut self, config: &str) -> String {
+        let before = self.log().matches("reload failed").count();
+        std::fs::write(&self.config_path, config).expect("write config");
+        self.signal(libc::SIGHUP);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            let log = self.log();
+            let failures: Vec<&str> = log.lines().filter(|line| line.contains("reload failed")).collect();
+            if failures.len() > before {
+                return failures[before].to_owned();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("expected the reload to be refused:\n{}", self.log());
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child.
+        let rc = unsafe { libc::kill(self.pid(), signal) };
+        assert_eq!(rc, 0, "kill {}: {}", self.pid(), std::io::Error::last_os_error());
+    }
+
+    /// Runs `smtpguard stats --json` for this instance, from the host.
+    pub fn stats(&self) -> serde_json::Value {
+        let output = Command::new(binary())
+            .args(["--instance", &self.instance, "stats", "--json"])
+            .output()
+            .expect("run smtpguard stats");
+        assert!(
+            output.status.success(),
+            "smtpguard stats failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).unwrap_or_else(|error| {
+            panic!("stats is not JSON ({error}): {}", String::from_utf8_lossy(&output.stdout))
+        })
+    }
+
+    /// SIGTERM, then waits for the exit status.
+    pub fn stop(&mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("smtpguard did not exit on SIGTERM:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Stats value for a prefix: SYNs counted.
+pub fn prefix_syns(stats: &serde_json::Value, prefix: &str) -> u64 {
+    stats["prefixes"]
+        .as_array()
+        .and_then(|prefixes| prefixes.iter().find(|entry| entry["prefix"] == prefix))
+        .and_then(|entry| entry["syns"].as_u64())
+        .unwrap_or_else(|| panic!("prefix {prefix} not in stats: {stats}"))
+}

@@ -143,6 +143,9 @@ pub fn parse(ctx: &XdpContext) -> Sighting {
     match ethertype {
         ETH_P_IPV4 => parse_ipv4(ctx, l3),
         ETH_P_IPV6 => parse_ipv6(ctx, l3),
+        // More tags than followed: counted, and passed (Linux delivers such a frame only
+        // through as many nested VLAN devices).
+        ETH_P_8021Q | ETH_P_8021AD => Sighting::Malformed,
         _ => Sighting::Other,
     }
 }
@@ -190,7 +193,13 @@ fn parse_ipv4(ctx: &XdpContext, off: usize) -> Sighting {
         return Sighting::LaterFragment;
     }
     let first_fragment = frag_off & 0x2000 != 0;
-    parse_tcp(ctx, off + ihl, total_len - ihl, first_fragment, Source::V4(src))
+    parse_tcp(
+        ctx,
+        off + ihl,
+        total_len - ihl,
+        first_fragment,
+        Source::V4(src),
+    )
 }
 
 #[inline(always)]
@@ -220,15 +229,10 @@ fn parse_ipv6(ctx: &XdpContext, off: usize) -> Sighting {
     let mut fragmented = false;
     for _ in 0..MAX_EXT_HEADERS {
         let len = match next {
-            IPPROTO_TCP => {
-                let Some(l4_len) = payload_end.checked_sub(cur) else {
-                    return Sighting::Malformed;
-                };
-                return parse_tcp(ctx, cur, l4_len, fragmented, Source::V6(src));
-            }
+            IPPROTO_TCP => return parse_tcp6(ctx, cur, payload_end, fragmented, src),
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH => {
                 let Some(ext) = ptr_at::<ExtHdr>(ctx, cur) else {
-                    return out_of_sight(cur, payload_end, Source::V6(src));
+                    return out_of_sight(cur, payload_end, fragmented, Source::V6(src));
                 };
                 let (next_header, len) = unsafe { ((*ext).next_header, (*ext).len as usize) };
                 // AH counts its length in 4-byte units less two, the others in 8-byte units less one.
@@ -242,7 +246,7 @@ fn parse_ipv6(ctx: &XdpContext, off: usize) -> Sighting {
             }
             IPPROTO_FRAGMENT => {
                 let Some(frag) = ptr_at::<FragHdr>(ctx, cur) else {
-                    return out_of_sight(cur, payload_end, Source::V6(src));
+                    return out_of_sight(cur, payload_end, fragmented, Source::V6(src));
                 };
                 let (next_header, offset_flags) =
                     unsafe { ((*frag).next_header, be16((*frag).offset_flags)) };
@@ -263,8 +267,11 @@ fn parse_ipv6(ctx: &XdpContext, off: usize) -> Sighting {
             };
         }
     }
+    if next == IPPROTO_TCP {
+        return parse_tcp6(ctx, cur, payload_end, fragmented, src);
+    }
     // A chain longer than followed: Linux accepts it, so its source decides.
-    if next == IPPROTO_TCP || is_ipv6_extension(next) {
+    if is_ipv6_extension(next) {
         Sighting::Hidden {
             src: Source::V6(src),
             dport: None,
@@ -282,11 +289,30 @@ fn is_ipv6_extension(next: u8) -> bool {
     )
 }
 
+#[inline(always)]
+fn parse_tcp6(
+    ctx: &XdpContext,
+    cur: usize,
+    payload_end: usize,
+    fragmented: bool,
+    src: [u8; 16],
+) -> Sighting {
+    match payload_end.checked_sub(cur) {
+        Some(l4_len) => parse_tcp(ctx, cur, l4_len, fragmented, Source::V6(src)),
+        // The chain runs past this fragment: the rest comes with the next one.
+        None if fragmented => Sighting::Hidden {
+            src: Source::V6(src),
+            dport: None,
+        },
+        None => Sighting::Malformed,
+    }
+}
+
 /// A header the frame does not hold: hidden if the IP header says it is there (a first
 /// fragment, a non-linear frame), malformed if not even the IP header claims it.
 #[inline(always)]
-fn out_of_sight(cur: usize, payload_end: usize, src: Source) -> Sighting {
-    if cur < payload_end {
+fn out_of_sight(cur: usize, payload_end: usize, fragmented: bool, src: Source) -> Sighting {
+    if cur < payload_end || fragmented {
         Sighting::Hidden { src, dport: None }
     } else {
         Sighting::Malformed

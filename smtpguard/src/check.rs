@@ -27,7 +27,11 @@ pub fn render(config: &Config, policy: &Policy) -> String {
         .unwrap_or(4)
         .max(4);
     for list in [List::Allow, List::Deny] {
-        for (net, entry) in policy.entries.iter().filter(|(_, entry)| entry.list == list) {
+        for (net, entry) in policy
+            .entries
+            .iter()
+            .filter(|(_, entry)| entry.list == list)
+        {
             let _ = writeln!(
                 out,
                 "{:<5}  {:<rule_width$}  {net:<43}  line {}",
@@ -55,7 +59,10 @@ pub fn render(config: &Config, policy: &Policy) -> String {
         family(List::Deny, false),
     );
     if policy.count(List::Allow) == 0 {
-        let _ = writeln!(out, "allow_none = true: every source is blocked on the guarded ports");
+        let _ = writeln!(
+            out,
+            "allow_none = true: every source is blocked on the guarded ports"
+        );
     }
     out
 }
@@ -78,6 +85,9 @@ mod tests {
         assert!(text.contains("guarded TCP ports: 25, 2525"), "{text}");
         assert!(text.contains("allow  provider  208.123.79.0/24"), "{text}");
         assert!(text.contains("deny   abuser    208.123.79.9/32"), "{text}");
-        assert!(text.contains("2 allow prefixes (1 IPv4, 1 IPv6), 1 deny prefixes (1 IPv4, 0 IPv6)"), "{text}");
+        assert!(
+            text.contains("2 allow prefixes (1 IPv4, 1 IPv6), 1 deny prefixes (1 IPv4, 0 IPv6)"),
+            "{text}"
+        );
     }
 }

@@ -46,19 +46,15 @@ pub enum ConfigError {
         value: String,
         reason: crate::prefix::PrefixError,
     },
-    #[error("{at}: prefix {prefix} is in both lists: allow rule {allow_rule:?} ({allow_at}) and deny rule {deny_rule:?}")]
-    Conflict {
-        at: Location,
-        prefix: ipnet::IpNet,
-        allow_rule: String,
-        allow_at: Location,
-        deny_rule: String,
-    },
+    #[error(transparent)]
+    Conflict(Box<Conflict>),
     #[error("{at}: bad port {value}: ports are 1 to 65535")]
     BadPort { at: Location, value: i64 },
     #[error("{at}: `ports` is empty: nothing would be guarded")]
     NoPorts { at: Location },
-    #[error("{at}: `interfaces` is empty: name the interfaces to guard, e.g. interfaces = [\"eth0\"]")]
+    #[error(
+        "{at}: `interfaces` is empty: name the interfaces to guard, e.g. interfaces = [\"eth0\"]"
+    )]
     NoInterfaces { at: Location },
     #[error("{at}: bad interface name {value:?}: {reason}")]
     BadInterface {
@@ -77,6 +73,19 @@ pub enum ConfigError {
         path = path.display()
     )]
     NoAllow { path: PathBuf },
+}
+
+/// One prefix on both lists: which of them wins would be a guess, so the file is refused.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{at}: prefix {prefix} is in both lists: allow rule {allow_rule:?} ({allow_at}) and deny rule {deny_rule:?}"
+)]
+pub struct Conflict {
+    pub at: Location,
+    pub prefix: ipnet::IpNet,
+    pub allow_rule: String,
+    pub allow_at: Location,
+    pub deny_rule: String,
 }
 
 /// How the program is attached to an interface.
@@ -246,13 +255,14 @@ fn validate_ports(
     for port in ports.get_ref() {
         let at = lines.at(port.span().start);
         let value = *port.get_ref();
-        let port = u16::try_from(value)
-            .ok()
-            .filter(|&port| port != 0)
-            .ok_or(ConfigError::BadPort {
-                at: at.clone(),
-                value,
-            })?;
+        let port =
+            u16::try_from(value)
+                .ok()
+                .filter(|&port| port != 0)
+                .ok_or(ConfigError::BadPort {
+                    at: at.clone(),
+                    value,
+                })?;
         if !out.iter().any(|(known, _)| *known == port) {
             out.push((port, at));
         }
@@ -344,7 +354,11 @@ mod tests {
         let config = parse("interfaces = [\"eth0\"]\n").unwrap();
         assert_eq!(config.interfaces, ["eth0"]);
         assert_eq!(
-            config.ports.iter().map(|(port, _)| *port).collect::<Vec<_>>(),
+            config
+                .ports
+                .iter()
+                .map(|(port, _)| *port)
+                .collect::<Vec<_>>(),
             [25]
         );
         assert_eq!(config.xdp_mode, XdpMode::Auto);
@@ -379,8 +393,13 @@ prefixes = ["89.16.184.150"]
 
     #[test]
     fn unknown_key_is_refused_with_its_line() {
-        let message = refusal("interfaces = [\"eth0\"]\n\n[[allow]]\nname = \"x\"\nprefix = [\"192.0.2.1\"]\n");
-        assert!(message.starts_with("/etc/smtpguard/test.toml:5: unknown field `prefix`"), "{message}");
+        let message = refusal(
+            "interfaces = [\"eth0\"]\n\n[[allow]]\nname = \"x\"\nprefix = [\"192.0.2.1\"]\n",
+        );
+        assert!(
+            message.starts_with("/etc/smtpguard/test.toml:5: unknown field `prefix`"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -392,7 +411,10 @@ prefixes = ["89.16.184.150"]
     #[test]
     fn empty_interface_list_is_refused() {
         let message = refusal("\ninterfaces = []\n");
-        assert!(message.contains("test.toml:2: `interfaces` is empty"), "{message}");
+        assert!(
+            message.contains("test.toml:2: `interfaces` is empty"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -404,21 +426,33 @@ prefixes = ["89.16.184.150"]
     #[test]
     fn bad_interface_names_are_refused() {
         let message = refusal("interfaces = [\"eth0\", \"averyveryverylongname\"]\n");
-        assert!(message.contains(":1: bad interface name \"averyveryverylongname\""), "{message}");
+        assert!(
+            message.contains(":1: bad interface name \"averyveryverylongname\""),
+            "{message}"
+        );
         let message = refusal("interfaces = [\"eth 0\"]\n");
-        assert!(message.contains("bad interface name \"eth 0\""), "{message}");
+        assert!(
+            message.contains("bad interface name \"eth 0\""),
+            "{message}"
+        );
     }
 
     #[test]
     fn bad_ports_are_refused_with_line_and_value() {
         let message = refusal("interfaces = [\"eth0\"]\nports = [25,\n 70000]\n");
-        assert_eq!(message, "/etc/smtpguard/test.toml:3: bad port 70000: ports are 1 to 65535");
+        assert_eq!(
+            message,
+            "/etc/smtpguard/test.toml:3: bad port 70000: ports are 1 to 65535"
+        );
         let message = refusal("interfaces = [\"eth0\"]\nports = [0]\n");
         assert!(message.contains(":2: bad port 0"), "{message}");
         let message = refusal("interfaces = [\"eth0\"]\nports = []\n");
         assert!(message.contains(":2: `ports` is empty"), "{message}");
         let message = refusal("interfaces = [\"eth0\"]\nports = [\"25\"]\n");
-        assert!(message.contains(":2: invalid type: string \"25\", expected i64"), "{message}");
+        assert!(
+            message.contains(":2: invalid type: string \"25\", expected i64"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -430,13 +464,19 @@ prefixes = ["89.16.184.150"]
     #[test]
     fn syntax_error_names_the_line() {
         let message = refusal("interfaces = [\"eth0\"]\n\n[[allow]\nname = \"x\"\n");
-        assert!(message.starts_with("/etc/smtpguard/test.toml:3: "), "{message}");
+        assert!(
+            message.starts_with("/etc/smtpguard/test.toml:3: "),
+            "{message}"
+        );
     }
 
     #[test]
     fn empty_rule_name_is_refused() {
         let message = refusal("interfaces = [\"eth0\"]\n[[allow]]\nname = \" \"\n");
-        assert!(message.contains(":3: bad rule name \" \": empty"), "{message}");
+        assert!(
+            message.contains(":3: bad rule name \" \": empty"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -444,7 +484,11 @@ prefixes = ["89.16.184.150"]
         let config = parse("interfaces = [\"eth0\", \"eth0\"]\nports = [25, 2525, 25]\n").unwrap();
         assert_eq!(config.interfaces, ["eth0"]);
         assert_eq!(
-            config.ports.iter().map(|(port, _)| *port).collect::<Vec<_>>(),
+            config
+                .ports
+                .iter()
+                .map(|(port, _)| *port)
+                .collect::<Vec<_>>(),
             [25, 2525]
         );
     }
@@ -454,7 +498,10 @@ prefixes = ["89.16.184.150"]
         let message = Config::load(Path::new("/nonexistent/smtpguard.toml"))
             .unwrap_err()
             .to_string();
-        assert!(message.starts_with("/nonexistent/smtpguard.toml: cannot read"), "{message}");
+        assert!(
+            message.starts_with("/nonexistent/smtpguard.toml: cannot read"),
+            "{message}"
+        );
         let dir = std::env::temp_dir().join(format!("sg-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("latin1.toml");

@@ -13,7 +13,8 @@ use smtpguard_common::PROGRAM_NAME;
 use crate::{config::XdpMode, maps::PolicyMaps};
 
 /// The XDP program, built by `build.rs` from the `smtpguard-ebpf` crate.
-pub static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/smtpguard"));
+pub static PROGRAM_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/smtpguard"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum FilterError {
@@ -119,7 +120,7 @@ impl Filter {
             }
             Ok(map)
         };
-        let maps = PolicyMaps::from_maps(|name| take(name))?;
+        let maps = PolicyMaps::from_maps(&mut take)?;
         Ok((
             Self {
                 ebpf,
@@ -225,7 +226,11 @@ impl Filter {
     }
 
     /// Runs the program `repeat` times on `frame`; returns the kernel's mean time per run.
-    pub fn time_run(&mut self, frame: &[u8], repeat: u32) -> Result<std::time::Duration, FilterError> {
+    pub fn time_run(
+        &mut self,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<std::time::Duration, FilterError> {
         let program = xdp_program(&mut self.ebpf)?;
         let mut options = TestRunOptions::new();
         options.data_in = Some(frame);
@@ -251,4 +256,3 @@ fn interface_exists(interface: &str) -> bool {
     // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
     unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
 }
-

@@ -187,7 +187,8 @@ fn ensure_bpffs() -> Result<(), InstanceError> {
         return Ok(());
     }
     log::info!("bpffs is not mounted at {BPFFS_ROOT}; mounting it");
-    let target = std::ffi::CString::new(BPFFS_ROOT).map_err(|error| InstanceError::Mount(error.into()))?;
+    let target =
+        std::ffi::CString::new(BPFFS_ROOT).map_err(|error| InstanceError::Mount(error.into()))?;
     // SAFETY: all pointers are valid NUL-terminated strings; data is null.
     let rc = unsafe {
         libc::mount(
@@ -246,6 +247,9 @@ mod tests {
         }
         let instance = Instance::new("mail").unwrap();
         assert_eq!(instance.pin_dir(), Path::new("/sys/fs/bpf/smtpguard/mail"));
-        assert_eq!(instance.state_path(), Path::new("/run/smtpguard/mail/state.json"));
+        assert_eq!(
+            instance.state_path(),
+            Path::new("/run/smtpguard/mail/state.json")
+        );
     }
 }

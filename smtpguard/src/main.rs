@@ -27,7 +27,12 @@ const DEFAULT_CONFIG: &str = "/etc/smtpguard/smtpguard.toml";
 struct Cli {
     /// Name of the instance: its pins live in /sys/fs/bpf/smtpguard/NAME and its state in
     /// /run/smtpguard/NAME. Run one instance per set of interfaces.
-    #[arg(long, global = true, env = "SMTPGUARD_INSTANCE", default_value = "default")]
+    #[arg(
+        long,
+        global = true,
+        env = "SMTPGUARD_INSTANCE",
+        default_value = "default"
+    )]
     instance: String,
 
     #[command(subcommand)]

@@ -13,8 +13,7 @@ use std::{
 };
 
 use aya::maps::{
-    Array, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
-    lpm_trie::Key,
+    Array, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, lpm_trie::Key,
 };
 use ipnet::IpNet;
 use smtpguard_common::{RuleValue, SLOTS, SlotConfig, action, counter, map_name};
@@ -130,14 +129,10 @@ impl PolicyMaps {
             last_flip: None,
             cpus,
         };
-        maps.active_slot = maps
-            .active
-            .get(&0, 0)
-            .map_err(|source| FilterError::Map {
-                name: map_name::ACTIVE_SLOT,
-                source,
-            })?
-            % SLOTS;
+        maps.active_slot = maps.active.get(&0, 0).map_err(|source| FilterError::Map {
+            name: map_name::ACTIVE_SLOT,
+            source,
+        })? % SLOTS;
         Ok(maps)
     }
 
@@ -318,7 +313,12 @@ impl PolicyMaps {
         Ok(written)
     }
 
-    fn insert_entry(&mut self, slot: usize, net: IpNet, value: RuleValue) -> Result<(), ApplyError> {
+    fn insert_entry(
+        &mut self,
+        slot: usize,
+        net: IpNet,
+        value: RuleValue,
+    ) -> Result<(), ApplyError> {
         let result = match net {
             IpNet::V4(v4) => self.v4[slot].insert(
                 &Key::new(u32::from(v4.prefix_len()), v4.addr().octets()),
@@ -340,10 +340,12 @@ impl PolicyMaps {
 
     fn remove_entry(&mut self, slot: usize, net: IpNet) -> Result<(), ApplyError> {
         let result = match net {
-            IpNet::V4(v4) => self.v4[slot]
-                .remove(&Key::new(u32::from(v4.prefix_len()), v4.addr().octets())),
-            IpNet::V6(v6) => self.v6[slot]
-                .remove(&Key::new(u32::from(v6.prefix_len()), v6.addr().octets())),
+            IpNet::V4(v4) => {
+                self.v4[slot].remove(&Key::new(u32::from(v4.prefix_len()), v4.addr().octets()))
+            }
+            IpNet::V6(v6) => {
+                self.v6[slot].remove(&Key::new(u32::from(v6.prefix_len()), v6.addr().octets()))
+            }
         };
         match result {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
@@ -404,10 +406,11 @@ pub fn read_counters(
     Ok(snapshot)
 }
 
+/// The two counter maps: global counters and per-prefix hits.
+pub type CounterMaps = (PerCpuArray<MapData, u64>, PerCpuHashMap<MapData, u32, u64>);
+
 /// Opens the counter maps pinned under `pin_dir` by a running daemon.
-pub fn open_pinned_counters(
-    pin_dir: &std::path::Path,
-) -> Result<(PerCpuArray<MapData, u64>, PerCpuHashMap<MapData, u32, u64>), FilterError> {
+pub fn open_pinned_counters(pin_dir: &std::path::Path) -> Result<CounterMaps, FilterError> {
     fn open<T: TryFrom<Map, Error = MapError>>(
         dir: &std::path::Path,
         name: &'static str,

@@ -11,12 +11,14 @@ use std::{
 use ipnet::IpNet;
 
 use crate::{
-    config::{Config, ConfigError, Location, RuleSpec},
+    config::{Config, ConfigError, Conflict, Location, RuleSpec},
     prefix,
 };
 
 /// Which list a prefix is on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum List {
     Allow,
@@ -103,7 +105,10 @@ impl Policy {
 
     /// Number of prefixes on `list`.
     pub fn count(&self, list: List) -> usize {
-        self.entries.values().filter(|entry| entry.list == list).count()
+        self.entries
+            .values()
+            .filter(|entry| entry.list == list)
+            .count()
     }
 
     /// The decision the XDP program takes for a SYN from `src` to `port`.
@@ -163,13 +168,13 @@ fn add_rule(
                     } else {
                         (&entry, first)
                     };
-                    return Err(ConfigError::Conflict {
+                    return Err(ConfigError::Conflict(Box::new(Conflict {
                         at: at.clone(),
                         prefix: parsed.net,
                         allow_rule: allow.rule.clone(),
                         allow_at: allow.at.clone(),
                         deny_rule: deny.rule.clone(),
-                    });
+                    })));
                 }
                 warnings.push(Warning {
                     at: at.clone(),
@@ -240,11 +245,17 @@ prefixes = ["89.16.184.150"]
             Verdict::Denied(net, entry) => format!("deny {net} {}", entry.rule),
             Verdict::Unlisted => "unlisted".to_owned(),
         };
-        assert_eq!(verdict("89.16.184.149", 25), "allow 89.16.184.144/28 provider");
+        assert_eq!(
+            verdict("89.16.184.149", 25),
+            "allow 89.16.184.144/28 provider"
+        );
         assert_eq!(verdict("89.16.184.150", 25), "deny 89.16.184.150/32 abuser");
         assert_eq!(verdict("89.16.184.160", 25), "unlisted");
         assert_eq!(verdict("89.16.184.150", 587), "not guarded");
-        assert_eq!(verdict("2001:db8:25:ffff::1", 25), "allow 2001:db8:25::/48 provider");
+        assert_eq!(
+            verdict("2001:db8:25:ffff::1", 25),
+            "allow 2001:db8:25::/48 provider"
+        );
         assert_eq!(verdict("2001:db8:26::1", 25), "unlisted");
         assert_eq!(verdict("192.168.1.200", 25), "allow 192.168.1.0/24 lan");
     }
@@ -284,9 +295,11 @@ prefixes = ["89.16.184.150"]
 
     #[test]
     fn no_allow_entry_is_refused_unless_allow_none() {
-        let error = build("interfaces = [\"eth0\"]\n[[deny]]\nname = \"bad\"\nprefixes = [\"192.0.2.9\"]\n")
-            .unwrap_err()
-            .to_string();
+        let error = build(
+            "interfaces = [\"eth0\"]\n[[deny]]\nname = \"bad\"\nprefixes = [\"192.0.2.9\"]\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(error.contains("no allow prefix at all"), "{error}");
         let error = build("interfaces = [\"eth0\"]\n[[allow]]\nname = \"empty\"\n")
             .unwrap_err()
@@ -294,7 +307,10 @@ prefixes = ["89.16.184.150"]
         assert!(error.contains("no allow prefix at all"), "{error}");
         let (policy, _) = build("interfaces = [\"eth0\"]\nallow_none = true\n").unwrap();
         assert!(policy.entries.is_empty());
-        assert_eq!(policy.verdict("192.0.2.1".parse().unwrap(), 25), Verdict::Unlisted);
+        assert_eq!(
+            policy.verdict("192.0.2.1".parse().unwrap(), 25),
+            Verdict::Unlisted
+        );
     }
 
     #[test]
@@ -303,6 +319,12 @@ prefixes = ["89.16.184.150"]
         assert_eq!(policy.entries.len(), 1);
         assert_eq!(policy.entries.values().next().unwrap().rule, "a");
         assert_eq!(warnings.len(), 1);
-        assert!(warnings[0].message.contains("already on the allow list (rule \"a\""), "{}", warnings[0]);
+        assert!(
+            warnings[0]
+                .message
+                .contains("already on the allow list (rule \"a\""),
+            "{}",
+            warnings[0]
+        );
     }
 }

@@ -41,7 +41,9 @@ pub fn parse(text: &str) -> Result<Parsed, PrefixError> {
         }
     };
     let net = match addr {
-        IpAddr::V4(v4) => IpNet::V4(Ipv4Net::new(v4, len).map_err(|_| PrefixError::BadLength { max: 32 })?),
+        IpAddr::V4(v4) => {
+            IpNet::V4(Ipv4Net::new(v4, len).map_err(|_| PrefixError::BadLength { max: 32 })?)
+        }
         IpAddr::V6(v6) => {
             IpNet::V6(Ipv6Net::new(v6, len).map_err(|_| PrefixError::BadLength { max: 128 })?)
         }
@@ -85,7 +87,10 @@ mod tests {
     fn cidr_single_and_netmask_notations() {
         assert_eq!(net("89.16.184.144/28").to_string(), "89.16.184.144/28");
         assert_eq!(net("89.16.176.76").to_string(), "89.16.176.76/32");
-        assert_eq!(net("208.123.79.0/255.255.255.0").to_string(), "208.123.79.0/24");
+        assert_eq!(
+            net("208.123.79.0/255.255.255.0").to_string(),
+            "208.123.79.0/24"
+        );
         assert_eq!(net("10.0.0.0/255.0.0.0").to_string(), "10.0.0.0/8");
         assert_eq!(net("0.0.0.0/0.0.0.0").to_string(), "0.0.0.0/0");
         assert_eq!(net("192.0.2.1/255.255.255.255").to_string(), "192.0.2.1/32");
@@ -111,11 +116,23 @@ mod tests {
         assert_eq!(parse("mail.example.com"), Err(PrefixError::BadAddress));
         assert_eq!(parse(""), Err(PrefixError::BadAddress));
         assert_eq!(parse("/24"), Err(PrefixError::BadAddress));
-        assert_eq!(parse("192.0.2.0/33"), Err(PrefixError::BadLength { max: 32 }));
+        assert_eq!(
+            parse("192.0.2.0/33"),
+            Err(PrefixError::BadLength { max: 32 })
+        );
         assert_eq!(parse("192.0.2.0/"), Err(PrefixError::BadLength { max: 32 }));
-        assert_eq!(parse("192.0.2.0/-1"), Err(PrefixError::BadLength { max: 32 }));
-        assert_eq!(parse("2001:db8::/129"), Err(PrefixError::BadLength { max: 128 }));
-        assert_eq!(parse("2001:db8::/255.255.0.0"), Err(PrefixError::MaskOnIpv6));
+        assert_eq!(
+            parse("192.0.2.0/-1"),
+            Err(PrefixError::BadLength { max: 32 })
+        );
+        assert_eq!(
+            parse("2001:db8::/129"),
+            Err(PrefixError::BadLength { max: 128 })
+        );
+        assert_eq!(
+            parse("2001:db8::/255.255.0.0"),
+            Err(PrefixError::MaskOnIpv6)
+        );
         assert_eq!(
             parse("192.0.2.0/255.0.255.0"),
             Err(PrefixError::NonContiguousMask {
@@ -128,7 +145,10 @@ mod tests {
                 mask: Ipv4Addr::new(0, 0, 0, 255)
             })
         );
-        assert_eq!(parse("192.0.2.0/24/8"), Err(PrefixError::BadLength { max: 32 }));
+        assert_eq!(
+            parse("192.0.2.0/24/8"),
+            Err(PrefixError::BadLength { max: 32 })
+        );
         assert_eq!(parse("010.0.0.1"), Err(PrefixError::BadAddress));
     }
 }

@@ -179,9 +179,18 @@ mod tests {
         counters.prefixes = HashMap::from([(1, 7), (2, 0)]);
         let stats = Stats::new("default", &state, &counters);
         let text = stats.to_text();
-        assert!(text.contains("attached to eth0 (native); guarding TCP port 25"), "{text}");
-        assert!(text.contains("guarded SYNs: allowed 7, denied 0, unlisted 3; dropped 3"), "{text}");
-        assert!(text.contains("allow  provider  89.16.184.144/28           7"), "{text}");
+        assert!(
+            text.contains("attached to eth0 (native); guarding TCP port 25"),
+            "{text}"
+        );
+        assert!(
+            text.contains("guarded SYNs: allowed 7, denied 0, unlisted 3; dropped 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("allow  provider  89.16.184.144/28           7"),
+            "{text}"
+        );
         let json: serde_json::Value = serde_json::to_value(&stats).unwrap();
         assert_eq!(json["syn_allowed"], 7);
         assert_eq!(json["prefixes"][0]["prefix"], "89.16.184.144/28");

@@ -17,7 +17,13 @@ pub fn binary() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     let profile_dir = exe
         .parent()
-        .and_then(|deps| if deps.ends_with("deps") { deps.parent() } else { Some(deps) })
+        .and_then(|deps| {
+            if deps.ends_with("deps") {
+                deps.parent()
+            } else {
+                Some(deps)
+            }
+        })
         .expect("target dir");
     let path = profile_dir.join("smtpguard");
     assert!(
@@ -78,7 +84,9 @@ impl Daemon {
 
     /// The daemon's state file, if it has written one.
     pub fn state(&self) -> Option<serde_json::Value> {
-        let path = Path::new("/run/smtpguard").join(&self.instance).join("state.json");
+        let path = Path::new("/run/smtpguard")
+            .join(&self.instance)
+            .join("state.json");
         let text = std::fs::read(path).ok()?;
         serde_json::from_slice(&text).ok()
     }
@@ -93,15 +101,25 @@ impl Daemon {
     pub fn wait_for_generation(&mut self, generation: u64, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            if let Some(status) = self.child.as_mut().and_then(|child| child.try_wait().ok().flatten()) {
-                panic!("smtpguard exited with {status} before generation {generation}:\n{}", self.log());
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|child| child.try_wait().ok().flatten())
+            {
+                panic!(
+                    "smtpguard exited with {status} before generation {generation}:\n{}",
+                    self.log()
+                );
             }
             if self.generation() >= generation {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("smtpguard did not reach generation {generation} in {timeout:?}:\n{}", self.log());
+        panic!(
+            "smtpguard did not reach generation {generation} in {timeout:?}:\n{}",
+            self.log()
+        );
     }
 
     /// Writes `config` and sends SIGHUP; waits until the new generation is in force.
@@ -121,7 +139,10 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             let log = self.log();
-            let failures: Vec<&str> = log.lines().filter(|line| line.contains("reload failed")).collect();
+            let failures: Vec<&str> = log
+                .lines()
+                .filter(|line| line.contains("reload failed"))
+                .collect();
             if failures.len() > before {
                 return failures[before].to_owned();
             }
@@ -133,7 +154,13 @@ impl Daemon {
     pub fn signal(&self, signal: i32) {
         // SAFETY: kill(2) on our own child.
         let rc = unsafe { libc::kill(self.pid(), signal) };
-        assert_eq!(rc, 0, "kill {}: {}", self.pid(), std::io::Error::last_os_error());
+        assert_eq!(
+            rc,
+            0,
+            "kill {}: {}",
+            self.pid(),
+            std::io::Error::last_os_error()
+        );
     }
 
     /// Runs `smtpguard stats --json` for this instance, from the host.
@@ -148,7 +175,10 @@ impl Daemon {
             String::from_utf8_lossy(&output.stderr)
         );
         serde_json::from_slice(&output.stdout).unwrap_or_else(|error| {
-            panic!("stats is not JSON ({error}): {}", String::from_utf8_lossy(&output.stdout))
+            panic!(
+                "stats is not JSON ({error}): {}",
+                String::from_utf8_lossy(&output.stdout)
+            )
         })
     }
 

@@ -59,7 +59,13 @@ pub const fn dot1ad(vid: u16) -> Tag {
 }
 
 /// Ethernet header (with `tags`, outermost first) followed by `payload`.
-pub fn ethernet(dst: [u8; 6], src: [u8; 6], tags: &[Tag], ethertype: u16, payload: &[u8]) -> Vec<u8> {
+pub fn ethernet(
+    dst: [u8; 6],
+    src: [u8; 6],
+    tags: &[Tag],
+    ethertype: u16,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut frame = Vec::with_capacity(14 + 4 * tags.len() + payload.len());
     frame.extend_from_slice(&dst);
     frame.extend_from_slice(&src);
@@ -73,9 +79,16 @@ pub fn ethernet(dst: [u8; 6], src: [u8; 6], tags: &[Tag], ethertype: u16, payloa
 }
 
 /// A TCP header (20 bytes plus `options`, padded to 4) and `data`, checksummed for `pseudo`.
-pub fn tcp(sport: u16, dport: u16, flags: u8, options: &[u8], data: &[u8], pseudo: &Pseudo) -> Vec<u8> {
+pub fn tcp(
+    sport: u16,
+    dport: u16,
+    flags: u8,
+    options: &[u8],
+    data: &[u8],
+    pseudo: &Pseudo,
+) -> Vec<u8> {
     let mut options = options.to_vec();
-    while options.len() % 4 != 0 {
+    while !options.len().is_multiple_of(4) {
         options.push(0);
     }
     let header_len = 20 + options.len();
@@ -138,9 +151,16 @@ pub fn internet_checksum(bytes: &[u8]) -> u16 {
 
 /// An IPv4 header with `options` (padded to 4 bytes) and `frag` (flags + offset in 8-byte
 /// units), followed by `payload`.
-pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, options: &[u8], frag: u16, payload: &[u8]) -> Vec<u8> {
+pub fn ipv4(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    protocol: u8,
+    options: &[u8],
+    frag: u16,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut options = options.to_vec();
-    while options.len() % 4 != 0 {
+    while !options.len().is_multiple_of(4) {
         options.push(0);
     }
     let header_len = 20 + options.len();
@@ -165,7 +185,13 @@ pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, options: &[u8], frag: u1
 
 /// An IPv6 header followed by `chain` (extension headers, already linked) and `payload`.
 /// `next_header` is the type of the first header after the fixed one.
-pub fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, next_header: u8, chain: &[u8], payload: &[u8]) -> Vec<u8> {
+pub fn ipv6(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    next_header: u8,
+    chain: &[u8],
+    payload: &[u8],
+) -> Vec<u8> {
     let payload_len = chain.len() + payload.len();
     let mut packet = Vec::with_capacity(40 + payload_len);
     packet.extend_from_slice(&[0x60, 0, 0, 0]);
@@ -225,13 +251,25 @@ pub fn chain(headers: &[(u8, Vec<u8>)], last_next: u8) -> (u8, Vec<u8>) {
 /// An Ethernet frame carrying an IPv4 TCP segment.
 pub fn tcp4(tags: &[Tag], src: Ipv4Addr, dst: Ipv4Addr, dport: u16, flags: u8) -> Vec<u8> {
     let segment = tcp(40000, dport, flags, &[], &[], &Pseudo::V4(src, dst));
-    ethernet(DST_MAC, SRC_MAC, tags, ETH_P_IPV4, &ipv4(src, dst, IPPROTO_TCP, &[], IPV4_DF, &segment))
+    ethernet(
+        DST_MAC,
+        SRC_MAC,
+        tags,
+        ETH_P_IPV4,
+        &ipv4(src, dst, IPPROTO_TCP, &[], IPV4_DF, &segment),
+    )
 }
 
 /// An Ethernet frame carrying an IPv6 TCP segment.
 pub fn tcp6(tags: &[Tag], src: Ipv6Addr, dst: Ipv6Addr, dport: u16, flags: u8) -> Vec<u8> {
     let segment = tcp(40000, dport, flags, &[], &[], &Pseudo::V6(src, dst));
-    ethernet(DST_MAC, SRC_MAC, tags, ETH_P_IPV6, &ipv6(src, dst, IPPROTO_TCP, &[], &segment))
+    ethernet(
+        DST_MAC,
+        SRC_MAC,
+        tags,
+        ETH_P_IPV6,
+        &ipv6(src, dst, IPPROTO_TCP, &[], &segment),
+    )
 }
 
 #[cfg(test)]

@@ -22,25 +22,34 @@ pub struct Kernel {
 impl Kernel {
     /// Loads the program and applies the policy written in `toml`.
     pub fn with_policy(toml: &str) -> Self {
-        let (filter, maps) = Filter::load(None).unwrap_or_else(|error| panic!("loading the program failed: {error}"));
+        let (filter, maps) = Filter::load(None)
+            .unwrap_or_else(|error| panic!("loading the program failed: {error}"));
         let mut kernel = Self { filter, maps };
         kernel.apply(toml);
         kernel
     }
 
     pub fn apply(&mut self, toml: &str) -> ApplyReport {
-        let config = Config::parse(Path::new("test.toml"), toml).unwrap_or_else(|error| panic!("bad test config: {error}"));
-        let (policy, _) = Policy::build(&config).unwrap_or_else(|error| panic!("bad test policy: {error}"));
-        self.maps.apply(&policy).unwrap_or_else(|error| panic!("apply failed: {error}"))
+        let config = Config::parse(Path::new("test.toml"), toml)
+            .unwrap_or_else(|error| panic!("bad test config: {error}"));
+        let (policy, _) =
+            Policy::build(&config).unwrap_or_else(|error| panic!("bad test policy: {error}"));
+        self.maps
+            .apply(&policy)
+            .unwrap_or_else(|error| panic!("apply failed: {error}"))
     }
 
     /// The program's verdict on `frame`.
     pub fn verdict(&mut self, frame: &[u8]) -> u32 {
-        self.filter.test_run(frame).unwrap_or_else(|error| panic!("test run failed: {error}"))
+        self.filter
+            .test_run(frame)
+            .unwrap_or_else(|error| panic!("test run failed: {error}"))
     }
 
     pub fn counters(&self) -> CounterSnapshot {
-        self.maps.counters().unwrap_or_else(|error| panic!("reading counters failed: {error}"))
+        self.maps
+            .counters()
+            .unwrap_or_else(|error| panic!("reading counters failed: {error}"))
     }
 }
 

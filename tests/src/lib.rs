@@ -1,7 +1,7 @@
 //! Helpers for smtpguard's privileged tests: crafted frames, the real program loaded into the
 //! kernel, and network-namespace fixtures that run the real daemon against real TCP.
 
+pub mod daemon;
 pub mod frames;
 pub mod kernel;
-pub mod daemon;
 pub mod netns;

@@ -22,7 +22,11 @@ static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
 
 /// A unique short tag for names: `{pid}-{n}`.
 pub fn unique_tag() -> String {
-    format!("{}-{}", std::process::id(), NEXT_ID.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{}-{}",
+        std::process::id(),
+        NEXT_ID.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Runs `ip` with `args`, panicking with its output when it fails.
@@ -71,7 +75,10 @@ impl Netns {
     }
 
     /// Spawns a long-lived thread inside the namespace.
-    pub fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> JoinHandle<T> {
         let path = self.path();
         std::thread::spawn(move || {
             enter(&path);
@@ -83,7 +90,9 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         // Never panic here: this may run while a test is already panicking.
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
@@ -128,11 +137,29 @@ impl Pair {
         let server_if = format!("sgs{}", &short[short.len().saturating_sub(11)..]);
         let client_if = format!("sgc{}", &short[short.len().saturating_sub(11)..]);
         ip(&[
-            "link", "add", &server_if, "netns", &server.name, "type", "veth", "peer", "name", &client_if,
-            "netns", &client.name,
+            "link",
+            "add",
+            &server_if,
+            "netns",
+            &server.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &client_if,
+            "netns",
+            &client.name,
         ]);
         for (address, _) in SUBNETS {
-            let mut args = vec!["-n", &server.name, "addr", "add", address, "dev", &server_if];
+            let mut args = vec![
+                "-n",
+                &server.name,
+                "addr",
+                "add",
+                address,
+                "dev",
+                &server_if,
+            ];
             if address.contains(':') {
                 args.push("nodad");
             }
@@ -141,7 +168,15 @@ impl Pair {
         for address in client_addrs {
             let prefix = if address.is_ipv4() { 24 } else { 64 };
             let address = format!("{address}/{prefix}");
-            let mut args = vec!["-n", &client.name, "addr", "add", &address, "dev", &client_if];
+            let mut args = vec![
+                "-n",
+                &client.name,
+                "addr",
+                "add",
+                &address,
+                "dev",
+                &client_if,
+            ];
             if address.contains(':') {
                 args.push("nodad");
             }
@@ -150,8 +185,25 @@ impl Pair {
         ip(&["-n", &server.name, "link", "set", &server_if, "up"]);
         ip(&["-n", &client.name, "link", "set", &client_if, "up"]);
         // Every server address is on-link from the client, whatever the client's source.
-        ip(&["-n", &client.name, "route", "add", "default", "dev", &client_if]);
-        ip(&["-n", &client.name, "-6", "route", "add", "default", "dev", &client_if]);
+        ip(&[
+            "-n",
+            &client.name,
+            "route",
+            "add",
+            "default",
+            "dev",
+            &client_if,
+        ]);
+        ip(&[
+            "-n",
+            &client.name,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "dev",
+            &client_if,
+        ]);
         Self {
             server,
             client,
@@ -163,7 +215,15 @@ impl Pair {
     /// The MAC address of the server's end, for injected frames.
     pub fn server_mac(&self) -> [u8; 6] {
         let output = Command::new("ip")
-            .args(["-n", &self.server.name, "-o", "link", "show", "dev", &self.server_if])
+            .args([
+                "-n",
+                &self.server.name,
+                "-o",
+                "link",
+                "show",
+                "dev",
+                &self.server_if,
+            ])
             .output()
             .expect("ip link show");
         let text = String::from_utf8_lossy(&output.stdout);
@@ -174,7 +234,8 @@ impl Pair {
             .unwrap_or_else(|| panic!("no MAC in {text:?}"));
         let mut mac = [0u8; 6];
         for (byte, part) in mac.iter_mut().zip(text.split(':')) {
-            *byte = u8::from_str_radix(part, 16).unwrap_or_else(|error| panic!("bad MAC {text:?}: {error}"));
+            *byte = u8::from_str_radix(part, 16)
+                .unwrap_or_else(|error| panic!("bad MAC {text:?}: {error}"));
         }
         mac
     }
@@ -190,17 +251,33 @@ pub enum Outcome {
 }
 
 /// Connects from `src` to `dst` inside `netns`, waiting at most `timeout`.
-pub fn connect(netns: &Netns, src: IpAddr, dst: SocketAddr, timeout: Duration) -> (Outcome, Option<TcpStream>) {
+pub fn connect(
+    netns: &Netns,
+    src: IpAddr,
+    dst: SocketAddr,
+    timeout: Duration,
+) -> (Outcome, Option<TcpStream>) {
     netns.run(move || {
-        let domain = if dst.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
+        let domain = if dst.is_ipv4() {
+            Domain::IPV4
+        } else {
+            Domain::IPV6
+        };
         let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP)).expect("socket");
-        socket.bind(&SocketAddr::new(src, 0).into()).unwrap_or_else(|error| panic!("bind {src}: {error}"));
+        socket
+            .bind(&SocketAddr::new(src, 0).into())
+            .unwrap_or_else(|error| panic!("bind {src}: {error}"));
         match socket.connect_timeout(&dst.into(), timeout) {
             Ok(()) => (Outcome::Connected, Some(socket.into())),
-            Err(error) if error.kind() == io::ErrorKind::TimedOut || error.kind() == io::ErrorKind::WouldBlock => {
+            Err(error)
+                if error.kind() == io::ErrorKind::TimedOut
+                    || error.kind() == io::ErrorKind::WouldBlock =>
+            {
                 (Outcome::TimedOut, None)
             }
-            Err(error) if error.kind() == io::ErrorKind::ConnectionRefused => (Outcome::Refused, None),
+            Err(error) if error.kind() == io::ErrorKind::ConnectionRefused => {
+                (Outcome::Refused, None)
+            }
             Err(error) => (Outcome::Failed(error.to_string()), None),
         }
     })
@@ -219,7 +296,8 @@ impl Listener {
     /// Listens on `[::]:port` (both families) inside `netns`.
     pub fn start(netns: &Netns, port: u16) -> Self {
         let listener = netns.run(move || {
-            let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP)).expect("socket");
+            let socket =
+                Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP)).expect("socket");
             socket.set_only_v6(false).expect("dual stack");
             socket.set_reuse_address(true).expect("reuseaddr");
             socket
@@ -239,7 +317,10 @@ impl Listener {
                     match listener.accept() {
                         Ok((stream, peer)) => {
                             accepted.fetch_add(1, Ordering::Relaxed);
-                            peers.lock().unwrap_or_else(|poison| poison.into_inner()).push(peer);
+                            peers
+                                .lock()
+                                .unwrap_or_else(|poison| poison.into_inner())
+                                .push(peer);
                             std::thread::spawn(move || serve(stream));
                         }
                         Err(_) => std::thread::sleep(Duration::from_millis(5)),
@@ -273,7 +354,10 @@ impl Listener {
     }
 
     pub fn peers(&self) -> Vec<SocketAddr> {
-        self.peers.lock().unwrap_or_else(|poison| poison.into_inner()).clone()
+        self.peers
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .clone()
     }
 }
 
@@ -361,8 +445,14 @@ impl PacketSocket {
 
     pub fn send(&self, frame: &[u8]) {
         // SAFETY: frame is a valid buffer of the given length.
-        let sent = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-        assert_eq!(sent, frame.len() as isize, "send frame: {}", io::Error::last_os_error());
+        let sent =
+            unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        assert_eq!(
+            sent,
+            frame.len() as isize,
+            "send frame: {}",
+            io::Error::last_os_error()
+        );
     }
 
     /// Frames received within `window`.
@@ -386,7 +476,14 @@ impl PacketSocket {
             }
             let mut buffer = vec![0u8; 65536];
             // SAFETY: buffer is writable for its length.
-            let n = unsafe { libc::recv(self.fd.as_raw_fd(), buffer.as_mut_ptr().cast(), buffer.len(), 0) };
+            let n = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    buffer.as_mut_ptr().cast(),
+                    buffer.len(),
+                    0,
+                )
+            };
             if n > 0 {
                 buffer.truncate(n as usize);
                 frames.push(buffer);
@@ -397,7 +494,9 @@ impl PacketSocket {
 
 /// Whether `needle` occurs in `haystack`.
 pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|window| window == needle)
+    haystack
+        .windows(needle.len())
+        .any(|window| window == needle)
 }
 
 /// Socket address helper.

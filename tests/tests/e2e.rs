@@ -9,7 +9,10 @@ use std::{
 use smtpguard_tests::{
     daemon::{Daemon, binary, prefix_syns},
     frames::{self, ACK, SYN, Tag, dot1ad, dot1q},
-    netns::{Listener, Outcome, PacketSocket, Pair, SERVER_V4, SERVER_V6, connect, contains, exchange, sock},
+    netns::{
+        Listener, Outcome, PacketSocket, Pair, SERVER_V4, SERVER_V6, connect, contains, exchange,
+        sock,
+    },
 };
 
 const ALLOWED4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
@@ -53,7 +56,11 @@ fn clients() -> Vec<IpAddr> {
 
 fn attempt(pair: &Pair, src: impl Into<IpAddr>, port: u16) -> Outcome {
     let src = src.into();
-    let dst = if src.is_ipv4() { sock(SERVER_V4, port) } else { sock(SERVER_V6, port) };
+    let dst = if src.is_ipv4() {
+        sock(SERVER_V4, port)
+    } else {
+        sock(SERVER_V6, port)
+    };
     connect(&pair.client, src, dst, BLOCKED_WAIT).0
 }
 
@@ -64,7 +71,10 @@ fn connects_follow_the_policy(xdp_mode: &str, expected_mode: &str) {
     let daemon = Daemon::start(&pair.server, &config(&pair.server_if, xdp_mode));
 
     let stats = daemon.stats();
-    assert_eq!(stats["interfaces"][0]["mode"], expected_mode, "mode in force: {stats}");
+    assert_eq!(
+        stats["interfaces"][0]["mode"], expected_mode,
+        "mode in force: {stats}"
+    );
 
     for (src, port, want) in [
         (IpAddr::from(ALLOWED4), 25, Outcome::Connected),
@@ -79,7 +89,12 @@ fn connects_follow_the_policy(xdp_mode: &str, expected_mode: &str) {
         let got = attempt(&pair, src, port);
         assert_eq!(got, want, "{xdp_mode}: connect from {src} to port {port}");
     }
-    assert_eq!(smtp.accepted_settled(2), 2, "port 25 accepted {:?}", smtp.peers());
+    assert_eq!(
+        smtp.accepted_settled(2),
+        2,
+        "port 25 accepted {:?}",
+        smtp.peers()
+    );
     assert_eq!(submission.accepted_settled(2), 2, "port 587 is not guarded");
 
     let stats = daemon.stats();
@@ -142,7 +157,10 @@ fn tagged_frames_are_filtered(xdp_mode: &str) {
         let marker = [sport.to_be_bytes(), 25u16.to_be_bytes()].concat();
         let arrived = seen.iter().any(|frame| contains(frame, &marker));
         if arrived != *passes {
-            failures.push(format!("{case}: expected {}", if *passes { "pass" } else { "drop" }));
+            failures.push(format!(
+                "{case}: expected {}",
+                if *passes { "pass" } else { "drop" }
+            ));
         }
     }
     assert!(failures.is_empty(), "{xdp_mode}: {failures:#?}");
@@ -156,12 +174,33 @@ fn tagged_frames_are_filtered(xdp_mode: &str) {
 fn tagged_frame(mac: [u8; 6], tags: &[Tag], src: IpAddr, sport: u16, flags: u8) -> Vec<u8> {
     match src {
         IpAddr::V4(src) => {
-            let segment = frames::tcp(sport, 25, flags, &[], &[], &frames::Pseudo::V4(src, SERVER_V4));
-            let packet = frames::ipv4(src, SERVER_V4, frames::IPPROTO_TCP, &[], frames::IPV4_DF, &segment);
+            let segment = frames::tcp(
+                sport,
+                25,
+                flags,
+                &[],
+                &[],
+                &frames::Pseudo::V4(src, SERVER_V4),
+            );
+            let packet = frames::ipv4(
+                src,
+                SERVER_V4,
+                frames::IPPROTO_TCP,
+                &[],
+                frames::IPV4_DF,
+                &segment,
+            );
             frames::ethernet(mac, frames::SRC_MAC, tags, frames::ETH_P_IPV4, &packet)
         }
         IpAddr::V6(src) => {
-            let segment = frames::tcp(sport, 25, flags, &[], &[], &frames::Pseudo::V6(src, SERVER_V6));
+            let segment = frames::tcp(
+                sport,
+                25,
+                flags,
+                &[],
+                &[],
+                &frames::Pseudo::V6(src, SERVER_V6),
+            );
             let packet = frames::ipv6(src, SERVER_V6, frames::IPPROTO_TCP, &[], &segment);
             frames::ethernet(mac, frames::SRC_MAC, tags, frames::ETH_P_IPV6, &packet)
         }
@@ -194,19 +233,37 @@ fn sighup_flips_outcomes_and_keeps_established_connections() {
     };
     let mut daemon = Daemon::start(&pair.server, &first(&pair.server_if));
 
-    let (outcome, stream) = connect(&pair.client, ALLOWED4.into(), sock(SERVER_V4, 25), BLOCKED_WAIT);
+    let (outcome, stream) = connect(
+        &pair.client,
+        ALLOWED4.into(),
+        sock(SERVER_V4, 25),
+        BLOCKED_WAIT,
+    );
     assert_eq!(outcome, Outcome::Connected, "allowed before the reload");
     let mut established = stream.expect("stream");
-    assert_eq!(attempt(&pair, UNLISTED4, 25), Outcome::TimedOut, "not yet listed");
+    assert_eq!(
+        attempt(&pair, UNLISTED4, 25),
+        Outcome::TimedOut,
+        "not yet listed"
+    );
     assert_eq!(attempt(&pair, ALLOWED6, 25), Outcome::Connected);
     let surviving_before = prefix_syns(&daemon.stats(), "2001:db8:200::/64");
     assert_eq!(surviving_before, 1);
 
     daemon.reload(&second(&pair.server_if));
-    assert_eq!(attempt(&pair, UNLISTED4, 25), Outcome::Connected, "added by the reload");
-    assert_eq!(attempt(&pair, ALLOWED4, 25), Outcome::TimedOut, "removed by the reload");
-    exchange(&mut established, "EHLO client.example\r\n")
-        .unwrap_or_else(|error| panic!("a connection established before the reload broke: {error}"));
+    assert_eq!(
+        attempt(&pair, UNLISTED4, 25),
+        Outcome::Connected,
+        "added by the reload"
+    );
+    assert_eq!(
+        attempt(&pair, ALLOWED4, 25),
+        Outcome::TimedOut,
+        "removed by the reload"
+    );
+    exchange(&mut established, "EHLO client.example\r\n").unwrap_or_else(|error| {
+        panic!("a connection established before the reload broke: {error}")
+    });
     assert_eq!(attempt(&pair, ALLOWED6, 25), Outcome::Connected);
     let stats = daemon.stats();
     assert_eq!(
@@ -217,8 +274,16 @@ fn sighup_flips_outcomes_and_keeps_established_connections() {
     assert_eq!(prefix_syns(&stats, "203.0.113.7/32"), 1, "{stats}");
 
     daemon.reload(&first(&pair.server_if));
-    assert_eq!(attempt(&pair, UNLISTED4, 25), Outcome::TimedOut, "removed again");
-    assert_eq!(attempt(&pair, ALLOWED4, 25), Outcome::Connected, "listed again");
+    assert_eq!(
+        attempt(&pair, UNLISTED4, 25),
+        Outcome::TimedOut,
+        "removed again"
+    );
+    assert_eq!(
+        attempt(&pair, ALLOWED4, 25),
+        Outcome::Connected,
+        "listed again"
+    );
 }
 
 #[test]
@@ -237,8 +302,16 @@ fn refused_reload_keeps_the_running_policy() {
         "the refusal names file, line and value: {line}"
     );
     assert_eq!(daemon.generation(), generation, "nothing applied");
-    assert_eq!(attempt(&pair, UNLISTED4, 25), Outcome::TimedOut, "old policy still in force");
-    assert_eq!(attempt(&pair, ALLOWED4, 25), Outcome::Connected, "old policy still in force");
+    assert_eq!(
+        attempt(&pair, UNLISTED4, 25),
+        Outcome::TimedOut,
+        "old policy still in force"
+    );
+    assert_eq!(
+        attempt(&pair, ALLOWED4, 25),
+        Outcome::Connected,
+        "old policy still in force"
+    );
 }
 
 #[test]
@@ -251,7 +324,11 @@ fn sigterm_detaches_and_exits_zero() {
     assert!(pins.exists(), "pins at {}", pins.display());
     let status = daemon.stop();
     assert!(status.success(), "exit status {status}:\n{}", daemon.log());
-    assert_eq!(attempt(&pair, UNLISTED4, 25), Outcome::Connected, "detached: port 25 open again");
+    assert_eq!(
+        attempt(&pair, UNLISTED4, 25),
+        Outcome::Connected,
+        "detached: port 25 open again"
+    );
     assert!(!pins.exists(), "pins removed on exit");
 }
 
@@ -260,19 +337,39 @@ fn check_prints_the_policy_and_refuses_bad_files() {
     let dir = std::env::temp_dir().join(format!("sg-check-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let good = dir.join("good.toml");
-    std::fs::write(&good, config("eth0", "auto").replace("192.0.2.0/28", "192.0.2.7/28")).expect("write");
-    let output = std::process::Command::new(binary()).arg("check").arg("--config").arg(&good).output().expect("run");
+    std::fs::write(
+        &good,
+        config("eth0", "auto").replace("192.0.2.0/28", "192.0.2.7/28"),
+    )
+    .expect("write");
+    let output = std::process::Command::new(binary())
+        .arg("check")
+        .arg("--config")
+        .arg(&good)
+        .output()
+        .expect("run");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "check failed: {stderr}");
     assert!(stdout.contains("allow  provider  192.0.2.0/28"), "{stdout}");
-    assert!(stderr.contains("good.toml:7: \"192.0.2.7/28\" has host bits set; using 192.0.2.0/28"), "{stderr}");
+    assert!(
+        stderr.contains("good.toml:7: \"192.0.2.7/28\" has host bits set; using 192.0.2.0/28"),
+        "{stderr}"
+    );
 
     let bad = dir.join("bad.toml");
     std::fs::write(&bad, "interfaces = [\"eth0\"]\nports = [25]\nxdp_mode = \"auto\"\n[[allow]]\nname = \"p\"\nprefixes = [\"89.16.184.144/28\", \"89.16.184.300\"]\n").expect("write");
-    let output = std::process::Command::new(binary()).arg("check").arg("--config").arg(&bad).output().expect("run");
+    let output = std::process::Command::new(binary())
+        .arg("check")
+        .arg("--config")
+        .arg(&bad)
+        .output()
+        .expect("run");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "a bad config must fail check");
-    assert!(stderr.contains("bad.toml:6: bad prefix \"89.16.184.300\""), "{stderr}");
+    assert!(
+        stderr.contains("bad.toml:6: bad prefix \"89.16.184.300\""),
+        "{stderr}"
+    );
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }

@@ -14,7 +14,7 @@ use crate::{
     config::{Config, ConfigError},
     filter::{Filter, FilterError},
     instance::{Instance, InstanceError, InstanceLock, InterfaceState, PrefixState, RunState},
-    maps::{ApplyError, ApplyReport, PolicyMaps},
+    maps::{ApplyError, ApplyReport, PolicyMaps, pinned_counter_ids},
     policy::{List, Policy},
 };
 
@@ -91,6 +91,7 @@ struct Daemon {
     // Field order is drop order: detach first, then remove the pins, then release the lock.
     filter: Filter,
     maps: PolicyMaps,
+    counter_map_ids: (u32, u32),
     _pins: PinsGuard,
     _lock: InstanceLock,
 }
@@ -106,6 +107,7 @@ impl Daemon {
         let pin_dir = instance.fresh_pin_dir()?;
         let pins = PinsGuard(instance.clone());
         let (mut filter, mut maps) = Filter::load(Some(&pin_dir))?;
+        let counter_map_ids = pinned_counter_ids(&pin_dir)?;
         // The policy is in the maps before the program sees its first packet.
         let report = maps.apply(&policy)?;
         for interface in &config.interfaces {
@@ -119,6 +121,7 @@ impl Daemon {
             instance: instance.clone(),
             filter,
             maps,
+            counter_map_ids,
             _pins: pins,
             _lock: lock,
         };
@@ -235,6 +238,7 @@ impl Daemon {
                 .collect(),
             ports: self.policy.ports.iter().copied().collect(),
             prefixes,
+            counter_map_ids: self.counter_map_ids,
         };
         Ok(self.instance.write_state(&state)?)
     }

@@ -166,6 +166,9 @@ pub struct RunState {
     pub interfaces: Vec<InterfaceState>,
     pub ports: Vec<u16>,
     pub prefixes: Vec<PrefixState>,
+    /// Kernel ids of the global and per-prefix counter maps, for readers that cannot see the
+    /// pins.
+    pub counter_map_ids: (u32, u32),
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

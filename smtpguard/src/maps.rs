@@ -425,3 +425,47 @@ pub fn open_pinned_counters(pin_dir: &std::path::Path) -> Result<CounterMaps, Fi
         open(pin_dir, map_name::PREFIX_HITS)?,
     ))
 }
+
+/// Opens the counter maps by kernel id, as recorded in the daemon's state file: works where
+/// the pins are not visible (e.g. under `ip netns exec`, which mounts its own /sys).
+/// A recycled id is refused: the map must carry the expected name.
+pub fn open_counters_by_id(global: u32, prefix_hits: u32) -> Result<CounterMaps, FilterError> {
+    fn open<T: TryFrom<Map, Error = MapError>>(
+        id: u32,
+        name: &'static str,
+    ) -> Result<T, FilterError> {
+        let data = MapData::from_id(id).map_err(|source| FilterError::Map { name, source })?;
+        let info = data
+            .info()
+            .map_err(|source| FilterError::Map { name, source })?;
+        if info.name_as_str() != Some(kernel_name(name)) {
+            return Err(FilterError::Map {
+                name,
+                source: MapError::InvalidName {
+                    name: format!("map id {id} is {:?}", info.name_as_str()),
+                },
+            });
+        }
+        let map = Map::from_map_data(data).map_err(|source| FilterError::Map { name, source })?;
+        T::try_from(map).map_err(|source| FilterError::Map { name, source })
+    }
+    Ok((
+        open(global, map_name::GLOBAL)?,
+        open(prefix_hits, map_name::PREFIX_HITS)?,
+    ))
+}
+
+/// The kernel keeps the first 15 bytes of a map's name.
+fn kernel_name(name: &str) -> &str {
+    &name[..name.len().min(15)]
+}
+
+/// Kernel ids of the counter maps pinned under `pin_dir`.
+pub fn pinned_counter_ids(pin_dir: &std::path::Path) -> Result<(u32, u32), FilterError> {
+    let id = |name: &'static str| {
+        aya::maps::MapInfo::from_pin(pin_dir.join(name))
+            .map(|info| info.id())
+            .map_err(|source| FilterError::Map { name, source })
+    };
+    Ok((id(map_name::GLOBAL)?, id(map_name::PREFIX_HITS)?))
+}

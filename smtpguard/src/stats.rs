@@ -171,6 +171,7 @@ mod tests {
                     prefix: "89.16.184.150/32".parse().unwrap(),
                 },
             ],
+            counter_map_ids: (0, 0),
         };
         let mut counters = CounterSnapshot::default();
         counters.global[counter::SYN_ALLOWED as usize] = 7;

@@ -34,6 +34,32 @@ pub fn binary() -> PathBuf {
     path
 }
 
+/// How the daemon enters the test namespace.
+#[derive(Clone, Copy, Debug)]
+pub enum Launcher {
+    /// `nsenter --net=/run/netns/NAME`: keeps the host's mounts, bpffs included.
+    Nsenter,
+    /// `ip netns exec NAME`: a private mount namespace with its own /sys (no host bpffs).
+    IpNetnsExec,
+}
+
+impl Launcher {
+    pub fn command(self, netns: &Netns) -> Command {
+        match self {
+            Self::Nsenter => {
+                let mut command = Command::new("nsenter");
+                command.arg(format!("--net={}", netns.path()));
+                command
+            }
+            Self::IpNetnsExec => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", &netns.name]);
+                command
+            }
+        }
+    }
+}
+
 /// A running daemon; stopped with SIGTERM on drop.
 pub struct Daemon {
     child: Option<Child>,
@@ -46,6 +72,11 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `smtpguard run` inside `netns` with `config`, and waits until it enforces.
     pub fn start(netns: &Netns, config: &str) -> Self {
+        Self::start_with(netns, config, Launcher::Nsenter)
+    }
+
+    /// As [`Daemon::start`], entering the namespace with `launcher`.
+    pub fn start_with(netns: &Netns, config: &str, launcher: Launcher) -> Self {
         let instance = format!("sg-{}", unique_tag());
         let dir = std::env::temp_dir().join(&instance);
         std::fs::create_dir_all(&dir).expect("temp dir");
@@ -53,8 +84,8 @@ impl Daemon {
         let log_path = dir.join("daemon.log");
         std::fs::write(&config_path, config).expect("write config");
         let log = std::fs::File::create(&log_path).expect("log file");
-        let child = Command::new("nsenter")
-            .arg(format!("--net={}", netns.path()))
+        let mut command = launcher.command(netns);
+        let child = command
             .arg(binary())
             .args(["--instance", &instance, "run", "--config"])
             .arg(&config_path)
@@ -165,7 +196,13 @@ impl Daemon {
 
     /// Runs `smtpguard stats --json` for this instance, from the host.
     pub fn stats(&self) -> serde_json::Value {
-        let output = Command::new(binary())
+        self.stats_from(&mut Command::new(binary()))
+    }
+
+    /// Runs `smtpguard stats --json` for this instance with `command` (the binary, perhaps
+    /// behind a launcher).
+    pub fn stats_from(&self, command: &mut Command) -> serde_json::Value {
+        let output = command
             .args(["--instance", &self.instance, "stats", "--json"])
             .output()
             .expect("run smtpguard stats");

@@ -7,7 +7,7 @@ use std::{
 };
 
 use smtpguard_tests::{
-    daemon::{Daemon, binary, prefix_syns},
+    daemon::{Daemon, Launcher, binary, prefix_syns},
     frames::{self, ACK, SYN, Tag, dot1ad, dot1q},
     netns::{
         Listener, Outcome, PacketSocket, Pair, SERVER_V4, SERVER_V6, connect, contains, exchange,
@@ -372,4 +372,24 @@ fn check_prints_the_policy_and_refuses_bad_files() {
         "{stderr}"
     );
     std::fs::remove_dir_all(&dir).expect("cleanup");
+}
+
+#[test]
+fn ip_netns_exec_daemon_and_stats() {
+    // `ip netns exec` gives each command its own /sys, so the two never share a bpffs: stats
+    // finds the counter maps through the kernel ids in the state file.
+    let pair = Pair::new(&clients());
+    let _smtp = Listener::start(&pair.server, 25);
+    let daemon = Daemon::start_with(
+        &pair.server,
+        &config(&pair.server_if, "auto"),
+        Launcher::IpNetnsExec,
+    );
+    assert_eq!(attempt(&pair, UNLISTED4, 25), Outcome::TimedOut);
+    assert_eq!(attempt(&pair, ALLOWED4, 25), Outcome::Connected);
+    let mut command = Launcher::IpNetnsExec.command(&pair.server);
+    command.arg(binary());
+    let stats = daemon.stats_from(&mut command);
+    assert_eq!(stats["syn_unlisted"], 1, "{stats}");
+    assert_eq!(stats["syn_allowed"], 1, "{stats}");
 }

@@ -116,11 +116,13 @@ fn test(root: &Path) -> anyhow::Result<()> {
         "cargo",
         &["build", "--locked", "--package", "smtpguard"],
     )?;
-    run(root, "cargo", &["test", "--locked", "--no-fail-fast"])?;
+    let summary = cargo_test(root)?;
     eprintln!(
         "all checks passed in {:.0} s",
         started.elapsed().as_secs_f64()
     );
+    // The closing line: the totals of every test binary.
+    println!("{summary}");
     Ok(())
 }
 
@@ -145,4 +147,46 @@ fn demo(root: &Path) -> anyhow::Result<()> {
             "demo",
         ],
     )
+}
+
+/// `cargo test` over the default members, echoing its output; returns the totals of every
+/// test binary as one line (cargo's own last lines are for the doc-tests, which are none).
+fn cargo_test(root: &Path) -> anyhow::Result<String> {
+    use std::io::{BufRead as _, BufReader};
+    let started = Instant::now();
+    eprintln!("==> cargo test --locked --no-fail-fast");
+    let mut child = Command::new("cargo")
+        .args(["test", "--locked", "--no-fail-fast"])
+        .current_dir(root)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("cannot run cargo test")?;
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo test output")?;
+        println!("{line}");
+        if let Some(result) = line.strip_prefix("test result: ") {
+            for part in result.split(['.', ';']) {
+                let mut words = part.split_whitespace();
+                if let (Some(count), Some(kind)) = (words.next(), words.next()) {
+                    let count: u64 = count.parse().unwrap_or(0);
+                    match kind {
+                        "passed" => passed += count,
+                        "failed" => failed += count,
+                        "ignored" => ignored += count,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    eprintln!("    ({:.1} s)", started.elapsed().as_secs_f64());
+    let summary = format!("{passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        println!("{summary}");
+        bail!("cargo test failed with {status}");
+    }
+    Ok(summary)
 }

@@ -328,3 +328,126 @@ prefixes = ["89.16.184.150"]
         );
     }
 }
+
+#[cfg(test)]
+mod refusal_corpus {
+    //! Bad configurations, each refused with the file and line of the offending value.
+    use std::path::Path;
+
+    use super::*;
+
+    const FILE: &str = "/etc/smtpguard/corpus.toml";
+
+    fn refusal(text: &str) -> String {
+        let result = Config::parse(Path::new(FILE), text).and_then(|config| Policy::build(&config));
+        match result {
+            Ok((policy, _)) => panic!("expected a refusal of {text:?}, got {policy:?}"),
+            Err(error) => error.to_string(),
+        }
+    }
+
+    #[test]
+    fn every_bad_file_names_its_line() {
+        let head = "interfaces = [\"eth0\"]\n";
+        let allow =
+            |prefix: &str| format!("{head}[[allow]]\nname = \"p\"\nprefixes = [\"{prefix}\"]\n");
+        let cases: Vec<(String, &str)> = vec![
+            ("interfaces = [\"eth0\"\n".into(), ":1: "),
+            ("interfaces = \"eth0\"\n".into(), ":1: invalid type"),
+            ("interfaces = [1]\n".into(), ":1: invalid type"),
+            (format!("{head}ports = 25\n"), ":2: invalid type"),
+            (format!("{head}ports = [25.0]\n"), ":2: invalid type"),
+            (format!("{head}ports = [-1]\n"), ":2: bad port -1"),
+            (format!("{head}ports = [65536]\n"), ":2: bad port 65536"),
+            (format!("{head}xdp_mode = 1\n"), ":2: "),
+            (
+                format!("{head}xdp_mode = \"NATIVE\"\n"),
+                ":2: unknown variant",
+            ),
+            (format!("{head}allow_none = \"yes\"\n"), ":2: invalid type"),
+            (
+                format!("{head}mode = \"enforce\"\n"),
+                ":2: unknown field `mode`",
+            ),
+            (format!("{head}[allow]\nname = \"p\"\n"), ":2: invalid type"),
+            (
+                format!("{head}[[allow]]\nprefixes = [\"192.0.2.1\"]\n"),
+                ":2: missing field `name`",
+            ),
+            (
+                format!("{head}[[allow]]\nname = \"p\"\nprefixes = \"192.0.2.1\"\n"),
+                ":4: invalid type",
+            ),
+            (
+                format!("{head}[[allow]]\nname = \"p\"\nprefixes = [192]\n"),
+                ":4: invalid type",
+            ),
+            (
+                format!("{head}[[allow]]\nname = \"p\"\nhosts = [\"mx.example\"]\n"),
+                ":4: unknown field `hosts`",
+            ),
+            (allow("192.0.2.256"), ":4: bad prefix \"192.0.2.256\""),
+            (
+                allow("192.0.2.0/33"),
+                ":4: bad prefix \"192.0.2.0/33\": prefix length must be 0 to 32",
+            ),
+            (
+                allow("192.0.2.0/255.0.255.0"),
+                ":4: bad prefix \"192.0.2.0/255.0.255.0\": netmask 255.0.255.0 is not contiguous",
+            ),
+            (allow("2001:db8::/129"), ":4: bad prefix \"2001:db8::/129\""),
+            (
+                allow("2001:db8::/ffff::"),
+                ":4: bad prefix \"2001:db8::/ffff::\"",
+            ),
+            (
+                allow("mail.example.com"),
+                ":4: bad prefix \"mail.example.com\": not an IPv4 or IPv6 address",
+            ),
+            (allow("192.0.2.0 /24 x"), ":4: bad prefix"),
+            (allow(""), ":4: bad prefix \"\""),
+            (allow("192.0.2.1-192.0.2.9"), ":4: bad prefix"),
+            (allow("::ffff:192.0.2.1/200"), ":4: bad prefix"),
+            (
+                format!(
+                    "{head}[[allow]]\nname = \"p\"\nprefixes = [\"192.0.2.0/24\"]\n[[deny]]\nname = \"d\"\nprefixes = [\n  \"198.51.100.1\",\n  \"192.0.2.0/255.255.255.0\",\n]\n"
+                ),
+                ":9: prefix 192.0.2.0/24 is in both lists",
+            ),
+            (
+                format!(
+                    "{head}[[deny]]\nname = \"d\"\nprefixes = [\"2001:db8::1\"]\n[[allow]]\nname = \"p\"\nprefixes = [\"2001:db8::1/128\"]\n"
+                ),
+                ":4: prefix 2001:db8::1/128 is in both lists: allow rule \"p\" (/etc/smtpguard/corpus.toml:7)",
+            ),
+            ("interfaces = []\n".into(), ":1: `interfaces` is empty"),
+            (
+                "interfaces = [\"\"]\n".into(),
+                ":1: bad interface name \"\"",
+            ),
+            (format!("{head}ports = []\n"), ":2: `ports` is empty"),
+            (
+                format!("{head}[[allow]]\nname = \"\"\nprefixes = [\"192.0.2.1\"]\n"),
+                ":3: bad rule name",
+            ),
+            (format!("{head}interfaces = [\"eth1\"]\n"), ":2: "),
+        ];
+        assert!(cases.len() >= 30);
+        for (text, expected) in &cases {
+            let message = refusal(text);
+            assert!(
+                message.starts_with(FILE) && message.contains(expected),
+                "for {text:?}: expected {FILE}{expected}..., got {message:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn no_allow_entry_names_the_file() {
+        let message = refusal("interfaces = [\"eth0\"]\n");
+        assert!(
+            message.starts_with(FILE) && message.contains("allow_none = true"),
+            "{message}"
+        );
+    }
+}

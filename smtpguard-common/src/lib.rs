@@ -131,17 +131,6 @@ pub mod counter {
     pub const PASSED_FRAGMENTS: u32 = 6;
     /// Number of global counters.
     pub const COUNT: u32 = 7;
-
-    /// Stable names, indexed by counter; used for stats and metrics.
-    pub const NAMES: [&str; COUNT as usize] = [
-        "syn_allowed",
-        "syn_denied",
-        "syn_unlisted",
-        "dropped",
-        "passed_unparsed",
-        "hidden_decided_by_source",
-        "passed_fragments",
-    ];
 }
 
 #[cfg(feature = "user")]

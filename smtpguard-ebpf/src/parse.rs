@@ -299,17 +299,13 @@ fn parse_tcp6(
 ) -> Sighting {
     match payload_end.checked_sub(cur) {
         Some(l4_len) => parse_tcp(ctx, cur, l4_len, fragmented, Source::V6(src)),
-        // The chain runs past this fragment: the rest comes with the next one.
-        None if fragmented => Sighting::Hidden {
-            src: Source::V6(src),
-            dport: None,
-        },
-        None => Sighting::Malformed,
+        // The chain runs past the payload: the same rule as for a header out of the frame.
+        None => out_of_sight(cur, payload_end, fragmented, Source::V6(src)),
     }
 }
 
-/// A header the frame does not hold: hidden if the IP header says it is there (a first
-/// fragment, a non-linear frame), malformed if not even the IP header claims it.
+/// A header the frame does not hold: hidden if the IP header says it is there (a non-linear
+/// frame) or a later fragment brings it, malformed if neither can.
 #[inline(always)]
 fn out_of_sight(cur: usize, payload_end: usize, fragmented: bool, src: Source) -> Sighting {
     if cur < payload_end || fragmented {

@@ -58,11 +58,20 @@ pub enum FilterError {
         #[source]
         source: ProgramError,
     },
+    #[error("interface {interface:?}: smtpguard is already attached to it")]
+    AlreadyAttached { interface: String },
     #[error("interface {interface:?}: detach failed: {source}")]
     Detach {
         interface: String,
         #[source]
         source: ProgramError,
+    },
+    #[error(
+        "the pinned counter maps are not readable ({pins}), and the maps the state file names are gone ({ids})"
+    )]
+    CountersGone {
+        pins: Box<FilterError>,
+        ids: Box<FilterError>,
     },
     #[error("test run failed: {0}")]
     TestRun(#[source] ProgramError),
@@ -133,10 +142,8 @@ impl Filter {
     /// Attaches to `interface`, honouring `mode`; returns the mode in force.
     pub fn attach(&mut self, interface: &str, mode: XdpMode) -> Result<AttachedMode, FilterError> {
         if self.attachment(interface).is_some() {
-            return Err(FilterError::Attach {
+            return Err(FilterError::AlreadyAttached {
                 interface: interface.to_owned(),
-                mode: AttachedMode::Native,
-                source: ProgramError::AlreadyAttached,
             });
         }
         if !interface_exists(interface) {
@@ -222,22 +229,6 @@ impl Filter {
         program
             .test_run(options)
             .map(|result| result.return_value)
-            .map_err(FilterError::TestRun)
-    }
-
-    /// Runs the program `repeat` times on `frame`; returns the kernel's mean time per run.
-    pub fn time_run(
-        &mut self,
-        frame: &[u8],
-        repeat: u32,
-    ) -> Result<std::time::Duration, FilterError> {
-        let program = xdp_program(&mut self.ebpf)?;
-        let mut options = TestRunOptions::new();
-        options.data_in = Some(frame);
-        options.repeat = repeat;
-        program
-            .test_run(options)
-            .map(|result| result.duration)
             .map_err(FilterError::TestRun)
     }
 }

@@ -9,7 +9,7 @@ use smtpguard::{
     config::Config,
     daemon,
     instance::Instance,
-    maps::{open_counters_by_id, open_pinned_counters, read_counters},
+    maps::{open_counters, read_counters},
     policy::Policy,
     stats::Stats,
 };
@@ -97,18 +97,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Stats { json } => {
             let state = instance.read_state()?;
-            let (global, prefix_hits) = match open_pinned_counters(&instance.pin_dir()) {
-                Ok(maps) => maps,
-                Err(pin_error) => {
-                    let (global, prefix_hits) = state.counter_map_ids;
-                    open_counters_by_id(global, prefix_hits).with_context(|| {
-                        format!(
-                            "instance {:?}: the pins are not readable ({pin_error}) and the counter maps recorded in its state are gone",
-                            instance.name()
-                        )
-                    })?
-                }
-            };
+            let (global, prefix_hits) =
+                open_counters(&instance.pin_dir(), state.counter_map_ids)
+                    .with_context(|| format!("instance {:?}", instance.name()))?;
             let counters = read_counters(&global, &prefix_hits)?;
             let stats = Stats::new(instance.name(), &state, &counters);
             if json {

@@ -8,7 +8,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::IpAddr,
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -95,12 +95,6 @@ impl PolicyMaps {
     pub(crate) fn from_maps(
         mut take: impl FnMut(&'static str) -> Result<Map, FilterError>,
     ) -> Result<Self, FilterError> {
-        fn typed<T: TryFrom<Map, Error = MapError>>(
-            name: &'static str,
-            map: Map,
-        ) -> Result<T, FilterError> {
-            T::try_from(map).map_err(|source| FilterError::Map { name, source })
-        }
         let cpus = aya::util::nr_cpus().map_err(|(path, source)| FilterError::Map {
             name: map_name::GLOBAL,
             source: MapError::SyscallError(aya::sys::SyscallError {
@@ -173,44 +167,15 @@ impl PolicyMaps {
             })
             .collect();
 
-        if let Err(error) = self.create_counters(&fresh_ids) {
-            self.remove_counters(&fresh_ids);
-            return Err(error);
-        }
-        let written = match self.write_slot(standby, &target) {
+        let generation = self.generation.wrapping_add(1);
+        let written = match self.stage_and_flip(standby, &target, policy, generation, &fresh_ids) {
             Ok(written) => written,
             Err(error) => {
+                // Nothing reached the active slot; counters made for this apply go again.
                 self.remove_counters(&fresh_ids);
                 return Err(error);
             }
         };
-        let generation = self.generation.wrapping_add(1);
-        let mut config = SlotConfig::EMPTY;
-        for &port in &policy.ports {
-            config.guard(port);
-        }
-        config.generation = generation;
-        let flip = self
-            .slot_config
-            .set(standby, config, 0)
-            .map_err(|source| ApplyError::Write {
-                map: map_name::SLOT_CONFIG,
-                what: format!("slot {standby} ports"),
-                source,
-            })
-            .and_then(|()| {
-                self.active
-                    .set(0, standby, 0)
-                    .map_err(|source| ApplyError::Write {
-                        map: map_name::ACTIVE_SLOT,
-                        what: format!("active slot {standby}"),
-                        source,
-                    })
-            });
-        if let Err(error) = flip {
-            self.remove_counters(&fresh_ids);
-            return Err(error);
-        }
         // The new policy is in force. Counters of prefixes that left it go now.
         self.last_flip = Some(Instant::now());
         let retired: Vec<u32> = self
@@ -231,6 +196,40 @@ impl PolicyMaps {
             removed,
             elapsed: started.elapsed(),
         })
+    }
+
+    /// Creates the counters of new prefixes, brings the standby slot to `target` with the
+    /// policy's ports, then makes it the active one. Returns the trie entries written.
+    fn stage_and_flip(
+        &mut self,
+        standby: u32,
+        target: &BTreeMap<IpNet, RuleValue>,
+        policy: &Policy,
+        generation: u32,
+        fresh_ids: &[u32],
+    ) -> Result<usize, ApplyError> {
+        self.create_counters(fresh_ids)?;
+        let written = self.write_slot(standby, target)?;
+        let mut config = SlotConfig::EMPTY;
+        for &port in &policy.ports {
+            config.guard(port);
+        }
+        config.generation = generation;
+        self.slot_config
+            .set(standby, config, 0)
+            .map_err(|source| ApplyError::Write {
+                map: map_name::SLOT_CONFIG,
+                what: format!("slot {standby} ports"),
+                source,
+            })?;
+        self.active
+            .set(0, standby, 0)
+            .map_err(|source| ApplyError::Write {
+                map: map_name::ACTIVE_SLOT,
+                what: format!("active slot {standby}"),
+                source,
+            })?;
+        Ok(written)
     }
 
     /// Keeps the id of every prefix that stays; hands new ones out for the rest.
@@ -361,15 +360,23 @@ impl PolicyMaps {
     pub fn counters(&self) -> Result<CounterSnapshot, ApplyError> {
         read_counters(&self.global, &self.prefix_hits)
     }
+}
 
-    /// Looks `addr` up in the trie the program reads now, as the program does.
-    pub fn lookup(&self, addr: IpAddr) -> Option<RuleValue> {
-        let slot = self.active_slot as usize;
-        match addr {
-            IpAddr::V4(v4) => self.v4[slot].get(&Key::new(32, v4.octets()), 0).ok(),
-            IpAddr::V6(v6) => self.v6[slot].get(&Key::new(128, v6.octets()), 0).ok(),
-        }
-    }
+/// A map as the type its name promises.
+fn typed<T: TryFrom<Map, Error = MapError>>(
+    name: &'static str,
+    map: Map,
+) -> Result<T, FilterError> {
+    T::try_from(map).map_err(|source| FilterError::Map { name, source })
+}
+
+/// A map opened from outside the loader (a pin, an id), as the type its name promises.
+fn typed_from_data<T: TryFrom<Map, Error = MapError>>(
+    name: &'static str,
+    data: MapData,
+) -> Result<T, FilterError> {
+    let map = Map::from_map_data(data).map_err(|source| FilterError::Map { name, source })?;
+    typed(name, map)
 }
 
 fn trie_name(net: IpNet, slot: usize) -> &'static str {
@@ -409,31 +416,31 @@ pub fn read_counters(
 /// The two counter maps: global counters and per-prefix hits.
 pub type CounterMaps = (PerCpuArray<MapData, u64>, PerCpuHashMap<MapData, u32, u64>);
 
-/// Opens the counter maps pinned under `pin_dir` by a running daemon.
-pub fn open_pinned_counters(pin_dir: &std::path::Path) -> Result<CounterMaps, FilterError> {
-    fn open<T: TryFrom<Map, Error = MapError>>(
-        dir: &std::path::Path,
-        name: &'static str,
-    ) -> Result<T, FilterError> {
-        let data = MapData::from_pin(dir.join(name))
-            .map_err(|source| FilterError::Map { name, source })?;
-        let map = Map::from_map_data(data).map_err(|source| FilterError::Map { name, source })?;
-        T::try_from(map).map_err(|source| FilterError::Map { name, source })
-    }
+/// Opens the counter maps of a running daemon through its pins under `pin_dir`, or, where
+/// those are out of sight (`ip netns exec` mounts its own /sys), by the kernel `ids` its state
+/// file records.
+pub fn open_counters(pin_dir: &Path, ids: (u32, u32)) -> Result<CounterMaps, FilterError> {
+    open_pinned_counters(pin_dir).or_else(|pins| {
+        open_counters_by_id(ids).map_err(|ids| FilterError::CountersGone {
+            pins: Box::new(pins),
+            ids: Box::new(ids),
+        })
+    })
+}
+
+fn open_pinned_counters(pin_dir: &Path) -> Result<CounterMaps, FilterError> {
+    let open = |name: &'static str| {
+        MapData::from_pin(pin_dir.join(name)).map_err(|source| FilterError::Map { name, source })
+    };
     Ok((
-        open(pin_dir, map_name::GLOBAL)?,
-        open(pin_dir, map_name::PREFIX_HITS)?,
+        typed_from_data(map_name::GLOBAL, open(map_name::GLOBAL)?)?,
+        typed_from_data(map_name::PREFIX_HITS, open(map_name::PREFIX_HITS)?)?,
     ))
 }
 
-/// Opens the counter maps by kernel id, as recorded in the daemon's state file: works where
-/// the pins are not visible (e.g. under `ip netns exec`, which mounts its own /sys).
 /// A recycled id is refused: the map must carry the expected name.
-pub fn open_counters_by_id(global: u32, prefix_hits: u32) -> Result<CounterMaps, FilterError> {
-    fn open<T: TryFrom<Map, Error = MapError>>(
-        id: u32,
-        name: &'static str,
-    ) -> Result<T, FilterError> {
+fn open_counters_by_id((global, prefix_hits): (u32, u32)) -> Result<CounterMaps, FilterError> {
+    let open = |id: u32, name: &'static str| {
         let data = MapData::from_id(id).map_err(|source| FilterError::Map { name, source })?;
         let info = data
             .info()
@@ -446,12 +453,14 @@ pub fn open_counters_by_id(global: u32, prefix_hits: u32) -> Result<CounterMaps,
                 },
             });
         }
-        let map = Map::from_map_data(data).map_err(|source| FilterError::Map { name, source })?;
-        T::try_from(map).map_err(|source| FilterError::Map { name, source })
-    }
+        Ok(data)
+    };
     Ok((
-        open(global, map_name::GLOBAL)?,
-        open(prefix_hits, map_name::PREFIX_HITS)?,
+        typed_from_data(map_name::GLOBAL, open(global, map_name::GLOBAL)?)?,
+        typed_from_data(
+            map_name::PREFIX_HITS,
+            open(prefix_hits, map_name::PREFIX_HITS)?,
+        )?,
     ))
 }
 
@@ -461,7 +470,7 @@ fn kernel_name(name: &str) -> &str {
 }
 
 /// Kernel ids of the counter maps pinned under `pin_dir`.
-pub fn pinned_counter_ids(pin_dir: &std::path::Path) -> Result<(u32, u32), FilterError> {
+pub fn pinned_counter_ids(pin_dir: &Path) -> Result<(u32, u32), FilterError> {
     let id = |name: &'static str| {
         aya::maps::MapInfo::from_pin(pin_dir.join(name))
             .map(|info| info.id())

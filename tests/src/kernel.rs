@@ -46,6 +46,25 @@ impl Kernel {
             .unwrap_or_else(|error| panic!("test run failed: {error}"))
     }
 
+    /// The counter id the policy in force gives `prefix` (as `check` prints it).
+    pub fn counter_id(&self, prefix: &str) -> u32 {
+        self.maps
+            .counter_ids()
+            .find(|(net, _, _)| net.to_string() == prefix)
+            .map(|(_, _, id)| id)
+            .unwrap_or_else(|| panic!("no counter for {prefix}"))
+    }
+
+    /// SYNs counted for `prefix`.
+    pub fn prefix_syns(&self, prefix: &str) -> u64 {
+        let id = self.counter_id(prefix);
+        self.counters()
+            .prefixes
+            .get(&id)
+            .copied()
+            .unwrap_or_else(|| panic!("counter {id} of {prefix} is not in the map"))
+    }
+
     pub fn counters(&self) -> CounterSnapshot {
         self.maps
             .counters()

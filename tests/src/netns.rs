@@ -73,18 +73,6 @@ impl Netns {
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         })
     }
-
-    /// Spawns a long-lived thread inside the namespace.
-    pub fn spawn<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> JoinHandle<T> {
-        let path = self.path();
-        std::thread::spawn(move || {
-            enter(&path);
-            f()
-        })
-    }
 }
 
 impl Drop for Netns {

@@ -54,6 +54,14 @@ fn clients() -> Vec<IpAddr> {
     ]
 }
 
+/// A client namespace holding every test source, and an MTA listening on :25 in the server
+/// namespace.
+fn smtp_server() -> (Pair, Listener) {
+    let pair = Pair::new(&clients());
+    let smtp = Listener::start(&pair.server, 25);
+    (pair, smtp)
+}
+
 fn attempt(pair: &Pair, src: impl Into<IpAddr>, port: u16) -> Outcome {
     let src = src.into();
     let dst = if src.is_ipv4() {
@@ -219,8 +227,7 @@ fn vlan_and_qinq_tagged_syns_are_filtered_generic() {
 
 #[test]
 fn sighup_flips_outcomes_and_keeps_established_connections() {
-    let pair = Pair::new(&clients());
-    let _smtp = Listener::start(&pair.server, 25);
+    let (pair, _smtp) = smtp_server();
     let first = |interface: &str| {
         format!(
             "interfaces = [\"{interface}\"]\n[[allow]]\nname = \"provider\"\nprefixes = [\"192.0.2.10\", \"2001:db8:200::/64\"]\n"
@@ -288,8 +295,7 @@ fn sighup_flips_outcomes_and_keeps_established_connections() {
 
 #[test]
 fn refused_reload_keeps_the_running_policy() {
-    let pair = Pair::new(&clients());
-    let _smtp = Listener::start(&pair.server, 25);
+    let (pair, _smtp) = smtp_server();
     let mut daemon = Daemon::start(&pair.server, &config(&pair.server_if, "auto"));
     let generation = daemon.generation();
     let bad = format!(
@@ -316,8 +322,7 @@ fn refused_reload_keeps_the_running_policy() {
 
 #[test]
 fn sigterm_detaches_and_exits_zero() {
-    let pair = Pair::new(&clients());
-    let _smtp = Listener::start(&pair.server, 25);
+    let (pair, _smtp) = smtp_server();
     let mut daemon = Daemon::start(&pair.server, &config(&pair.server_if, "auto"));
     assert_eq!(attempt(&pair, UNLISTED4, 25), Outcome::TimedOut);
     let pins = std::path::Path::new("/sys/fs/bpf/smtpguard").join(&daemon.instance);
@@ -378,8 +383,7 @@ fn check_prints_the_policy_and_refuses_bad_files() {
 fn ip_netns_exec_daemon_and_stats() {
     // `ip netns exec` gives each command its own /sys, so the two never share a bpffs: stats
     // finds the counter maps through the kernel ids in the state file.
-    let pair = Pair::new(&clients());
-    let _smtp = Listener::start(&pair.server, 25);
+    let (pair, _smtp) = smtp_server();
     let daemon = Daemon::start_with(
         &pair.server,
         &config(&pair.server_if, "auto"),

@@ -757,30 +757,16 @@ fn counters_by_class_and_prefix() {
     assert_eq!(counters_delta(&kernel, &before, SYN_DENIED), 1);
     assert_eq!(counters_delta(&kernel, &before, SYN_UNLISTED), 1);
     assert_eq!(counters_delta(&kernel, &before, DROPPED), 2);
-    let counters = kernel.counters();
-    let id = |prefix: &str| {
-        kernel
-            .maps
-            .counter_ids()
-            .find(|(candidate, _, _)| candidate.to_string() == prefix)
-            .map(|(_, _, id)| id)
-            .unwrap_or_else(|| panic!("no counter for {prefix}"))
-    };
-    assert_eq!(counters.prefixes[&id("89.16.184.144/28")], 3);
-    assert_eq!(counters.prefixes[&id("89.16.184.150/32")], 1);
-    assert_eq!(counters.prefixes[&id("89.16.176.76/32")], 0);
+    assert_eq!(kernel.prefix_syns("89.16.184.144/28"), 3);
+    assert_eq!(kernel.prefix_syns("89.16.184.150/32"), 1);
+    assert_eq!(kernel.prefix_syns("89.16.176.76/32"), 0);
 }
 
 #[test]
 fn apply_swaps_policies_and_keeps_surviving_counters() {
     let mut kernel = Kernel::with_policy(POLICY);
     kernel.verdict(&tcp4(&[], ALLOWED4, DST4, 25, SYN));
-    let survivor = kernel
-        .maps
-        .counter_ids()
-        .find(|(net, _, _)| net.to_string() == "89.16.184.144/28")
-        .map(|(_, _, id)| id)
-        .expect("counter");
+    let survivor = kernel.counter_id("89.16.184.144/28");
     let swapped = "interfaces = [\"lo\"]\n[[allow]]\nname = \"provider\"\nprefixes = [\"89.16.184.144/28\", \"203.0.113.0/24\"]\n";
     for round in 0..3 {
         let report = kernel.apply(swapped);
@@ -825,6 +811,7 @@ fn apply_swaps_policies_and_keeps_surviving_counters() {
     }
     // One SYN before, then per round one from the deny address (allowed by the /28 while the
     // deny entry is out) and one from the allowed address.
+    assert_eq!(kernel.counter_id("89.16.184.144/28"), survivor);
     let counters = kernel.counters();
     assert_eq!(
         counters.prefixes[&survivor], 7,

@@ -24,9 +24,13 @@ pub mod map_name {
     pub const PREFIX_HITS: &str = "SG_PREFIX_HITS";
     /// `PerCpuArray<u64>` of [`super::counter::COUNT`] entries: global counters.
     pub const GLOBAL: &str = "SG_GLOBAL";
+    /// `LruHashMap<[u8; 16], Offender>`: sources stopped (or, in audit mode, that would have
+    /// been), keyed by address (IPv4 as `::ffff:a.b.c.d`). Bounded: a spoofed flood evicts
+    /// the least recently seen, it cannot grow the table.
+    pub const OFFENDERS: &str = "SG_OFFENDERS";
 
     /// Every map, in a stable order (pinning, listing, tests).
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 9] = [
         ACTIVE_SLOT,
         SLOT_CONFIG,
         V4_SLOT0,
@@ -35,6 +39,7 @@ pub mod map_name {
         V6_SLOT1,
         PREFIX_HITS,
         GLOBAL,
+        OFFENDERS,
     ];
 }
 
@@ -52,6 +57,9 @@ pub const MAX_PREFIXES_PER_FAMILY: u32 = 4 << 20;
 /// Upper bound on live per-prefix counters (both families, both slots).
 pub const MAX_PREFIX_COUNTERS: u32 = 2 * MAX_PREFIXES_PER_FAMILY;
 
+/// Sources remembered in [`map_name::OFFENDERS`].
+pub const MAX_OFFENDERS: u32 = 65536;
+
 /// Words in the guarded-port bitmap: one bit for each of the 65536 TCP ports.
 pub const PORT_WORDS: usize = 65536 / 32;
 
@@ -63,14 +71,20 @@ pub struct SlotConfig {
     pub ports: [u32; PORT_WORDS],
     /// Incremented by the daemon on every apply; lets `stats` tell which policy is in force.
     pub generation: u32,
+    /// One of [`mode`]: whether the verdicts are carried out or only counted.
+    pub mode: u32,
+    /// One of [`action`] (`DROP` or `REJECT`): what happens to a SYN no prefix matches.
+    pub unlisted_action: u32,
     pub _reserved: u32,
 }
-const _: () = assert!(size_of::<SlotConfig>() == PORT_WORDS * 4 + 8);
+const _: () = assert!(size_of::<SlotConfig>() == PORT_WORDS * 4 + 16);
 
 impl SlotConfig {
     pub const EMPTY: Self = Self {
         ports: [0; PORT_WORDS],
         generation: 0,
+        mode: mode::ENFORCE,
+        unlisted_action: action::DROP,
         _reserved: 0,
     };
 
@@ -93,11 +107,24 @@ impl SlotConfig {
     }
 }
 
-/// What a trie entry says about sources under its prefix. Raw `u32` codes, not an enum:
-/// the program must never trust a value it reads from a map to be a valid discriminant.
+/// What happens to a guarded SYN: the action of the matching trie entry, or the slot's
+/// `unlisted_action`. Raw `u32` codes, not an enum: the program must never trust a value it
+/// reads from a map to be a valid discriminant (an unknown code drops).
 pub mod action {
+    /// Passed to the kernel's TCP stack.
     pub const ALLOW: u32 = 1;
-    pub const DENY: u32 = 2;
+    /// Dropped silently: the sender retries into a timeout.
+    pub const DROP: u32 = 2;
+    /// Answered from XDP with a TCP RST (XDP_TX): the sender's connect fails at once.
+    pub const REJECT: u32 = 3;
+}
+
+/// Whether a slot's verdicts are carried out.
+pub mod mode {
+    /// Drop or reject as the policy says.
+    pub const ENFORCE: u32 = 1;
+    /// Pass everything; count what enforce mode would have stopped.
+    pub const AUDIT: u32 = 2;
 }
 
 /// Value stored in the LPM tries for one prefix.
@@ -116,9 +143,9 @@ const _: () = assert!(size_of::<RuleValue>() == 8);
 pub mod counter {
     /// Guarded SYNs whose source matched an allow prefix (passed).
     pub const SYN_ALLOWED: u32 = 0;
-    /// Guarded SYNs whose source matched a deny prefix (dropped).
+    /// Guarded SYNs whose source matched a deny prefix (dropped or rejected; passed in audit mode).
     pub const SYN_DENIED: u32 = 1;
-    /// Guarded SYNs whose source matched no prefix (dropped).
+    /// Guarded SYNs whose source matched no prefix (dropped or rejected; passed in audit mode).
     pub const SYN_UNLISTED: u32 = 2;
     /// Packets the program dropped.
     pub const DROPPED: u32 = 3;
@@ -129,9 +156,26 @@ pub mod counter {
     pub const HIDDEN_DECIDED: u32 = 5;
     /// Non-first fragments, passed (the first fragment carries the decision).
     pub const PASSED_FRAGMENTS: u32 = 6;
+    /// Guarded SYNs answered with a TCP RST (reject action, enforce mode).
+    pub const REJECTED: u32 = 7;
+    /// Guarded SYNs enforce mode would have dropped or rejected, passed in audit mode.
+    pub const WOULD_BLOCK: u32 = 8;
     /// Number of global counters.
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 9;
 }
+
+/// What [`map_name::OFFENDERS`] remembers about one source. Times are `bpf_ktime_get_boot_ns`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Offender {
+    /// Guarded SYNs dropped or rejected in enforce mode.
+    pub blocked: u64,
+    /// Guarded SYNs passed in audit mode that enforce mode would have stopped.
+    pub would_block: u64,
+    pub first_seen_ns: u64,
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(size_of::<Offender>() == 32);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -139,4 +183,5 @@ mod pod {
     // (checked by the size assertions beside them).
     unsafe impl aya::Pod for super::SlotConfig {}
     unsafe impl aya::Pod for super::RuleValue {}
+    unsafe impl aya::Pod for super::Offender {}
 }

@@ -1,20 +1,25 @@
 //! The smtpguard XDP program: parse the frame, classify a new inbound TCP connection to a
-//! guarded port by its source address, and return a verdict. Nothing else happens here: no
-//! logging on the hot path, no state but counters.
+//! guarded port by its source address, and carry out the verdict (pass, drop, or answer with
+//! a RST). Nothing else happens here: no logging on the hot path, no state but counters and
+//! the bounded table of sources it stopped.
 #![no_std]
 #![no_main]
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 mod parse;
+mod reply;
 
 use aya_ebpf::{
-    bindings::xdp_action,
+    bindings::{BPF_NOEXIST, xdp_action},
+    helpers::bpf_ktime_get_boot_ns,
     macros::{map, xdp},
-    maps::{Array, LpmTrie, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
+    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
     programs::XdpContext,
 };
-use parse::{Sighting, Source, TCP_ACK, TCP_SYN};
+use parse::{Layers, Sighting, Source, TCP_ACK, TCP_SYN};
 use smtpguard_common::{
-    MAX_PREFIX_COUNTERS, MAX_PREFIXES_PER_FAMILY, RuleValue, SLOTS, SlotConfig, action, counter,
+    MAX_OFFENDERS, MAX_PREFIX_COUNTERS, MAX_PREFIXES_PER_FAMILY, Offender, RuleValue, SLOTS,
+    SlotConfig, action, counter, mode,
 };
 
 #[map(name = "SG_ACTIVE")]
@@ -46,6 +51,9 @@ static PREFIX_HITS: PerCpuHashMap<u32, u64> =
 #[map(name = "SG_GLOBAL")]
 static GLOBAL: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
+#[map(name = "SG_OFFENDERS")]
+static OFFENDERS: LruHashMap<[u8; 16], Offender> = LruHashMap::with_max_entries(MAX_OFFENDERS, 0);
+
 #[xdp]
 pub fn smtpguard(ctx: XdpContext) -> u32 {
     match parse::parse(&ctx) {
@@ -58,21 +66,32 @@ pub fn smtpguard(ctx: XdpContext) -> u32 {
             count(counter::PASSED_UNPARSED);
             xdp_action::XDP_PASS
         }
-        Sighting::Segment { src, dport, flags } => {
+        Sighting::Segment {
+            src,
+            dport,
+            flags,
+            at,
+        } => {
             // Only a new connection is decided here: SYN set, ACK clear (ECN bits may be set).
             if flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
                 return xdp_action::XDP_PASS;
             }
-            decide_guarded(&src, Some(dport), false)
+            decide_guarded(&ctx, &src, Some(dport), Some(&at))
         }
-        Sighting::Hidden { src, dport } => decide_guarded(&src, dport, true),
+        Sighting::Hidden { src, dport } => decide_guarded(&ctx, &src, dport, None),
     }
 }
 
 /// Decides a (possible) SYN by its source, if its destination port is guarded in the active
-/// policy. A `None` port is out of sight and treated as guarded.
+/// policy. A `None` port is out of sight and treated as guarded; without `at` (headers out of
+/// sight) the segment cannot be answered, so a reject becomes a drop.
 #[inline(always)]
-fn decide_guarded(src: &Source, dport: Option<u16>, hidden: bool) -> u32 {
+fn decide_guarded(
+    ctx: &XdpContext,
+    src: &Source,
+    dport: Option<u16>,
+    at: Option<&Layers>,
+) -> u32 {
     let Some(slot) = ACTIVE_SLOT.get(0) else {
         return xdp_action::XDP_PASS;
     };
@@ -85,25 +104,70 @@ fn decide_guarded(src: &Source, dport: Option<u16>, hidden: bool) -> u32 {
     {
         return xdp_action::XDP_PASS;
     }
-    if hidden {
+    let (audit, unlisted_action) = (config.mode == mode::AUDIT, config.unlisted_action);
+    if at.is_none() {
         count(counter::HIDDEN_DECIDED);
     }
-    match lookup(slot, src) {
+    let stop = match lookup(slot, src) {
         Some(rule) if rule.action == action::ALLOW => {
             count(counter::SYN_ALLOWED);
             count_prefix(rule.counter_id);
-            xdp_action::XDP_PASS
+            return xdp_action::XDP_PASS;
         }
         Some(rule) => {
             count(counter::SYN_DENIED);
             count_prefix(rule.counter_id);
-            drop_packet()
+            rule.action
         }
         None => {
             count(counter::SYN_UNLISTED);
-            drop_packet()
+            unlisted_action
         }
+    };
+    remember(src, audit);
+    if audit {
+        count(counter::WOULD_BLOCK);
+        return xdp_action::XDP_PASS;
     }
+    if stop == action::REJECT
+        && let Some(at) = at
+        && reply::tcp_reset(ctx, src, at)
+    {
+        count(counter::REJECTED);
+        return xdp_action::XDP_TX;
+    }
+    drop_packet()
+}
+
+/// Counts a stopped (or, in audit mode, would-be-stopped) SYN against its source.
+#[inline(always)]
+fn remember(src: &Source, audit: bool) {
+    let key = match src {
+        Source::V4(a) => [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]],
+        Source::V6(a) => *a,
+    };
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    if let Some(seen) = OFFENDERS.get_ptr_mut(&key) {
+        // Shared by all CPUs: the counts are added atomically; a racing timestamp is harmless.
+        unsafe {
+            let count = if audit {
+                &raw mut (*seen).would_block
+            } else {
+                &raw mut (*seen).blocked
+            };
+            atomic_add(count, 1);
+            (*seen).last_seen_ns = now;
+        }
+        return;
+    }
+    let first = Offender {
+        blocked: u64::from(!audit),
+        would_block: u64::from(audit),
+        first_seen_ns: now,
+        last_seen_ns: now,
+    };
+    // Two CPUs may race to create the entry: the loser's single SYN goes uncounted.
+    let _ = OFFENDERS.insert(&key, &first, u64::from(BPF_NOEXIST));
 }
 
 /// Longest-prefix match of `src` in the active slot's trie for its family.
@@ -126,6 +190,24 @@ fn lookup(slot: u32, src: &Source) -> Option<RuleValue> {
                 V6_SLOT1.get(&key).copied()
             }
         }
+    }
+}
+
+/// `lock *(u64 *)(ptr) += value`: the BPF atomic add (core's atomics are not offered for
+/// the BPF target).
+#[inline(always)]
+unsafe fn atomic_add(ptr: *mut u64, value: u64) {
+    #[cfg(target_arch = "bpf")]
+    unsafe {
+        core::arch::asm!(
+            "lock *(u64 *)({ptr} + 0) += {value}",
+            ptr = in(reg) ptr,
+            value = in(reg) value,
+        );
+    }
+    #[cfg(not(target_arch = "bpf"))]
+    unsafe {
+        *ptr += value;
     }
 }
 

@@ -104,6 +104,18 @@ pub enum Source {
     V6([u8; 16]),
 }
 
+/// Where a segment's headers sit in the frame: what a reply needs to rewrite it in place.
+pub struct Layers {
+    /// Offset of the IP header (after any VLAN tags).
+    pub l3: usize,
+    /// Offset of the TCP header (after IPv4 options or IPv6 extension headers).
+    pub l4: usize,
+    /// Bytes from the TCP header to the end of the IP packet, as the IP header says.
+    pub l4_len: usize,
+    /// The segment is the first fragment of a larger datagram.
+    pub fragment: bool,
+}
+
 /// What the parser could establish about a frame.
 pub enum Sighting {
     /// Nothing this program guards: another ethertype or protocol, more VLAN tags than followed.
@@ -113,7 +125,12 @@ pub enum Sighting {
     /// Too short or inconsistent to parse; the kernel drops such frames itself.
     Malformed,
     /// A TCP header in full sight.
-    Segment { src: Source, dport: u16, flags: u8 },
+    Segment {
+        src: Source,
+        dport: u16,
+        flags: u8,
+        at: Layers,
+    },
     /// Might be a TCP SYN to a guarded port, but the flags (and perhaps the port) are out of
     /// sight: a first fragment that stops early, a long extension chain, a non-linear frame.
     Hidden { src: Source, dport: Option<u16> },
@@ -121,7 +138,7 @@ pub enum Sighting {
 
 /// The one bounds-checked accessor: a pointer to a `T` at `off`, if the frame holds all of it.
 #[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*const T> {
+pub(crate) fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*const T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + off + size_of::<T>() > end {
@@ -195,6 +212,7 @@ fn parse_ipv4(ctx: &XdpContext, off: usize) -> Sighting {
     let first_fragment = frag_off & 0x2000 != 0;
     parse_tcp(
         ctx,
+        off,
         off + ihl,
         total_len - ihl,
         first_fragment,
@@ -229,7 +247,7 @@ fn parse_ipv6(ctx: &XdpContext, off: usize) -> Sighting {
     let mut fragmented = false;
     for _ in 0..MAX_EXT_HEADERS {
         let len = match next {
-            IPPROTO_TCP => return parse_tcp6(ctx, cur, payload_end, fragmented, src),
+            IPPROTO_TCP => return parse_tcp6(ctx, off, cur, payload_end, fragmented, src),
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH => {
                 let Some(ext) = ptr_at::<ExtHdr>(ctx, cur) else {
                     return out_of_sight(cur, payload_end, fragmented, Source::V6(src));
@@ -268,7 +286,7 @@ fn parse_ipv6(ctx: &XdpContext, off: usize) -> Sighting {
         }
     }
     if next == IPPROTO_TCP {
-        return parse_tcp6(ctx, cur, payload_end, fragmented, src);
+        return parse_tcp6(ctx, off, cur, payload_end, fragmented, src);
     }
     // A chain longer than followed: Linux accepts it, so its source decides.
     if is_ipv6_extension(next) {
@@ -292,13 +310,14 @@ fn is_ipv6_extension(next: u8) -> bool {
 #[inline(always)]
 fn parse_tcp6(
     ctx: &XdpContext,
+    l3: usize,
     cur: usize,
     payload_end: usize,
     fragmented: bool,
     src: [u8; 16],
 ) -> Sighting {
     match payload_end.checked_sub(cur) {
-        Some(l4_len) => parse_tcp(ctx, cur, l4_len, fragmented, Source::V6(src)),
+        Some(l4_len) => parse_tcp(ctx, l3, cur, l4_len, fragmented, Source::V6(src)),
         // The chain runs past the payload: the same rule as for a header out of the frame.
         None => out_of_sight(cur, payload_end, fragmented, Source::V6(src)),
     }
@@ -315,10 +334,11 @@ fn out_of_sight(cur: usize, payload_end: usize, fragmented: bool, src: Source) -
     }
 }
 
-/// The TCP header at `off`, of which the IP layer says `l4_len` bytes exist.
+/// The TCP header at `off`, of which the IP layer (at `l3`) says `l4_len` bytes exist.
 #[inline(always)]
 fn parse_tcp(
     ctx: &XdpContext,
+    l3: usize,
     off: usize,
     l4_len: usize,
     first_fragment: bool,
@@ -330,7 +350,17 @@ fn parse_tcp(
                 return Sighting::Malformed;
             }
             let (dport, flags) = unsafe { (be16((*tcp).dport), (*tcp).flags) };
-            return Sighting::Segment { src, dport, flags };
+            return Sighting::Segment {
+                src,
+                dport,
+                flags,
+                at: Layers {
+                    l3,
+                    l4: off,
+                    l4_len,
+                    fragment: first_fragment,
+                },
+            };
         }
         // The IP header promises the bytes but the frame does not hold them.
         return Sighting::Hidden { src, dport: None };

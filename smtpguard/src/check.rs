@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use crate::{
     config::Config,
     policy::{List, Policy},
+    sources::Origin,
 };
 
 /// The policy built from `config`, one prefix per line, most specific decisions visible.
@@ -19,6 +20,11 @@ pub fn render(config: &Config, policy: &Policy) -> String {
         config.xdp_mode
     );
     let _ = writeln!(out, "guarded TCP ports: {}", ports.join(", "));
+    let _ = writeln!(
+        out,
+        "mode: {}; unlisted sources: {}",
+        policy.mode, policy.unlisted_action
+    );
     let rule_width = policy
         .entries
         .values()
@@ -32,12 +38,18 @@ pub fn render(config: &Config, policy: &Policy) -> String {
             .iter()
             .filter(|(_, entry)| entry.list == list)
         {
+            let action = entry.action.map(|action| format!(" ({action})")).unwrap_or_default();
+            let from = match &entry.origin {
+                Origin::Literal => format!("line {}", entry.at.line),
+                Origin::File(_) => entry.at.to_string(),
+                origin => format!("{origin}, line {}", entry.at.line),
+            };
             let _ = writeln!(
                 out,
-                "{:<5}  {:<rule_width$}  {net:<43}  line {}",
+                "{:<5}  {:<rule_width$}  {:<43}  {from}",
                 list.as_str(),
                 entry.rule,
-                entry.at.line
+                format!("{net}{action}"),
             );
         }
     }
@@ -80,11 +92,12 @@ mod tests {
             "interfaces = [\"eth0\"]\nports = [25, 2525]\n[[allow]]\nname = \"provider\"\nprefixes = [\"208.123.79.0/255.255.255.0\", \"2001:db8:25::/48\"]\n[[deny]]\nname = \"abuser\"\nprefixes = [\"208.123.79.9\"]\n",
         )
         .unwrap();
-        let (policy, _) = Policy::build(&config).unwrap();
+        let (policy, _) = Policy::build(&config, &crate::sources::Fetched::default()).unwrap();
         let text = render(&config, &policy);
         assert!(text.contains("guarded TCP ports: 25, 2525"), "{text}");
         assert!(text.contains("allow  provider  208.123.79.0/24"), "{text}");
-        assert!(text.contains("deny   abuser    208.123.79.9/32"), "{text}");
+        assert!(text.contains("deny   abuser    208.123.79.9/32 (drop)"), "{text}");
+        assert!(text.contains("mode: enforce; unlisted sources: drop"), "{text}");
         assert!(
             text.contains("2 allow prefixes (1 IPv4, 1 IPv6), 1 deny prefixes (1 IPv4, 0 IPv6)"),
             "{text}"

@@ -3,7 +3,9 @@
 
 use std::{
     fmt,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use serde::Deserialize;
@@ -38,6 +40,8 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::string::FromUtf8Error,
     },
+    #[error("{path}: {size} bytes, more than the {limit} a list may have", path = path.display())]
+    TooLarge { path: PathBuf, size: u64, limit: u64 },
     #[error("{at}: {message}")]
     Syntax { at: Location, message: String },
     #[error("{at}: bad prefix {value:?}: {reason}")]
@@ -59,6 +63,13 @@ pub enum ConfigError {
     #[error("{at}: bad interface name {value:?}: {reason}")]
     BadInterface {
         at: Location,
+        value: String,
+        reason: &'static str,
+    },
+    #[error("{at}: bad {key} {value:?}: {reason}")]
+    BadValue {
+        at: Location,
+        key: &'static str,
         value: String,
         reason: &'static str,
     },
@@ -111,6 +122,70 @@ impl fmt::Display for XdpMode {
     }
 }
 
+/// Whether verdicts are carried out.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Drop or reject what the policy stops.
+    #[default]
+    Enforce,
+    /// Pass everything; count, per source, what enforce mode would stop.
+    Audit,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Enforce => "enforce",
+            Self::Audit => "audit",
+        })
+    }
+}
+
+/// What happens to a SYN the policy stops.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Dropped silently: the sender retries until it times out.
+    #[default]
+    Drop,
+    /// Answered with a TCP RST: the sender's connect fails at once.
+    Reject,
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Drop => "drop",
+            Self::Reject => "reject",
+        })
+    }
+}
+
+/// How names in `hosts` and `spf` are resolved and refreshed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsSettings {
+    /// The resolver to ask; the system's (`/etc/resolv.conf`) when unset.
+    pub resolver: Option<SocketAddr>,
+    /// Answers are re-resolved when their TTL runs out, but not sooner than this...
+    pub min_refresh: Duration,
+    /// ...and not later than this.
+    pub max_refresh: Duration,
+    /// How long one query may take before the resolver counts as failed.
+    pub timeout: Duration,
+}
+
+impl Default for DnsSettings {
+    fn default() -> Self {
+        Self {
+            resolver: None,
+            min_refresh: Duration::from_secs(60),
+            max_refresh: Duration::from_secs(86400),
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
 /// The file as written, before any validation beyond TOML types.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -120,7 +195,12 @@ struct File {
     #[serde(default)]
     xdp_mode: XdpMode,
     #[serde(default)]
+    mode: Mode,
+    #[serde(default)]
+    action: Action,
+    #[serde(default)]
     allow_none: bool,
+    dns: Option<DnsTable>,
     #[serde(default)]
     allow: Vec<RuleTable>,
     #[serde(default)]
@@ -129,10 +209,26 @@ struct File {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct DnsTable {
+    resolver: Option<Spanned<String>>,
+    min_refresh_secs: Option<Spanned<i64>>,
+    max_refresh_secs: Option<Spanned<i64>>,
+    timeout_secs: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RuleTable {
     name: Spanned<String>,
+    action: Option<Spanned<Action>>,
     #[serde(default)]
     prefixes: Vec<Spanned<String>>,
+    #[serde(default)]
+    hosts: Vec<Spanned<String>>,
+    #[serde(default)]
+    spf: Vec<Spanned<String>>,
+    #[serde(default)]
+    files: Vec<Spanned<String>>,
 }
 
 /// One `[[allow]]` or `[[deny]]` table.
@@ -140,8 +236,16 @@ struct RuleTable {
 pub struct RuleSpec {
     pub name: String,
     pub at: Location,
+    /// What a deny rule does to the SYNs it matches; `None` on allow rules.
+    pub action: Option<Action>,
     /// The prefixes as written, each with its own line.
     pub prefixes: Vec<(String, Location)>,
+    /// Host names whose A and AAAA records are taken as /32 and /128 prefixes.
+    pub hosts: Vec<(String, Location)>,
+    /// Domains whose SPF records are expanded into prefixes.
+    pub spf: Vec<(String, Location)>,
+    /// Files with one address or prefix per line.
+    pub files: Vec<(PathBuf, Location)>,
 }
 
 /// A configuration whose settings are valid. Prefixes are still text: turning them into a
@@ -152,7 +256,11 @@ pub struct Config {
     pub interfaces: Vec<String>,
     pub ports: Vec<(u16, Location)>,
     pub xdp_mode: XdpMode,
+    pub mode: Mode,
+    /// What happens to unlisted sources, and to deny rules without an action of their own.
+    pub action: Action,
     pub allow_none: bool,
+    pub dns: DnsSettings,
     pub allow: Vec<RuleSpec>,
     pub deny: Vec<RuleSpec>,
 }
@@ -181,14 +289,18 @@ impl Config {
 
         let interfaces = validate_interfaces(&file.interfaces, &lines)?;
         let ports = validate_ports(file.ports.as_ref(), &lines)?;
-        let allow = rule_specs(&file.allow, &lines)?;
-        let deny = rule_specs(&file.deny, &lines)?;
+        let allow = rule_specs(&file.allow, None, &lines)?;
+        let deny = rule_specs(&file.deny, Some(file.action), &lines)?;
+        let dns = dns_settings(file.dns.as_ref(), &lines)?;
         Ok(Self {
             path: path.to_owned(),
             interfaces,
             ports,
             xdp_mode: file.xdp_mode,
+            mode: file.mode,
+            action: file.action,
             allow_none: file.allow_none,
+            dns,
             allow,
             deny,
         })
@@ -270,11 +382,111 @@ fn validate_ports(
     Ok(out)
 }
 
-fn rule_specs(tables: &[RuleTable], lines: &LineIndex<'_>) -> Result<Vec<RuleSpec>, ConfigError> {
+fn dns_settings(
+    table: Option<&DnsTable>,
+    lines: &LineIndex<'_>,
+) -> Result<DnsSettings, ConfigError> {
+    let mut settings = DnsSettings::default();
+    let Some(table) = table else {
+        return Ok(settings);
+    };
+    if let Some(resolver) = &table.resolver {
+        let text = resolver.get_ref();
+        let address = text
+            .parse::<SocketAddr>()
+            .or_else(|_| text.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+            .map_err(|_| ConfigError::BadValue {
+                at: lines.at(resolver.span().start),
+                key: "resolver",
+                value: text.clone(),
+                reason: "expected IP or IP:PORT, e.g. \"127.0.0.1:53\" or \"[::1]:53\"",
+            })?;
+        settings.resolver = Some(address);
+    }
+    let seconds = |value: &Option<Spanned<i64>>, key: &'static str, default: Duration| {
+        let Some(value) = value else {
+            return Ok(default);
+        };
+        u64::try_from(*value.get_ref())
+            .ok()
+            .filter(|&secs| (1..=7 * 86400).contains(&secs))
+            .map(Duration::from_secs)
+            .ok_or_else(|| ConfigError::BadValue {
+                at: lines.at(value.span().start),
+                key,
+                value: value.get_ref().to_string(),
+                reason: "seconds from 1 to 604800 (a week)",
+            })
+    };
+    settings.min_refresh = seconds(&table.min_refresh_secs, "min_refresh_secs", settings.min_refresh)?;
+    settings.max_refresh = seconds(&table.max_refresh_secs, "max_refresh_secs", settings.max_refresh)?;
+    settings.timeout = seconds(&table.timeout_secs, "timeout_secs", settings.timeout)?;
+    if settings.min_refresh > settings.max_refresh
+        && let Some(max) = &table.max_refresh_secs
+    {
+        return Err(ConfigError::BadValue {
+            at: lines.at(max.span().start),
+            key: "max_refresh_secs",
+            value: max.get_ref().to_string(),
+            reason: "smaller than min_refresh_secs",
+        });
+    }
+    settings.max_refresh = settings.max_refresh.max(settings.min_refresh);
+    Ok(settings)
+}
+
+fn rule_specs(
+    tables: &[RuleTable],
+    default_action: Option<Action>,
+    lines: &LineIndex<'_>,
+) -> Result<Vec<RuleSpec>, ConfigError> {
     tables
         .iter()
         .map(|table| {
             let at = lines.at(table.name.span().start);
+            let action = match (&table.action, default_action) {
+                (Some(action), Some(_)) => Some(*action.get_ref()),
+                (None, default) => default,
+                (Some(action), None) => {
+                    return Err(ConfigError::BadValue {
+                        at: lines.at(action.span().start),
+                        key: "action",
+                        value: action.get_ref().to_string(),
+                        reason: "only [[deny]] rules have an action: allowed SYNs pass",
+                    });
+                }
+            };
+            let located = |values: &[Spanned<String>]| -> Vec<(String, Location)> {
+                values
+                    .iter()
+                    .map(|value| (value.get_ref().trim().to_owned(), lines.at(value.span().start)))
+                    .collect()
+            };
+            let hosts = located(&table.hosts);
+            let spf = located(&table.spf);
+            for (name, at) in hosts.iter().chain(&spf) {
+                if let Some(reason) = domain_name_problem(name) {
+                    return Err(ConfigError::BadValue {
+                        at: at.clone(),
+                        key: "host name",
+                        value: name.clone(),
+                        reason,
+                    });
+                }
+            }
+            let mut files = Vec::new();
+            for (file, file_at) in located(&table.files) {
+                let file = PathBuf::from(file);
+                if !file.is_absolute() {
+                    return Err(ConfigError::BadValue {
+                        at: file_at,
+                        key: "files",
+                        value: file.display().to_string(),
+                        reason: "not an absolute path",
+                    });
+                }
+                files.push((file, file_at));
+            }
             let name = table.name.get_ref().trim();
             if name.is_empty() {
                 return Err(ConfigError::BadRuleName {
@@ -293,14 +505,41 @@ fn rule_specs(tables: &[RuleTable], lines: &LineIndex<'_>) -> Result<Vec<RuleSpe
             Ok(RuleSpec {
                 name: name.to_owned(),
                 at,
+                action,
                 prefixes: table
                     .prefixes
                     .iter()
                     .map(|prefix| (prefix.get_ref().clone(), lines.at(prefix.span().start)))
                     .collect(),
+                hosts,
+                spf,
+                files,
             })
         })
         .collect()
+}
+
+/// DNS names: 1 to 253 bytes of labels of 1 to 63 letters, digits, `-` or `_`.
+fn domain_name_problem(name: &str) -> Option<&'static str> {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    if name.is_empty() || name.len() > 253 {
+        return Some("a DNS name is 1 to 253 bytes");
+    }
+    if name.parse::<IpAddr>().is_ok() {
+        return Some("an address, not a name: put it in `prefixes`");
+    }
+    for label in name.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Some("each label between dots is 1 to 63 bytes");
+        }
+        if !label
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Some("only letters, digits, '-' and '_' (write IDNs in their xn-- form)");
+        }
+    }
+    None
 }
 
 /// Maps byte offsets in the file to line numbers.

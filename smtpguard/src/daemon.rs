@@ -8,20 +8,29 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    time::Instant as TokioInstant,
+};
 
 use crate::{
     config::{Config, ConfigError},
+    dns::{Dns, DnsError},
     filter::{Filter, FilterError},
     instance::{Instance, InstanceError, InstanceLock, InterfaceState, PrefixState, RunState},
-    maps::{ApplyError, ApplyReport, PolicyMaps, pinned_counter_ids},
-    policy::{List, Policy},
+    maps::{ApplyError, ApplyReport, CounterMapIds, PolicyMaps, pinned_counter_ids},
+    policy::{List, Policy, Warning},
+    sources::{self, FetchError, Fetched},
 };
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    #[error(transparent)]
+    Dns(#[from] DnsError),
     #[error(transparent)]
     Instance(#[from] InstanceError),
     #[error(transparent)]
@@ -59,13 +68,31 @@ pub async fn run(
     let mut terminate = listen(SignalKind::terminate(), "SIGTERM")?;
     let mut interrupt = listen(SignalKind::interrupt(), "SIGINT")?;
 
-    let mut daemon = Daemon::start(config_path, instance)?;
+    let mut daemon = Daemon::start(config_path, instance).await?;
     tokio::pin!(shutdown);
     loop {
+        // With no names to resolve, the refresh branch never fires.
+        let refresh_at = daemon.fetched.next_refresh();
+        let refresh = async {
+            match refresh_at {
+                Some(at) => tokio::time::sleep_until(TokioInstant::from_std(at)).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            () = refresh => {
+                match daemon.refresh_names().await {
+                    Ok(Some(report)) => log::info!("DNS answers changed: {}", daemon.describe(&report)),
+                    Ok(None) => {}
+                    Err(error) => log::error!(
+                        "DNS answers changed but the new policy was refused, generation {} stays in force: {error}",
+                        daemon.maps.generation()
+                    ),
+                }
+            }
             _ = hangup.recv() => {
                 log::info!("SIGHUP: reloading {}", config_path.display());
-                match daemon.reload() {
+                match daemon.reload().await {
                     Ok(report) => log::info!("reloaded: {}", daemon.describe(&report)),
                     Err(error) => log::error!(
                         "reload failed, generation {} stays in force: {error}",
@@ -86,23 +113,27 @@ pub async fn run(
 struct Daemon {
     config_path: PathBuf,
     config: Config,
+    dns: Dns,
+    /// List files and DNS answers the policy was built from.
+    fetched: Fetched,
     policy: Policy,
     instance: Instance,
     // Field order is drop order: detach first, then remove the pins, then release the lock.
     filter: Filter,
     maps: PolicyMaps,
-    counter_map_ids: (u32, u32),
+    counter_map_ids: CounterMapIds,
     _pins: PinsGuard,
     _lock: InstanceLock,
 }
 
 impl Daemon {
-    fn start(config_path: &Path, instance: &Instance) -> Result<Self, DaemonError> {
+    async fn start(config_path: &Path, instance: &Instance) -> Result<Self, DaemonError> {
         let config = Config::load(config_path)?;
-        let (policy, warnings) = Policy::build(&config)?;
-        for warning in &warnings {
-            log::warn!("{warning}");
-        }
+        let dns = Dns::new(&config.dns)?;
+        let (fetched, warnings) = sources::fetch(&config, &dns, &Fetched::default()).await?;
+        log_warnings(&warnings);
+        let (policy, warnings) = Policy::build(&config, &fetched)?;
+        log_warnings(&warnings);
         let lock = instance.lock()?;
         let pin_dir = instance.fresh_pin_dir()?;
         let pins = PinsGuard(instance.clone());
@@ -117,6 +148,8 @@ impl Daemon {
         let daemon = Self {
             config_path: config_path.to_owned(),
             config,
+            dns,
+            fetched,
             policy,
             instance: instance.clone(),
             filter,
@@ -126,17 +159,61 @@ impl Daemon {
             _lock: lock,
         };
         daemon.write_state()?;
-        log::info!("enforcing: {}", daemon.describe(&report));
+        log::info!("{}: {}", daemon.policy.mode, daemon.describe(&report));
         Ok(daemon)
     }
 
-    /// Re-reads the configuration and applies it whole, or not at all.
-    fn reload(&mut self) -> Result<ApplyReport, DaemonError> {
-        let config = Config::load(&self.config_path)?;
-        let (policy, warnings) = Policy::build(&config)?;
-        for warning in &warnings {
-            log::warn!("{warning}");
+    /// Asks DNS again about the names that are due; applies the policy if an answer changed.
+    async fn refresh_names(&mut self) -> Result<Option<ApplyReport>, DaemonError> {
+        let mut fetched = self.fetched.clone();
+        let (changed, warnings) =
+            sources::refresh_due(&self.config, &self.dns, &mut fetched, std::time::Instant::now())
+                .await;
+        log_warnings(&warnings);
+        if !changed {
+            self.fetched = fetched;
+            return Ok(None);
         }
+        let outcome = Policy::build(&self.config, &fetched)
+            .map_err(DaemonError::from)
+            .and_then(|(policy, warnings)| {
+                log_warnings(&warnings);
+                let report = self.maps.apply(&policy)?;
+                Ok((policy, report))
+            });
+        match outcome {
+            Ok((policy, report)) => {
+                self.policy = policy;
+                self.fetched = fetched;
+                self.write_state()?;
+                Ok(Some(report))
+            }
+            Err(error) => {
+                // Keep the answers the running policy was built from, but ask again later
+                // rather than at once.
+                for (name, resolution) in &mut self.fetched.names {
+                    if let Some(new) = fetched.names.get(name) {
+                        resolution.refresh_at = new.refresh_at;
+                    }
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Re-reads the configuration, its files and DNS names, and applies it whole, or not at all.
+    async fn reload(&mut self) -> Result<ApplyReport, DaemonError> {
+        let config = Config::load(&self.config_path)?;
+        let dns = if config.dns == self.config.dns {
+            None
+        } else {
+            Some(Dns::new(&config.dns)?)
+        };
+        let (fetched, warnings) =
+            sources::fetch(&config, dns.as_ref().unwrap_or(&self.dns), &self.fetched).await?;
+        log_warnings(&warnings);
+        let (policy, warnings) = Policy::build(&config, &fetched)?;
+        log_warnings(&warnings);
         if config.xdp_mode != self.config.xdp_mode {
             return Err(DaemonError::NeedsRestart {
                 what: "xdp_mode",
@@ -185,6 +262,10 @@ impl Daemon {
         }
         self.config = config;
         self.policy = policy;
+        self.fetched = fetched;
+        if let Some(dns) = dns {
+            self.dns = dns;
+        }
         self.write_state()?;
         Ok(report)
     }
@@ -192,8 +273,10 @@ impl Daemon {
     fn describe(&self, report: &ApplyReport) -> String {
         let ports: Vec<String> = self.policy.ports.iter().map(ToString::to_string).collect();
         format!(
-            "generation {}: {} allow and {} deny prefixes on port {}; {} entries written, {} counters retired, in {:.1} ms",
+            "generation {} ({} mode, unlisted {}): {} allow and {} deny prefixes on port {}; {} entries written, {} counters retired, in {:.1} ms",
             report.generation,
+            self.policy.mode,
+            self.policy.unlisted_action,
             self.policy.count(List::Allow),
             self.policy.count(List::Deny),
             ports.join(","),
@@ -237,6 +320,8 @@ impl Daemon {
                 })
                 .collect(),
             ports: self.policy.ports.iter().copied().collect(),
+            mode: self.policy.mode,
+            action: self.policy.unlisted_action,
             prefixes,
             counter_map_ids: self.counter_map_ids,
         };
@@ -252,6 +337,12 @@ impl Daemon {
             .collect();
         drop(self);
         log::info!("detached from {}", interfaces.join(", "));
+    }
+}
+
+fn log_warnings(warnings: &[Warning]) {
+    for warning in warnings {
+        log::warn!("{warning}");
     }
 }
 

@@ -165,10 +165,14 @@ pub struct RunState {
     pub applied_at_unix: u64,
     pub interfaces: Vec<InterfaceState>,
     pub ports: Vec<u16>,
+    /// Whether the counters are being gathered while enforcing or auditing.
+    pub mode: crate::config::Mode,
+    /// What happens to unlisted sources.
+    pub action: crate::config::Action,
     pub prefixes: Vec<PrefixState>,
     /// Kernel ids of the global and per-prefix counter maps, for readers that cannot see the
     /// pins.
-    pub counter_map_ids: (u32, u32),
+    pub counter_map_ids: crate::maps::CounterMapIds,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -8,9 +8,13 @@ use smtpguard::{
     check,
     config::Config,
     daemon,
+    dns::Dns,
     instance::Instance,
-    maps::{open_counters, read_counters},
+    explain,
+    maps::open_counters,
     policy::Policy,
+    report::Report,
+    sources::{self, Fetched},
     stats::Stats,
 };
 
@@ -58,6 +62,32 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Also list the N sources stopped most often (see `report`).
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        top: usize,
+    },
+    /// List the sources the running instance stopped (in audit mode: would have stopped),
+    /// most frequent first, with first and last sighting and the rule that decides them.
+    /// Read it in audit mode before switching to enforce.
+    Report {
+        /// Show the N most frequent sources; 0 shows all the table holds.
+        #[arg(long, value_name = "N", default_value_t = 20)]
+        top: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Explain the decision for a SYN from ADDR: guarded port, matching prefix and where it
+    /// came from, mode and action, verdict. Uses the configuration file (with its list files
+    /// and DNS names), not the running instance.
+    Explain {
+        /// Source address of the connection.
+        addr: std::net::IpAddr,
+        /// Destination port.
+        #[arg(long, short, default_value_t = 25)]
+        port: u16,
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
     },
 }
 
@@ -75,6 +105,22 @@ fn main() -> ExitCode {
     }
 }
 
+/// Reads the list files and resolves the names `config` refers to, as the daemon would.
+fn fetch(config: &Config) -> anyhow::Result<Fetched> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let (fetched, warnings) = runtime.block_on(async {
+        let dns = Dns::new(&config.dns)?;
+        anyhow::Ok(sources::fetch(config, &dns, &Fetched::default()).await?)
+    })?;
+    for warning in warnings {
+        eprintln!("warning: {warning}");
+    }
+    Ok(fetched)
+}
+
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let instance = Instance::new(&cli.instance)?;
     match cli.command {
@@ -88,25 +134,53 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Check { config } => {
             let config = Config::load(&config)?;
-            let (policy, warnings) = Policy::build(&config)?;
+            let fetched = fetch(&config)?;
+            let (policy, warnings) = Policy::build(&config, &fetched)?;
             for warning in warnings {
                 eprintln!("warning: {warning}");
             }
             print!("{}", check::render(&config, &policy));
             Ok(())
         }
-        Command::Stats { json } => {
+        Command::Stats { json, top } => {
             let state = instance.read_state()?;
-            let (global, prefix_hits) =
-                open_counters(&instance.pin_dir(), state.counter_map_ids)
-                    .with_context(|| format!("instance {:?}", instance.name()))?;
-            let counters = read_counters(&global, &prefix_hits)?;
-            let stats = Stats::new(instance.name(), &state, &counters);
+            let maps = open_counters(&instance.pin_dir(), state.counter_map_ids)
+                .with_context(|| format!("instance {:?}", instance.name()))?;
+            let stats = Stats::new(instance.name(), &state, &maps.read()?);
+            let report = (top > 0)
+                .then(|| anyhow::Ok(Report::new(instance.name(), &state, &maps.offenders()?, top)))
+                .transpose()?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&stats)?);
+                let mut value = serde_json::to_value(&stats)?;
+                if let Some(report) = report {
+                    value["top"] = serde_json::to_value(&report.rows)?;
+                }
+                println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
                 print!("{}", stats.to_text());
+                if let Some(report) = report {
+                    print!("\n{}", report.to_text());
+                }
             }
+            Ok(())
+        }
+        Command::Report { top, json } => {
+            let state = instance.read_state()?;
+            let maps = open_counters(&instance.pin_dir(), state.counter_map_ids)
+                .with_context(|| format!("instance {:?}", instance.name()))?;
+            let report = Report::new(instance.name(), &state, &maps.offenders()?, top);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.to_text());
+            }
+            Ok(())
+        }
+        Command::Explain { addr, port, config } => {
+            let config = Config::load(&config)?;
+            let fetched = fetch(&config)?;
+            let (policy, _) = Policy::build(&config, &fetched)?;
+            print!("{}", explain::explain(&policy, addr, port));
             Ok(())
         }
     }

@@ -12,13 +12,17 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::net::{IpAddr, Ipv6Addr};
+
 use aya::maps::{
-    Array, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, lpm_trie::Key,
+    Array, HashMap as LruHashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
+    PerCpuValues, lpm_trie::Key,
 };
 use ipnet::IpNet;
-use smtpguard_common::{RuleValue, SLOTS, SlotConfig, action, counter, map_name};
+use smtpguard_common::{Offender, RuleValue, SLOTS, SlotConfig, action, counter, map_name, mode};
 
 use crate::{
+    config::{Action, Mode},
     filter::FilterError,
     policy::{List, Policy},
 };
@@ -157,9 +161,9 @@ impl PolicyMaps {
             .iter()
             .map(|(net, entry)| {
                 let value = RuleValue {
-                    action: match entry.list {
-                        List::Allow => action::ALLOW,
-                        List::Deny => action::DENY,
+                    action: match (entry.list, entry.action) {
+                        (List::Allow, _) => action::ALLOW,
+                        (List::Deny, action) => action_code(action.unwrap_or(policy.unlisted_action)),
                     },
                     counter_id: counter_ids[&(*net, entry.list)],
                 };
@@ -215,6 +219,11 @@ impl PolicyMaps {
             config.guard(port);
         }
         config.generation = generation;
+        config.mode = match policy.mode {
+            Mode::Enforce => mode::ENFORCE,
+            Mode::Audit => mode::AUDIT,
+        };
+        config.unlisted_action = action_code(policy.unlisted_action);
         self.slot_config
             .set(standby, config, 0)
             .map_err(|source| ApplyError::Write {
@@ -362,6 +371,13 @@ impl PolicyMaps {
     }
 }
 
+fn action_code(action: Action) -> u32 {
+    match action {
+        Action::Drop => action::DROP,
+        Action::Reject => action::REJECT,
+    }
+}
+
 /// A map as the type its name promises.
 fn typed<T: TryFrom<Map, Error = MapError>>(
     name: &'static str,
@@ -413,55 +429,95 @@ pub fn read_counters(
     Ok(snapshot)
 }
 
-/// The two counter maps: global counters and per-prefix hits.
-pub type CounterMaps = (PerCpuArray<MapData, u64>, PerCpuHashMap<MapData, u32, u64>);
+/// The maps a reader of the counters needs: global counters, per-prefix hits, and the table
+/// of sources stopped.
+pub struct CounterMaps {
+    pub global: PerCpuArray<MapData, u64>,
+    pub prefix_hits: PerCpuHashMap<MapData, u32, u64>,
+    pub offenders: LruHashMap<MapData, [u8; 16], Offender>,
+}
+
+impl CounterMaps {
+    /// Sums the per-CPU counters.
+    pub fn read(&self) -> Result<CounterSnapshot, ApplyError> {
+        read_counters(&self.global, &self.prefix_hits)
+    }
+
+    /// Every source in the table, with what it did.
+    pub fn offenders(&self) -> Result<Vec<(IpAddr, Offender)>, ApplyError> {
+        let mut out = Vec::new();
+        for item in self.offenders.iter() {
+            let (key, seen) = item.map_err(|source| ApplyError::Read {
+                map: map_name::OFFENDERS,
+                source,
+            })?;
+            let address = Ipv6Addr::from(key);
+            let address = match address.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6(address),
+            };
+            out.push((address, seen));
+        }
+        Ok(out)
+    }
+}
+
+/// Kernel ids of the maps in [`CounterMaps`], recorded in the state file for readers that
+/// cannot see the pins.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CounterMapIds {
+    pub global: u32,
+    pub prefix_hits: u32,
+    pub offenders: u32,
+}
 
 /// Opens the counter maps of a running daemon through its pins under `pin_dir`, or, where
 /// those are out of sight (`ip netns exec` mounts its own /sys), by the kernel `ids` its state
 /// file records.
-pub fn open_counters(pin_dir: &Path, ids: (u32, u32)) -> Result<CounterMaps, FilterError> {
-    open_pinned_counters(pin_dir).or_else(|pins| {
-        open_counters_by_id(ids).map_err(|ids| FilterError::CountersGone {
-            pins: Box::new(pins),
-            ids: Box::new(ids),
+pub fn open_counters(pin_dir: &Path, ids: CounterMapIds) -> Result<CounterMaps, FilterError> {
+    let pinned = |name: &'static str| {
+        MapData::from_pin(pin_dir.join(name)).map_err(|source| FilterError::Map { name, source })
+    };
+    open_counter_maps(pinned).or_else(|pins| {
+        open_counter_maps(|name| open_by_id(name, ids)).map_err(|ids| {
+            FilterError::CountersGone {
+                pins: Box::new(pins),
+                ids: Box::new(ids),
+            }
         })
     })
 }
 
-fn open_pinned_counters(pin_dir: &Path) -> Result<CounterMaps, FilterError> {
-    let open = |name: &'static str| {
-        MapData::from_pin(pin_dir.join(name)).map_err(|source| FilterError::Map { name, source })
-    };
-    Ok((
-        typed_from_data(map_name::GLOBAL, open(map_name::GLOBAL)?)?,
-        typed_from_data(map_name::PREFIX_HITS, open(map_name::PREFIX_HITS)?)?,
-    ))
+fn open_counter_maps(
+    mut open: impl FnMut(&'static str) -> Result<MapData, FilterError>,
+) -> Result<CounterMaps, FilterError> {
+    Ok(CounterMaps {
+        global: typed_from_data(map_name::GLOBAL, open(map_name::GLOBAL)?)?,
+        prefix_hits: typed_from_data(map_name::PREFIX_HITS, open(map_name::PREFIX_HITS)?)?,
+        offenders: typed_from_data(map_name::OFFENDERS, open(map_name::OFFENDERS)?)?,
+    })
 }
 
 /// A recycled id is refused: the map must carry the expected name.
-fn open_counters_by_id((global, prefix_hits): (u32, u32)) -> Result<CounterMaps, FilterError> {
-    let open = |id: u32, name: &'static str| {
-        let data = MapData::from_id(id).map_err(|source| FilterError::Map { name, source })?;
-        let info = data
-            .info()
-            .map_err(|source| FilterError::Map { name, source })?;
-        if info.name_as_str() != Some(kernel_name(name)) {
-            return Err(FilterError::Map {
-                name,
-                source: MapError::InvalidName {
-                    name: format!("map id {id} is {:?}", info.name_as_str()),
-                },
-            });
-        }
-        Ok(data)
+fn open_by_id(name: &'static str, ids: CounterMapIds) -> Result<MapData, FilterError> {
+    let id = match name {
+        map_name::GLOBAL => ids.global,
+        map_name::PREFIX_HITS => ids.prefix_hits,
+        _ => ids.offenders,
     };
-    Ok((
-        typed_from_data(map_name::GLOBAL, open(global, map_name::GLOBAL)?)?,
-        typed_from_data(
-            map_name::PREFIX_HITS,
-            open(prefix_hits, map_name::PREFIX_HITS)?,
-        )?,
-    ))
+    let data = MapData::from_id(id).map_err(|source| FilterError::Map { name, source })?;
+    let info = data
+        .info()
+        .map_err(|source| FilterError::Map { name, source })?;
+    if info.name_as_str() != Some(kernel_name(name)) {
+        return Err(FilterError::Map {
+            name,
+            source: MapError::InvalidName {
+                name: format!("map id {id} is {:?}", info.name_as_str()),
+            },
+        });
+    }
+    Ok(data)
 }
 
 /// The kernel keeps the first 15 bytes of a map's name.
@@ -470,11 +526,15 @@ fn kernel_name(name: &str) -> &str {
 }
 
 /// Kernel ids of the counter maps pinned under `pin_dir`.
-pub fn pinned_counter_ids(pin_dir: &Path) -> Result<(u32, u32), FilterError> {
+pub fn pinned_counter_ids(pin_dir: &Path) -> Result<CounterMapIds, FilterError> {
     let id = |name: &'static str| {
         aya::maps::MapInfo::from_pin(pin_dir.join(name))
             .map(|info| info.id())
             .map_err(|source| FilterError::Map { name, source })
     };
-    Ok((id(map_name::GLOBAL)?, id(map_name::PREFIX_HITS)?))
+    Ok(CounterMapIds {
+        global: id(map_name::GLOBAL)?,
+        prefix_hits: id(map_name::PREFIX_HITS)?,
+        offenders: id(map_name::OFFENDERS)?,
+    })
 }

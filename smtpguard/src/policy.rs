@@ -11,8 +11,9 @@ use std::{
 use ipnet::IpNet;
 
 use crate::{
-    config::{Config, ConfigError, Conflict, Location, RuleSpec},
+    config::{Action, Config, ConfigError, Conflict, Location, Mode, RuleSpec},
     prefix,
+    sources::{Fetched, Name, Origin, normalise},
 };
 
 /// Which list a prefix is on.
@@ -45,6 +46,11 @@ impl fmt::Display for List {
 pub struct Entry {
     pub list: List,
     pub rule: String,
+    /// What a deny entry does to the SYNs it matches; `None` on the allow list.
+    pub action: Option<Action>,
+    /// Where the prefix came from: the configuration, a file, a host name, an SPF record.
+    pub origin: Origin,
+    /// The line that put it in the policy: of the configuration, or of the list file.
     pub at: Location,
 }
 
@@ -65,6 +71,9 @@ impl fmt::Display for Warning {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Policy {
     pub ports: BTreeSet<u16>,
+    pub mode: Mode,
+    /// What happens to SYNs from sources no prefix matches.
+    pub unlisted_action: Action,
     pub entries: BTreeMap<IpNet, Entry>,
 }
 
@@ -82,17 +91,20 @@ pub enum Verdict<'a> {
 }
 
 impl Policy {
-    /// Builds the policy from `config`, refusing conflicts and bad prefixes.
-    pub fn build(config: &Config) -> Result<(Self, Vec<Warning>), ConfigError> {
+    /// Builds the policy from `config` and what was fetched for it (list files, DNS
+    /// answers), refusing conflicts and bad prefixes.
+    pub fn build(config: &Config, fetched: &Fetched) -> Result<(Self, Vec<Warning>), ConfigError> {
         let mut warnings = Vec::new();
         let mut entries: BTreeMap<IpNet, Entry> = BTreeMap::new();
         for (list, specs) in [(List::Allow, &config.allow), (List::Deny, &config.deny)] {
             for spec in specs {
-                add_rule(&mut entries, &mut warnings, list, spec)?;
+                add_rule(&mut entries, &mut warnings, list, spec, fetched)?;
             }
         }
         let policy = Self {
             ports: config.ports.iter().map(|(port, _)| *port).collect(),
+            mode: config.mode,
+            unlisted_action: config.action,
             entries,
         };
         if !config.allow_none && policy.count(List::Allow) == 0 {
@@ -138,52 +150,89 @@ fn add_rule(
     warnings: &mut Vec<Warning>,
     list: List,
     spec: &RuleSpec,
+    fetched: &Fetched,
 ) -> Result<(), ConfigError> {
-    for (text, at) in &spec.prefixes {
+    let entry = |origin: Origin, at: &Location| Entry {
+        list,
+        rule: spec.name.clone(),
+        action: spec.action,
+        origin,
+        at: at.clone(),
+    };
+    let mut written: Vec<(&str, Entry)> = spec
+        .prefixes
+        .iter()
+        .map(|(text, at)| (text.as_str(), entry(Origin::Literal, at)))
+        .collect();
+    for (path, _) in &spec.files {
+        let lines = fetched.files.get(path).map(Vec::as_slice).unwrap_or_default();
+        written.extend(
+            lines
+                .iter()
+                .map(|(text, at)| (text.as_str(), entry(Origin::File(path.clone()), at))),
+        );
+    }
+    for (text, entry) in written {
         let parsed = prefix::parse(text).map_err(|reason| ConfigError::BadPrefix {
-            at: at.clone(),
-            value: text.clone(),
+            at: entry.at.clone(),
+            value: text.to_owned(),
             reason,
         })?;
         if parsed.had_host_bits {
             warnings.push(Warning {
-                at: at.clone(),
+                at: entry.at.clone(),
                 message: format!("{text:?} has host bits set; using {}", parsed.net),
             });
         }
-        let entry = Entry {
-            list,
-            rule: spec.name.clone(),
-            at: at.clone(),
-        };
-        match entries.entry(parsed.net) {
-            btree_map::Entry::Vacant(vacant) => {
-                vacant.insert(entry);
+        insert(entries, warnings, parsed.net, entry)?;
+    }
+    let names = spec
+        .hosts
+        .iter()
+        .map(|(host, at)| (Name::Host(normalise(host)), at))
+        .chain(spec.spf.iter().map(|(domain, at)| (Name::Spf(normalise(domain)), at)));
+    for (name, at) in names {
+        for net in fetched.nets(&name).unwrap_or_default() {
+            insert(entries, warnings, *net, entry(name.origin(), at))?;
+        }
+    }
+    Ok(())
+}
+
+/// Adds one prefix, refusing it on both lists and folding repeats on one.
+fn insert(
+    entries: &mut BTreeMap<IpNet, Entry>,
+    warnings: &mut Vec<Warning>,
+    net: IpNet,
+    entry: Entry,
+) -> Result<(), ConfigError> {
+    match entries.entry(net) {
+        btree_map::Entry::Vacant(vacant) => {
+            vacant.insert(entry);
+        }
+        btree_map::Entry::Occupied(occupied) => {
+            let first = occupied.get();
+            if first.list != entry.list {
+                let (allow, deny) = if entry.list == List::Deny {
+                    (first, &entry)
+                } else {
+                    (&entry, first)
+                };
+                return Err(ConfigError::Conflict(Box::new(Conflict {
+                    at: entry.at.clone(),
+                    prefix: net,
+                    allow_rule: allow.rule.clone(),
+                    allow_at: allow.at.clone(),
+                    deny_rule: deny.rule.clone(),
+                })));
             }
-            btree_map::Entry::Occupied(occupied) => {
-                let first = occupied.get();
-                if first.list != list {
-                    let (allow, deny) = if list == List::Deny {
-                        (first, &entry)
-                    } else {
-                        (&entry, first)
-                    };
-                    return Err(ConfigError::Conflict(Box::new(Conflict {
-                        at: at.clone(),
-                        prefix: parsed.net,
-                        allow_rule: allow.rule.clone(),
-                        allow_at: allow.at.clone(),
-                        deny_rule: deny.rule.clone(),
-                    })));
-                }
-                warnings.push(Warning {
-                    at: at.clone(),
-                    message: format!(
-                        "{} is already on the {list} list (rule {:?}, {}); counted there",
-                        parsed.net, first.rule, first.at
-                    ),
-                });
-            }
+            warnings.push(Warning {
+                at: entry.at.clone(),
+                message: format!(
+                    "{net} is already on the {} list (rule {:?}, {}); counted there",
+                    entry.list, first.rule, first.at
+                ),
+            });
         }
     }
     Ok(())
@@ -197,7 +246,7 @@ mod tests {
 
     fn build(text: &str) -> Result<(Policy, Vec<Warning>), ConfigError> {
         let config = Config::parse(Path::new("/etc/smtpguard/test.toml"), text)?;
-        Policy::build(&config)
+        Policy::build(&config, &Fetched::default())
     }
 
     const EXAMPLE: &str = r#"interfaces = ["eth0"]
@@ -339,7 +388,7 @@ mod refusal_corpus {
     const FILE: &str = "/etc/smtpguard/corpus.toml";
 
     fn refusal(text: &str) -> String {
-        let result = Config::parse(Path::new(FILE), text).and_then(|config| Policy::build(&config));
+        let result = Config::parse(Path::new(FILE), text).and_then(|config| Policy::build(&config, &Fetched::default()));
         match result {
             Ok((policy, _)) => panic!("expected a refusal of {text:?}, got {policy:?}"),
             Err(error) => error.to_string(),
@@ -366,8 +415,38 @@ mod refusal_corpus {
             ),
             (format!("{head}allow_none = \"yes\"\n"), ":2: invalid type"),
             (
-                format!("{head}mode = \"enforce\"\n"),
-                ":2: unknown field `mode`",
+                format!("{head}enforce = true\n"),
+                ":2: unknown field `enforce`",
+            ),
+            (format!("{head}mode = \"block\"\n"), ":2: unknown variant `block`"),
+            (format!("{head}action = \"tarpit\"\n"), ":2: unknown variant `tarpit`"),
+            (
+                format!("{head}[[allow]]\nname = \"p\"\naction = \"reject\"\n"),
+                ":4: bad action \"reject\": only [[deny]] rules have an action",
+            ),
+            (
+                format!("{head}[[allow]]\nname = \"p\"\nhosts = [\"mx .example\"]\n"),
+                ":4: bad host name \"mx .example\"",
+            ),
+            (
+                format!("{head}[[allow]]\nname = \"p\"\nhosts = [\"192.0.2.1\"]\n"),
+                ":4: bad host name \"192.0.2.1\": an address, not a name",
+            ),
+            (
+                format!("{head}[[allow]]\nname = \"p\"\nfiles = [\"provider.txt\"]\n"),
+                ":4: bad files \"provider.txt\": not an absolute path",
+            ),
+            (
+                format!("{head}[dns]\nresolver = \"localhost:53\"\n"),
+                ":3: bad resolver \"localhost:53\"",
+            ),
+            (
+                format!("{head}[dns]\nmin_refresh_secs = 0\n"),
+                ":3: bad min_refresh_secs \"0\"",
+            ),
+            (
+                format!("{head}[dns]\nmin_refresh_secs = 600\nmax_refresh_secs = 60\n"),
+                ":4: bad max_refresh_secs \"60\": smaller than min_refresh_secs",
             ),
             (format!("{head}[allow]\nname = \"p\"\n"), ":2: invalid type"),
             (
@@ -383,8 +462,8 @@ mod refusal_corpus {
                 ":4: invalid type",
             ),
             (
-                format!("{head}[[allow]]\nname = \"p\"\nhosts = [\"mx.example\"]\n"),
-                ":4: unknown field `hosts`",
+                format!("{head}[[allow]]\nname = \"p\"\nhost = [\"mx.example\"]\n"),
+                ":4: unknown field `host`",
             ),
             (allow("192.0.2.256"), ":4: bad prefix \"192.0.2.256\""),
             (

@@ -1,5 +1,6 @@
 //! Prefix notation as provider lists write it: CIDR (`89.16.184.144/28`), single addresses
-//! (`/32` or `/128`), and IPv4 netmask notation (`208.123.79.0/255.255.255.0`).
+//! (`/32` or `/128`), and IPv4 netmask notation (`208.123.79.0/255.255.255.0`, or with a
+//! space or the word `mask` in place of the slash, as provider pages print it).
 
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -28,7 +29,15 @@ pub struct Parsed {
 
 /// Parses one prefix in any of the accepted notations.
 pub fn parse(text: &str) -> Result<Parsed, PrefixError> {
-    let text = text.trim();
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let joined;
+    let text = match words.as_slice() {
+        [addr, mask] | [addr, "mask" | "netmask", mask] if !addr.contains('/') => {
+            joined = format!("{addr}/{mask}");
+            joined.as_str()
+        }
+        _ => text.trim(),
+    };
     let (addr, len) = match text.split_once('/') {
         None => {
             let addr: IpAddr = text.parse().map_err(|_| PrefixError::BadAddress)?;
@@ -97,6 +106,15 @@ mod tests {
         assert_eq!(net("2001:db8:25::/48").to_string(), "2001:db8:25::/48");
         assert_eq!(net("2001:db8::1").to_string(), "2001:db8::1/128");
         assert_eq!(net(" 192.0.2.0/24 ").to_string(), "192.0.2.0/24");
+        assert_eq!(net("208.123.79.0 255.255.255.0").to_string(), "208.123.79.0/24");
+        assert_eq!(
+            net("208.123.79.0 mask 255.255.255.0").to_string(),
+            "208.123.79.0/24"
+        );
+        assert_eq!(
+            net("208.123.79.0  netmask 255.255.254.0").to_string(),
+            "208.123.78.0/23"
+        );
     }
 
     #[test]
@@ -150,5 +168,13 @@ mod tests {
             Err(PrefixError::BadLength { max: 32 })
         );
         assert_eq!(parse("010.0.0.1"), Err(PrefixError::BadAddress));
+        assert_eq!(
+            parse("192.0.2.0 mask"),
+            Err(PrefixError::BadLength { max: 32 })
+        );
+        assert_eq!(
+            parse("192.0.2.0/24 255.0.0.0"),
+            Err(PrefixError::BadLength { max: 32 })
+        );
     }
 }

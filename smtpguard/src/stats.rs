@@ -19,10 +19,14 @@ pub struct Stats {
     pub config: String,
     pub interfaces: Vec<InterfaceState>,
     pub ports: Vec<u16>,
+    pub mode: crate::config::Mode,
+    pub action: crate::config::Action,
     pub syn_allowed: u64,
     pub syn_denied: u64,
     pub syn_unlisted: u64,
     pub dropped: u64,
+    pub rejected: u64,
+    pub would_block: u64,
     pub passed_unparsed: u64,
     pub hidden_decided_by_source: u64,
     pub passed_fragments: u64,
@@ -61,10 +65,14 @@ impl Stats {
             config: state.config.display().to_string(),
             interfaces: state.interfaces.clone(),
             ports: state.ports.clone(),
+            mode: state.mode,
+            action: state.action,
             syn_allowed: counters.get(counter::SYN_ALLOWED),
             syn_denied: counters.get(counter::SYN_DENIED),
             syn_unlisted: counters.get(counter::SYN_UNLISTED),
             dropped: counters.get(counter::DROPPED),
+            rejected: counters.get(counter::REJECTED),
+            would_block: counters.get(counter::WOULD_BLOCK),
             passed_unparsed: counters.get(counter::PASSED_UNPARSED),
             hidden_decided_by_source: counters.get(counter::HIDDEN_DECIDED),
             passed_fragments: counters.get(counter::PASSED_FRAGMENTS),
@@ -87,14 +95,21 @@ impl Stats {
         );
         let _ = writeln!(
             out,
-            "attached to {}; guarding TCP port {}",
+            "attached to {}; guarding TCP port {}; {} mode, unlisted sources: {}",
             interfaces.join(", "),
-            ports.join(", ")
+            ports.join(", "),
+            self.mode,
+            self.action
         );
         let _ = writeln!(
             out,
-            "guarded SYNs: allowed {}, denied {}, unlisted {}; dropped {}",
-            self.syn_allowed, self.syn_denied, self.syn_unlisted, self.dropped
+            "guarded SYNs: allowed {}, denied {}, unlisted {}; dropped {}, rejected {}, would block (audit) {}",
+            self.syn_allowed,
+            self.syn_denied,
+            self.syn_unlisted,
+            self.dropped,
+            self.rejected,
+            self.would_block
         );
         let _ = writeln!(
             out,
@@ -171,7 +186,9 @@ mod tests {
                     prefix: "89.16.184.150/32".parse().unwrap(),
                 },
             ],
-            counter_map_ids: (0, 0),
+            counter_map_ids: Default::default(),
+            mode: crate::config::Mode::Enforce,
+            action: crate::config::Action::Drop,
         };
         let mut counters = CounterSnapshot::default();
         counters.global[counter::SYN_ALLOWED as usize] = 7;
@@ -181,11 +198,11 @@ mod tests {
         let stats = Stats::new("default", &state, &counters);
         let text = stats.to_text();
         assert!(
-            text.contains("attached to eth0 (native); guarding TCP port 25"),
+            text.contains("attached to eth0 (native); guarding TCP port 25; enforce mode, unlisted sources: drop"),
             "{text}"
         );
         assert!(
-            text.contains("guarded SYNs: allowed 7, denied 0, unlisted 3; dropped 3"),
+            text.contains("guarded SYNs: allowed 7, denied 0, unlisted 3; dropped 3, rejected 0, would block (audit) 0"),
             "{text}"
         );
         assert!(

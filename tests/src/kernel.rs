@@ -33,7 +33,7 @@ impl Kernel {
         let config = Config::parse(Path::new("test.toml"), toml)
             .unwrap_or_else(|error| panic!("bad test config: {error}"));
         let (policy, _) =
-            Policy::build(&config).unwrap_or_else(|error| panic!("bad test policy: {error}"));
+            Policy::build(&config, &smtpguard::sources::Fetched::default()).unwrap_or_else(|error| panic!("bad test policy: {error}"));
         self.maps
             .apply(&policy)
             .unwrap_or_else(|error| panic!("apply failed: {error}"))

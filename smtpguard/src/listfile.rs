@@ -1,0 +1,82 @@
+//! Prefix list files named by `files = [...]`: one address or prefix per line, in any notation
+//! [`crate::prefix`] accepts; `#` and `;` start comments, so Spamhaus DROP lists
+//! (`1.10.16.0/20 ; SBL256894`) load as they are. The file is read whole; what each line says
+//! is checked when the policy is built, so a refusal names the file and line.
+
+use std::path::Path;
+
+use crate::config::{ConfigError, Location};
+
+/// Files larger than this are refused rather than read: a list of a few million prefixes is
+/// well under it, a wrong path (a disk image, a log) is not.
+pub const MAX_FILE_BYTES: u64 = 256 << 20;
+
+/// The prefixes `path` lists, as written, each with its line.
+pub fn read(path: &Path) -> Result<Vec<(String, Location)>, ConfigError> {
+    let size = std::fs::metadata(path)
+        .map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?
+        .len();
+    if size > MAX_FILE_BYTES {
+        return Err(ConfigError::TooLarge {
+            path: path.to_owned(),
+            size,
+            limit: MAX_FILE_BYTES,
+        });
+    }
+    let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let text = String::from_utf8(bytes).map_err(|source| ConfigError::NotUtf8 {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(entries(path, &text))
+}
+
+/// The non-empty, comment-stripped lines of `text`.
+pub fn entries(path: &Path, text: &str) -> Vec<(String, Location)> {
+    text.lines()
+        .enumerate()
+        .filter_map(|(index, line)| {
+            let content = line.split(['#', ';']).next().unwrap_or("").trim();
+            (!content.is_empty()).then(|| {
+                (
+                    content.to_owned(),
+                    Location {
+                        file: path.to_owned(),
+                        line: index + 1,
+                    },
+                )
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spamhaus_drop_format_and_comments() {
+        let text = "; Spamhaus DROP List 2026/11/23\n; Expires: ...\n1.10.16.0/20 ; SBL256894\n\n  # a note\n2.56.192.0/22 ; SBL459831\n208.123.79.0 255.255.255.0   # provider page notation\n192.0.2.7\n";
+        let lines = entries(Path::new("/etc/smtpguard/drop.txt"), text);
+        let got: Vec<(&str, usize)> = lines
+            .iter()
+            .map(|(text, at)| (text.as_str(), at.line))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("1.10.16.0/20", 3),
+                ("2.56.192.0/22", 6),
+                ("208.123.79.0 255.255.255.0", 7),
+                ("192.0.2.7", 8)
+            ]
+        );
+        assert_eq!(lines[0].1.to_string(), "/etc/smtpguard/drop.txt:3");
+    }
+}

@@ -1,0 +1,233 @@
+//! `smtpguard report`: the sources the filter stopped, or in audit mode would have stopped,
+//! most frequent first, with first and last sighting and the rule that decided. This is what
+//! an admin reads before switching from audit to enforce: every legitimate sender still
+//! connecting directly shows up here.
+
+use std::{
+    fmt::Write as _,
+    net::IpAddr,
+    time::{Duration, SystemTime},
+};
+
+use serde::Serialize;
+use smtpguard_common::Offender;
+
+use crate::{config::Mode, instance::RunState, policy::List};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub instance: String,
+    /// The mode in force now; each row says in which mode its counts were gathered.
+    pub mode: Mode,
+    /// Sources the table holds (it keeps the most recent ones, up to its size).
+    pub sources: usize,
+    pub rows: Vec<Row>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    pub source: IpAddr,
+    /// SYNs dropped or rejected while enforcing.
+    pub blocked: u64,
+    /// SYNs passed while auditing that enforce mode would stop.
+    pub would_block: u64,
+    #[serde(serialize_with = "rfc3339")]
+    pub first_seen: SystemTime,
+    #[serde(serialize_with = "rfc3339")]
+    pub last_seen: SystemTime,
+    /// What the policy in force says about the source now: `unlisted`, or the deny rule.
+    pub decided_by: String,
+}
+
+fn rfc3339<S: serde::Serializer>(time: &SystemTime, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(&humantime::format_rfc3339_seconds(*time))
+}
+
+impl Report {
+    /// The `top` most frequent sources of `offenders` (all of them if `top` is 0).
+    pub fn new(
+        instance: &str,
+        state: &RunState,
+        offenders: &[(IpAddr, Offender)],
+        top: usize,
+    ) -> Self {
+        let clock = BootClock::now();
+        let mut rows: Vec<Row> = offenders
+            .iter()
+            .map(|(source, seen)| Row {
+                source: *source,
+                blocked: seen.blocked,
+                would_block: seen.would_block,
+                first_seen: clock.wall(seen.first_seen_ns),
+                last_seen: clock.wall(seen.last_seen_ns),
+                decided_by: decided_by(state, *source),
+            })
+            .collect();
+        rows.sort_by(|a, b| {
+            (b.blocked + b.would_block, b.last_seen, a.source).cmp(&(
+                a.blocked + a.would_block,
+                a.last_seen,
+                b.source,
+            ))
+        });
+        let sources = rows.len();
+        if top > 0 {
+            rows.truncate(top);
+        }
+        Self {
+            instance: instance.to_owned(),
+            mode: state.mode,
+            sources,
+            rows,
+        }
+    }
+
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        let what = match self.mode {
+            Mode::Audit => "audit mode: nothing is blocked; WOULD BLOCK counts what enforce mode would stop",
+            Mode::Enforce => "enforce mode",
+        };
+        let _ = writeln!(
+            out,
+            "instance {:?}, {what}; {} sources stopped{}",
+            self.instance,
+            self.sources,
+            if self.rows.len() < self.sources {
+                format!(", top {} shown", self.rows.len())
+            } else {
+                String::new()
+            }
+        );
+        if self.rows.is_empty() {
+            return out;
+        }
+        let width = self
+            .rows
+            .iter()
+            .map(|row| row.source.to_string().len())
+            .max()
+            .unwrap_or(6)
+            .max(6);
+        let _ = writeln!(
+            out,
+            "{:<width$}  {:>8}  {:>11}  {:<20}  {:<20}  DECIDED BY",
+            "SOURCE", "BLOCKED", "WOULD BLOCK", "FIRST SEEN", "LAST SEEN"
+        );
+        for row in &self.rows {
+            let _ = writeln!(
+                out,
+                "{:<width$}  {:>8}  {:>11}  {:<20}  {:<20}  {}",
+                row.source.to_string(),
+                row.blocked,
+                row.would_block,
+                humantime::format_rfc3339_seconds(row.first_seen).to_string(),
+                humantime::format_rfc3339_seconds(row.last_seen).to_string(),
+                row.decided_by
+            );
+        }
+        out
+    }
+}
+
+/// The most specific prefix of the policy in force that holds `source`.
+fn decided_by(state: &RunState, source: IpAddr) -> String {
+    let best = state
+        .prefixes
+        .iter()
+        .filter(|prefix| prefix.prefix.contains(&source))
+        .max_by_key(|prefix| prefix.prefix.prefix_len());
+    match best {
+        Some(prefix) if prefix.list == List::Deny => {
+            format!("deny rule {:?} ({})", prefix.rule, prefix.prefix)
+        }
+        Some(prefix) => format!("now allowed by rule {:?} ({})", prefix.rule, prefix.prefix),
+        None => "unlisted".to_owned(),
+    }
+}
+
+/// Converts the program's `bpf_ktime_get_boot_ns` stamps into wall-clock time.
+struct BootClock {
+    wall: SystemTime,
+    boot: Duration,
+}
+
+impl BootClock {
+    fn now() -> Self {
+        let mut spec = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `spec` is a valid timespec for the call to fill in.
+        unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut spec) };
+        Self {
+            wall: SystemTime::now(),
+            boot: Duration::new(spec.tv_sec as u64, spec.tv_nsec as u32),
+        }
+    }
+
+    fn wall(&self, boot_ns: u64) -> SystemTime {
+        self.wall - self.boot.saturating_sub(Duration::from_nanos(boot_ns))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{config::Action, instance::PrefixState};
+
+    #[test]
+    fn most_frequent_first_with_the_rule_that_decides() {
+        let state = RunState {
+            pid: 1,
+            version: "0".into(),
+            config: "/etc/smtpguard/smtpguard.toml".into(),
+            generation: 1,
+            applied_at_unix: 0,
+            interfaces: vec![],
+            ports: vec![25],
+            mode: Mode::Audit,
+            action: Action::Drop,
+            prefixes: vec![PrefixState {
+                counter_id: 1,
+                list: List::Deny,
+                rule: "abuser".into(),
+                prefix: "192.0.2.0/24".parse().unwrap(),
+            }],
+            counter_map_ids: Default::default(),
+        };
+        let boot = BootClock::now().boot.as_nanos() as u64;
+        let seen = |would_block, ago_s: u64| Offender {
+            blocked: 0,
+            would_block,
+            first_seen_ns: boot - ago_s * 1_000_000_000,
+            last_seen_ns: boot - ago_s * 1_000_000_000,
+        };
+        let offenders = vec![
+            ("203.0.113.5".parse().unwrap(), seen(2, 60)),
+            ("192.0.2.9".parse().unwrap(), seen(9, 10)),
+            ("2001:db8::1".parse().unwrap(), seen(1, 5)),
+        ];
+        let report = Report::new("default", &state, &offenders, 2);
+        assert_eq!(report.sources, 3);
+        let got: Vec<(String, u64, &str)> = report
+            .rows
+            .iter()
+            .map(|row| (row.source.to_string(), row.would_block, row.decided_by.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("192.0.2.9".to_owned(), 9, "deny rule \"abuser\" (192.0.2.0/24)"),
+                ("203.0.113.5".to_owned(), 2, "unlisted"),
+            ]
+        );
+        let age = SystemTime::now()
+            .duration_since(report.rows[1].last_seen)
+            .unwrap();
+        assert!((59..=62).contains(&age.as_secs()), "{age:?}");
+        let text = report.to_text();
+        assert!(text.contains("audit mode"), "{text}");
+        assert!(text.contains("3 sources stopped, top 2 shown"), "{text}");
+    }
+}

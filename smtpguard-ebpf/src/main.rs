@@ -86,12 +86,7 @@ pub fn smtpguard(ctx: XdpContext) -> u32 {
 /// policy. A `None` port is out of sight and treated as guarded; without `at` (headers out of
 /// sight) the segment cannot be answered, so a reject becomes a drop.
 #[inline(always)]
-fn decide_guarded(
-    ctx: &XdpContext,
-    src: &Source,
-    dport: Option<u16>,
-    at: Option<&Layers>,
-) -> u32 {
+fn decide_guarded(ctx: &XdpContext, src: &Source, dport: Option<u16>, at: Option<&Layers>) -> u32 {
     let Some(slot) = ACTIVE_SLOT.get(0) else {
         return xdp_action::XDP_PASS;
     };
@@ -143,7 +138,9 @@ fn decide_guarded(
 #[inline(always)]
 fn remember(src: &Source, audit: bool) {
     let key = match src {
-        Source::V4(a) => [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]],
+        Source::V4(a) => [
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
+        ],
         Source::V6(a) => *a,
     };
     let now = unsafe { bpf_ktime_get_boot_ns() };

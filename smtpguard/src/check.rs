@@ -38,7 +38,10 @@ pub fn render(config: &Config, policy: &Policy) -> String {
             .iter()
             .filter(|(_, entry)| entry.list == list)
         {
-            let action = entry.action.map(|action| format!(" ({action})")).unwrap_or_default();
+            let action = entry
+                .action
+                .map(|action| format!(" ({action})"))
+                .unwrap_or_default();
             let from = match &entry.origin {
                 Origin::Literal => format!("line {}", entry.at.line),
                 Origin::File(_) => entry.at.to_string(),
@@ -96,8 +99,14 @@ mod tests {
         let text = render(&config, &policy);
         assert!(text.contains("guarded TCP ports: 25, 2525"), "{text}");
         assert!(text.contains("allow  provider  208.123.79.0/24"), "{text}");
-        assert!(text.contains("deny   abuser    208.123.79.9/32 (drop)"), "{text}");
-        assert!(text.contains("mode: enforce; unlisted sources: drop"), "{text}");
+        assert!(
+            text.contains("deny   abuser    208.123.79.9/32 (drop)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("mode: enforce; unlisted sources: drop"),
+            "{text}"
+        );
         assert!(
             text.contains("2 allow prefixes (1 IPv4, 1 IPv6), 1 deny prefixes (1 IPv4, 0 IPv6)"),
             "{text}"

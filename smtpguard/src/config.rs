@@ -41,7 +41,11 @@ pub enum ConfigError {
         source: std::string::FromUtf8Error,
     },
     #[error("{path}: {size} bytes, more than the {limit} a list may have", path = path.display())]
-    TooLarge { path: PathBuf, size: u64, limit: u64 },
+    TooLarge {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
+    },
     #[error("{at}: {message}")]
     Syntax { at: Location, message: String },
     #[error("{at}: bad prefix {value:?}: {reason}")]
@@ -418,8 +422,16 @@ fn dns_settings(
                 reason: "seconds from 1 to 604800 (a week)",
             })
     };
-    settings.min_refresh = seconds(&table.min_refresh_secs, "min_refresh_secs", settings.min_refresh)?;
-    settings.max_refresh = seconds(&table.max_refresh_secs, "max_refresh_secs", settings.max_refresh)?;
+    settings.min_refresh = seconds(
+        &table.min_refresh_secs,
+        "min_refresh_secs",
+        settings.min_refresh,
+    )?;
+    settings.max_refresh = seconds(
+        &table.max_refresh_secs,
+        "max_refresh_secs",
+        settings.max_refresh,
+    )?;
     settings.timeout = seconds(&table.timeout_secs, "timeout_secs", settings.timeout)?;
     if settings.min_refresh > settings.max_refresh
         && let Some(max) = &table.max_refresh_secs
@@ -459,7 +471,12 @@ fn rule_specs(
             let located = |values: &[Spanned<String>]| -> Vec<(String, Location)> {
                 values
                     .iter()
-                    .map(|value| (value.get_ref().trim().to_owned(), lines.at(value.span().start)))
+                    .map(|value| {
+                        (
+                            value.get_ref().trim().to_owned(),
+                            lines.at(value.span().start),
+                        )
+                    })
                     .collect()
             };
             let hosts = located(&table.hosts);

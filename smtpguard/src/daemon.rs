@@ -166,9 +166,13 @@ impl Daemon {
     /// Asks DNS again about the names that are due; applies the policy if an answer changed.
     async fn refresh_names(&mut self) -> Result<Option<ApplyReport>, DaemonError> {
         let mut fetched = self.fetched.clone();
-        let (changed, warnings) =
-            sources::refresh_due(&self.config, &self.dns, &mut fetched, std::time::Instant::now())
-                .await;
+        let (changed, warnings) = sources::refresh_due(
+            &self.config,
+            &self.dns,
+            &mut fetched,
+            std::time::Instant::now(),
+        )
+        .await;
         log_warnings(&warnings);
         if !changed {
             self.fetched = fetched;

@@ -81,14 +81,28 @@ mod tests {
         );
         let text = explain(&enforce, "89.16.184.150".parse().unwrap(), 25);
         assert!(text.contains("rule \"abuser\""), "{text}");
-        assert!(text.ends_with("verdict: DROP (the sender times out)\n"), "{text}");
+        assert!(
+            text.ends_with("verdict: DROP (the sender times out)\n"),
+            "{text}"
+        );
         let text = explain(&enforce, "203.0.113.9".parse().unwrap(), 25);
         assert!(text.contains("203.0.113.9 is unlisted"), "{text}");
         assert!(text.contains("verdict: REJECT"), "{text}");
         let text = explain(&enforce, "203.0.113.9".parse().unwrap(), 587);
-        assert!(text.starts_with("port 587: not guarded (guarded: 25)"), "{text}");
-        let audit = policy(&CONFIG.replace("action = \"reject\"", "action = \"reject\"\nmode = \"audit\""));
+        assert!(
+            text.starts_with("port 587: not guarded (guarded: 25)"),
+            "{text}"
+        );
+        let audit = policy(&CONFIG.replace(
+            "action = \"reject\"",
+            "action = \"reject\"\nmode = \"audit\"",
+        ));
         let text = explain(&audit, "203.0.113.9".parse().unwrap(), 25);
-        assert!(text.contains("verdict: PASS (audit mode; counted as would-be-blocked: enforce would reject)"), "{text}");
+        assert!(
+            text.contains(
+                "verdict: PASS (audit mode; counted as would-be-blocked: enforce would reject)"
+            ),
+            "{text}"
+        );
     }
 }

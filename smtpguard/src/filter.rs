@@ -223,13 +223,20 @@ impl Filter {
 
     /// Runs the program once on `frame` through `BPF_PROG_TEST_RUN`; returns the XDP action.
     pub fn test_run(&mut self, frame: &[u8]) -> Result<u32, FilterError> {
+        self.test_run_output(frame).map(|(verdict, _)| verdict)
+    }
+
+    /// Runs the program once on `frame`; returns its verdict and the frame as the program
+    /// left it (rewritten, for a reply sent with `XDP_TX`).
+    pub fn test_run_output(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>), FilterError> {
         let program = xdp_program(&mut self.ebpf)?;
+        let mut out = vec![0u8; frame.len() + 256];
         let mut options = TestRunOptions::new();
         options.data_in = Some(frame);
-        program
-            .test_run(options)
-            .map(|result| result.return_value)
-            .map_err(FilterError::TestRun)
+        options.data_out = Some(&mut out);
+        let result = program.test_run(options).map_err(FilterError::TestRun)?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out))
     }
 }
 

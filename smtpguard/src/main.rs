@@ -9,8 +9,8 @@ use smtpguard::{
     config::Config,
     daemon,
     dns::Dns,
-    instance::Instance,
     explain,
+    instance::Instance,
     maps::open_counters,
     policy::Policy,
     report::Report,
@@ -148,7 +148,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("instance {:?}", instance.name()))?;
             let stats = Stats::new(instance.name(), &state, &maps.read()?);
             let report = (top > 0)
-                .then(|| anyhow::Ok(Report::new(instance.name(), &state, &maps.offenders()?, top)))
+                .then(|| {
+                    anyhow::Ok(Report::new(
+                        instance.name(),
+                        &state,
+                        &maps.offenders()?,
+                        top,
+                    ))
+                })
                 .transpose()?;
             if json {
                 let mut value = serde_json::to_value(&stats)?;

@@ -84,6 +84,7 @@ pub struct PolicyMaps {
     v6: [LpmTrie<MapData, [u8; 16], RuleValue>; 2],
     prefix_hits: PerCpuHashMap<MapData, u32, u64>,
     global: PerCpuArray<MapData, u64>,
+    offenders: LruHashMap<MapData, [u8; 16], Offender>,
     /// The entries each slot holds, as written by this process.
     slots: [BTreeMap<IpNet, RuleValue>; 2],
     active_slot: u32,
@@ -119,6 +120,7 @@ impl PolicyMaps {
             ],
             prefix_hits: typed(map_name::PREFIX_HITS, take(map_name::PREFIX_HITS)?)?,
             global: typed(map_name::GLOBAL, take(map_name::GLOBAL)?)?,
+            offenders: typed(map_name::OFFENDERS, take(map_name::OFFENDERS)?)?,
             slots: [BTreeMap::new(), BTreeMap::new()],
             active_slot: 0,
             counter_ids: HashMap::new(),
@@ -163,7 +165,9 @@ impl PolicyMaps {
                 let value = RuleValue {
                     action: match (entry.list, entry.action) {
                         (List::Allow, _) => action::ALLOW,
-                        (List::Deny, action) => action_code(action.unwrap_or(policy.unlisted_action)),
+                        (List::Deny, action) => {
+                            action_code(action.unwrap_or(policy.unlisted_action))
+                        }
                     },
                     counter_id: counter_ids[&(*net, entry.list)],
                 };
@@ -369,6 +373,11 @@ impl PolicyMaps {
     pub fn counters(&self) -> Result<CounterSnapshot, ApplyError> {
         read_counters(&self.global, &self.prefix_hits)
     }
+
+    /// Every source in the table of stopped sources.
+    pub fn offenders(&self) -> Result<Vec<(IpAddr, Offender)>, ApplyError> {
+        read_offenders(&self.offenders)
+    }
 }
 
 fn action_code(action: Action) -> u32 {
@@ -445,21 +454,28 @@ impl CounterMaps {
 
     /// Every source in the table, with what it did.
     pub fn offenders(&self) -> Result<Vec<(IpAddr, Offender)>, ApplyError> {
-        let mut out = Vec::new();
-        for item in self.offenders.iter() {
-            let (key, seen) = item.map_err(|source| ApplyError::Read {
-                map: map_name::OFFENDERS,
-                source,
-            })?;
-            let address = Ipv6Addr::from(key);
-            let address = match address.to_ipv4_mapped() {
-                Some(v4) => IpAddr::V4(v4),
-                None => IpAddr::V6(address),
-            };
-            out.push((address, seen));
-        }
-        Ok(out)
+        read_offenders(&self.offenders)
     }
+}
+
+/// The sources in the table of stopped sources (IPv4 is stored as `::ffff:a.b.c.d`).
+fn read_offenders(
+    map: &LruHashMap<MapData, [u8; 16], Offender>,
+) -> Result<Vec<(IpAddr, Offender)>, ApplyError> {
+    let mut out = Vec::new();
+    for item in map.iter() {
+        let (key, seen) = item.map_err(|source| ApplyError::Read {
+            map: map_name::OFFENDERS,
+            source,
+        })?;
+        let address = Ipv6Addr::from(key);
+        let address = match address.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(address),
+        };
+        out.push((address, seen));
+    }
+    Ok(out)
 }
 
 /// Kernel ids of the maps in [`CounterMaps`], recorded in the state file for readers that
@@ -479,11 +495,9 @@ pub fn open_counters(pin_dir: &Path, ids: CounterMapIds) -> Result<CounterMaps, 
         MapData::from_pin(pin_dir.join(name)).map_err(|source| FilterError::Map { name, source })
     };
     open_counter_maps(pinned).or_else(|pins| {
-        open_counter_maps(|name| open_by_id(name, ids)).map_err(|ids| {
-            FilterError::CountersGone {
-                pins: Box::new(pins),
-                ids: Box::new(ids),
-            }
+        open_counter_maps(|name| open_by_id(name, ids)).map_err(|ids| FilterError::CountersGone {
+            pins: Box::new(pins),
+            ids: Box::new(ids),
         })
     })
 }

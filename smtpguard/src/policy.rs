@@ -165,7 +165,11 @@ fn add_rule(
         .map(|(text, at)| (text.as_str(), entry(Origin::Literal, at)))
         .collect();
     for (path, _) in &spec.files {
-        let lines = fetched.files.get(path).map(Vec::as_slice).unwrap_or_default();
+        let lines = fetched
+            .files
+            .get(path)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
         written.extend(
             lines
                 .iter()
@@ -190,7 +194,11 @@ fn add_rule(
         .hosts
         .iter()
         .map(|(host, at)| (Name::Host(normalise(host)), at))
-        .chain(spec.spf.iter().map(|(domain, at)| (Name::Spf(normalise(domain)), at)));
+        .chain(
+            spec.spf
+                .iter()
+                .map(|(domain, at)| (Name::Spf(normalise(domain)), at)),
+        );
     for (name, at) in names {
         for net in fetched.nets(&name).unwrap_or_default() {
             insert(entries, warnings, *net, entry(name.origin(), at))?;
@@ -388,7 +396,8 @@ mod refusal_corpus {
     const FILE: &str = "/etc/smtpguard/corpus.toml";
 
     fn refusal(text: &str) -> String {
-        let result = Config::parse(Path::new(FILE), text).and_then(|config| Policy::build(&config, &Fetched::default()));
+        let result = Config::parse(Path::new(FILE), text)
+            .and_then(|config| Policy::build(&config, &Fetched::default()));
         match result {
             Ok((policy, _)) => panic!("expected a refusal of {text:?}, got {policy:?}"),
             Err(error) => error.to_string(),
@@ -418,8 +427,14 @@ mod refusal_corpus {
                 format!("{head}enforce = true\n"),
                 ":2: unknown field `enforce`",
             ),
-            (format!("{head}mode = \"block\"\n"), ":2: unknown variant `block`"),
-            (format!("{head}action = \"tarpit\"\n"), ":2: unknown variant `tarpit`"),
+            (
+                format!("{head}mode = \"block\"\n"),
+                ":2: unknown variant `block`",
+            ),
+            (
+                format!("{head}action = \"tarpit\"\n"),
+                ":2: unknown variant `tarpit`",
+            ),
             (
                 format!("{head}[[allow]]\nname = \"p\"\naction = \"reject\"\n"),
                 ":4: bad action \"reject\": only [[deny]] rules have an action",

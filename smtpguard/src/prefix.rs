@@ -106,7 +106,10 @@ mod tests {
         assert_eq!(net("2001:db8:25::/48").to_string(), "2001:db8:25::/48");
         assert_eq!(net("2001:db8::1").to_string(), "2001:db8::1/128");
         assert_eq!(net(" 192.0.2.0/24 ").to_string(), "192.0.2.0/24");
-        assert_eq!(net("208.123.79.0 255.255.255.0").to_string(), "208.123.79.0/24");
+        assert_eq!(
+            net("208.123.79.0 255.255.255.0").to_string(),
+            "208.123.79.0/24"
+        );
         assert_eq!(
             net("208.123.79.0 mask 255.255.255.0").to_string(),
             "208.123.79.0/24"

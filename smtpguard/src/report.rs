@@ -85,7 +85,9 @@ impl Report {
     pub fn to_text(&self) -> String {
         let mut out = String::new();
         let what = match self.mode {
-            Mode::Audit => "audit mode: nothing is blocked; WOULD BLOCK counts what enforce mode would stop",
+            Mode::Audit => {
+                "audit mode: nothing is blocked; WOULD BLOCK counts what enforce mode would stop"
+            }
             Mode::Enforce => "enforce mode",
         };
         let _ = writeln!(
@@ -213,12 +215,22 @@ mod tests {
         let got: Vec<(String, u64, &str)> = report
             .rows
             .iter()
-            .map(|row| (row.source.to_string(), row.would_block, row.decided_by.as_str()))
+            .map(|row| {
+                (
+                    row.source.to_string(),
+                    row.would_block,
+                    row.decided_by.as_str(),
+                )
+            })
             .collect();
         assert_eq!(
             got,
             [
-                ("192.0.2.9".to_owned(), 9, "deny rule \"abuser\" (192.0.2.0/24)"),
+                (
+                    "192.0.2.9".to_owned(),
+                    9,
+                    "deny rule \"abuser\" (192.0.2.0/24)"
+                ),
                 ("203.0.113.5".to_owned(), 2, "unlisted"),
             ]
         );

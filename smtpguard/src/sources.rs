@@ -116,12 +116,17 @@ pub struct Fetched {
 impl Fetched {
     /// When the next name is due to be asked again.
     pub fn next_refresh(&self) -> Option<Instant> {
-        self.names.values().map(|resolution| resolution.refresh_at).min()
+        self.names
+            .values()
+            .map(|resolution| resolution.refresh_at)
+            .min()
     }
 
     /// The prefixes of `name`, if it was fetched.
     pub fn nets(&self, name: &Name) -> Option<&[IpNet]> {
-        self.names.get(name).map(|resolution| resolution.nets.as_slice())
+        self.names
+            .get(name)
+            .map(|resolution| resolution.nets.as_slice())
     }
 }
 
@@ -130,10 +135,14 @@ pub fn names(config: &Config) -> BTreeMap<Name, Location> {
     let mut names = BTreeMap::new();
     for spec in config.allow.iter().chain(&config.deny) {
         for (host, at) in &spec.hosts {
-            names.entry(Name::Host(normalise(host))).or_insert_with(|| at.clone());
+            names
+                .entry(Name::Host(normalise(host)))
+                .or_insert_with(|| at.clone());
         }
         for (domain, at) in &spec.spf {
-            names.entry(Name::Spf(normalise(domain))).or_insert_with(|| at.clone());
+            names
+                .entry(Name::Spf(normalise(domain)))
+                .or_insert_with(|| at.clone());
         }
     }
     names
@@ -145,7 +154,9 @@ pub fn normalise(name: &str) -> String {
 }
 
 /// Reads every list file the configuration names.
-pub fn read_files(config: &Config) -> Result<BTreeMap<PathBuf, Vec<(String, Location)>>, ConfigError> {
+pub fn read_files(
+    config: &Config,
+) -> Result<BTreeMap<PathBuf, Vec<(String, Location)>>, ConfigError> {
     let mut files = BTreeMap::new();
     for spec in config.allow.iter().chain(&config.deny) {
         for (path, _) in &spec.files {
@@ -171,7 +182,15 @@ pub async fn fetch(
     };
     let mut warnings = Vec::new();
     for (name, at) in names(config) {
-        let resolution = refresh(&name, &at, dns, &config.dns, previous.names.get(&name), &mut warnings).await?;
+        let resolution = refresh(
+            &name,
+            &at,
+            dns,
+            &config.dns,
+            previous.names.get(&name),
+            &mut warnings,
+        )
+        .await?;
         fetched.names.insert(name, resolution);
     }
     Ok((fetched, warnings))
@@ -216,7 +235,11 @@ async fn refresh(
             .addresses(host)
             .await
             .map(|answer| {
-                let nets = answer.records.iter().map(|&address| IpNet::from(address)).collect();
+                let nets = answer
+                    .records
+                    .iter()
+                    .map(|&address| IpNet::from(address))
+                    .collect();
                 (nets, Some(answer.ttl), Vec::new())
             })
             .map_err(|source| FetchError::Host {

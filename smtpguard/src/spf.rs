@@ -4,11 +4,7 @@
 //! domain that includes itself, directly or not, is refused. Terms that authorise nothing
 //! as prefixes (`-`, `~` and `?` qualifiers, `exists`, `ptr`, macros) are noted, not guessed.
 
-use std::{
-    future::Future,
-    pin::Pin,
-    time::Duration,
-};
+use std::{future::Future, pin::Pin, time::Duration};
 
 use ipnet::IpNet;
 
@@ -81,7 +77,10 @@ struct Walk<'a, L> {
 }
 
 impl<L: Lookup> Walk<'_, L> {
-    fn domain(&mut self, domain: String) -> Pin<Box<dyn Future<Output = Result<(), SpfError>> + '_>> {
+    fn domain(
+        &mut self,
+        domain: String,
+    ) -> Pin<Box<dyn Future<Output = Result<(), SpfError>> + '_>> {
         Box::pin(async move {
             if self.stack.contains(&domain) {
                 let mut chain = self.stack.clone();
@@ -180,7 +179,9 @@ impl<L: Lookup> Walk<'_, L> {
         }
         match name.as_str() {
             "ip4" | "ip6" => {
-                let value = argument.strip_prefix(':').ok_or_else(|| syntax("missing address"))?;
+                let value = argument
+                    .strip_prefix(':')
+                    .ok_or_else(|| syntax("missing address"))?;
                 let net = crate::prefix::parse(value)
                     .ok()
                     .filter(|_| !value.contains(char::is_whitespace))
@@ -192,7 +193,8 @@ impl<L: Lookup> Walk<'_, L> {
                 self.out.nets.push(net);
             }
             "a" | "mx" => {
-                let (target, v4_len, v6_len) = split_target(argument).ok_or_else(|| syntax("bad prefix length"))?;
+                let (target, v4_len, v6_len) =
+                    split_target(argument).ok_or_else(|| syntax("bad prefix length"))?;
                 let target = match target {
                     Some(target) => self.target(domain, term, target)?,
                     None => domain.to_owned(),
@@ -207,7 +209,12 @@ impl<L: Lookup> Walk<'_, L> {
                             answer.records.into_iter().take(MAX_MX_EXCHANGES).collect()
                         }
                         Err(source) if source.is_negative() => Vec::new(),
-                        Err(source) => return Err(SpfError::Dns { domain: target, source }),
+                        Err(source) => {
+                            return Err(SpfError::Dns {
+                                domain: target,
+                                source,
+                            });
+                        }
                     }
                 };
                 for host in hosts {
@@ -223,17 +230,28 @@ impl<L: Lookup> Walk<'_, L> {
                         }
                         // RFC 7208 5.3/5.4: a name without addresses matches nothing.
                         Err(source) if source.is_negative() => {}
-                        Err(source) => return Err(SpfError::Dns { domain: host, source }),
+                        Err(source) => {
+                            return Err(SpfError::Dns {
+                                domain: host,
+                                source,
+                            });
+                        }
                     }
                 }
             }
             "include" => {
-                let target = argument.strip_prefix(':').ok_or_else(|| syntax("missing domain"))?;
+                let target = argument
+                    .strip_prefix(':')
+                    .ok_or_else(|| syntax("missing domain"))?;
                 let target = self.target(domain, term, target)?;
                 self.domain(normalise(&target)).await?;
             }
             "exists" | "ptr" => {
-                self.note(domain, term, "decided per connection by the receiver: not a prefix list");
+                self.note(
+                    domain,
+                    term,
+                    "decided per connection by the receiver: not a prefix list",
+                );
             }
             _ => return Err(syntax("unknown mechanism")),
         }
@@ -274,7 +292,9 @@ impl<L: Lookup> Walk<'_, L> {
     }
 
     fn note(&mut self, domain: &str, term: &str, why: &str) {
-        self.out.notes.push(format!("{domain}: {term:?} skipped: {why}"));
+        self.out
+            .notes
+            .push(format!("{domain}: {term:?} skipped: {why}"));
     }
 }
 
@@ -366,15 +386,35 @@ mod tests {
     #[test]
     fn includes_a_mx_and_cidr_lengths_expand() {
         let mut zone = Zone::default();
-        zone.txt.insert("provider.example", vec!["google-site-verification=x", "v=spf1 include:_spf1.provider.example a:relay.provider.example/28 mx//64 -all"]);
-        zone.txt.insert("_spf1.provider.example", vec!["v=spf1 ip4:89.16.184.144/28 ip6:2001:db8:25::/48 ~ip4:198.51.100.0/24 ?all"]);
-        zone.a.insert("relay.provider.example", vec!["203.0.113.77"]);
-        zone.mx.insert("provider.example", vec!["mx1.provider.example."]);
-        zone.a.insert("mx1.provider.example.", vec!["192.0.2.25", "2001:db8:99::25"]);
+        zone.txt.insert(
+            "provider.example",
+            vec![
+                "google-site-verification=x",
+                "v=spf1 include:_spf1.provider.example a:relay.provider.example/28 mx//64 -all",
+            ],
+        );
+        zone.txt.insert(
+            "_spf1.provider.example",
+            vec!["v=spf1 ip4:89.16.184.144/28 ip6:2001:db8:25::/48 ~ip4:198.51.100.0/24 ?all"],
+        );
+        zone.a
+            .insert("relay.provider.example", vec!["203.0.113.77"]);
+        zone.mx
+            .insert("provider.example", vec!["mx1.provider.example."]);
+        zone.a.insert(
+            "mx1.provider.example.",
+            vec!["192.0.2.25", "2001:db8:99::25"],
+        );
         let expansion = run(&zone, "Provider.Example.").unwrap();
         assert_eq!(
             nets(&expansion),
-            ["89.16.184.144/28", "192.0.2.25/32", "203.0.113.64/28", "2001:db8:25::/48", "2001:db8:99::/64"]
+            [
+                "89.16.184.144/28",
+                "192.0.2.25/32",
+                "203.0.113.64/28",
+                "2001:db8:25::/48",
+                "2001:db8:99::/64"
+            ]
         );
         assert_eq!(expansion.ttl, Some(Duration::from_secs(300)));
         assert_eq!(expansion.notes.len(), 1, "{:?}", expansion.notes);
@@ -383,42 +423,90 @@ mod tests {
     #[test]
     fn redirect_applies_without_all() {
         let mut zone = Zone::default();
-        zone.txt.insert("a.example", vec!["v=spf1 redirect=b.example"]);
-        zone.txt.insert("b.example", vec!["v=spf1 ip4:192.0.2.0/24 -all"]);
+        zone.txt
+            .insert("a.example", vec!["v=spf1 redirect=b.example"]);
+        zone.txt
+            .insert("b.example", vec!["v=spf1 ip4:192.0.2.0/24 -all"]);
         assert_eq!(nets(&run(&zone, "a.example").unwrap()), ["192.0.2.0/24"]);
-        zone.txt.insert("a.example", vec!["v=spf1 ip4:198.51.100.1 -all redirect=b.example"]);
+        zone.txt.insert(
+            "a.example",
+            vec!["v=spf1 ip4:198.51.100.1 -all redirect=b.example"],
+        );
         assert_eq!(nets(&run(&zone, "a.example").unwrap()), ["198.51.100.1/32"]);
     }
 
     #[test]
     fn loops_limits_and_bad_records_are_refused() {
         let mut zone = Zone::default();
-        zone.txt.insert("loop.example", vec!["v=spf1 include:loop2.example"]);
-        zone.txt.insert("loop2.example", vec!["v=spf1 ip4:192.0.2.1 include:loop.example"]);
+        zone.txt
+            .insert("loop.example", vec!["v=spf1 include:loop2.example"]);
+        zone.txt.insert(
+            "loop2.example",
+            vec!["v=spf1 ip4:192.0.2.1 include:loop.example"],
+        );
         let error = run(&zone, "loop.example").unwrap_err().to_string();
-        assert_eq!(error, "include loop: loop.example -> loop2.example -> loop.example");
+        assert_eq!(
+            error,
+            "include loop: loop.example -> loop2.example -> loop.example"
+        );
 
         // A chain of 11 includes: one more than RFC 7208 allows.
         let names: Vec<&'static str> = (0..=11).map(|i| &*format!("n{i}.example").leak()).collect();
         for pair in names.windows(2) {
-            zone.txt.insert(pair[0], vec![format!("v=spf1 include:{}", pair[1]).leak()]);
+            zone.txt
+                .insert(pair[0], vec![format!("v=spf1 include:{}", pair[1]).leak()]);
         }
         zone.txt.insert(names[11], vec!["v=spf1 ip4:192.0.2.1"]);
         let error = run(&zone, "n0.example").unwrap_err().to_string();
         assert!(error.contains("more than 10 DNS-querying terms"), "{error}");
         assert_eq!(nets(&run(&zone, "n1.example").unwrap()), ["192.0.2.1/32"]);
 
-        zone.txt.insert("two.example", vec!["v=spf1 -all", "v=spf1 +all"]);
-        assert!(run(&zone, "two.example").unwrap_err().to_string().contains("2 SPF records"));
+        zone.txt
+            .insert("two.example", vec!["v=spf1 -all", "v=spf1 +all"]);
+        assert!(
+            run(&zone, "two.example")
+                .unwrap_err()
+                .to_string()
+                .contains("2 SPF records")
+        );
         zone.txt.insert("none.example", vec!["hello"]);
-        assert!(run(&zone, "none.example").unwrap_err().to_string().contains("no SPF record"));
-        zone.txt.insert("bad.example", vec!["v=spf1 ip4:192.0.2.300"]);
-        assert!(run(&zone, "bad.example").unwrap_err().to_string().contains("bad term \"ip4:192.0.2.300\""));
-        zone.txt.insert("fam.example", vec!["v=spf1 ip4:2001:db8::1"]);
-        assert!(run(&zone, "fam.example").unwrap_err().to_string().contains("family"));
-        zone.txt.insert("macro.example", vec!["v=spf1 include:%{d}.example"]);
-        assert!(run(&zone, "macro.example").unwrap_err().to_string().contains("macros"));
-        zone.txt.insert("weird.example", vec!["v=spf1 ipv4:192.0.2.1"]);
-        assert!(run(&zone, "weird.example").unwrap_err().to_string().contains("unknown mechanism"));
+        assert!(
+            run(&zone, "none.example")
+                .unwrap_err()
+                .to_string()
+                .contains("no SPF record")
+        );
+        zone.txt
+            .insert("bad.example", vec!["v=spf1 ip4:192.0.2.300"]);
+        assert!(
+            run(&zone, "bad.example")
+                .unwrap_err()
+                .to_string()
+                .contains("bad term \"ip4:192.0.2.300\"")
+        );
+        zone.txt
+            .insert("fam.example", vec!["v=spf1 ip4:2001:db8::1"]);
+        assert!(
+            run(&zone, "fam.example")
+                .unwrap_err()
+                .to_string()
+                .contains("family")
+        );
+        zone.txt
+            .insert("macro.example", vec!["v=spf1 include:%{d}.example"]);
+        assert!(
+            run(&zone, "macro.example")
+                .unwrap_err()
+                .to_string()
+                .contains("macros")
+        );
+        zone.txt
+            .insert("weird.example", vec!["v=spf1 ipv4:192.0.2.1"]);
+        assert!(
+            run(&zone, "weird.example")
+                .unwrap_err()
+                .to_string()
+                .contains("unknown mechanism")
+        );
     }
 }

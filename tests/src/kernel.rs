@@ -12,6 +12,7 @@ use smtpguard::{
 
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
 
 /// The loaded program and its maps.
 pub struct Kernel {
@@ -32,8 +33,8 @@ impl Kernel {
     pub fn apply(&mut self, toml: &str) -> ApplyReport {
         let config = Config::parse(Path::new("test.toml"), toml)
             .unwrap_or_else(|error| panic!("bad test config: {error}"));
-        let (policy, _) =
-            Policy::build(&config, &smtpguard::sources::Fetched::default()).unwrap_or_else(|error| panic!("bad test policy: {error}"));
+        let (policy, _) = Policy::build(&config, &smtpguard::sources::Fetched::default())
+            .unwrap_or_else(|error| panic!("bad test policy: {error}"));
         self.maps
             .apply(&policy)
             .unwrap_or_else(|error| panic!("apply failed: {error}"))
@@ -47,6 +48,20 @@ impl Kernel {
     }
 
     /// The counter id the policy in force gives `prefix` (as `check` prints it).
+    /// The program's verdict on `frame`, and the frame as the program left it.
+    pub fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.filter
+            .test_run_output(frame)
+            .unwrap_or_else(|error| panic!("test run failed: {error}"))
+    }
+
+    /// What the table of stopped sources holds.
+    pub fn offenders(&self) -> Vec<(std::net::IpAddr, smtpguard_common::Offender)> {
+        self.maps
+            .offenders()
+            .unwrap_or_else(|error| panic!("reading the offender table failed: {error}"))
+    }
+
     pub fn counter_id(&self, prefix: &str) -> u32 {
         self.maps
             .counter_ids()

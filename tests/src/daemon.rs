@@ -194,6 +194,28 @@ impl Daemon {
         );
     }
 
+    /// Runs `smtpguard ARGS` for this instance from the host; panics unless it succeeds.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let output = Command::new(binary())
+            .args(["--instance", &self.instance])
+            .args(args)
+            .output()
+            .expect("run smtpguard");
+        assert!(
+            output.status.success(),
+            "smtpguard {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// `smtpguard report --json` for this instance.
+    pub fn report(&self) -> serde_json::Value {
+        let text = self.cli(&["report", "--top", "0", "--json"]);
+        serde_json::from_str(&text)
+            .unwrap_or_else(|error| panic!("report is not JSON ({error}): {text}"))
+    }
+
     /// Runs `smtpguard stats --json` for this instance, from the host.
     pub fn stats(&self) -> serde_json::Value {
         self.stats_from(&mut Command::new(binary()))

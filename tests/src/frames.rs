@@ -248,6 +248,33 @@ pub fn chain(headers: &[(u8, Vec<u8>)], last_next: u8) -> (u8, Vec<u8>) {
     (first, bytes)
 }
 
+/// An Ethernet frame to `dst_mac` (from [`SRC_MAC`]) carrying a TCP segment from `src` to
+/// `dst`, either family, on the VLAN stack `tags`.
+pub fn segment_frame(
+    dst_mac: [u8; 6],
+    tags: &[Tag],
+    src: std::net::IpAddr,
+    dst: std::net::IpAddr,
+    sport: u16,
+    dport: u16,
+    flags: u8,
+) -> Vec<u8> {
+    use std::net::IpAddr;
+    match (src, dst) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => {
+            let segment = tcp(sport, dport, flags, &[], &[], &Pseudo::V4(src, dst));
+            let packet = ipv4(src, dst, IPPROTO_TCP, &[], IPV4_DF, &segment);
+            ethernet(dst_mac, SRC_MAC, tags, ETH_P_IPV4, &packet)
+        }
+        (IpAddr::V6(src), IpAddr::V6(dst)) => {
+            let segment = tcp(sport, dport, flags, &[], &[], &Pseudo::V6(src, dst));
+            let packet = ipv6(src, dst, IPPROTO_TCP, &[], &segment);
+            ethernet(dst_mac, SRC_MAC, tags, ETH_P_IPV6, &packet)
+        }
+        _ => panic!("{src} and {dst} are of different families"),
+    }
+}
+
 /// An Ethernet frame carrying an IPv4 TCP segment.
 pub fn tcp4(tags: &[Tag], src: Ipv4Addr, dst: Ipv4Addr, dport: u16, flags: u8) -> Vec<u8> {
     let segment = tcp(40000, dport, flags, &[], &[], &Pseudo::V4(src, dst));

@@ -200,6 +200,22 @@ impl Pair {
         }
     }
 
+    /// Attaches a pass-everything XDP program (smtpguard's own, with no policy: it guards no
+    /// port) to the client's end, in native mode. A veth delivers frames sent back with
+    /// native-mode `XDP_TX` only to a peer that runs XDP itself; a physical NIC needs nothing
+    /// of the kind. Detached when the returned filter is dropped.
+    pub fn client_xdp_peer(&self) -> smtpguard::filter::Filter {
+        let interface = self.client_if.clone();
+        self.client.run(move || {
+            let (mut filter, _maps) = smtpguard::filter::Filter::load(None)
+                .unwrap_or_else(|error| panic!("loading the peer program: {error}"));
+            filter
+                .attach(&interface, smtpguard::config::XdpMode::Native)
+                .unwrap_or_else(|error| panic!("attaching the peer program: {error}"));
+            filter
+        })
+    }
+
     /// The MAC address of the server's end, for injected frames.
     pub fn server_mac(&self) -> [u8; 6] {
         let output = Command::new("ip")

@@ -180,39 +180,12 @@ fn tagged_frames_are_filtered(xdp_mode: &str) {
 }
 
 fn tagged_frame(mac: [u8; 6], tags: &[Tag], src: IpAddr, sport: u16, flags: u8) -> Vec<u8> {
-    match src {
-        IpAddr::V4(src) => {
-            let segment = frames::tcp(
-                sport,
-                25,
-                flags,
-                &[],
-                &[],
-                &frames::Pseudo::V4(src, SERVER_V4),
-            );
-            let packet = frames::ipv4(
-                src,
-                SERVER_V4,
-                frames::IPPROTO_TCP,
-                &[],
-                frames::IPV4_DF,
-                &segment,
-            );
-            frames::ethernet(mac, frames::SRC_MAC, tags, frames::ETH_P_IPV4, &packet)
-        }
-        IpAddr::V6(src) => {
-            let segment = frames::tcp(
-                sport,
-                25,
-                flags,
-                &[],
-                &[],
-                &frames::Pseudo::V6(src, SERVER_V6),
-            );
-            let packet = frames::ipv6(src, SERVER_V6, frames::IPPROTO_TCP, &[], &segment);
-            frames::ethernet(mac, frames::SRC_MAC, tags, frames::ETH_P_IPV6, &packet)
-        }
-    }
+    let dst = if src.is_ipv4() {
+        IpAddr::from(SERVER_V4)
+    } else {
+        SERVER_V6.into()
+    };
+    frames::segment_frame(mac, tags, src, dst, sport, 25, flags)
 }
 
 #[test]

@@ -18,7 +18,9 @@ use anyhow::{Context as _, bail};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests and demo run: `ip` (netns, veth) and `nsenter`.
-const DEBIAN_PACKAGES: [&str; 2] = ["iproute2", "util-linux"];
+/// What the tests run beside the daemon: `ip` and `nsenter` for namespaces, `dnsmasq` as the
+/// DNS server the resolver tests query, Prometheus to scrape the metrics endpoint.
+const DEBIAN_PACKAGES: [&str; 4] = ["iproute2", "util-linux", "dnsmasq-base", "prometheus"];
 
 pub fn run(root: &Path) -> anyhow::Result<()> {
     let started = Instant::now();

@@ -28,7 +28,7 @@ pub enum DaemonError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
-    Fetch(#[from] FetchError),
+    Fetch(#[from] Box<FetchError>),
     #[error(transparent)]
     Dns(#[from] DnsError),
     #[error(transparent)]
@@ -130,7 +130,9 @@ impl Daemon {
     async fn start(config_path: &Path, instance: &Instance) -> Result<Self, DaemonError> {
         let config = Config::load(config_path)?;
         let dns = Dns::new(&config.dns)?;
-        let (fetched, warnings) = sources::fetch(&config, &dns, &Fetched::default()).await?;
+        let (fetched, warnings) = sources::fetch(&config, &dns, &Fetched::default())
+            .await
+            .map_err(Box::new)?;
         log_warnings(&warnings);
         let (policy, warnings) = Policy::build(&config, &fetched)?;
         log_warnings(&warnings);
@@ -214,7 +216,9 @@ impl Daemon {
             Some(Dns::new(&config.dns)?)
         };
         let (fetched, warnings) =
-            sources::fetch(&config, dns.as_ref().unwrap_or(&self.dns), &self.fetched).await?;
+            sources::fetch(&config, dns.as_ref().unwrap_or(&self.dns), &self.fetched)
+                .await
+                .map_err(Box::new)?;
         log_warnings(&warnings);
         let (policy, warnings) = Policy::build(&config, &fetched)?;
         log_warnings(&warnings);

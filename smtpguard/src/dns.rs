@@ -27,13 +27,13 @@ pub struct Answer<T> {
 #[derive(Debug, thiserror::Error)]
 pub enum DnsError {
     #[error("cannot set up the resolver: {0}")]
-    Setup(#[source] NetError),
+    Setup(#[source] Box<NetError>),
     #[error("{name}: {record_type} query failed: {source}")]
     Query {
         name: String,
         record_type: RecordType,
         #[source]
-        source: NetError,
+        source: Box<NetError>,
     },
     #[error("{name}: no {what} records")]
     NoRecords { name: String, what: &'static str },
@@ -83,14 +83,17 @@ impl Dns {
                     provider,
                 )
             }
-            None => TokioResolver::builder(provider).map_err(DnsError::Setup)?,
+            None => TokioResolver::builder(provider)
+                .map_err(|error| DnsError::Setup(Box::new(error)))?,
         };
         let options: &mut ResolverOpts = builder.options_mut();
         options.timeout = settings.timeout;
         options.attempts = 1;
         // The daemon decides when to ask again; a cached answer would hide a change.
         options.cache_size = 0;
-        let resolver = builder.build().map_err(DnsError::Setup)?;
+        let resolver = builder
+            .build()
+            .map_err(|error| DnsError::Setup(Box::new(error)))?;
         Ok(Self { resolver })
     }
 
@@ -111,7 +114,7 @@ impl Dns {
             .map_err(|source| DnsError::Query {
                 name: name.to_owned(),
                 record_type,
-                source,
+                source: Box::new(source),
             })?;
         let ttl = lookup
             .valid_until()

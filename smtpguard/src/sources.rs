@@ -101,7 +101,7 @@ pub enum FetchError {
         at: Location,
         domain: String,
         #[source]
-        source: SpfError,
+        source: Box<SpfError>,
     },
 }
 
@@ -253,7 +253,7 @@ async fn refresh(
             .map_err(|source| FetchError::Spf {
                 at: at.clone(),
                 domain: domain.clone(),
-                source,
+                source: Box::new(source),
             }),
     };
     let answer = answer.and_then(|(nets, ttl, notes)| {

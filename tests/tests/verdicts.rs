@@ -157,6 +157,10 @@ fn assert_reset(reply: &[u8], tags: &[Tag], src: IpAddr, dst: IpAddr, occupied: 
     );
 }
 
+/// A case name, its VLAN stack, the SYN frame, its source and destination, and the
+/// sequence space the SYN occupies (what the reset must acknowledge).
+type ResetCase = (&'static str, Vec<Tag>, Vec<u8>, IpAddr, IpAddr, u32);
+
 fn run(kernel: &mut Kernel, frame: &[u8], want: u32, case: &str) -> Vec<u8> {
     let (got, out) = kernel.run(frame);
     assert_eq!(
@@ -174,7 +178,7 @@ fn reject_answers_with_a_reset_over_ipv4_ipv6_and_vlans() {
     let mut kernel = Kernel::with_policy(&policy("enforce", "reject", "reject"));
     let (src4, dst4) = (IpAddr::V4(UNLISTED4), IpAddr::V4(DST4));
     let (src6, dst6) = (IpAddr::V6(UNLISTED6), IpAddr::V6(DST6));
-    let cases: Vec<(&str, Vec<Tag>, Vec<u8>, IpAddr, IpAddr, u32)> = vec![
+    let cases: Vec<ResetCase> = vec![
         (
             "plain IPv4",
             vec![],

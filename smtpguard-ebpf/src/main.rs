@@ -144,7 +144,7 @@ fn remember(src: &Source, audit: bool) {
         Source::V6(a) => *a,
     };
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    if let Some(seen) = OFFENDERS.get_ptr_mut(&key) {
+    if let Some(seen) = OFFENDERS.get_ptr_mut(key) {
         // Shared by all CPUs: the counts are added atomically; a racing timestamp is harmless.
         unsafe {
             let count = if audit {
@@ -164,7 +164,7 @@ fn remember(src: &Source, audit: bool) {
         last_seen_ns: now,
     };
     // Two CPUs may race to create the entry: the loser's single SYN goes uncounted.
-    let _ = OFFENDERS.insert(&key, &first, u64::from(BPF_NOEXIST));
+    let _ = OFFENDERS.insert(key, first, u64::from(BPF_NOEXIST));
 }
 
 /// Longest-prefix match of `src` in the active slot's trie for its family.

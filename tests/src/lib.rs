@@ -2,6 +2,7 @@
 //! kernel, and network-namespace fixtures that run the real daemon against real TCP.
 
 pub mod daemon;
+pub mod dns;
 pub mod frames;
 pub mod kernel;
 pub mod netns;

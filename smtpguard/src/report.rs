@@ -240,6 +240,9 @@ mod tests {
         assert!((59..=62).contains(&age.as_secs()), "{age:?}");
         let text = report.to_text();
         assert!(text.contains("audit mode"), "{text}");
-        assert!(text.contains("3 sources stopped, top 2 shown"), "{text}");
+        assert!(
+            text.contains("3 sources in the table, top 2 shown"),
+            "{text}"
+        );
     }
 }

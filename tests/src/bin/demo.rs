@@ -19,12 +19,15 @@ const COPIER4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 50);
 const PROVIDER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x200, 0, 0, 0, 0, 0x10);
 const SPAMMER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x77);
 
-fn config(interface: &str, extra_allow: &str) -> String {
+fn config(interface: &str, mode: &str, extra_allow: &str) -> String {
     format!(
         r#"# Built-in demo policy: the filtering provider's ranges, the office copier, one abuser.
 interfaces = ["{interface}"]
 ports = [25]
 xdp_mode = "auto"
+mode = "{mode}"
+# Unlisted senders get a TCP reset: they fail at once instead of retrying into a timeout.
+action = "reject"
 
 [[allow]]
 name = "provider"
@@ -36,6 +39,7 @@ prefixes = ["198.51.100.50"]
 
 [[deny]]
 name = "abuser"
+action = "drop"
 prefixes = ["192.0.2.9"]
 "#
     )
@@ -61,18 +65,33 @@ fn main() {
         "  client namespace {} with the sources below\n",
         pair.client.name
     );
+    // A veth hands native-mode XDP_TX frames (the resets) only to a peer running XDP.
+    let _peer = pair.client_xdp_peer();
     let _smtp = Listener::start(&pair.server, 25);
     let _submission = Listener::start(&pair.server, 587);
 
-    let text = config(&pair.server_if, "");
-    println!("config (built-in example):\n{}", indent(&text));
+    let text = config(&pair.server_if, "audit", "");
+    println!(
+        "config (built-in example), first in audit mode:\n{}",
+        indent(&text)
+    );
     let mut daemon = Daemon::start(&pair.server, &text);
     let state = daemon.state().unwrap_or_default();
     println!(
-        "smtpguard run: attached to {} in {} mode, policy generation {}\n",
-        pair.server_if, state["interfaces"][0]["mode"], state["generation"]
+        "smtpguard run: attached to {} in {} mode, policy generation {}, {} mode\n",
+        pair.server_if, state["interfaces"][0]["mode"], state["generation"], state["mode"]
     );
 
+    println!("1. audit: nothing is blocked, everything that enforce would stop is counted");
+    println!("{:<20} {:<40} {:>5}  result", "source", "who", "port");
+    for (address, who) in &sources {
+        try_connect(&pair, *address, who, 25);
+    }
+    println!("\n$ smtpguard report   (who would be blocked: decide when it is safe to enforce)");
+    println!("{}", indent(&cli(&daemon, &["report"])));
+
+    println!("2. SIGHUP with mode = \"enforce\":");
+    daemon.reload(&config(&pair.server_if, "enforce", ""));
     println!("{:<20} {:<40} {:>5}  result", "source", "who", "port");
     for (address, who) in &sources {
         try_connect(&pair, *address, who, 25);
@@ -84,11 +103,11 @@ fn main() {
         587,
     );
 
-    println!("\nsmtpguard stats (from another process, through the pinned maps):");
-    println!("{}", indent(&stats_text(&daemon)));
+    println!("\n$ smtpguard stats   (from another process, through the pinned maps)");
+    println!("{}", indent(&cli(&daemon, &["stats"])));
 
-    println!("SIGHUP after adding 203.0.113.7 to the provider rule:");
-    daemon.reload(&config(&pair.server_if, ", \"203.0.113.7\""));
+    println!("3. SIGHUP after adding 203.0.113.7 to the provider rule:");
+    daemon.reload(&config(&pair.server_if, "enforce", ", \"203.0.113.7\""));
     try_connect(&pair, SPAMMER4.into(), "now listed", 25);
 
     let status = daemon.stop();
@@ -109,17 +128,18 @@ fn try_connect(pair: &Pair, src: IpAddr, who: &str, port: u16) {
     let result = match outcome {
         Outcome::Connected => "connected".to_owned(),
         Outcome::TimedOut => "no answer: SYN dropped at XDP".to_owned(),
-        Outcome::Refused => "refused".to_owned(),
+        Outcome::Refused => "refused at once: RST sent from XDP".to_owned(),
         Outcome::Failed(error) => format!("failed: {error}"),
     };
     println!("{:<20} {:<40} {:>5}  {result}", src.to_string(), who, port);
 }
 
-fn stats_text(daemon: &Daemon) -> String {
+fn cli(daemon: &Daemon, args: &[&str]) -> String {
     let output = Command::new(binary())
-        .args(["--instance", &daemon.instance, "stats"])
+        .args(["--instance", &daemon.instance])
+        .args(args)
         .output()
-        .expect("run smtpguard stats");
+        .expect("run smtpguard");
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 

@@ -92,7 +92,7 @@ impl Report {
         };
         let _ = writeln!(
             out,
-            "instance {:?}, {what}; {} sources stopped{}",
+            "instance {:?}, {what}; {} sources in the table{}",
             self.instance,
             self.sources,
             if self.rows.len() < self.sources {

@@ -166,6 +166,27 @@ impl fmt::Display for Action {
     }
 }
 
+/// What happens to the filter when the daemon exits.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnExit {
+    /// The program stays attached (its links and maps pinned in bpffs) and keeps enforcing
+    /// the last policy; a restarted daemon takes it over without a gap.
+    #[default]
+    Keep,
+    /// The program is detached and the pins removed: port 25 is open until the next start.
+    Detach,
+}
+
+impl fmt::Display for OnExit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Keep => "keep",
+            Self::Detach => "detach",
+        })
+    }
+}
+
 /// How names in `hosts` and `spf` are resolved and refreshed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DnsSettings {
@@ -204,11 +225,20 @@ struct File {
     action: Action,
     #[serde(default)]
     allow_none: bool,
+    #[serde(default)]
+    on_exit: OnExit,
+    metrics: Option<MetricsTable>,
     dns: Option<DnsTable>,
     #[serde(default)]
     allow: Vec<RuleTable>,
     #[serde(default)]
     deny: Vec<RuleTable>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsTable {
+    listen: Spanned<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -264,6 +294,9 @@ pub struct Config {
     /// What happens to unlisted sources, and to deny rules without an action of their own.
     pub action: Action,
     pub allow_none: bool,
+    pub on_exit: OnExit,
+    /// Where the Prometheus endpoint listens, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
     pub dns: DnsSettings,
     pub allow: Vec<RuleSpec>,
     pub deny: Vec<RuleSpec>,
@@ -296,6 +329,20 @@ impl Config {
         let allow = rule_specs(&file.allow, None, &lines)?;
         let deny = rule_specs(&file.deny, Some(file.action), &lines)?;
         let dns = dns_settings(file.dns.as_ref(), &lines)?;
+        let metrics_listen =
+            file.metrics
+                .as_ref()
+                .map(|metrics| {
+                    metrics.listen.get_ref().parse::<SocketAddr>().map_err(|_| {
+                        ConfigError::BadValue {
+                            at: lines.at(metrics.listen.span().start),
+                            key: "listen",
+                            value: metrics.listen.get_ref().clone(),
+                            reason: "expected IP:PORT, e.g. \"127.0.0.1:9725\" or \"[::1]:9725\"",
+                        }
+                    })
+                })
+                .transpose()?;
         Ok(Self {
             path: path.to_owned(),
             interfaces,
@@ -304,6 +351,8 @@ impl Config {
             mode: file.mode,
             action: file.action,
             allow_none: file.allow_none,
+            on_exit: file.on_exit,
+            metrics_listen,
             dns,
             allow,
             deny,

@@ -14,9 +14,9 @@ use tokio::{
 };
 
 use crate::{
-    config::{Config, ConfigError},
+    config::{Config, ConfigError, OnExit},
     dns::{Dns, DnsError},
-    filter::{Filter, FilterError},
+    filter::{AttachedMode, Filter, FilterError},
     instance::{Instance, InstanceError, InstanceLock, InterfaceState, PrefixState, RunState},
     maps::{ApplyError, ApplyReport, CounterMapIds, PolicyMaps, pinned_counter_ids},
     policy::{List, Policy, Warning},
@@ -122,7 +122,7 @@ struct Daemon {
     filter: Filter,
     maps: PolicyMaps,
     counter_map_ids: CounterMapIds,
-    _pins: PinsGuard,
+    pins: PinsGuard,
     _lock: InstanceLock,
 }
 
@@ -137,16 +137,60 @@ impl Daemon {
         let (policy, warnings) = Policy::build(&config, &fetched)?;
         log_warnings(&warnings);
         let lock = instance.lock()?;
-        let pin_dir = instance.fresh_pin_dir()?;
-        let pins = PinsGuard(instance.clone());
+        let pin_dir = instance.prepare_pin_dir()?;
+        let pinned_links = instance.pinned_links()?;
+        let previous = instance.read_state().ok();
         let (mut filter, mut maps) = Filter::load(Some(&pin_dir))?;
+        // A start that fails removes what it created, but never a filter a previous daemon
+        // left in force: that one goes on enforcing its policy.
+        let taking_over = maps.recovered() || !pinned_links.is_empty();
+        let mut pins = PinsGuard {
+            instance: instance.clone(),
+            remove: !taking_over,
+        };
+        if taking_over {
+            log::info!(
+                "taking over the filter left in {} (policy generation {}, {} pinned links)",
+                pin_dir.display(),
+                maps.generation(),
+                pinned_links.len()
+            );
+        }
         let counter_map_ids = pinned_counter_ids(&pin_dir)?;
-        // The policy is in the maps before the program sees its first packet.
+        // The new program replaces the old one on each pinned link in one step; the maps,
+        // and so the policy in force, are the same.
+        for (interface, path) in &pinned_links {
+            if !config.interfaces.contains(interface) {
+                match std::fs::remove_file(path) {
+                    Ok(()) => log::info!("detached from {interface}: no longer configured"),
+                    Err(error) => log::error!("cannot remove {}: {error}", path.display()),
+                }
+                continue;
+            }
+            let mode = previous
+                .as_ref()
+                .and_then(|state| state.interfaces.iter().find(|i| &i.name == interface))
+                .map_or(AttachedMode::Native, |state| state.mode);
+            match filter.adopt(interface, mode, path) {
+                Ok(()) => {
+                    log::info!("took over {interface} ({mode} mode): program replaced in place")
+                }
+                Err(error) => {
+                    log::warn!("{error}; attaching afresh");
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+        }
+        // The policy is in the maps before a new attachment sees its first packet.
         let report = maps.apply(&policy)?;
         for interface in &config.interfaces {
-            let mode = filter.attach(interface, config.xdp_mode)?;
-            log::info!("attached to {interface} in {mode} mode");
+            if filter.attachment(interface).is_none() {
+                let mode = filter.attach(interface, config.xdp_mode)?;
+                log::info!("attached to {interface} in {mode} mode");
+            }
         }
+        set_link_pins(&mut filter, instance, config.on_exit)?;
+        pins.remove = config.on_exit == OnExit::Detach;
         let daemon = Self {
             config_path: config_path.to_owned(),
             config,
@@ -157,10 +201,10 @@ impl Daemon {
             filter,
             maps,
             counter_map_ids,
-            _pins: pins,
+            pins,
             _lock: lock,
         };
-        daemon.write_state()?;
+        daemon.write_state(true)?;
         log::info!("{}: {}", daemon.policy.mode, daemon.describe(&report));
         Ok(daemon)
     }
@@ -191,7 +235,7 @@ impl Daemon {
             Ok((policy, report)) => {
                 self.policy = policy;
                 self.fetched = fetched;
-                self.write_state()?;
+                self.write_state(true)?;
                 Ok(Some(report))
             }
             Err(error) => {
@@ -268,13 +312,17 @@ impl Daemon {
                 Err(error) => log::error!("{error}"),
             }
         }
+        if let Err(error) = set_link_pins(&mut self.filter, &self.instance, config.on_exit) {
+            log::error!("{error}");
+        }
+        self.pins.remove = config.on_exit == OnExit::Detach;
         self.config = config;
         self.policy = policy;
         self.fetched = fetched;
         if let Some(dns) = dns {
             self.dns = dns;
         }
-        self.write_state()?;
+        self.write_state(true)?;
         Ok(report)
     }
 
@@ -294,7 +342,9 @@ impl Daemon {
         )
     }
 
-    fn write_state(&self) -> Result<(), DaemonError> {
+    /// Records the instance for `stats`, `report` and the next daemon; `running` is false
+    /// once this daemon has exited and left the filter in place.
+    fn write_state(&self, running: bool) -> Result<(), DaemonError> {
         let prefixes = self
             .maps
             .counter_ids()
@@ -311,7 +361,8 @@ impl Daemon {
             })
             .collect();
         let state = RunState {
-            pid: std::process::id(),
+            pid: if running { std::process::id() } else { 0 },
+            on_exit: self.config.on_exit,
             version: env!("CARGO_PKG_VERSION").to_owned(),
             config: self.config_path.clone(),
             generation: self.maps.generation(),
@@ -336,16 +387,54 @@ impl Daemon {
         Ok(self.instance.write_state(&state)?)
     }
 
-    fn stop(self) {
+    fn stop(mut self) {
         let interfaces: Vec<String> = self
             .filter
             .attachments()
             .iter()
             .map(|attachment| attachment.interface.clone())
             .collect();
-        drop(self);
-        log::info!("detached from {}", interfaces.join(", "));
+        match self.config.on_exit {
+            OnExit::Keep => {
+                if let Err(error) = self.write_state(false) {
+                    log::error!("{error}");
+                }
+                log::info!(
+                    "exiting; the filter stays attached to {} with policy generation {} (on_exit = keep); `smtpguard detach` removes it",
+                    interfaces.join(", "),
+                    self.maps.generation()
+                );
+            }
+            OnExit::Detach => {
+                for interface in &interfaces {
+                    if let Err(error) = self.filter.detach(interface) {
+                        log::error!("{error}");
+                    }
+                }
+                log::info!("detached from {} (on_exit = detach)", interfaces.join(", "));
+            }
+        }
     }
+}
+
+/// Pins every link when the filter is to outlive the daemon, unpins them when not.
+fn set_link_pins(
+    filter: &mut Filter,
+    instance: &Instance,
+    on_exit: OnExit,
+) -> Result<(), DaemonError> {
+    let interfaces: Vec<String> = filter
+        .attachments()
+        .iter()
+        .map(|attachment| attachment.interface.clone())
+        .collect();
+    for interface in interfaces {
+        match on_exit {
+            OnExit::Keep => filter.pin_link(&interface, &instance.link_pin(&interface))?,
+            OnExit::Detach => filter.unpin_link(&interface)?,
+        }
+    }
+    Ok(())
 }
 
 fn log_warnings(warnings: &[Warning]) {
@@ -354,12 +443,18 @@ fn log_warnings(warnings: &[Warning]) {
     }
 }
 
-/// Removes the instance's pins and state file when the daemon goes away, however it goes.
-struct PinsGuard(Instance);
+/// Removes the instance's pins and state file when the daemon goes away, unless the filter
+/// is to stay (`on_exit = "keep"`, or a failed start that found another daemon's filter).
+struct PinsGuard {
+    instance: Instance,
+    remove: bool,
+}
 
 impl Drop for PinsGuard {
     fn drop(&mut self) {
-        if let Err(error) = self.0.clean_up() {
+        if self.remove
+            && let Err(error) = self.instance.clean_up()
+        {
             log::warn!("cleaning up: {error}");
         }
     }

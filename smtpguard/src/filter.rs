@@ -1,14 +1,29 @@
 //! The XDP program in the kernel: load the embedded object (the verifier runs here), hand its
 //! maps to [`crate::maps::PolicyMaps`], and attach to or detach from interfaces.
+//!
+//! With a pin directory, the maps live in bpffs: a later daemon reuses them (policy, counters
+//! and all), and links pinned there keep the program attached after the daemon exits. Such a
+//! daemon takes over a pinned link by swapping its program in place (`bpf_link_update`), so
+//! the interface is never without a filter.
 
-use std::path::Path;
+use std::{
+    mem::size_of,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::Map,
-    programs::{ProgramError, TestRun, TestRunOptions, Xdp, xdp::XdpLinkId},
+    maps::{Map, MapInfo},
+    programs::{
+        ProgramError, TestRun, TestRunOptions, Xdp,
+        links::{FdLink, LinkError, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
 };
-use smtpguard_common::PROGRAM_NAME;
+use smtpguard_common::{
+    MAX_OFFENDERS, MAX_PREFIX_COUNTERS, MAX_PREFIXES_PER_FAMILY, Offender, PROGRAM_NAME, RuleValue,
+    SLOTS, SlotConfig, counter, map_name,
+};
 
 use crate::{config::XdpMode, maps::PolicyMaps};
 
@@ -75,6 +90,38 @@ pub enum FilterError {
     },
     #[error("test run failed: {0}")]
     TestRun(#[source] ProgramError),
+    #[error(
+        "the map pinned at {path} was made by an incompatible smtpguard (key {key} bytes, value {value}, {entries} entries; expected {expected_key}, {expected_value}, {expected_entries}): run `smtpguard detach` to remove the old filter first",
+        path = path.display()
+    )]
+    IncompatiblePin {
+        path: PathBuf,
+        key: u32,
+        value: u32,
+        entries: u32,
+        expected_key: u32,
+        expected_value: u32,
+        expected_entries: u32,
+    },
+    #[error("cannot pin the link of {interface} at {path}: {source}", path = path.display())]
+    PinLink {
+        interface: String,
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("cannot take over the pinned link {path}: {source}", path = path.display())]
+    Adopt {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("cannot remove the pinned link {path}: {source}", path = path.display())]
+    Unpin {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The XDP mode actually in force on an interface.
@@ -100,6 +147,8 @@ pub struct Attachment {
     pub interface: String,
     pub mode: AttachedMode,
     link: XdpLinkId,
+    /// Where the link is pinned, if it outlives this process.
+    pub pin: Option<PathBuf>,
 }
 
 /// The loaded program and its attachments. Dropping it detaches from every interface.
@@ -109,25 +158,30 @@ pub struct Filter {
 }
 
 impl Filter {
-    /// Loads and verifies the program. Its maps are pinned under `pin_dir` when given (so
-    /// `smtpguard stats` can read them from another process) and handed out as [`PolicyMaps`].
+    /// Loads and verifies the program. With `pin_dir`, its maps are the ones pinned there, if
+    /// a previous daemon left them (checked for a compatible layout), or new ones pinned there
+    /// (so `smtpguard stats` can read them from another process). Either way they are handed
+    /// out as [`PolicyMaps`], which reads back what they hold.
     pub fn load(pin_dir: Option<&Path>) -> Result<(Self, PolicyMaps), FilterError> {
-        let mut ebpf = EbpfLoader::new()
-            .load(PROGRAM_OBJECT)
-            .map_err(FilterError::Object)?;
+        let mut loader = EbpfLoader::new();
+        let paths: Vec<(&'static str, PathBuf)> = match pin_dir {
+            Some(dir) => map_name::ALL
+                .iter()
+                .map(|name| (*name, dir.join(name)))
+                .collect(),
+            None => Vec::new(),
+        };
+        for (name, path) in &paths {
+            if path.exists() {
+                check_layout(name, path)?;
+            }
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(PROGRAM_OBJECT).map_err(FilterError::Object)?;
         let program = xdp_program(&mut ebpf)?;
         program.load().map_err(FilterError::Verifier)?;
         let mut take = |name: &'static str| -> Result<Map, FilterError> {
-            let map = ebpf.take_map(name).ok_or(FilterError::MissingMap(name))?;
-            if let Some(dir) = pin_dir {
-                let path = dir.join(name);
-                map.pin(&path).map_err(|source| FilterError::Pin {
-                    name,
-                    path: path.display().to_string(),
-                    source,
-                })?;
-            }
-            Ok(map)
+            ebpf.take_map(name).ok_or(FilterError::MissingMap(name))
         };
         let maps = PolicyMaps::from_maps(&mut take)?;
         Ok((
@@ -137,6 +191,106 @@ impl Filter {
             },
             maps,
         ))
+    }
+
+    /// Takes over the link pinned at `path` on `interface`: the program behind it is replaced
+    /// by this one in a single step, and the pin stays.
+    pub fn adopt(
+        &mut self,
+        interface: &str,
+        mode: AttachedMode,
+        path: &Path,
+    ) -> Result<(), FilterError> {
+        let adopt_error = |source: Box<dyn std::error::Error + Send + Sync>| FilterError::Adopt {
+            path: path.to_owned(),
+            source,
+        };
+        let pinned = PinnedLink::from_pin(path).map_err(|error| adopt_error(Box::new(error)))?;
+        let link = XdpLink::try_from(FdLink::from(pinned))
+            .map_err(|error: LinkError| adopt_error(Box::new(error)))?;
+        let link = xdp_program(&mut self.ebpf)?
+            .attach_to_link(link)
+            .map_err(|error| adopt_error(Box::new(error)))?;
+        self.attachments.push(Attachment {
+            interface: interface.to_owned(),
+            mode,
+            link,
+            pin: Some(path.to_owned()),
+        });
+        Ok(())
+    }
+
+    /// Pins the link of `interface` at `path`: the program stays attached after this process
+    /// exits, until the pin is removed.
+    pub fn pin_link(&mut self, interface: &str, path: &Path) -> Result<(), FilterError> {
+        let Some(index) = self
+            .attachments
+            .iter()
+            .position(|attachment| attachment.interface == interface)
+        else {
+            return Ok(());
+        };
+        let pin_error = |source| FilterError::PinLink {
+            interface: interface.to_owned(),
+            path: path.to_owned(),
+            source,
+        };
+        if self.attachments[index].pin.is_some() {
+            return Ok(());
+        }
+        let mut attachment = self.attachments.remove(index);
+        let program = xdp_program(&mut self.ebpf)?;
+        // The link leaves the program's hands for the pin and comes straight back: should
+        // pinning fail, the link is dropped and the interface detached, and the caller's
+        // attach fails as a whole.
+        let link = program
+            .take_link(attachment.link)
+            .map_err(|source| FilterError::Detach {
+                interface: interface.to_owned(),
+                source,
+            })?;
+        let fd_link = FdLink::try_from(link).map_err(|error| FilterError::Adopt {
+            path: path.to_owned(),
+            source: Box::new(error),
+        })?;
+        let pinned = fd_link.pin(path).map_err(pin_error)?;
+        // Re-pointing the link at the program it already runs changes nothing for packets.
+        let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|error| FilterError::Adopt {
+            path: path.to_owned(),
+            source: Box::new(error),
+        })?;
+        attachment.link = program
+            .attach_to_link(link)
+            .map_err(|error| FilterError::Adopt {
+                path: path.to_owned(),
+                source: Box::new(error),
+            })?;
+        attachment.pin = Some(path.to_owned());
+        self.attachments.push(attachment);
+        Ok(())
+    }
+
+    /// Removes the pin of `interface`'s link, if any: the link now lives as long as this
+    /// process holds it.
+    pub fn unpin_link(&mut self, interface: &str) -> Result<(), FilterError> {
+        let Some(attachment) = self
+            .attachments
+            .iter_mut()
+            .find(|attachment| attachment.interface == interface)
+        else {
+            return Ok(());
+        };
+        if let Some(pin) = attachment.pin.take() {
+            match std::fs::remove_file(&pin) {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    attachment.pin = Some(pin.clone());
+                    return Err(FilterError::Unpin { path: pin, source });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Attaches to `interface`, honouring `mode`; returns the mode in force.
@@ -189,6 +343,7 @@ impl Filter {
             interface: interface.to_owned(),
             mode: attached,
             link,
+            pin: None,
         });
         Ok(attached)
     }
@@ -203,6 +358,18 @@ impl Filter {
             return Ok(());
         };
         let attachment = self.attachments.remove(index);
+        if let Some(pin) = &attachment.pin {
+            match std::fs::remove_file(pin) {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(FilterError::Unpin {
+                        path: pin.clone(),
+                        source,
+                    });
+                }
+            }
+        }
         xdp_program(&mut self.ebpf)?
             .detach(attachment.link)
             .map_err(|source| FilterError::Detach {
@@ -253,4 +420,45 @@ fn interface_exists(interface: &str) -> bool {
     };
     // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
     unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
+}
+
+/// Refuses a pinned map whose layout is not the one this program declares (a pin left by
+/// another version): reusing it would make the program misread every entry.
+fn check_layout(name: &'static str, path: &Path) -> Result<(), FilterError> {
+    let info = MapInfo::from_pin(path).map_err(|source| FilterError::Map { name, source })?;
+    let (expected_key, expected_value, expected_entries) = layout(name);
+    if (info.key_size(), info.value_size(), info.max_entries())
+        != (expected_key, expected_value, expected_entries)
+    {
+        return Err(FilterError::IncompatiblePin {
+            path: path.to_owned(),
+            key: info.key_size(),
+            value: info.value_size(),
+            entries: info.max_entries(),
+            expected_key,
+            expected_value,
+            expected_entries,
+        });
+    }
+    Ok(())
+}
+
+/// Key size, value size and capacity of each map, as the program declares it.
+fn layout(name: &str) -> (u32, u32, u32) {
+    const fn size<T>() -> u32 {
+        size_of::<T>() as u32
+    }
+    match name {
+        map_name::ACTIVE_SLOT => (4, 4, 1),
+        map_name::SLOT_CONFIG => (4, size::<SlotConfig>(), SLOTS),
+        map_name::V4_SLOT0 | map_name::V4_SLOT1 => {
+            (4 + 4, size::<RuleValue>(), MAX_PREFIXES_PER_FAMILY)
+        }
+        map_name::V6_SLOT0 | map_name::V6_SLOT1 => {
+            (4 + 16, size::<RuleValue>(), MAX_PREFIXES_PER_FAMILY)
+        }
+        map_name::PREFIX_HITS => (4, 8, MAX_PREFIX_COUNTERS),
+        map_name::GLOBAL => (4, 8, counter::COUNT),
+        _ => (16, size::<Offender>(), MAX_OFFENDERS),
+    }
 }

@@ -18,6 +18,8 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const BPFFS_ROOT: &str = "/sys/fs/bpf";
 const PIN_ROOT: &str = "/sys/fs/bpf/smtpguard";
 const RUN_ROOT: &str = "/run/smtpguard";
+/// Pinned links are named `link_IFNAME` beside the maps (map names are upper case).
+const LINK_PREFIX: &str = "link_";
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstanceError {
@@ -103,13 +105,41 @@ impl Instance {
         Ok(InstanceLock { _file: file })
     }
 
-    /// Prepares an empty pin directory, mounting bpffs first if the system has not.
-    pub fn fresh_pin_dir(&self) -> Result<PathBuf, InstanceError> {
+    /// The pin directory, as a previous daemon may have left it (maps and links to take
+    /// over), created if missing; bpffs is mounted first if the system has not.
+    pub fn prepare_pin_dir(&self) -> Result<PathBuf, InstanceError> {
         ensure_bpffs()?;
         let dir = self.pin_dir();
-        remove_dir(&dir)?;
         create_dir(&dir)?;
         Ok(dir)
+    }
+
+    /// Where the link attaching the program to `interface` is pinned.
+    pub fn link_pin(&self, interface: &str) -> PathBuf {
+        self.pin_dir().join(format!("{LINK_PREFIX}{interface}"))
+    }
+
+    /// Interfaces with a pinned link under the pin directory, and the pins' paths.
+    pub fn pinned_links(&self) -> Result<Vec<(String, PathBuf)>, InstanceError> {
+        let dir = self.pin_dir();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => return Err(InstanceError::Io { path: dir, source }),
+        };
+        let mut links = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|source| InstanceError::Io {
+                path: dir.clone(),
+                source,
+            })?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(interface) = name.strip_prefix(LINK_PREFIX) {
+                links.push((interface.to_owned(), entry.path()));
+            }
+        }
+        links.sort();
+        Ok(links)
     }
 
     /// Removes the pins and the state file.
@@ -150,6 +180,30 @@ impl Instance {
     }
 }
 
+impl Instance {
+    /// Removes a filter left in place (`on_exit = "keep"`, or a killed daemon): each pinned
+    /// link (the program is detached as its last reference goes), the maps and the state.
+    /// Refused while a daemon runs the instance. Returns the interfaces detached.
+    pub fn detach(&self) -> Result<Vec<String>, InstanceError> {
+        let _lock = self.lock()?;
+        let mut detached = Vec::new();
+        for (interface, path) in self.pinned_links()? {
+            std::fs::remove_file(&path).map_err(|source| InstanceError::Io { path, source })?;
+            detached.push(interface);
+        }
+        self.clean_up()?;
+        Ok(detached)
+    }
+}
+
+impl RunState {
+    /// Whether the daemon that wrote this state is still running.
+    pub fn daemon_alive(&self) -> bool {
+        // SAFETY: kill(2) with signal 0 only checks that the process exists.
+        self.pid != 0 && unsafe { libc::kill(self.pid as i32, 0) } == 0
+    }
+}
+
 /// Held while a daemon runs an instance.
 pub struct InstanceLock {
     _file: File,
@@ -158,7 +212,10 @@ pub struct InstanceLock {
 /// What `smtpguard stats` needs to know about a running daemon, beyond the counters.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RunState {
+    /// The daemon's pid; 0 once it has exited leaving the filter in place.
     pub pid: u32,
+    /// What the daemon does with the filter when it exits.
+    pub on_exit: crate::config::OnExit,
     pub version: String,
     pub config: PathBuf,
     pub generation: u32,

@@ -77,6 +77,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Remove a filter left in place by a daemon that exited with on_exit = "keep" (or was
+    /// killed): detach the program from every interface, remove the pinned links and maps and
+    /// the state file. Port 25 is open afterwards. Refused while a daemon runs the instance.
+    Detach,
     /// Explain the decision for a SYN from ADDR: guarded port, matching prefix and where it
     /// came from, mode and action, verdict. Uses the configuration file (with its list files
     /// and DNS names), not the running instance.
@@ -180,6 +184,22 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", report.to_text());
+            }
+            Ok(())
+        }
+        Command::Detach => {
+            let detached = instance.detach()?;
+            if detached.is_empty() {
+                println!(
+                    "instance {:?}: no pinned links; pins and state removed",
+                    instance.name()
+                );
+            } else {
+                println!(
+                    "instance {:?}: detached from {}; pins and state removed",
+                    instance.name(),
+                    detached.join(", ")
+                );
             }
             Ok(())
         }

@@ -129,11 +129,75 @@ impl PolicyMaps {
             last_flip: None,
             cpus,
         };
-        maps.active_slot = maps.active.get(&0, 0).map_err(|source| FilterError::Map {
-            name: map_name::ACTIVE_SLOT,
-            source,
-        })? % SLOTS;
+        maps.recover()?;
         Ok(maps)
+    }
+
+    /// Learns what the maps already hold: nothing for fresh maps, the policy in force for
+    /// maps a previous daemon left pinned (`on_exit = "keep"`, or a crash). Both slots are
+    /// read back entry by entry, so the next apply writes only what differs, counters keep
+    /// their ids (and counts), and counters that no entry of the active slot uses (left by an
+    /// apply that was cut short) are removed.
+    fn recover(&mut self) -> Result<(), FilterError> {
+        let map_error = |name: &'static str| move |source| FilterError::Map { name, source };
+        self.active_slot = self
+            .active
+            .get(&0, 0)
+            .map_err(map_error(map_name::ACTIVE_SLOT))?
+            % SLOTS;
+        for slot in 0..SLOTS as usize {
+            let mut entries = BTreeMap::new();
+            for item in self.v4[slot].iter() {
+                let (key, value) =
+                    item.map_err(map_error(trie_name(IpNet::V4(Default::default()), slot)))?;
+                if let Ok(net) = ipnet::Ipv4Net::new(key.data().into(), key.prefix_len() as u8) {
+                    entries.insert(IpNet::V4(net), value);
+                }
+            }
+            for item in self.v6[slot].iter() {
+                let (key, value) =
+                    item.map_err(map_error(trie_name(IpNet::V6(Default::default()), slot)))?;
+                if let Ok(net) = ipnet::Ipv6Net::new(key.data().into(), key.prefix_len() as u8) {
+                    entries.insert(IpNet::V6(net), value);
+                }
+            }
+            self.slots[slot] = entries;
+        }
+        let config = self
+            .slot_config
+            .get(&self.active_slot, 0)
+            .map_err(map_error(map_name::SLOT_CONFIG))?;
+        self.generation = config.generation;
+        let active = &self.slots[self.active_slot as usize];
+        self.counter_ids = active
+            .iter()
+            .map(|(net, value)| {
+                let list = if value.action == action::ALLOW {
+                    List::Allow
+                } else {
+                    List::Deny
+                };
+                ((*net, list), value.counter_id)
+            })
+            .collect();
+        self.next_counter_id = self
+            .counter_ids
+            .values()
+            .max()
+            .map_or(1, |max| max.wrapping_add(1).max(1));
+        let orphans: Vec<u32> = self
+            .prefix_hits
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|id| !active.values().any(|value| value.counter_id == *id))
+            .collect();
+        self.remove_counters(&orphans);
+        Ok(())
+    }
+
+    /// Whether the maps held a policy before this process touched them.
+    pub fn recovered(&self) -> bool {
+        self.generation > 0
     }
 
     /// The generation of the policy in force (0 before the first apply).

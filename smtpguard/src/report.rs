@@ -182,6 +182,7 @@ mod tests {
     fn most_frequent_first_with_the_rule_that_decides() {
         let state = RunState {
             pid: 1,
+            on_exit: crate::config::OnExit::Keep,
             version: "0".into(),
             config: "/etc/smtpguard/smtpguard.toml".into(),
             generation: 1,

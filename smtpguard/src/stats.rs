@@ -15,6 +15,8 @@ use crate::{
 pub struct Stats {
     pub instance: String,
     pub pid: u32,
+    /// Whether a daemon runs the instance; if not, the filter was left in place.
+    pub daemon_running: bool,
     pub generation: u32,
     pub config: String,
     pub interfaces: Vec<InterfaceState>,
@@ -61,6 +63,7 @@ impl Stats {
         Self {
             instance: instance.to_owned(),
             pid: state.pid,
+            daemon_running: state.daemon_alive(),
             generation: state.generation,
             config: state.config.display().to_string(),
             interfaces: state.interfaces.clone(),
@@ -88,10 +91,15 @@ impl Stats {
             .map(|interface| format!("{} ({})", interface.name, interface.mode))
             .collect();
         let ports: Vec<String> = self.ports.iter().map(ToString::to_string).collect();
+        let daemon = if self.daemon_running {
+            format!("pid {}", self.pid)
+        } else {
+            "no daemon running: the filter stays in force as it was left".to_owned()
+        };
         let _ = writeln!(
             out,
-            "instance {:?} (pid {}), policy generation {}, config {}",
-            self.instance, self.pid, self.generation, self.config
+            "instance {:?} ({daemon}), policy generation {}, config {}",
+            self.instance, self.generation, self.config
         );
         let _ = writeln!(
             out,
@@ -163,6 +171,7 @@ mod tests {
     fn text_and_json_show_counters_by_prefix() {
         let state = RunState {
             pid: 42,
+            on_exit: crate::config::OnExit::Keep,
             version: "0.1.0".into(),
             config: "/etc/smtpguard/smtpguard.toml".into(),
             generation: 3,

@@ -83,26 +83,62 @@ impl Daemon {
         let config_path = dir.join("smtpguard.toml");
         let log_path = dir.join("daemon.log");
         std::fs::write(&config_path, config).expect("write config");
-        let log = std::fs::File::create(&log_path).expect("log file");
-        let mut command = launcher.command(netns);
-        let child = command
-            .arg(binary())
-            .args(["--instance", &instance, "run", "--config"])
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn nsenter smtpguard");
         let mut daemon = Self {
-            child: Some(child),
+            child: None,
             instance,
             dir,
             config_path,
             log_path,
         };
+        daemon.spawn(netns, launcher);
         daemon.wait_for_generation(1, Duration::from_secs(20));
         daemon
+    }
+
+    fn spawn(&mut self, netns: &Netns, launcher: Launcher) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .expect("log file");
+        let mut command = launcher.command(netns);
+        let child = command
+            .arg(binary())
+            .args(["--instance", &self.instance, "run", "--config"])
+            .arg(&self.config_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn nsenter smtpguard");
+        self.child = Some(child);
+    }
+
+    /// Kills the daemon with SIGKILL: no chance to clean up.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the daemon again on the same instance (after [`Daemon::kill`] or
+    /// [`Daemon::stop`]), and waits until it has applied a policy newer than `after`.
+    pub fn restart(&mut self, netns: &Netns, after: u64) {
+        assert!(self.child.is_none(), "restart needs a stopped daemon");
+        self.spawn(netns, Launcher::Nsenter);
+        self.wait_for_generation(after + 1, Duration::from_secs(20));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.state().is_some_and(|state| {
+            state["pid"].as_u64() == self.child.as_ref().map(|c| u64::from(c.id()))
+        }) {
+            assert!(
+                Instant::now() < deadline,
+                "the restarted daemon wrote no state:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn pid(&self) -> i32 {
@@ -274,6 +310,10 @@ impl Drop for Daemon {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // With on_exit = "keep" the filter outlives the daemon: remove it, and its pins.
+        let _ = Command::new(binary())
+            .args(["--instance", &self.instance, "detach"])
+            .output();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -294,9 +294,10 @@ fn refused_reload_keeps_the_running_policy() {
 }
 
 #[test]
-fn sigterm_detaches_and_exits_zero() {
+fn sigterm_with_on_exit_detach_detaches_and_exits_zero() {
     let (pair, _smtp) = smtp_server();
-    let mut daemon = Daemon::start(&pair.server, &config(&pair.server_if, "auto"));
+    let text = format!("on_exit = \"detach\"\n{}", config(&pair.server_if, "auto"));
+    let mut daemon = Daemon::start(&pair.server, &text);
     assert_eq!(attempt(&pair, UNLISTED4, 25), Outcome::TimedOut);
     let pins = std::path::Path::new("/sys/fs/bpf/smtpguard").join(&daemon.instance);
     assert!(pins.exists(), "pins at {}", pins.display());

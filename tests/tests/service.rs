@@ -1,0 +1,177 @@
+//! Running smtpguard like a service: with `on_exit = "keep"` (the default) the filter outlives
+//! the daemon, even a SIGKILL; a restarted daemon takes it over (same link, program replaced
+//! in place) without a moment where port 25 is open or wrongly closed, and its counters go
+//! on; `smtpguard detach` removes it.
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
+
+use aya::programs::links::{FdLink, PinnedLink};
+use smtpguard_tests::{
+    daemon::{Daemon, prefix_syns},
+    netns::{Listener, Outcome, Pair, SERVER_V4, connect, sock},
+};
+
+const ALLOWED4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+const UNLISTED4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
+
+fn config(interface: &str) -> String {
+    format!(
+        "interfaces = [\"{interface}\"]\n\n[[allow]]\nname = \"provider\"\nprefixes = [\"192.0.2.0/28\"]\n"
+    )
+}
+
+fn attempt(pair: &Pair, src: Ipv4Addr, wait: Duration) -> Outcome {
+    connect(&pair.client, IpAddr::V4(src), sock(SERVER_V4, 25), wait).0
+}
+
+const BLOCKED_WAIT: Duration = Duration::from_millis(700);
+
+fn link_pin(daemon: &Daemon, interface: &str) -> PathBuf {
+    Path::new("/sys/fs/bpf/smtpguard")
+        .join(&daemon.instance)
+        .join(format!("link_{interface}"))
+}
+
+/// (link id, program id) of the link pinned at `path`.
+fn link_info(path: &Path) -> (u32, u32) {
+    let pinned = PinnedLink::from_pin(path)
+        .unwrap_or_else(|error| panic!("no link pinned at {}: {error}", path.display()));
+    let info = FdLink::from(pinned).info().expect("link info");
+    (info.id(), info.program_id())
+}
+
+#[test]
+fn the_filter_outlives_a_killed_daemon_and_a_restart_takes_over_without_a_gap() {
+    let pair = Pair::new(&[ALLOWED4.into(), UNLISTED4.into()]);
+    let smtp = Listener::start(&pair.server, 25);
+    let mut daemon = Daemon::start(&pair.server, &config(&pair.server_if));
+    assert_eq!(attempt(&pair, ALLOWED4, BLOCKED_WAIT), Outcome::Connected);
+    assert_eq!(attempt(&pair, UNLISTED4, BLOCKED_WAIT), Outcome::TimedOut);
+    let pin = link_pin(&daemon, &pair.server_if);
+    let (link_id, first_program) = link_info(&pin);
+
+    // SIGKILL: nothing is cleaned up, the pinned link keeps the program attached.
+    daemon.kill();
+    assert_eq!(
+        attempt(&pair, UNLISTED4, BLOCKED_WAIT),
+        Outcome::TimedOut,
+        "still enforced after SIGKILL"
+    );
+    assert_eq!(
+        attempt(&pair, ALLOWED4, BLOCKED_WAIT),
+        Outcome::Connected,
+        "allowed after SIGKILL"
+    );
+    let stats = daemon.stats();
+    assert_eq!(stats["daemon_running"], false, "{stats}");
+    assert_eq!(
+        prefix_syns(&stats, "192.0.2.0/28"),
+        2,
+        "stats from the pins alone: {stats}"
+    );
+    let generation = daemon.generation();
+
+    // Restart while a prober keeps trying both sources: no unlisted SYN may get through, no
+    // allowed one may be lost.
+    let stop = AtomicBool::new(false);
+    let (allowed_ok, violations) = std::thread::scope(|scope| {
+        let prober = scope.spawn(|| {
+            let (mut allowed_ok, mut violations) = (0u64, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                match attempt(&pair, UNLISTED4, Duration::from_millis(150)) {
+                    Outcome::TimedOut => {}
+                    other => violations.push(format!("unlisted: {other:?}")),
+                }
+                match attempt(&pair, ALLOWED4, Duration::from_millis(900)) {
+                    Outcome::Connected => allowed_ok += 1,
+                    other => violations.push(format!("allowed: {other:?}")),
+                }
+            }
+            (allowed_ok, violations)
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        daemon.restart(&pair.server, generation);
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::Relaxed);
+        prober.join().expect("prober")
+    });
+    assert!(
+        violations.is_empty(),
+        "during the restart: {violations:?}\n{}",
+        daemon.log()
+    );
+    assert!(
+        allowed_ok >= 2,
+        "the prober ran: {allowed_ok} allowed connects"
+    );
+    assert!(
+        daemon.log().contains("taking over the filter"),
+        "{}",
+        daemon.log()
+    );
+
+    // Same link, new program: replaced in place.
+    let (same_link, second_program) = link_info(&pin);
+    assert_eq!(same_link, link_id, "the link is the one pinned before");
+    assert_ne!(
+        second_program, first_program,
+        "the restarted daemon's program runs on it"
+    );
+
+    // Counters went on across kill and restart.
+    let stats = daemon.stats();
+    assert_eq!(stats["daemon_running"], true, "{stats}");
+    assert_eq!(
+        prefix_syns(&stats, "192.0.2.0/28"),
+        2 + allowed_ok,
+        "{stats}"
+    );
+    assert_eq!(
+        smtp.accepted_settled(2 + allowed_ok as usize),
+        2 + allowed_ok as usize
+    );
+
+    // SIGTERM keeps the filter too; `detach` removes it and opens port 25.
+    let status = daemon.stop();
+    assert!(status.success(), "exit status {status}");
+    assert_eq!(
+        attempt(&pair, UNLISTED4, BLOCKED_WAIT),
+        Outcome::TimedOut,
+        "kept after SIGTERM"
+    );
+    let text = daemon.cli(&["detach"]);
+    assert!(
+        text.contains(&format!("detached from {}", pair.server_if)),
+        "{text}"
+    );
+    assert_eq!(
+        attempt(&pair, UNLISTED4, BLOCKED_WAIT),
+        Outcome::Connected,
+        "open after detach"
+    );
+    assert!(!pin.exists(), "link pin removed");
+    assert!(!pin.parent().expect("pin dir").exists(), "pins removed");
+}
+
+#[test]
+fn detach_is_refused_while_a_daemon_runs() {
+    let pair = Pair::new(&[UNLISTED4.into()]);
+    let daemon = Daemon::start(&pair.server, &config(&pair.server_if));
+    let output = std::process::Command::new(smtpguard_tests::daemon::binary())
+        .args(["--instance", &daemon.instance, "detach"])
+        .output()
+        .expect("run detach");
+    assert!(!output.status.success());
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert!(message.contains("is already running"), "{message}");
+    assert_eq!(
+        attempt(&pair, UNLISTED4, BLOCKED_WAIT),
+        Outcome::TimedOut,
+        "still enforced"
+    );
+}

@@ -4,12 +4,16 @@
 
 use std::{
     future::Future,
+    net::SocketAddr,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{SystemTime, UNIX_EPOCH},
 };
 
+use sd_notify::NotifyState;
 use tokio::{
     signal::unix::{SignalKind, signal},
+    task::JoinHandle,
     time::Instant as TokioInstant,
 };
 
@@ -18,7 +22,8 @@ use crate::{
     dns::{Dns, DnsError},
     filter::{AttachedMode, Filter, FilterError},
     instance::{Instance, InstanceError, InstanceLock, InterfaceState, PrefixState, RunState},
-    maps::{ApplyError, ApplyReport, CounterMapIds, PolicyMaps, pinned_counter_ids},
+    maps::{ApplyError, ApplyReport, CounterMapIds, PolicyMaps, open_counters, pinned_counter_ids},
+    metrics::{self, MetricsError, SharedTelemetry},
     policy::{List, Policy, Warning},
     sources::{self, FetchError, Fetched},
 };
@@ -35,6 +40,8 @@ pub enum DaemonError {
     Instance(#[from] InstanceError),
     #[error(transparent)]
     Filter(#[from] FilterError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
     #[error("applying the policy: {0}")]
     Apply(#[from] ApplyError),
     #[error("cannot listen for {signal}: {source}")]
@@ -69,6 +76,7 @@ pub async fn run(
     let mut interrupt = listen(SignalKind::interrupt(), "SIGINT")?;
 
     let mut daemon = Daemon::start(config_path, instance).await?;
+    notify(&[NotifyState::Ready, NotifyState::Status(&daemon.status())]);
     tokio::pin!(shutdown);
     loop {
         // With no names to resolve, the refresh branch never fires.
@@ -82,31 +90,66 @@ pub async fn run(
         tokio::select! {
             () = refresh => {
                 match daemon.refresh_names().await {
-                    Ok(Some(report)) => log::info!("DNS answers changed: {}", daemon.describe(&report)),
+                    Ok(Some(report)) => {
+                        daemon.count_reload(true);
+                        log::info!("DNS answers changed: {}", daemon.describe(&report));
+                    }
                     Ok(None) => {}
-                    Err(error) => log::error!(
-                        "DNS answers changed but the new policy was refused, generation {} stays in force: {error}",
-                        daemon.maps.generation()
-                    ),
+                    Err(error) => {
+                        daemon.count_reload(false);
+                        log::error!(
+                            "DNS answers changed but the new policy was refused, generation {} stays in force: {error}",
+                            daemon.maps.generation()
+                        );
+                    }
                 }
+                daemon.publish();
             }
             _ = hangup.recv() => {
                 log::info!("SIGHUP: reloading {}", config_path.display());
+                notify(&[NotifyState::Reloading, NotifyState::monotonic_usec_now().unwrap_or(NotifyState::Reloading)]);
                 match daemon.reload().await {
-                    Ok(report) => log::info!("reloaded: {}", daemon.describe(&report)),
-                    Err(error) => log::error!(
-                        "reload failed, generation {} stays in force: {error}",
-                        daemon.maps.generation()
-                    ),
+                    Ok(report) => {
+                        daemon.count_reload(true);
+                        log::info!("reloaded: {}", daemon.describe(&report));
+                    }
+                    Err(error) => {
+                        daemon.count_reload(false);
+                        log::error!(
+                            "reload failed, generation {} stays in force: {error}",
+                            daemon.maps.generation()
+                        );
+                    }
                 }
+                daemon.publish();
+                notify(&[NotifyState::Ready, NotifyState::Status(&daemon.status())]);
             }
-            _ = terminate.recv() => { log::info!("SIGTERM: detaching"); break; }
-            _ = interrupt.recv() => { log::info!("SIGINT: detaching"); break; }
-            () = &mut shutdown => { log::info!("shutdown requested: detaching"); break; }
+            _ = terminate.recv() => { log::info!("SIGTERM: stopping"); break; }
+            _ = interrupt.recv() => { log::info!("SIGINT: stopping"); break; }
+            () = &mut shutdown => { log::info!("shutdown requested: stopping"); break; }
         }
     }
+    notify(&[NotifyState::Stopping]);
     daemon.stop();
     Ok(())
+}
+
+/// Tells systemd (`Type=notify`) how the service is doing; a no-op outside systemd.
+fn notify(states: &[NotifyState<'_>]) {
+    if let Err(error) = sd_notify::notify(states) {
+        log::warn!("sd_notify: {error}");
+    }
+}
+
+/// Starts the metrics endpoint, reading the counters through the pins.
+async fn start_metrics(
+    address: SocketAddr,
+    pin_dir: &Path,
+    ids: CounterMapIds,
+    telemetry: &SharedTelemetry,
+) -> Result<JoinHandle<()>, DaemonError> {
+    let maps = open_counters(pin_dir, ids)?;
+    Ok(metrics::serve(address, maps, Arc::clone(telemetry)).await?)
 }
 
 /// A running instance: the attached program, its maps and the policy in force.
@@ -122,6 +165,9 @@ struct Daemon {
     filter: Filter,
     maps: PolicyMaps,
     counter_map_ids: CounterMapIds,
+    telemetry: SharedTelemetry,
+    /// The metrics endpoint, while one is configured.
+    metrics: Option<(SocketAddr, JoinHandle<()>)>,
     pins: PinsGuard,
     _lock: InstanceLock,
 }
@@ -190,6 +236,14 @@ impl Daemon {
             }
         }
         set_link_pins(&mut filter, instance, config.on_exit)?;
+        let telemetry = SharedTelemetry::default();
+        let metrics = match config.metrics_listen {
+            Some(address) => Some((
+                address,
+                start_metrics(address, &pin_dir, counter_map_ids, &telemetry).await?,
+            )),
+            None => None,
+        };
         pins.remove = config.on_exit == OnExit::Detach;
         let daemon = Self {
             config_path: config_path.to_owned(),
@@ -201,6 +255,8 @@ impl Daemon {
             filter,
             maps,
             counter_map_ids,
+            telemetry,
+            metrics,
             pins,
             _lock: lock,
         };
@@ -286,6 +342,25 @@ impl Daemon {
             .filter(|interface| !config.interfaces.contains(interface))
             .cloned()
             .collect();
+        // A new metrics address is bound before anything is applied, so a busy port refuses
+        // the reload as a whole.
+        let new_metrics = match config.metrics_listen {
+            Some(address)
+                if self.metrics.as_ref().map(|(current, _)| *current) != Some(address) =>
+            {
+                Some((
+                    address,
+                    start_metrics(
+                        address,
+                        &self.instance.pin_dir(),
+                        self.counter_map_ids,
+                        &self.telemetry,
+                    )
+                    .await?,
+                ))
+            }
+            _ => None,
+        };
         let mut attached = Vec::new();
         let outcome = (|| {
             for interface in &added {
@@ -303,6 +378,9 @@ impl Daemon {
                         log::error!("{detach_error}");
                     }
                 }
+                if let Some((_, task)) = new_metrics {
+                    task.abort();
+                }
                 return Err(error);
             }
         };
@@ -316,6 +394,16 @@ impl Daemon {
             log::error!("{error}");
         }
         self.pins.remove = config.on_exit == OnExit::Detach;
+        if let Some(started) = new_metrics {
+            if let Some((_, old)) = self.metrics.replace(started) {
+                old.abort();
+            }
+        } else if config.metrics_listen.is_none()
+            && let Some((address, old)) = self.metrics.take()
+        {
+            old.abort();
+            log::info!("metrics: no longer serving on {address}");
+        }
         self.config = config;
         self.policy = policy;
         self.fetched = fetched;
@@ -324,6 +412,66 @@ impl Daemon {
         }
         self.write_state(true)?;
         Ok(report)
+    }
+
+    /// One line for `systemctl status`.
+    fn status(&self) -> String {
+        format!(
+            "{} mode, policy generation {}: {} allow and {} deny prefixes",
+            self.policy.mode,
+            self.maps.generation(),
+            self.policy.count(List::Allow),
+            self.policy.count(List::Deny)
+        )
+    }
+
+    fn count_reload(&self, ok: bool) {
+        if let Ok(mut telemetry) = self.telemetry.lock() {
+            if ok {
+                telemetry.reloads_ok += 1;
+            } else {
+                telemetry.reloads_error += 1;
+            }
+        }
+    }
+
+    /// Shares what the daemon knows with the metrics endpoint.
+    fn publish(&self) {
+        let Ok(mut telemetry) = self.telemetry.lock() else {
+            return;
+        };
+        telemetry.interfaces = self
+            .filter
+            .attachments()
+            .iter()
+            .map(|attachment| (attachment.interface.clone(), attachment.mode))
+            .collect();
+        telemetry.mode = self.policy.mode;
+        telemetry.generation = self.maps.generation();
+        telemetry.prefixes = self
+            .maps
+            .counter_ids()
+            .map(|(net, list, id)| {
+                let rule = self
+                    .policy
+                    .entries
+                    .get(net)
+                    .map(|entry| entry.rule.clone())
+                    .unwrap_or_default();
+                (id, list, rule, net.to_string())
+            })
+            .collect();
+        telemetry.dns = self
+            .fetched
+            .names
+            .iter()
+            .map(|(name, resolution)| {
+                (
+                    name.to_string(),
+                    (resolution.failures, resolution.stale.is_some()),
+                )
+            })
+            .collect();
     }
 
     fn describe(&self, report: &ApplyReport) -> String {
@@ -384,7 +532,9 @@ impl Daemon {
             prefixes,
             counter_map_ids: self.counter_map_ids,
         };
-        Ok(self.instance.write_state(&state)?)
+        self.instance.write_state(&state)?;
+        self.publish();
+        Ok(())
     }
 
     fn stop(mut self) {

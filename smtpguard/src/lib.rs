@@ -14,6 +14,7 @@ pub mod filter;
 pub mod instance;
 pub mod listfile;
 pub mod maps;
+pub mod metrics;
 pub mod policy;
 pub mod prefix;
 pub mod report;

@@ -83,6 +83,8 @@ pub struct Resolution {
     pub refresh_at: Instant,
     /// Set while the last attempt failed and `nets` are the last good answer.
     pub stale: Option<String>,
+    /// Refreshes of this name that failed since the daemon started.
+    pub failures: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -286,6 +288,7 @@ async fn refresh(
                 resolved_at: SystemTime::now(),
                 refresh_at: Instant::now() + interval,
                 stale: None,
+                failures: previous.map_or(0, |previous| previous.failures),
             })
         }
         (Err(error), Some(previous)) => {
@@ -305,6 +308,7 @@ async fn refresh(
                 resolved_at: previous.resolved_at,
                 refresh_at: Instant::now() + settings.min_refresh,
                 stale: Some(message),
+                failures: previous.failures + 1,
             })
         }
         (Err(error), None) => Err(error),

@@ -6,3 +6,4 @@ pub mod dns;
 pub mod frames;
 pub mod kernel;
 pub mod netns;
+pub mod prometheus;

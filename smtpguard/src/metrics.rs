@@ -1,0 +1,352 @@
+//! The Prometheus endpoint: `[metrics] listen = "127.0.0.1:9725"` serves `/metrics` in the
+//! OpenMetrics text format, encoded by the `prometheus-client` crate. Kernel counters are read
+//! at scrape time, from the same pinned maps `smtpguard stats` reads; what the daemon knows
+//! (policy, reloads, DNS) is shared with it through [`Telemetry`].
+//!
+//! The metric names and labels are a contract:
+//! - `smtpguard_rule_matches_total{list,rule,prefix}`: guarded SYNs matched per prefix
+//! - `smtpguard_syn_total{class="allowed|denied|unlisted"}`: guarded SYNs by classification
+//! - `smtpguard_dropped_total`, `smtpguard_rejected_total`, `smtpguard_would_block_total`
+//! - `smtpguard_reloads_total{result="ok|error"}`: policy applies after start (SIGHUP, DNS)
+//! - `smtpguard_policy_prefixes{list}`, `smtpguard_policy_generation`
+//! - `smtpguard_info{version,xdp_mode,interface}` = 1, `smtpguard_enforcing` = 1 or 0 (audit)
+//! - `smtpguard_dns_refresh_failures_total{name}`, `smtpguard_dns_stale{name}` = 1 while a
+//!   name's last good answer is kept after a failure
+
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use http_body_util::Full;
+use hyper::{
+    Request, Response, StatusCode, body::Bytes, header::CONTENT_TYPE, server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::rt::TokioIo;
+use prometheus_client::{
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
+};
+use smtpguard_common::counter;
+use tokio::{net::TcpListener, task::JoinHandle};
+
+use crate::{config::Mode, filter::AttachedMode, maps::CounterMaps, policy::List};
+
+/// What the daemon knows that the kernel maps do not: shared with the scrape handler.
+#[derive(Clone, Debug, Default)]
+pub struct Telemetry {
+    pub interfaces: Vec<(String, AttachedMode)>,
+    pub mode: Mode,
+    pub generation: u32,
+    /// Per-prefix counter id, list, rule and prefix of the policy in force.
+    pub prefixes: Vec<(u32, List, String, String)>,
+    pub reloads_ok: u64,
+    pub reloads_error: u64,
+    /// Per DNS name: refreshes that failed, and whether its last good answer is in use.
+    pub dns: BTreeMap<String, (u64, bool)>,
+}
+
+pub type SharedTelemetry = Arc<Mutex<Telemetry>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("metrics: cannot listen on {address}: {source}")]
+    Bind {
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Reads the kernel counters and the daemon's telemetry on every scrape.
+struct Exporter {
+    maps: Mutex<CounterMaps>,
+    telemetry: SharedTelemetry,
+}
+
+impl std::fmt::Debug for Exporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Exporter")
+    }
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+/// One metric family; a label-less value is the family's only sample.
+fn counter_family(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    values: &[(Labels, u64)],
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, value) in values {
+        if labels.is_empty() {
+            ConstCounter::new(*value).encode(family)?;
+            return Ok(());
+        }
+        ConstCounter::new(*value).encode(family.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+fn gauge_family(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    values: &[(Labels, i64)],
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, value) in values {
+        if labels.is_empty() {
+            ConstGauge::new(*value).encode(family)?;
+            return Ok(());
+        }
+        ConstGauge::new(*value).encode(family.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+impl prometheus_client::collector::Collector for Exporter {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let telemetry = self.telemetry.lock().map_err(|_| std::fmt::Error)?.clone();
+        let snapshot = match self.maps.lock().map_err(|_| std::fmt::Error)?.read() {
+            Ok(snapshot) => snapshot,
+            Err(error) => {
+                log::error!("metrics: reading the counters: {error}");
+                return Err(std::fmt::Error);
+            }
+        };
+        let global = |index| snapshot.get(index);
+        let none = || Labels::new();
+        let rules: Vec<(Labels, u64)> = telemetry
+            .prefixes
+            .iter()
+            .map(|(id, list, rule, prefix)| {
+                (
+                    vec![
+                        ("list", list.as_str().to_owned()),
+                        ("rule", rule.clone()),
+                        ("prefix", prefix.clone()),
+                    ],
+                    snapshot.prefixes.get(id).copied().unwrap_or(0),
+                )
+            })
+            .collect();
+        counter_family(
+            &mut encoder,
+            "smtpguard_rule_matches",
+            "Guarded SYNs whose source matched this prefix (its most specific match).",
+            &rules,
+        )?;
+        counter_family(
+            &mut encoder,
+            "smtpguard_syn",
+            "Guarded SYNs by classification of their source.",
+            &[
+                (
+                    vec![("class", "allowed".into())],
+                    global(counter::SYN_ALLOWED),
+                ),
+                (
+                    vec![("class", "denied".into())],
+                    global(counter::SYN_DENIED),
+                ),
+                (
+                    vec![("class", "unlisted".into())],
+                    global(counter::SYN_UNLISTED),
+                ),
+            ],
+        )?;
+        for (name, help, index) in [
+            (
+                "smtpguard_dropped",
+                "Guarded SYNs the program dropped.",
+                counter::DROPPED,
+            ),
+            (
+                "smtpguard_rejected",
+                "Guarded SYNs answered with a TCP RST.",
+                counter::REJECTED,
+            ),
+            (
+                "smtpguard_would_block",
+                "Guarded SYNs passed in audit mode that enforce mode would have stopped.",
+                counter::WOULD_BLOCK,
+            ),
+            (
+                "smtpguard_unparsed_passed",
+                "Frames too short or malformed to parse, passed (the kernel drops them).",
+                counter::PASSED_UNPARSED,
+            ),
+            (
+                "smtpguard_hidden_decided",
+                "Packets whose TCP header was out of sight, decided by source as guarded SYNs.",
+                counter::HIDDEN_DECIDED,
+            ),
+            (
+                "smtpguard_fragments_passed",
+                "Non-first fragments, passed (the first fragment carries the decision).",
+                counter::PASSED_FRAGMENTS,
+            ),
+        ] {
+            counter_family(&mut encoder, name, help, &[(none(), global(index))])?;
+        }
+        counter_family(
+            &mut encoder,
+            "smtpguard_reloads",
+            "Policy applies after start (SIGHUP, changed DNS answers), by result.",
+            &[
+                (vec![("result", "ok".into())], telemetry.reloads_ok),
+                (vec![("result", "error".into())], telemetry.reloads_error),
+            ],
+        )?;
+        let count = |list: List| {
+            telemetry
+                .prefixes
+                .iter()
+                .filter(|(_, entry_list, _, _)| *entry_list == list)
+                .count() as i64
+        };
+        gauge_family(
+            &mut encoder,
+            "smtpguard_policy_prefixes",
+            "Prefixes in the policy in force.",
+            &[
+                (vec![("list", "allow".into())], count(List::Allow)),
+                (vec![("list", "deny".into())], count(List::Deny)),
+            ],
+        )?;
+        gauge_family(
+            &mut encoder,
+            "smtpguard_policy_generation",
+            "Generation of the policy in force.",
+            &[(none(), i64::from(telemetry.generation))],
+        )?;
+        let info: Vec<(Labels, i64)> = telemetry
+            .interfaces
+            .iter()
+            .map(|(interface, mode)| {
+                (
+                    vec![
+                        ("version", env!("CARGO_PKG_VERSION").to_owned()),
+                        ("xdp_mode", mode.to_string()),
+                        ("interface", interface.clone()),
+                    ],
+                    1,
+                )
+            })
+            .collect();
+        gauge_family(
+            &mut encoder,
+            "smtpguard_info",
+            "Always 1: the version, and the XDP mode in force on each interface.",
+            &info,
+        )?;
+        gauge_family(
+            &mut encoder,
+            "smtpguard_enforcing",
+            "1 in enforce mode, 0 in audit mode.",
+            &[(none(), i64::from(telemetry.mode == Mode::Enforce))],
+        )?;
+        let failures: Vec<(Labels, u64)> = telemetry
+            .dns
+            .iter()
+            .map(|(name, (failures, _))| (vec![("name", name.clone())], *failures))
+            .collect();
+        counter_family(
+            &mut encoder,
+            "smtpguard_dns_refresh_failures",
+            "DNS refreshes of this name that failed (its last good answer was kept).",
+            &failures,
+        )?;
+        let stale: Vec<(Labels, i64)> = telemetry
+            .dns
+            .iter()
+            .map(|(name, (_, stale))| (vec![("name", name.clone())], i64::from(*stale)))
+            .collect();
+        gauge_family(
+            &mut encoder,
+            "smtpguard_dns_stale",
+            "1 while this name's last good answer is in use because a refresh failed.",
+            &stale,
+        )
+    }
+}
+
+/// Serves `/metrics` on `address` until the returned task is aborted.
+pub async fn serve(
+    address: SocketAddr,
+    maps: CounterMaps,
+    telemetry: SharedTelemetry,
+) -> Result<JoinHandle<()>, MetricsError> {
+    let listener = TcpListener::bind(address)
+        .await
+        .map_err(|source| MetricsError::Bind { address, source })?;
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Exporter {
+        maps: Mutex::new(maps),
+        telemetry,
+    }));
+    let registry = Arc::new(registry);
+    log::info!("metrics: serving http://{address}/metrics");
+    Ok(tokio::spawn(async move {
+        loop {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    log::warn!("metrics: accept: {error}");
+                    continue;
+                }
+            };
+            let registry = Arc::clone(&registry);
+            tokio::spawn(async move {
+                let service = service_fn(move |request| {
+                    let registry = Arc::clone(&registry);
+                    async move { Ok::<_, Infallible>(respond(&request, &registry)) }
+                });
+                if let Err(error) = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await
+                {
+                    log::debug!("metrics: connection: {error}");
+                }
+            });
+        }
+    }))
+}
+
+fn respond<B>(request: &Request<B>, registry: &Registry) -> Response<Full<Bytes>> {
+    let reply = |status, content_type: &'static str, body: String| {
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = status;
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, content_type.parse().expect("static header"));
+        response
+    };
+    if request.uri().path() != "/metrics" {
+        return reply(
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            "smtpguard serves /metrics only\n".to_owned(),
+        );
+    }
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, registry) {
+        Ok(()) => reply(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            body,
+        ),
+        Err(_) => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain; charset=utf-8",
+            "reading the counters failed; see the daemon's log\n".to_owned(),
+        ),
+    }
+}

@@ -24,10 +24,35 @@ const DEFAULT_CONFIG: &str = "/etc/smtpguard/smtpguard.toml";
 ///
 /// smtpguard attaches an XDP program to the mail server's interfaces. Every new inbound TCP
 /// connection (a SYN) to a guarded port is decided by its source address: the longest
-/// matching prefix of the allow and deny lists decides; unlisted sources are dropped.
-/// Established connections, outbound mail, other ports and other protocols pass untouched.
+/// matching prefix of the allow and deny lists decides; unlisted sources are dropped (or
+/// rejected with a TCP reset). Established connections, outbound mail, other ports and other
+/// protocols pass untouched. In audit mode nothing is blocked and `report` lists who would be.
 #[derive(Parser)]
-#[command(version, propagate_version = true)]
+#[command(
+    version,
+    propagate_version = true,
+    after_long_help = "\
+LOCK-DOWN WORKFLOW:
+  1. mode = \"audit\": smtpguard run; every SYN enforce would stop is counted per source.
+  2. smtpguard report: who would be blocked. Allow the legitimate ones; explain ADDR checks.
+  3. mode = \"enforce\", then reload (SIGHUP, systemctl reload smtpguard).
+
+SIGNALS:
+  SIGHUP   re-read the configuration, its list files and DNS names; apply atomically, or
+           keep the running policy and log why not.
+  SIGTERM, SIGINT
+           exit. With on_exit = \"keep\" (the default) the filter stays in force, pinned in
+           bpffs; the next start takes it over without a gap. `smtpguard detach` removes it.
+
+FILES:
+  /etc/smtpguard/smtpguard.toml   configuration (see README: interfaces, ports, mode, action,
+                                  xdp_mode, on_exit, [metrics], [dns], [[allow]], [[deny]])
+  /sys/fs/bpf/smtpguard/NAME/     pinned maps and links of instance NAME
+  /run/smtpguard/NAME/state.json  what the running (or last) daemon applied
+
+EXIT STATUS:
+  0 on success; 1 with a message naming the file, line and value on any error."
+)]
 struct Cli {
     /// Name of the instance: its pins live in /sys/fs/bpf/smtpguard/NAME and its state in
     /// /run/smtpguard/NAME. Run one instance per set of interfaces.
@@ -81,6 +106,9 @@ enum Command {
     /// killed): detach the program from every interface, remove the pinned links and maps and
     /// the state file. Port 25 is open afterwards. Refused while a daemon runs the instance.
     Detach,
+    /// Print the manual page (roff) generated from this help, for packaging.
+    #[command(hide = true)]
+    Manpage,
     /// Explain the decision for a SYN from ADDR: guarded port, matching prefix and where it
     /// came from, mode and action, verdict. Uses the configuration file (with its list files
     /// and DNS names), not the running instance.
@@ -185,6 +213,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             } else {
                 print!("{}", report.to_text());
             }
+            Ok(())
+        }
+        Command::Manpage => {
+            let page = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).section("8");
+            page.render(&mut std::io::stdout().lock())
+                .context("writing the manual page")?;
             Ok(())
         }
         Command::Detach => {

@@ -41,6 +41,22 @@ pub enum Launcher {
     Nsenter,
     /// `ip netns exec NAME`: a private mount namespace with its own /sys (no host bpffs).
     IpNetnsExec,
+    /// `nsenter`, then `setpriv` keeping only the capabilities the shipped systemd unit
+    /// grants (its `CapabilityBoundingSet`).
+    UnitCapabilities,
+}
+
+/// The capabilities `packaging/smtpguard.service` grants, in setpriv's spelling
+/// (`bpf,net_admin,perfmon`).
+pub fn unit_capabilities() -> Vec<String> {
+    let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/smtpguard.service");
+    let text = std::fs::read_to_string(&unit).expect("read the systemd unit");
+    text.lines()
+        .find_map(|line| line.strip_prefix("CapabilityBoundingSet="))
+        .expect("CapabilityBoundingSet in the unit")
+        .split_whitespace()
+        .map(|cap| cap.trim_start_matches("CAP_").to_ascii_lowercase())
+        .collect()
 }
 
 impl Launcher {
@@ -56,6 +72,19 @@ impl Launcher {
                 command.args(["netns", "exec", &netns.name]);
                 command
             }
+            Self::UnitCapabilities => {
+                let bounding: String = unit_capabilities()
+                    .iter()
+                    .map(|cap| format!(",+{cap}"))
+                    .collect();
+                let mut command = Command::new("nsenter");
+                command
+                    .arg(format!("--net={}", netns.path()))
+                    .arg("setpriv")
+                    .arg(format!("--bounding-set=-all{bounding}"))
+                    .arg("--");
+                command
+            }
         }
     }
 }
@@ -63,6 +92,8 @@ impl Launcher {
 /// A running daemon; stopped with SIGTERM on drop.
 pub struct Daemon {
     child: Option<Child>,
+    /// Extra environment for the daemon process (e.g. `NOTIFY_SOCKET`).
+    env: Vec<(String, String)>,
     pub instance: String,
     pub dir: PathBuf,
     pub config_path: PathBuf,
@@ -77,6 +108,16 @@ impl Daemon {
 
     /// As [`Daemon::start`], entering the namespace with `launcher`.
     pub fn start_with(netns: &Netns, config: &str, launcher: Launcher) -> Self {
+        Self::start_env(netns, config, launcher, &[])
+    }
+
+    /// As [`Daemon::start_with`], with `env` added to the daemon's environment.
+    pub fn start_env(
+        netns: &Netns,
+        config: &str,
+        launcher: Launcher,
+        env: &[(&str, &str)],
+    ) -> Self {
         let instance = format!("sg-{}", unique_tag());
         let dir = std::env::temp_dir().join(&instance);
         std::fs::create_dir_all(&dir).expect("temp dir");
@@ -85,6 +126,10 @@ impl Daemon {
         std::fs::write(&config_path, config).expect("write config");
         let mut daemon = Self {
             child: None,
+            env: env
+                .iter()
+                .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
+                .collect(),
             instance,
             dir,
             config_path,
@@ -106,6 +151,7 @@ impl Daemon {
             .arg(binary())
             .args(["--instance", &self.instance, "run", "--config"])
             .arg(&self.config_path)
+            .envs(self.env.iter().map(|(key, value)| (key, value)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

@@ -175,3 +175,102 @@ fn detach_is_refused_while_a_daemon_runs() {
         "still enforced"
     );
 }
+
+/// The capabilities of a running process, from /proc/PID/status.
+fn effective_capabilities(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let hex = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .expect("CapEff")
+        .trim();
+    u64::from_str_radix(hex, 16).expect("hex capabilities")
+}
+
+#[test]
+fn the_units_capabilities_are_enough() {
+    let caps = smtpguard_tests::daemon::unit_capabilities();
+    assert_eq!(
+        caps,
+        ["bpf", "net_admin", "perfmon"],
+        "the unit grants these"
+    );
+    let pair = Pair::new(&[ALLOWED4.into(), UNLISTED4.into()]);
+    let _smtp = Listener::start(&pair.server, 25);
+    let text = format!(
+        "{}\n[metrics]\nlisten = \"127.0.0.1:9725\"\n",
+        config(&pair.server_if)
+    );
+    let mut daemon = Daemon::start_with(
+        &pair.server,
+        &text,
+        smtpguard_tests::daemon::Launcher::UnitCapabilities,
+    );
+    // CAP_NET_ADMIN 12, CAP_PERFMON 38, CAP_BPF 39: nothing else.
+    assert_eq!(
+        effective_capabilities(daemon.pid()),
+        (1 << 12) | (1 << 38) | (1 << 39),
+        "the daemon runs with the unit's capabilities only"
+    );
+    assert_eq!(attempt(&pair, ALLOWED4, BLOCKED_WAIT), Outcome::Connected);
+    assert_eq!(attempt(&pair, UNLISTED4, BLOCKED_WAIT), Outcome::TimedOut);
+    daemon.reload(&text.replace("192.0.2.0/28", "203.0.113.0/24"));
+    assert_eq!(
+        attempt(&pair, UNLISTED4, BLOCKED_WAIT),
+        Outcome::Connected,
+        "reloaded"
+    );
+    let (status, body) =
+        smtpguard_tests::prometheus::http_get(&pair.server, "127.0.0.1:9725", "/metrics")
+            .expect("scrape");
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("smtpguard_syn_total{class=\"allowed\"} 2"),
+        "{body}"
+    );
+}
+
+#[test]
+fn systemd_hears_ready_reloading_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = std::env::temp_dir().join(format!("sg-notify-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("notify.sock");
+    let _ = std::fs::remove_file(&path);
+    let socket = UnixDatagram::bind(&path).expect("bind notify socket");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let receive = || {
+        let mut buffer = [0u8; 4096];
+        let n = socket.recv(&mut buffer).expect("a notification");
+        String::from_utf8_lossy(&buffer[..n]).into_owned()
+    };
+    let pair = Pair::new(&[UNLISTED4.into()]);
+    let mut daemon = Daemon::start_env(
+        &pair.server,
+        &config(&pair.server_if),
+        smtpguard_tests::daemon::Launcher::Nsenter,
+        &[("NOTIFY_SOCKET", &path.to_string_lossy())],
+    );
+    let ready = receive();
+    assert!(ready.contains("READY=1"), "{ready}");
+    assert!(
+        ready.contains("STATUS=enforce mode, policy generation 1"),
+        "{ready}"
+    );
+    daemon.reload(&config(&pair.server_if));
+    let reloading = receive();
+    assert!(
+        reloading.contains("RELOADING=1") && reloading.contains("MONOTONIC_USEC="),
+        "{reloading}"
+    );
+    let ready = receive();
+    assert!(
+        ready.contains("READY=1") && ready.contains("generation 2"),
+        "{ready}"
+    );
+    assert!(daemon.stop().success());
+    assert!(receive().contains("STOPPING=1"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

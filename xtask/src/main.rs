@@ -30,6 +30,9 @@ enum Task {
     Test,
     /// Lock port 25 down on two throwaway namespaces and show what gets through.
     Demo,
+    /// Build the Debian package (release binary, systemd unit, default config, man page)
+    /// into target/package/.
+    Package,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,6 +42,12 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup::run(&root),
         Task::Test => test(&root),
         Task::Demo => demo(&root),
+        Task::Package => {
+            setup::run(&root)?;
+            let deb = package(&root)?;
+            println!("{}", deb.display());
+            Ok(())
+        }
     }
 }
 
@@ -116,6 +125,10 @@ fn test(root: &Path) -> anyhow::Result<()> {
         "cargo",
         &["build", "--locked", "--package", "smtpguard"],
     )?;
+    // The packaging test installs the package this run builds.
+    let deb = package(root)?;
+    // SAFETY: single-threaded at this point; the variable is read by the child processes.
+    unsafe { std::env::set_var("SMTPGUARD_DEB", &deb) };
     let summary = cargo_test(root)?;
     eprintln!(
         "all checks passed in {:.0} s",
@@ -124,6 +137,55 @@ fn test(root: &Path) -> anyhow::Result<()> {
     // The closing line: the totals of every test binary.
     println!("{summary}");
     Ok(())
+}
+
+/// Builds `target/package/smtpguard_VERSION_ARCH.deb` with cargo-deb: the release binary,
+/// the systemd unit, the default configuration (a conffile) and the manual page.
+fn package(root: &Path) -> anyhow::Result<PathBuf> {
+    let out = root.join("target/package");
+    std::fs::create_dir_all(&out).with_context(|| format!("create {}", out.display()))?;
+    run(
+        root,
+        "cargo",
+        &["build", "--locked", "--release", "--package", "smtpguard"],
+    )?;
+    let page = Command::new(root.join("target/release/smtpguard"))
+        .arg("manpage")
+        .output()
+        .context("run smtpguard manpage")?;
+    if !page.status.success() {
+        bail!(
+            "smtpguard manpage failed: {}",
+            String::from_utf8_lossy(&page.stderr)
+        );
+    }
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    std::io::Write::write_all(&mut encoder, &page.stdout)?;
+    std::fs::write(out.join("smtpguard.8.gz"), encoder.finish()?)
+        .context("write the manual page")?;
+    let cargo_deb = setup::cargo_deb()?;
+    let output = Command::new(&cargo_deb)
+        .args([
+            "deb",
+            "--locked",
+            "--no-build",
+            "--package",
+            "smtpguard",
+            "--output",
+        ])
+        .arg(&out)
+        .current_dir(root)
+        .output()
+        .with_context(|| format!("run {}", cargo_deb.display()))?;
+    if !output.status.success() {
+        bail!(
+            "cargo deb failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let deb = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+    eprintln!("==> package {}", deb.display());
+    Ok(deb)
 }
 
 fn demo(root: &Path) -> anyhow::Result<()> {

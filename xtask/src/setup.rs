@@ -29,8 +29,50 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
     let linker = bpf_linker()?;
     link_into_workspace(root, &linker)?;
     debian_packages()?;
+    cargo_deb()?;
     eprintln!("setup: done in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// The version of cargo-deb that builds the Debian package.
+const CARGO_DEB_VERSION: &str = "3.8.0";
+
+/// `~/.cache/smtpguard` (or `$XDG_CACHE_HOME/smtpguard`): tools built once per machine.
+fn cache_dir() -> anyhow::Result<PathBuf> {
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map_or_else(|| PathBuf::from(&home).join(".cache"), PathBuf::from);
+    Ok(cache.join("smtpguard"))
+}
+
+/// The cached cargo-deb, installed if missing.
+pub fn cargo_deb() -> anyhow::Result<PathBuf> {
+    let root = cache_dir()?.join(format!("cargo-deb-{CARGO_DEB_VERSION}"));
+    let binary = root.join("bin/cargo-deb");
+    let works = Command::new(&binary)
+        .arg("--version")
+        .output()
+        .is_ok_and(|output| output.status.success());
+    if works {
+        eprintln!("setup: cargo-deb ok ({})", binary.display());
+        return Ok(binary);
+    }
+    eprintln!("setup: installing cargo-deb {CARGO_DEB_VERSION} (about a minute)");
+    crate::run(
+        Path::new("."),
+        "cargo",
+        &[
+            "install",
+            "--locked",
+            "--quiet",
+            "--version",
+            CARGO_DEB_VERSION,
+            "--root",
+            &root.to_string_lossy(),
+            "cargo-deb",
+        ],
+    )?;
+    Ok(binary)
 }
 
 fn output(program: &str, args: &[&str]) -> anyhow::Result<String> {
@@ -113,10 +155,7 @@ fn bpf_linker() -> anyhow::Result<PathBuf> {
             }
         })
         .collect();
-    let home = std::env::var_os("HOME").context("HOME is not set")?;
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map_or_else(|| PathBuf::from(&home).join(".cache"), PathBuf::from);
-    let prefix = cache.join("smtpguard/bpf-linker").join(&key);
+    let prefix = cache_dir()?.join("bpf-linker").join(&key);
     let binary = prefix.join("bin/bpf-linker");
     if linker_works(&binary, &sysroot) {
         eprintln!("setup: bpf-linker ok ({})", binary.display());

@@ -20,6 +20,11 @@ pub mod map_name {
     pub const V6_SLOT0: &str = "SG_V6_0";
     /// `LpmTrie<[u8; 16], RuleValue>` holding the IPv6 prefixes of policy slot 1.
     pub const V6_SLOT1: &str = "SG_V6_1";
+    /// `Array<[u32; V4_GUARD_WORDS]>` of [`super::SLOTS`] entries: per policy slot, one bit
+    /// per IPv4 /24, set when some prefix of the slot overlaps that /24. A clear bit settles
+    /// a source as unlisted in one memory access, without walking the trie; a set bit sends
+    /// it on to the trie, which stays the source of truth.
+    pub const V4_GUARD: &str = "SG_V4_GUARD";
     /// `PerCpuHashMap<u32, u64>`: SYNs matched, keyed by [`super::RuleValue::counter_id`].
     pub const PREFIX_HITS: &str = "SG_PREFIX_HITS";
     /// `PerCpuArray<u64>` of [`super::counter::COUNT`] entries: global counters.
@@ -30,13 +35,14 @@ pub mod map_name {
     pub const OFFENDERS: &str = "SG_OFFENDERS";
 
     /// Every map, in a stable order (pinning, listing, tests).
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         ACTIVE_SLOT,
         SLOT_CONFIG,
         V4_SLOT0,
         V4_SLOT1,
         V6_SLOT0,
         V6_SLOT1,
+        V4_GUARD,
         PREFIX_HITS,
         GLOBAL,
         OFFENDERS,
@@ -57,6 +63,9 @@ pub const MAX_PREFIXES_PER_FAMILY: u32 = 4 << 20;
 /// Upper bound on live per-prefix counters (both families, both slots).
 pub const MAX_PREFIX_COUNTERS: u32 = 2 * MAX_PREFIXES_PER_FAMILY;
 
+/// Words of one slot's IPv4 guard bitmap: 2^24 bits, one per /24 (2 MiB).
+pub const V4_GUARD_WORDS: usize = 1 << 19;
+
 /// Sources remembered in [`map_name::OFFENDERS`].
 pub const MAX_OFFENDERS: u32 = 65536;
 
@@ -75,7 +84,9 @@ pub struct SlotConfig {
     pub mode: u32,
     /// One of [`action`] (`DROP` or `REJECT`): what happens to a SYN no prefix matches.
     pub unlisted_action: u32,
-    pub _reserved: u32,
+    /// 1 when this slot's IPv4 guard bitmap ([`map_name::V4_GUARD`]) is written and may be
+    /// trusted; 0 sends every IPv4 source to the trie.
+    pub v4_guard: u32,
 }
 const _: () = assert!(size_of::<SlotConfig>() == PORT_WORDS * 4 + 16);
 
@@ -85,7 +96,7 @@ impl SlotConfig {
         generation: 0,
         mode: mode::ENFORCE,
         unlisted_action: action::DROP,
-        _reserved: 0,
+        v4_guard: 0,
     };
 
     /// Whether TCP destination `port` is guarded in this slot.

@@ -19,7 +19,7 @@ use aya_ebpf::{
 use parse::{Layers, Sighting, Source, TCP_ACK, TCP_SYN};
 use smtpguard_common::{
     MAX_OFFENDERS, MAX_PREFIX_COUNTERS, MAX_PREFIXES_PER_FAMILY, Offender, RuleValue, SLOTS,
-    SlotConfig, action, counter, mode,
+    SlotConfig, V4_GUARD_WORDS, action, counter, mode,
 };
 
 #[map(name = "SG_ACTIVE")]
@@ -43,6 +43,9 @@ static V6_SLOT0: LpmTrie<[u8; 16], RuleValue> =
 #[map(name = "SG_V6_1")]
 static V6_SLOT1: LpmTrie<[u8; 16], RuleValue> =
     LpmTrie::with_max_entries(MAX_PREFIXES_PER_FAMILY, 0);
+
+#[map(name = "SG_V4_GUARD")]
+static V4_GUARD: Array<[u32; V4_GUARD_WORDS]> = Array::with_max_entries(SLOTS, 0);
 
 #[map(name = "SG_PREFIX_HITS")]
 static PREFIX_HITS: PerCpuHashMap<u32, u64> =
@@ -99,11 +102,15 @@ fn decide_guarded(ctx: &XdpContext, src: &Source, dport: Option<u16>, at: Option
     {
         return xdp_action::XDP_PASS;
     }
-    let (audit, unlisted_action) = (config.mode == mode::AUDIT, config.unlisted_action);
+    let (audit, unlisted_action, v4_guard) = (
+        config.mode == mode::AUDIT,
+        config.unlisted_action,
+        config.v4_guard == 1,
+    );
     if at.is_none() {
         count(counter::HIDDEN_DECIDED);
     }
-    let stop = match lookup(slot, src) {
+    let stop = match lookup(slot, src, v4_guard) {
         Some(rule) if rule.action == action::ALLOW => {
             count(counter::SYN_ALLOWED);
             count_prefix(rule.counter_id);
@@ -167,11 +174,15 @@ fn remember(src: &Source, audit: bool) {
     let _ = OFFENDERS.insert(key, first, u64::from(BPF_NOEXIST));
 }
 
-/// Longest-prefix match of `src` in the active slot's trie for its family.
+/// Longest-prefix match of `src` in the active slot's trie for its family. An IPv4 source
+/// whose /24 no prefix overlaps is settled by the guard bitmap, without the trie walk.
 #[inline(always)]
-fn lookup(slot: u32, src: &Source) -> Option<RuleValue> {
+fn lookup(slot: u32, src: &Source, v4_guard: bool) -> Option<RuleValue> {
     match src {
         Source::V4(addr) => {
+            if v4_guard && !v4_listed(slot, addr) {
+                return None;
+            }
             let key = Key::new(32, *addr);
             if slot == 0 {
                 V4_SLOT0.get(&key).copied()
@@ -206,6 +217,19 @@ unsafe fn atomic_add(ptr: *mut u64, value: u64) {
     unsafe {
         *ptr += value;
     }
+}
+
+/// Whether the guard bitmap of `slot` has the /24 of `addr` marked as overlapped by a prefix.
+#[inline(always)]
+fn v4_listed(slot: u32, addr: &[u8; 4]) -> bool {
+    let block = u32::from_be_bytes(*addr) >> 8;
+    let Some(bits) = V4_GUARD.get_ptr(slot) else {
+        return true;
+    };
+    let word = (block >> 5) as usize & (V4_GUARD_WORDS - 1);
+    // SAFETY: `word` is masked below the array's length; the pointer is the map value.
+    let bits = unsafe { *(bits as *const u32).add(word) };
+    bits & (1 << (block & 31)) != 0
 }
 
 #[inline(always)]

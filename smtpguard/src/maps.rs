@@ -19,7 +19,9 @@ use aya::maps::{
     PerCpuValues, lpm_trie::Key,
 };
 use ipnet::IpNet;
-use smtpguard_common::{Offender, RuleValue, SLOTS, SlotConfig, action, counter, map_name, mode};
+use smtpguard_common::{
+    Offender, RuleValue, SLOTS, SlotConfig, V4_GUARD_WORDS, action, counter, map_name, mode,
+};
 
 use crate::{
     config::{Action, Mode},
@@ -85,6 +87,7 @@ pub struct PolicyMaps {
     prefix_hits: PerCpuHashMap<MapData, u32, u64>,
     global: PerCpuArray<MapData, u64>,
     offenders: LruHashMap<MapData, [u8; 16], Offender>,
+    v4_guard: Array<MapData, V4Guard>,
     /// The entries each slot holds, as written by this process.
     slots: [BTreeMap<IpNet, RuleValue>; 2],
     active_slot: u32,
@@ -121,6 +124,7 @@ impl PolicyMaps {
             prefix_hits: typed(map_name::PREFIX_HITS, take(map_name::PREFIX_HITS)?)?,
             global: typed(map_name::GLOBAL, take(map_name::GLOBAL)?)?,
             offenders: typed(map_name::OFFENDERS, take(map_name::OFFENDERS)?)?,
+            v4_guard: typed(map_name::V4_GUARD, take(map_name::V4_GUARD)?)?,
             slots: [BTreeMap::new(), BTreeMap::new()],
             active_slot: 0,
             counter_ids: HashMap::new(),
@@ -282,7 +286,16 @@ impl PolicyMaps {
     ) -> Result<usize, ApplyError> {
         self.create_counters(fresh_ids)?;
         let written = self.write_slot(standby, target)?;
+        let guard = v4_guard(target.keys());
+        self.v4_guard
+            .set(standby, &*guard, 0)
+            .map_err(|source| ApplyError::Write {
+                map: map_name::V4_GUARD,
+                what: format!("slot {standby} IPv4 guard bitmap"),
+                source,
+            })?;
         let mut config = SlotConfig::EMPTY;
+        config.v4_guard = 1;
         for &port in &policy.ports {
             config.guard(port);
         }
@@ -442,6 +455,27 @@ impl PolicyMaps {
     pub fn offenders(&self) -> Result<Vec<(IpAddr, Offender)>, ApplyError> {
         read_offenders(&self.offenders)
     }
+}
+
+/// One slot's IPv4 guard bitmap.
+type V4Guard = [u32; V4_GUARD_WORDS];
+
+/// The guard bitmap for `nets`: the bit of every /24 that an IPv4 prefix overlaps (the /24
+/// holding a longer prefix, or every /24 inside a shorter one).
+pub fn v4_guard<'a>(nets: impl Iterator<Item = &'a IpNet>) -> Box<V4Guard> {
+    let mut bits: Box<V4Guard> = vec![0u32; V4_GUARD_WORDS]
+        .into_boxed_slice()
+        .try_into()
+        .expect("V4_GUARD_WORDS words");
+    for net in nets {
+        let IpNet::V4(net) = net else { continue };
+        let first = u32::from(net.network()) >> 8;
+        let count = 1u32 << (24 - u32::from(net.prefix_len().min(24)));
+        for block in first..first + count {
+            bits[(block >> 5) as usize] |= 1 << (block & 31);
+        }
+    }
+    bits
 }
 
 fn action_code(action: Action) -> u32 {
@@ -615,4 +649,33 @@ pub fn pinned_counter_ids(pin_dir: &Path) -> Result<CounterMapIds, FilterError> 
         prefix_hits: id(map_name::PREFIX_HITS)?,
         offenders: id(map_name::OFFENDERS)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listed(bits: &V4Guard, addr: &str) -> bool {
+        let block = u32::from(addr.parse::<std::net::Ipv4Addr>().unwrap()) >> 8;
+        bits[(block >> 5) as usize] & (1 << (block & 31)) != 0
+    }
+
+    #[test]
+    fn guard_bits_cover_every_overlapped_slash_24() {
+        let nets: Vec<IpNet> = ["10.0.0.0/8", "192.0.2.77/32", "198.51.100.0/23", "2001:db8::/32"]
+            .iter()
+            .map(|net| net.parse().unwrap())
+            .collect();
+        let bits = v4_guard(nets.iter());
+        for inside in ["10.0.0.1", "10.255.255.255", "10.128.7.9", "192.0.2.1", "198.51.100.9", "198.51.101.200"] {
+            assert!(listed(&bits, inside), "{inside}");
+        }
+        for outside in ["11.0.0.0", "9.255.255.255", "192.0.3.77", "198.51.102.1", "0.0.0.0"] {
+            assert!(!listed(&bits, outside), "{outside}");
+        }
+        let set: u32 = bits.iter().map(|word| word.count_ones()).sum();
+        assert_eq!(set, 65536 + 1 + 2);
+        let everything = v4_guard(["0.0.0.0/0".parse().unwrap()].iter());
+        assert!(everything.iter().all(|word| *word == u32::MAX));
+    }
 }

@@ -29,9 +29,9 @@ pub mod map_name {
     pub const PREFIX_HITS: &str = "SG_PREFIX_HITS";
     /// `PerCpuArray<u64>` of [`super::counter::COUNT`] entries: global counters.
     pub const GLOBAL: &str = "SG_GLOBAL";
-    /// `LruHashMap<[u8; 16], Offender>`: sources stopped (or, in audit mode, that would have
-    /// been), keyed by address (IPv4 as `::ffff:a.b.c.d`). Bounded: a spoofed flood evicts
-    /// the least recently seen, it cannot grow the table.
+    /// `Array<Offender>` of [`super::MAX_OFFENDERS`] slots: sources stopped (or, in audit
+    /// mode, that would have been), each in the slot its address hashes to. Fixed size: a
+    /// spoofed flood cannot grow it, and sources that keep coming hold their slots.
     pub const OFFENDERS: &str = "SG_OFFENDERS";
 
     /// Every map, in a stable order (pinning, listing, tests).
@@ -51,6 +51,9 @@ pub mod map_name {
 
 /// Name of the XDP program inside the object.
 pub const PROGRAM_NAME: &str = "smtpguard";
+
+/// Name of the benchmark floor in the object: a program that drops every frame.
+pub const FLOOR_PROGRAM_NAME: &str = "xdp_floor";
 
 /// Number of policy slots. The daemon writes the slot the program is not reading, then flips
 /// [`map_name::ACTIVE_SLOT`] with one 4-byte store: a packet sees the old policy or the new one.
@@ -179,6 +182,8 @@ pub mod counter {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Offender {
+    /// The source (IPv4 as `::ffff:a.b.c.d`); all zero in an empty slot.
+    pub addr: [u8; 16],
     /// Guarded SYNs dropped or rejected in enforce mode.
     pub blocked: u64,
     /// Guarded SYNs passed in audit mode that enforce mode would have stopped.
@@ -186,7 +191,7 @@ pub struct Offender {
     pub first_seen_ns: u64,
     pub last_seen_ns: u64,
 }
-const _: () = assert!(size_of::<Offender>() == 32);
+const _: () = assert!(size_of::<Offender>() == 48);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -393,6 +393,27 @@ impl Filter {
         self.test_run_output(frame).map(|(verdict, _)| verdict)
     }
 
+    /// Runs the program `repeat` times on `frame` in the kernel; returns the kernel's own
+    /// time per repetition.
+    pub fn time_run(&mut self, frame: &[u8], repeat: u32) -> Result<std::time::Duration, FilterError> {
+        let program = xdp_program(&mut self.ebpf)?;
+        let mut options = TestRunOptions::new();
+        options.data_in = Some(frame);
+        options.repeat = repeat;
+        program
+            .test_run(options)
+            .map(|result| result.duration)
+            .map_err(FilterError::TestRun)
+    }
+
+    /// Statistics of the loaded program (run count and time, when
+    /// `kernel.bpf_stats_enabled` is on).
+    pub fn program_info(&mut self) -> Result<aya::programs::ProgramInfo, FilterError> {
+        xdp_program(&mut self.ebpf)?
+            .info()
+            .map_err(FilterError::Verifier)
+    }
+
     /// Runs the program once on `frame`; returns its verdict and the frame as the program
     /// left it (rewritten, for a reply sent with `XDP_TX`).
     pub fn test_run_output(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>), FilterError> {
@@ -460,6 +481,6 @@ fn layout(name: &str) -> (u32, u32, u32) {
         map_name::V4_GUARD => (4, size::<[u32; V4_GUARD_WORDS]>(), SLOTS),
         map_name::PREFIX_HITS => (4, 8, MAX_PREFIX_COUNTERS),
         map_name::GLOBAL => (4, 8, counter::COUNT),
-        _ => (16, size::<Offender>(), MAX_OFFENDERS),
+        _ => (4, size::<Offender>(), MAX_OFFENDERS),
     }
 }

@@ -15,7 +15,7 @@ use std::{
 use std::net::{IpAddr, Ipv6Addr};
 
 use aya::maps::{
-    Array, HashMap as LruHashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
+    Array, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
     PerCpuValues, lpm_trie::Key,
 };
 use ipnet::IpNet;
@@ -86,7 +86,7 @@ pub struct PolicyMaps {
     v6: [LpmTrie<MapData, [u8; 16], RuleValue>; 2],
     prefix_hits: PerCpuHashMap<MapData, u32, u64>,
     global: PerCpuArray<MapData, u64>,
-    offenders: LruHashMap<MapData, [u8; 16], Offender>,
+    offenders: Array<MapData, Offender>,
     v4_guard: Array<MapData, V4Guard>,
     /// The entries each slot holds, as written by this process.
     slots: [BTreeMap<IpNet, RuleValue>; 2],
@@ -541,7 +541,7 @@ pub fn read_counters(
 pub struct CounterMaps {
     pub global: PerCpuArray<MapData, u64>,
     pub prefix_hits: PerCpuHashMap<MapData, u32, u64>,
-    pub offenders: LruHashMap<MapData, [u8; 16], Offender>,
+    pub offenders: Array<MapData, Offender>,
 }
 
 impl CounterMaps {
@@ -557,16 +557,17 @@ impl CounterMaps {
 }
 
 /// The sources in the table of stopped sources (IPv4 is stored as `::ffff:a.b.c.d`).
-fn read_offenders(
-    map: &LruHashMap<MapData, [u8; 16], Offender>,
-) -> Result<Vec<(IpAddr, Offender)>, ApplyError> {
+fn read_offenders(map: &Array<MapData, Offender>) -> Result<Vec<(IpAddr, Offender)>, ApplyError> {
     let mut out = Vec::new();
     for item in map.iter() {
-        let (key, seen) = item.map_err(|source| ApplyError::Read {
+        let seen = item.map_err(|source| ApplyError::Read {
             map: map_name::OFFENDERS,
             source,
         })?;
-        let address = Ipv6Addr::from(key);
+        if seen.blocked + seen.would_block == 0 {
+            continue;
+        }
+        let address = Ipv6Addr::from(seen.addr);
         let address = match address.to_ipv4_mapped() {
             Some(v4) => IpAddr::V4(v4),
             None => IpAddr::V6(address),

@@ -201,6 +201,7 @@ mod tests {
         };
         let boot = BootClock::now().boot.as_nanos() as u64;
         let seen = |would_block, ago_s: u64| Offender {
+            addr: [0; 16],
             blocked: 0,
             would_block,
             first_seen_ns: boot - ago_s * 1_000_000_000,

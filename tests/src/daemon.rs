@@ -111,20 +111,22 @@ impl Daemon {
         Self::start_env(netns, config, launcher, &[])
     }
 
-    /// As [`Daemon::start_with`], with `env` added to the daemon's environment.
-    pub fn start_env(
-        netns: &Netns,
-        config: &str,
-        launcher: Launcher,
-        env: &[(&str, &str)],
-    ) -> Self {
+    /// As [`Daemon::start`], allowing `timeout` for the first policy (large lists).
+    pub fn start_timeout(netns: &Netns, config: &str, timeout: Duration) -> Self {
+        let mut daemon = Self::prepare(config, &[]);
+        daemon.spawn(netns, Launcher::Nsenter);
+        daemon.wait_for_generation(1, timeout);
+        daemon
+    }
+
+    fn prepare(config: &str, env: &[(&str, &str)]) -> Self {
         let instance = format!("sg-{}", unique_tag());
         let dir = std::env::temp_dir().join(&instance);
         std::fs::create_dir_all(&dir).expect("temp dir");
         let config_path = dir.join("smtpguard.toml");
         let log_path = dir.join("daemon.log");
         std::fs::write(&config_path, config).expect("write config");
-        let mut daemon = Self {
+        Self {
             child: None,
             env: env
                 .iter()
@@ -134,7 +136,17 @@ impl Daemon {
             dir,
             config_path,
             log_path,
-        };
+        }
+    }
+
+    /// As [`Daemon::start_with`], with `env` added to the daemon's environment.
+    pub fn start_env(
+        netns: &Netns,
+        config: &str,
+        launcher: Launcher,
+        env: &[(&str, &str)],
+    ) -> Self {
+        let mut daemon = Self::prepare(config, env);
         daemon.spawn(netns, launcher);
         daemon.wait_for_generation(1, Duration::from_secs(20));
         daemon

@@ -1,6 +1,7 @@
 //! Helpers for smtpguard's privileged tests: crafted frames, the real program loaded into the
 //! kernel, and network-namespace fixtures that run the real daemon against real TCP.
 
+pub mod bench;
 pub mod daemon;
 pub mod dns;
 pub mod frames;

@@ -17,10 +17,16 @@ use std::{
 use anyhow::{Context as _, bail};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// Debian packages the tests and demo run: `ip` (netns, veth) and `nsenter`.
-/// What the tests run beside the daemon: `ip` and `nsenter` for namespaces, `dnsmasq` as the
-/// DNS server the resolver tests query, Prometheus to scrape the metrics endpoint.
-const DEBIAN_PACKAGES: [&str; 4] = ["iproute2", "util-linux", "dnsmasq-base", "prometheus"];
+/// What the tests, demo and benchmark run beside the daemon: `ip` and `nsenter` for
+/// namespaces, `dnsmasq` as the DNS server the resolver tests query, Prometheus to scrape the
+/// metrics endpoint, `nft` for the benchmark's nftables comparison.
+const DEBIAN_PACKAGES: [&str; 5] = [
+    "iproute2",
+    "util-linux",
+    "dnsmasq-base",
+    "prometheus",
+    "nftables",
+];
 
 pub fn run(root: &Path) -> anyhow::Result<()> {
     let started = Instant::now();

@@ -1,0 +1,399 @@
+//! `cargo xtask bench`: figures, not a timed test. Everything is measured side by side in one
+//! run and printed as absolutes and ratios:
+//!
+//! 1. per-packet cost through BPF_PROG_TEST_RUN (the kernel's per-repetition timing, median of
+//!    runs) for several frames and policy sizes, beside the trivial XDP_DROP floor;
+//! 2. a SYN flood of random unlisted sources over a veth pair between two namespaces: CPU per
+//!    packet and drop rate for the floor, smtpguard and the same policy in nftables;
+//! 3. policy apply through the real daemon: SIGHUP to the new policy in force, and map memory.
+
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use ipnet::IpNet;
+use smtpguard::filter::Filter;
+use smtpguard_tests::{
+    bench::{
+        Floor, Rng, allow_policy, busy_cpu_ns, map_memory, median, random_v4_prefixes,
+        random_v6_prefixes, unlisted_v4,
+    },
+    daemon::Daemon,
+    frames::{self, ACK, SYN, dot1ad, dot1q},
+    netns::{PacketSocket, Pair},
+};
+
+const DST4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+const DST6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 1);
+const ALLOWED4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+const UNLISTED6: Ipv6Addr = Ipv6Addr::new(0x3fff, 0xffff, 0, 0, 0, 0, 0, 1);
+/// Repetitions per kernel timing, and timings per median.
+const REPEAT: u32 = 200_000;
+const ROUNDS: usize = 5;
+/// Distinct sources in the many-sources case, each run once.
+const MANY_SOURCES: usize = 20_000;
+
+fn main() {
+    let quick = std::env::args().any(|arg| arg == "--quick");
+    machine();
+    per_packet(if quick { &[10, 10_000] } else { &[10, 10_000, 100_000, 1_000_000] });
+    flood(if quick { 300_000 } else { 2_000_000 });
+    apply(if quick { &[10_000] } else { &[100_000, 1_000_000] });
+}
+
+fn machine() {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|line| line.strip_prefix("model name"))
+                .map(|model| model.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    // SAFETY: sysconf has no preconditions.
+    let cores = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    println!("machine: {cpu}, {cores} cores, Linux {}", kernel.trim());
+    println!();
+}
+
+fn syn4(tags: &[frames::Tag], src: Ipv4Addr, flags: u8) -> Vec<u8> {
+    frames::segment_frame(frames::DST_MAC, tags, src.into(), DST4.into(), 40000, 25, flags)
+}
+
+/// Median over [`ROUNDS`] of the kernel's per-repetition time, in ns.
+fn timed(mut run: impl FnMut() -> Duration) -> f64 {
+    let mut samples: Vec<f64> = (0..ROUNDS)
+        .map(|_| run().as_secs_f64() * 1e9)
+        .collect();
+    median(&mut samples)
+}
+
+/// Part 1: BPF_PROG_TEST_RUN.
+fn per_packet(sizes: &[usize]) {
+    println!("1. per-packet cost, BPF_PROG_TEST_RUN (kernel timing, median of {ROUNDS} runs of {REPEAT} repetitions; many sources: {MANY_SOURCES} distinct unlisted sources, each run once)");
+    println!(
+        "{:>9}  {:<32} {:>10} {:>10} {:>7}",
+        "prefixes", "case", "smtpguard", "floor", "ratio"
+    );
+    let mut floor = Floor::load();
+    let (mut filter, mut maps) = Filter::load(None).expect("load smtpguard");
+    for &size in sizes {
+        let mut rng = Rng::new(0x5eed_0000 + size as u64);
+        let mut nets = random_v4_prefixes(&mut rng, size);
+        nets.extend(random_v6_prefixes(&mut rng, size));
+        nets.push("192.0.2.0/28".parse().expect("prefix"));
+        let policy = allow_policy(nets);
+        let started = Instant::now();
+        let report = maps.apply(&policy).expect("apply");
+        let applied = started.elapsed();
+        let unlisted = unlisted_v4(&mut rng, &policy);
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("unlisted IPv4 SYN", syn4(&[], unlisted, SYN)),
+            ("allowed IPv4 SYN", syn4(&[], ALLOWED4, SYN)),
+            (
+                "unlisted IPv6 SYN",
+                frames::segment_frame(frames::DST_MAC, &[], UNLISTED6.into(), DST6.into(), 40000, 25, SYN),
+            ),
+            ("QinQ unlisted IPv4 SYN", syn4(&[dot1ad(7), dot1q(42)], unlisted, SYN)),
+            ("non-SYN (ACK) IPv4", syn4(&[], unlisted, ACK)),
+        ];
+        for (name, frame) in &cases {
+            let ours = timed(|| filter.time_run(frame, REPEAT).expect("test run"));
+            let base = timed(|| floor.time_run(frame, REPEAT));
+            println!(
+                "{size:>9}  {name:<32} {ours:>8.1}ns {base:>8.1}ns {:>6.2}x",
+                ours / base
+            );
+        }
+        // Many distinct sources, one run each: no source is hot in the cache.
+        let sources: Vec<Vec<u8>> = (0..MANY_SOURCES)
+            .map(|_| syn4(&[], unlisted_v4(&mut rng, &policy), SYN))
+            .collect();
+        let mut ours: Vec<f64> = sources
+            .iter()
+            .map(|frame| filter.time_run(frame, 1).expect("test run").as_secs_f64() * 1e9)
+            .collect();
+        let mut base: Vec<f64> = sources
+            .iter()
+            .map(|frame| floor.time_run(frame, 1).as_secs_f64() * 1e9)
+            .collect();
+        let mean = |values: &[f64]| values.iter().sum::<f64>() / values.len() as f64;
+        let (ours_mean, base_mean) = (mean(&ours), mean(&base));
+        let (ours_median, base_median) = (median(&mut ours), median(&mut base));
+        println!(
+            "{size:>9}  {:<32} {ours_median:>8.1}ns {base_median:>8.1}ns {:>6.2}x   (means {ours_mean:.1} / {base_mean:.1} ns)",
+            "many unlisted IPv4 sources",
+            ours_median / base_median
+        );
+        println!(
+            "{size:>9}  applied {} + {} prefixes through the maps in {:.0} ms ({} entries written)",
+            size,
+            size,
+            applied.as_secs_f64() * 1e3,
+            report.written
+        );
+    }
+    println!();
+}
+
+/// A flood configuration: what is attached on the server side of the veth.
+enum Receiver {
+    /// Nothing attached, the server's end down: what sending alone costs.
+    SenderOnly,
+    Floor,
+    Smtpguard { prefixes: usize },
+    Nftables { prefixes: usize },
+}
+
+/// Part 2: SYN flood over a veth pair.
+fn flood(packets: usize) {
+    println!("2. SYN flood over a veth pair, {packets} frames from an AF_PACKET socket, random sources, all unlisted; native XDP");
+    println!(
+        "{:<26} {:>12} {:>13} {:>11} {:>10}",
+        "receiver", "CPU ns/pkt", "receive ns/pkt", "prog ns/pkt", "dropped"
+    );
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("enable BPF run-time stats");
+    let mut results: Vec<(String, f64)> = Vec::new();
+    let mut sender_only = 0.0;
+    for receiver in [
+        Receiver::SenderOnly,
+        Receiver::Floor,
+        Receiver::Smtpguard { prefixes: 10 },
+        Receiver::Smtpguard { prefixes: 100_000 },
+        Receiver::Nftables { prefixes: 10 },
+        Receiver::Nftables { prefixes: 100_000 },
+    ] {
+        let (name, cpu_ns, program_ns, dropped) = flood_once(&receiver, packets);
+        let receive = cpu_ns - sender_only;
+        if matches!(receiver, Receiver::SenderOnly) {
+            sender_only = cpu_ns;
+        }
+        println!(
+            "{name:<26} {cpu_ns:>12.0} {:>13} {:>11} {:>9.2}%",
+            if matches!(receiver, Receiver::SenderOnly) { "-".to_owned() } else { format!("{receive:.0}") },
+            program_ns.map_or("-".to_owned(), |ns| format!("{ns:.1}")),
+            dropped * 100.0
+        );
+        results.push((name, receive));
+    }
+    let get = |prefix: &str| {
+        results
+            .iter()
+            .find(|(name, _)| name.starts_with(prefix))
+            .map_or(f64::NAN, |(_, value)| *value)
+    };
+    let floor = get("floor");
+    println!(
+        "receive-side ratios: smtpguard/floor {:.2}x at 10 prefixes, {:.2}x at 100k; nftables/smtpguard {:.2}x at 10, {:.2}x at 100k",
+        get("smtpguard, 10 ") / floor,
+        get("smtpguard, 100000") / floor,
+        get("nftables, 10 ") / get("smtpguard, 10 "),
+        get("nftables, 100000") / get("smtpguard, 100000"),
+    );
+    println!();
+}
+
+/// One flood run: (name, busy CPU ns per frame sent, XDP program ns per run, share dropped).
+fn flood_once(receiver: &Receiver, packets: usize) -> (String, f64, Option<f64>, f64) {
+    let pair = Pair::new(&[]);
+    let mac = pair.server_mac();
+    let mut rng = Rng::new(0xf100d);
+    let prefixes = match receiver {
+        Receiver::Smtpguard { prefixes } | Receiver::Nftables { prefixes } => *prefixes,
+        _ => 10,
+    };
+    let nets = random_v4_prefixes(&mut rng, prefixes);
+    let policy = allow_policy(nets.clone());
+    let frames: Vec<Vec<u8>> = (0..65_536)
+        .map(|index| {
+            let src = unlisted_v4(&mut rng, &policy);
+            frames::segment_frame(mac, &[], src.into(), DST4.into(), 1024 + (index % 60_000) as u16, 25, SYN)
+        })
+        .collect();
+    let dir = std::env::temp_dir().join(format!("sg-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("bench dir");
+    let mut floor = None;
+    let mut daemon = None;
+    let name = match receiver {
+        Receiver::SenderOnly => {
+            smtpguard_tests::netns::ip(&["-n", &pair.server.name, "link", "set", &pair.server_if, "down"]);
+            "sender only (peer down)".to_owned()
+        }
+        Receiver::Floor => {
+            let interface = pair.server_if.clone();
+            let mut program = Floor::load();
+            pair.server.run(|| {
+                program
+                    .xdp()
+                    .attach(&interface, aya::programs::XdpMode::Driver)
+                    .expect("attach the floor");
+            });
+            floor = Some(program);
+            "floor (XDP_DROP)".to_owned()
+        }
+        Receiver::Smtpguard { prefixes } => {
+            let list = dir.join("allow.txt");
+            let text: String = nets.iter().map(|net| format!("{net}\n")).collect();
+            std::fs::write(&list, text).expect("list");
+            let config = format!(
+                "interfaces = [\"{}\"]\nxdp_mode = \"native\"\non_exit = \"detach\"\n[[allow]]\nname = \"bench\"\nfiles = [\"{}\"]\n",
+                pair.server_if,
+                list.display()
+            );
+            daemon = Some(Daemon::start(&pair.server, &config));
+            format!("smtpguard, {prefixes} prefixes")
+        }
+        Receiver::Nftables { prefixes } => {
+            nftables(&pair, &nets, &dir);
+            format!("nftables, {prefixes} prefixes")
+        }
+    };
+    let socket = PacketSocket::open(&pair.client, &pair.client_if);
+    for frame in frames.iter().take(1000) {
+        socket.send(frame);
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let program_before = program_stats(floor.as_mut(), daemon.is_some());
+    let nft_before = nft_drops(&pair);
+    let busy_before = busy_cpu_ns();
+    for index in 0..packets {
+        socket.send(&frames[index % frames.len()]);
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let busy = busy_cpu_ns() - busy_before;
+    let program_after = program_stats(floor.as_mut(), daemon.is_some());
+    let program_ns = match (program_before, program_after) {
+        (Some((time0, count0)), Some((time1, count1))) if count1 > count0 => {
+            Some((time1 - time0) as f64 / (count1 - count0) as f64)
+        }
+        _ => None,
+    };
+    let dropped = match receiver {
+        Receiver::Floor | Receiver::Smtpguard { .. } => program_before
+            .zip(program_after)
+            .map_or(0.0, |((_, c0), (_, c1))| (c1 - c0) as f64 / packets as f64),
+        Receiver::Nftables { .. } => (nft_drops(&pair) - nft_before) as f64 / packets as f64,
+        Receiver::SenderOnly => 0.0,
+    };
+    if let Some(daemon) = daemon.as_ref() {
+        // The program's own counters say what it dropped.
+        let stats = daemon.stats();
+        let dropped_by_program = stats["dropped"].as_u64().unwrap_or(0);
+        assert!(dropped_by_program as usize >= packets, "smtpguard dropped {dropped_by_program} of {packets}");
+    }
+    drop(daemon);
+    drop(floor);
+    let _ = std::fs::remove_dir_all(&dir);
+    (name, busy as f64 / packets as f64, program_ns, dropped)
+}
+
+/// (run time ns, run count) of the XDP program in use: the floor, or the daemon's.
+fn program_stats(floor: Option<&mut Floor>, daemon: bool) -> Option<(u64, u64)> {
+    let info = if let Some(floor) = floor {
+        floor.xdp().info().ok()?
+    } else if daemon {
+        aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .filter(|info| info.name_as_str() == Some("smtpguard"))
+            .max_by_key(|info| info.id())?
+    } else {
+        return None;
+    };
+    Some((info.run_time().as_nanos() as u64, info.run_count()))
+}
+
+/// The same policy as an nftables ruleset: netdev ingress, an interval set of the prefixes.
+fn nftables(pair: &Pair, nets: &[IpNet], dir: &Path) {
+    let elements: Vec<String> = nets.iter().map(ToString::to_string).collect();
+    let ruleset = format!(
+        "table netdev sgbench {{\n  set allow {{ type ipv4_addr; flags interval; auto-merge; elements = {{ {} }} }}\n  chain ingress {{\n    type filter hook ingress device \"{}\" priority -500; policy accept;\n    tcp dport 25 tcp flags & (syn | ack) == syn ip saddr != @allow counter drop\n  }}\n}}\n",
+        elements.join(", "),
+        pair.server_if
+    );
+    let path = dir.join("ruleset.nft");
+    std::fs::write(&path, ruleset).expect("ruleset");
+    let output = Command::new("ip")
+        .args(["netns", "exec", &pair.server.name, "nft", "-f"])
+        .arg(&path)
+        .output()
+        .expect("run nft (install nftables: cargo xtask setup)");
+    assert!(output.status.success(), "nft -f: {}", String::from_utf8_lossy(&output.stderr));
+}
+
+/// Packets the nftables drop rule counted, 0 without the table.
+fn nft_drops(pair: &Pair) -> u64 {
+    let Ok(output) = Command::new("ip")
+        .args(["netns", "exec", &pair.server.name, "nft", "list", "chain", "netdev", "sgbench", "ingress"])
+        .output()
+    else {
+        return 0;
+    };
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.split("counter packets ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|count| count.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Part 3: policy apply through the real daemon, from SIGHUP to the new policy in force.
+fn apply(sizes: &[usize]) {
+    println!("3. policy apply through the real daemon: SIGHUP -> new generation in force (list files re-read, policy built, maps written, flip)");
+    println!(
+        "{:>20} {:>11} {:>14} {:>12} {:>14}",
+        "prefixes (v4 + v6)", "start", "SIGHUP->force", "maps write", "map memory"
+    );
+    for &size in sizes {
+        let pair = Pair::new(&[]);
+        let dir = std::env::temp_dir().join(format!("sg-apply-{}-{size}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let (v4, v6) = (dir.join("v4.txt"), dir.join("v6.txt"));
+        let write_lists = |seed: u64| {
+            let mut rng = Rng::new(seed);
+            let text = |nets: Vec<IpNet>| nets.iter().map(|net| format!("{net}\n")).collect::<String>();
+            std::fs::write(&v4, text(random_v4_prefixes(&mut rng, size))).expect("v4 list");
+            std::fs::write(&v6, text(random_v6_prefixes(&mut rng, size))).expect("v6 list");
+        };
+        write_lists(1);
+        let config = format!(
+            "interfaces = [\"{}\"]\non_exit = \"detach\"\n[[allow]]\nname = \"bench\"\nfiles = [\"{}\", \"{}\"]\n",
+            pair.server_if,
+            v4.display(),
+            v6.display()
+        );
+        let started = Instant::now();
+        let mut daemon = Daemon::start_timeout(&pair.server, &config, Duration::from_secs(300));
+        let start = started.elapsed();
+        // A whole new set: every entry of the standby slot is replaced.
+        write_lists(2);
+        let before = daemon.log().matches("reloaded:").count();
+        let started = Instant::now();
+        daemon.signal(libc::SIGHUP);
+        daemon.wait_for_generation(2, Duration::from_secs(300));
+        let sighup = started.elapsed();
+        let log = daemon.log();
+        let write_ms = log
+            .split("reloaded:")
+            .nth(before + 1)
+            .and_then(|line| line.split(" in ").last())
+            .and_then(|rest| rest.split(" ms").next())
+            .and_then(|ms| ms.trim().parse::<f64>().ok())
+            .unwrap_or(f64::NAN);
+        let memory = map_memory(daemon.pid() as u32);
+        println!(
+            "{:>20} {:>9.2} s {:>12.3} s {:>9.0} ms {:>10.1} MiB",
+            format!("{size} + {size}"),
+            start.as_secs_f64(),
+            sighup.as_secs_f64(),
+            write_ms,
+            memory as f64 / (1 << 20) as f64
+        );
+        drop(daemon);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    println!();
+}

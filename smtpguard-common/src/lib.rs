@@ -25,6 +25,12 @@ pub mod map_name {
     /// a source as unlisted in one memory access, without walking the trie; a set bit sends
     /// it on to the trie, which stays the source of truth.
     pub const V4_GUARD: &str = "SG_V4_GUARD";
+    /// `Array<[u32; V4_COARSE_WORDS]>` of [`super::SLOTS`] entries: the same per /20, small
+    /// enough (128 KiB) to stay in a CPU's cache; checked before [`V4_GUARD`].
+    pub const V4_COARSE: &str = "SG_V4_COARSE";
+    /// `PerCpuArray<RecordBudget>` of one entry: how many stopped sources this CPU recorded
+    /// in the current second.
+    pub const RECORD_BUDGET: &str = "SG_REC_BUDGET";
     /// `PerCpuHashMap<u32, u64>`: SYNs matched, keyed by [`super::RuleValue::counter_id`].
     pub const PREFIX_HITS: &str = "SG_PREFIX_HITS";
     /// `PerCpuArray<u64>` of [`super::counter::COUNT`] entries: global counters.
@@ -35,7 +41,7 @@ pub mod map_name {
     pub const OFFENDERS: &str = "SG_OFFENDERS";
 
     /// Every map, in a stable order (pinning, listing, tests).
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 12] = [
         ACTIVE_SLOT,
         SLOT_CONFIG,
         V4_SLOT0,
@@ -43,6 +49,8 @@ pub mod map_name {
         V6_SLOT0,
         V6_SLOT1,
         V4_GUARD,
+        V4_COARSE,
+        RECORD_BUDGET,
         PREFIX_HITS,
         GLOBAL,
         OFFENDERS,
@@ -68,6 +76,25 @@ pub const MAX_PREFIX_COUNTERS: u32 = 2 * MAX_PREFIXES_PER_FAMILY;
 
 /// Words of one slot's IPv4 guard bitmap: 2^24 bits, one per /24 (2 MiB).
 pub const V4_GUARD_WORDS: usize = 1 << 19;
+/// Words of one slot's coarse IPv4 guard bitmap: 2^20 bits, one per /20 (128 KiB).
+pub const V4_COARSE_WORDS: usize = 1 << 15;
+
+/// Stopped SYNs a CPU records exactly in the table of stopped sources per second; beyond
+/// that (a flood), one in [`RECORD_SAMPLE`] is recorded and the rest counted as skipped.
+pub const RECORD_BUDGET_PER_SECOND: u64 = 4096;
+/// Sampling rate beyond the budget.
+pub const RECORD_SAMPLE: u64 = 64;
+
+/// Per-CPU state of the recording budget.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RecordBudget {
+    /// `bpf_ktime_get_boot_ns` at which the current one-second window ends.
+    pub window_end_ns: u64,
+    /// Stopped SYNs seen in the window.
+    pub used: u64,
+}
+const _: () = assert!(size_of::<RecordBudget>() == 16);
 
 /// Sources remembered in [`map_name::OFFENDERS`].
 pub const MAX_OFFENDERS: u32 = 65536;
@@ -174,8 +201,10 @@ pub mod counter {
     pub const REJECTED: u32 = 7;
     /// Guarded SYNs enforce mode would have dropped or rejected, passed in audit mode.
     pub const WOULD_BLOCK: u32 = 8;
+    /// Stopped SYNs not recorded in the table of stopped sources (sampled, over budget).
+    pub const UNRECORDED: u32 = 9;
     /// Number of global counters.
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 10;
 }
 
 /// What [`map_name::OFFENDERS`] remembers about one source. Times are `bpf_ktime_get_boot_ns`.
@@ -200,4 +229,5 @@ mod pod {
     unsafe impl aya::Pod for super::SlotConfig {}
     unsafe impl aya::Pod for super::RuleValue {}
     unsafe impl aya::Pod for super::Offender {}
+    unsafe impl aya::Pod for super::RecordBudget {}
 }

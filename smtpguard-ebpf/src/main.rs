@@ -19,7 +19,8 @@ use aya_ebpf::{
 use parse::{Layers, Sighting, Source, TCP_ACK, TCP_SYN};
 use smtpguard_common::{
     MAX_OFFENDERS, MAX_PREFIX_COUNTERS, MAX_PREFIXES_PER_FAMILY, Offender, RuleValue, SLOTS,
-    SlotConfig, V4_GUARD_WORDS, action, counter, mode,
+    RECORD_BUDGET_PER_SECOND, RECORD_SAMPLE, RecordBudget, SlotConfig, V4_COARSE_WORDS,
+    V4_GUARD_WORDS, action, counter, mode,
 };
 
 #[map(name = "SG_ACTIVE")]
@@ -46,6 +47,12 @@ static V6_SLOT1: LpmTrie<[u8; 16], RuleValue> =
 
 #[map(name = "SG_V4_GUARD")]
 static V4_GUARD: Array<[u32; V4_GUARD_WORDS]> = Array::with_max_entries(SLOTS, 0);
+
+#[map(name = "SG_V4_COARSE")]
+static V4_COARSE: Array<[u32; V4_COARSE_WORDS]> = Array::with_max_entries(SLOTS, 0);
+
+#[map(name = "SG_REC_BUDGET")]
+static RECORD_BUDGET: PerCpuArray<RecordBudget> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "SG_PREFIX_HITS")]
 static PREFIX_HITS: PerCpuHashMap<u32, u64> =
@@ -136,8 +143,12 @@ fn decide_guarded(ctx: &XdpContext, src: &Source, dport: Option<u16>, at: Option
             unlisted_action
         }
     };
-    let (high, low) = address_words(src);
-    remember(high, low, audit);
+    if should_record() {
+        let (high, low) = address_words(src);
+        remember(high, low, audit);
+    } else {
+        count(counter::UNRECORDED);
+    }
     if audit {
         count(counter::WOULD_BLOCK);
         return xdp_action::XDP_PASS;
@@ -150,6 +161,35 @@ fn decide_guarded(ctx: &XdpContext, src: &Source, dport: Option<u16>, at: Option
         return xdp_action::XDP_TX;
     }
     drop_packet()
+}
+
+/// Whether this stopped SYN goes into the table of stopped sources: every one up to the
+/// per-CPU budget of the current second, then one in [`RECORD_SAMPLE`]. A flood of spoofed
+/// sources thus costs an increment per SYN, not a table write.
+#[inline(always)]
+fn should_record() -> bool {
+    let Some(budget) = RECORD_BUDGET.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: per-CPU value: no other CPU touches it, and XDP runs are not preempted.
+    unsafe {
+        (*budget).used += 1;
+        if (*budget).used <= RECORD_BUDGET_PER_SECOND {
+            if (*budget).used == 1 {
+                (*budget).window_end_ns = bpf_ktime_get_boot_ns() + 1_000_000_000;
+            }
+            return true;
+        }
+        if (*budget).used % RECORD_SAMPLE != 0 {
+            return false;
+        }
+        if bpf_ktime_get_boot_ns() > (*budget).window_end_ns {
+            // A new second: this SYN opens a fresh window.
+            (*budget).used = 1;
+            (*budget).window_end_ns = bpf_ktime_get_boot_ns() + 1_000_000_000;
+        }
+    }
+    true
 }
 
 /// A source as the two 8-byte words of its 16-byte form (IPv4 as `::ffff:a.b.c.d`), in
@@ -262,17 +302,28 @@ unsafe fn atomic_add(ptr: *mut u64, value: u64) {
     }
 }
 
-/// Whether the guard bitmap of `slot` has the /24 of `addr` marked as overlapped by a prefix.
+/// Whether the guard bitmaps of `slot` have the /20 and the /24 of `addr` marked as
+/// overlapped by a prefix. The /20 bitmap is small enough to stay cached and settles most
+/// unlisted sources; the /24 one settles most of the rest.
 #[inline(always)]
 fn v4_listed(slot: u32, addr: &[u8; 4]) -> bool {
-    let block = u32::from_be_bytes(*addr) >> 8;
-    let Some(bits) = V4_GUARD.get_ptr(slot) else {
+    let addr = u32::from_be_bytes(*addr);
+    let Some(coarse) = V4_COARSE.get_ptr(slot) else {
         return true;
     };
-    let word = (block >> 5) as usize & (V4_GUARD_WORDS - 1);
+    let block = addr >> 12;
+    let word = (block >> 5) as usize & (V4_COARSE_WORDS - 1);
     // SAFETY: `word` is masked below the array's length; the pointer is the map value.
-    let bits = unsafe { *(bits as *const u32).add(word) };
-    bits & (1 << (block & 31)) != 0
+    if unsafe { *(coarse as *const u32).add(word) } & (1 << (block & 31)) == 0 {
+        return false;
+    }
+    let Some(fine) = V4_GUARD.get_ptr(slot) else {
+        return true;
+    };
+    let block = addr >> 8;
+    let word = (block >> 5) as usize & (V4_GUARD_WORDS - 1);
+    // SAFETY: as above.
+    unsafe { *(fine as *const u32).add(word) & (1 << (block & 31)) != 0 }
 }
 
 #[inline(always)]

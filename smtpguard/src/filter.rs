@@ -22,7 +22,7 @@ use aya::{
 };
 use smtpguard_common::{
     MAX_OFFENDERS, MAX_PREFIX_COUNTERS, MAX_PREFIXES_PER_FAMILY, Offender, PROGRAM_NAME, RuleValue,
-    SLOTS, SlotConfig, V4_GUARD_WORDS, counter, map_name,
+    RecordBudget, SLOTS, SlotConfig, V4_COARSE_WORDS, V4_GUARD_WORDS, counter, map_name,
 };
 
 use crate::{config::XdpMode, maps::PolicyMaps};
@@ -479,6 +479,8 @@ fn layout(name: &str) -> (u32, u32, u32) {
             (4 + 16, size::<RuleValue>(), MAX_PREFIXES_PER_FAMILY)
         }
         map_name::V4_GUARD => (4, size::<[u32; V4_GUARD_WORDS]>(), SLOTS),
+        map_name::V4_COARSE => (4, size::<[u32; V4_COARSE_WORDS]>(), SLOTS),
+        map_name::RECORD_BUDGET => (4, size::<RecordBudget>(), 1),
         map_name::PREFIX_HITS => (4, 8, MAX_PREFIX_COUNTERS),
         map_name::GLOBAL => (4, 8, counter::COUNT),
         _ => (4, size::<Offender>(), MAX_OFFENDERS),

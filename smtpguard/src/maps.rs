@@ -20,7 +20,8 @@ use aya::maps::{
 };
 use ipnet::IpNet;
 use smtpguard_common::{
-    Offender, RuleValue, SLOTS, SlotConfig, V4_GUARD_WORDS, action, counter, map_name, mode,
+    Offender, RuleValue, SLOTS, SlotConfig, V4_COARSE_WORDS, V4_GUARD_WORDS, action, counter,
+    map_name, mode,
 };
 
 use crate::{
@@ -88,6 +89,7 @@ pub struct PolicyMaps {
     global: PerCpuArray<MapData, u64>,
     offenders: Array<MapData, Offender>,
     v4_guard: Array<MapData, V4Guard>,
+    v4_coarse: Array<MapData, V4Coarse>,
     /// The entries each slot holds, as written by this process.
     slots: [BTreeMap<IpNet, RuleValue>; 2],
     active_slot: u32,
@@ -125,6 +127,7 @@ impl PolicyMaps {
             global: typed(map_name::GLOBAL, take(map_name::GLOBAL)?)?,
             offenders: typed(map_name::OFFENDERS, take(map_name::OFFENDERS)?)?,
             v4_guard: typed(map_name::V4_GUARD, take(map_name::V4_GUARD)?)?,
+            v4_coarse: typed(map_name::V4_COARSE, take(map_name::V4_COARSE)?)?,
             slots: [BTreeMap::new(), BTreeMap::new()],
             active_slot: 0,
             counter_ids: HashMap::new(),
@@ -286,12 +289,20 @@ impl PolicyMaps {
     ) -> Result<usize, ApplyError> {
         self.create_counters(fresh_ids)?;
         let written = self.write_slot(standby, target)?;
-        let guard = v4_guard(target.keys());
+        let fine: Box<V4Guard> = v4_blocks(target.keys(), 24);
         self.v4_guard
-            .set(standby, &*guard, 0)
+            .set(standby, &*fine, 0)
             .map_err(|source| ApplyError::Write {
                 map: map_name::V4_GUARD,
                 what: format!("slot {standby} IPv4 guard bitmap"),
+                source,
+            })?;
+        let coarse: Box<V4Coarse> = v4_blocks(target.keys(), 20);
+        self.v4_coarse
+            .set(standby, &*coarse, 0)
+            .map_err(|source| ApplyError::Write {
+                map: map_name::V4_COARSE,
+                what: format!("slot {standby} coarse IPv4 guard bitmap"),
                 source,
             })?;
         let mut config = SlotConfig::EMPTY;
@@ -457,20 +468,26 @@ impl PolicyMaps {
     }
 }
 
-/// One slot's IPv4 guard bitmap.
+/// One slot's IPv4 guard bitmap, one bit per /24.
 type V4Guard = [u32; V4_GUARD_WORDS];
+/// One slot's coarse IPv4 guard bitmap, one bit per /20.
+type V4Coarse = [u32; V4_COARSE_WORDS];
 
-/// The guard bitmap for `nets`: the bit of every /24 that an IPv4 prefix overlaps (the /24
-/// holding a longer prefix, or every /24 inside a shorter one).
-pub fn v4_guard<'a>(nets: impl Iterator<Item = &'a IpNet>) -> Box<V4Guard> {
-    let mut bits: Box<V4Guard> = vec![0u32; V4_GUARD_WORDS]
+/// The guard bitmap of `/block_len` blocks for `nets`: the bit of every block an IPv4 prefix
+/// overlaps (the block holding a longer prefix, or every block inside a shorter one).
+pub fn v4_blocks<'a, const WORDS: usize>(
+    nets: impl Iterator<Item = &'a IpNet>,
+    block_len: u8,
+) -> Box<[u32; WORDS]> {
+    let mut bits: Box<[u32; WORDS]> = vec![0u32; WORDS]
         .into_boxed_slice()
         .try_into()
-        .expect("V4_GUARD_WORDS words");
+        .expect("WORDS words");
+    let shift = 32 - u32::from(block_len);
     for net in nets {
         let IpNet::V4(net) = net else { continue };
-        let first = u32::from(net.network()) >> 8;
-        let count = 1u32 << (24 - u32::from(net.prefix_len().min(24)));
+        let first = u32::from(net.network()) >> shift;
+        let count = 1u32 << (u32::from(block_len) - u32::from(net.prefix_len().min(block_len)));
         for block in first..first + count {
             bits[(block >> 5) as usize] |= 1 << (block & 31);
         }
@@ -667,7 +684,7 @@ mod tests {
             .iter()
             .map(|net| net.parse().unwrap())
             .collect();
-        let bits = v4_guard(nets.iter());
+        let bits: Box<V4Guard> = v4_blocks(nets.iter(), 24);
         for inside in ["10.0.0.1", "10.255.255.255", "10.128.7.9", "192.0.2.1", "198.51.100.9", "198.51.101.200"] {
             assert!(listed(&bits, inside), "{inside}");
         }
@@ -676,7 +693,10 @@ mod tests {
         }
         let set: u32 = bits.iter().map(|word| word.count_ones()).sum();
         assert_eq!(set, 65536 + 1 + 2);
-        let everything = v4_guard(["0.0.0.0/0".parse().unwrap()].iter());
+        let everything: Box<V4Guard> = v4_blocks(["0.0.0.0/0".parse().unwrap()].iter(), 24);
         assert!(everything.iter().all(|word| *word == u32::MAX));
+        let coarse: Box<V4Coarse> = v4_blocks(nets.iter(), 20);
+        let set: u32 = coarse.iter().map(|word| word.count_ones()).sum();
+        assert_eq!(set, 4096 + 1 + 1, "10/8 is 4096 /20s; the /32 and the /23 one each");
     }
 }

@@ -10,6 +10,7 @@
 //! - `smtpguard_reloads_total{result="ok|error"}`: policy applies after start (SIGHUP, DNS)
 //! - `smtpguard_policy_prefixes{list}`, `smtpguard_policy_generation`
 //! - `smtpguard_info{version,xdp_mode,interface}` = 1, `smtpguard_enforcing` = 1 or 0 (audit)
+//! - `smtpguard_unrecorded_total`: stopped SYNs a flood kept out of the sources table
 //! - `smtpguard_dns_refresh_failures_total{name}`, `smtpguard_dns_stale{name}` = 1 while a
 //!   name's last good answer is kept after a failure
 
@@ -192,6 +193,11 @@ impl prometheus_client::collector::Collector for Exporter {
                 "smtpguard_fragments_passed",
                 "Non-first fragments, passed (the first fragment carries the decision).",
                 counter::PASSED_FRAGMENTS,
+            ),
+            (
+                "smtpguard_unrecorded",
+                "Stopped SYNs left out of the table of stopped sources: a flood beyond the per-CPU budget is sampled.",
+                counter::UNRECORDED,
             ),
         ] {
             counter_family(&mut encoder, name, help, &[(none(), global(index))])?;

@@ -32,6 +32,8 @@ pub struct Stats {
     pub passed_unparsed: u64,
     pub hidden_decided_by_source: u64,
     pub passed_fragments: u64,
+    /// Stopped SYNs left out of the table of stopped sources (a flood beyond the budget).
+    pub unrecorded: u64,
     pub prefixes: Vec<PrefixStats>,
 }
 
@@ -79,6 +81,7 @@ impl Stats {
             passed_unparsed: counters.get(counter::PASSED_UNPARSED),
             hidden_decided_by_source: counters.get(counter::HIDDEN_DECIDED),
             passed_fragments: counters.get(counter::PASSED_FRAGMENTS),
+            unrecorded: counters.get(counter::UNRECORDED),
             prefixes,
         }
     }
@@ -121,8 +124,8 @@ impl Stats {
         );
         let _ = writeln!(
             out,
-            "passed unparsed {}, hidden decided by source {}, later fragments passed {}",
-            self.passed_unparsed, self.hidden_decided_by_source, self.passed_fragments
+            "passed unparsed {}, hidden decided by source {}, later fragments passed {}; stopped SYNs not in the source table (flood sampling) {}",
+            self.passed_unparsed, self.hidden_decided_by_source, self.passed_fragments, self.unrecorded
         );
         let rule_width = self
             .prefixes

@@ -459,6 +459,14 @@ impl PacketSocket {
         );
     }
 
+    /// Sends `frame`; false where the kernel refused it (a full queue, a link that is down).
+    pub fn try_send(&self, frame: &[u8]) -> bool {
+        // SAFETY: frame is a valid buffer of the given length.
+        let sent =
+            unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        sent == frame.len() as isize
+    }
+
     /// Frames received within `window`.
     pub fn receive_for(&self, window: Duration) -> Vec<Vec<u8>> {
         let deadline = Instant::now() + window;

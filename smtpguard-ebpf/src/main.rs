@@ -10,7 +10,7 @@ mod parse;
 mod reply;
 
 use aya_ebpf::{
-    bindings::xdp_action,
+    bindings::{BPF_NOEXIST, xdp_action},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_boot_ns},
     macros::{map, xdp},
     maps::{Array, LpmTrie, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
@@ -18,9 +18,9 @@ use aya_ebpf::{
 };
 use parse::{Layers, Sighting, Source, TCP_ACK, TCP_SYN};
 use smtpguard_common::{
-    MAX_OFFENDERS, MAX_PREFIX_COUNTERS, MAX_PREFIXES_PER_FAMILY, Offender, RuleValue, SLOTS,
-    RECORD_BUDGET_PER_SECOND, RECORD_SAMPLE, RecordBudget, SlotConfig, V4_COARSE_WORDS,
-    V4_GUARD_WORDS, action, counter, mode,
+    MAX_OFFENDERS, MAX_PREFIX_COUNTERS, MAX_PREFIXES_PER_FAMILY, Offender,
+    RECORD_BUDGET_PER_SECOND, RECORD_SAMPLE, RecordBudget, RuleValue, SLOTS, SlotConfig,
+    V4_COARSE_WORDS, V4_GUARD_WORDS, action, counter, mode,
 };
 
 #[map(name = "SG_ACTIVE")]
@@ -197,7 +197,10 @@ fn should_record() -> bool {
 #[inline(always)]
 fn address_words(src: &Source) -> (u64, u64) {
     match src {
-        Source::V4(a) => (0, u64::from_ne_bytes([0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]])),
+        Source::V4(a) => (
+            0,
+            u64::from_ne_bytes([0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]),
+        ),
         Source::V6(a) => (
             u64::from_ne_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]),
             u64::from_ne_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]),
@@ -340,10 +343,17 @@ fn count(index: u32) {
     }
 }
 
+/// Counts a match of the prefix whose counter is `counter_id`. The counter is created at the
+/// prefix's first match: an apply writes no counters, and only prefixes that see traffic
+/// take per-CPU memory.
 #[inline(always)]
 fn count_prefix(counter_id: u32) {
-    if let Some(value) = PREFIX_HITS.get_ptr_mut(counter_id) {
-        unsafe { *value += 1 };
+    match PREFIX_HITS.get_ptr_mut(counter_id) {
+        // Per-CPU slot: no other CPU writes it.
+        Some(value) => unsafe { *value += 1 },
+        None => {
+            let _ = PREFIX_HITS.insert(counter_id, 1u64, u64::from(BPF_NOEXIST));
+        }
     }
 }
 

@@ -309,6 +309,7 @@ impl Daemon {
 
     /// Re-reads the configuration, its files and DNS names, and applies it whole, or not at all.
     async fn reload(&mut self) -> Result<ApplyReport, DaemonError> {
+        let started = std::time::Instant::now();
         let config = Config::load(&self.config_path)?;
         let dns = if config.dns == self.config.dns {
             None
@@ -322,6 +323,11 @@ impl Daemon {
         log_warnings(&warnings);
         let (policy, warnings) = Policy::build(&config, &fetched)?;
         log_warnings(&warnings);
+        log::info!(
+            "read, resolved and built {} prefixes in {:.0} ms",
+            policy.entries.len(),
+            started.elapsed().as_secs_f64() * 1e3
+        );
         if config.xdp_mode != self.config.xdp_mode {
             return Err(DaemonError::NeedsRestart {
                 what: "xdp_mode",

@@ -21,8 +21,8 @@ use aya::{
     },
 };
 use smtpguard_common::{
-    MAX_OFFENDERS, MAX_PREFIX_COUNTERS, MAX_PREFIXES_PER_FAMILY, Offender, PROGRAM_NAME, RuleValue,
-    RecordBudget, SLOTS, SlotConfig, V4_COARSE_WORDS, V4_GUARD_WORDS, counter, map_name,
+    MAX_OFFENDERS, MAX_PREFIX_COUNTERS, MAX_PREFIXES_PER_FAMILY, Offender, PROGRAM_NAME,
+    RecordBudget, RuleValue, SLOTS, SlotConfig, V4_COARSE_WORDS, V4_GUARD_WORDS, counter, map_name,
 };
 
 use crate::{config::XdpMode, maps::PolicyMaps};
@@ -395,7 +395,11 @@ impl Filter {
 
     /// Runs the program `repeat` times on `frame` in the kernel; returns the kernel's own
     /// time per repetition.
-    pub fn time_run(&mut self, frame: &[u8], repeat: u32) -> Result<std::time::Duration, FilterError> {
+    pub fn time_run(
+        &mut self,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<std::time::Duration, FilterError> {
         let program = xdp_program(&mut self.ebpf)?;
         let mut options = TestRunOptions::new();
         options.data_in = Some(frame);

@@ -160,7 +160,7 @@ impl Instance {
     pub fn write_state(&self, state: &RunState) -> Result<(), InstanceError> {
         let path = self.state_path();
         let temporary = path.with_extension("json.tmp");
-        let text = serde_json::to_vec_pretty(state).map_err(|source| InstanceError::BadState {
+        let text = serde_json::to_vec(state).map_err(|source| InstanceError::BadState {
             path: path.clone(),
             source,
         })?;

@@ -5,6 +5,7 @@
 //! atomic step ([`maps`]) -> verdicts in the XDP program ([`filter`]) -> per-CPU counters ->
 //! [`stats`]. The [`daemon`] drives that flow and [`instance`] says where its state lives.
 
+pub mod batch;
 pub mod check;
 pub mod config;
 pub mod daemon;

@@ -123,6 +123,22 @@ enum Command {
     },
 }
 
+/// The error and its causes on one line, leaving out a cause whose text the layer above
+/// already shows (most messages here name their cause).
+fn explain_chain(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for layer in error.chain() {
+        let layer = layer.to_string();
+        if !text.contains(&layer) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&layer);
+        }
+    }
+    text
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_target(false)
@@ -131,7 +147,7 @@ fn main() -> ExitCode {
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("smtpguard: {error:#}");
+            eprintln!("smtpguard: {}", explain_chain(&error));
             ExitCode::FAILURE
         }
     }

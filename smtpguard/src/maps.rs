@@ -12,11 +12,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use std::net::{IpAddr, Ipv6Addr};
+use std::{
+    mem::size_of,
+    net::{IpAddr, Ipv6Addr},
+    os::fd::{AsFd as _, BorrowedFd},
+};
 
 use aya::maps::{
-    Array, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
-    PerCpuValues, lpm_trie::Key,
+    Array, IterableMap as _, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
 };
 use ipnet::IpNet;
 use smtpguard_common::{
@@ -25,6 +28,7 @@ use smtpguard_common::{
 };
 
 use crate::{
+    batch,
     config::{Action, Mode},
     filter::FilterError,
     policy::{List, Policy},
@@ -48,6 +52,13 @@ pub enum ApplyError {
         map: &'static str,
         #[source]
         source: MapError,
+    },
+    #[error("writing {what} to map {map}: {source}")]
+    Batch {
+        map: &'static str,
+        what: String,
+        #[source]
+        source: std::io::Error,
     },
     #[error("cannot count CPUs: {0}")]
     Cpus(String),
@@ -97,7 +108,6 @@ pub struct PolicyMaps {
     next_counter_id: u32,
     generation: u32,
     last_flip: Option<Instant>,
-    cpus: usize,
 }
 
 impl PolicyMaps {
@@ -105,13 +115,6 @@ impl PolicyMaps {
     pub(crate) fn from_maps(
         mut take: impl FnMut(&'static str) -> Result<Map, FilterError>,
     ) -> Result<Self, FilterError> {
-        let cpus = aya::util::nr_cpus().map_err(|(path, source)| FilterError::Map {
-            name: map_name::GLOBAL,
-            source: MapError::SyscallError(aya::sys::SyscallError {
-                call: path,
-                io_error: source,
-            }),
-        })?;
         let mut maps = Self {
             active: typed(map_name::ACTIVE_SLOT, take(map_name::ACTIVE_SLOT)?)?,
             slot_config: typed(map_name::SLOT_CONFIG, take(map_name::SLOT_CONFIG)?)?,
@@ -134,7 +137,6 @@ impl PolicyMaps {
             next_counter_id: 1,
             generation: 0,
             last_flip: None,
-            cpus,
         };
         maps.recover()?;
         Ok(maps)
@@ -192,13 +194,7 @@ impl PolicyMaps {
             .values()
             .max()
             .map_or(1, |max| max.wrapping_add(1).max(1));
-        let orphans: Vec<u32> = self
-            .prefix_hits
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|id| !active.values().any(|value| value.counter_id == *id))
-            .collect();
-        self.remove_counters(&orphans);
+        self.sweep_counters();
         Ok(())
     }
 
@@ -228,7 +224,7 @@ impl PolicyMaps {
             std::thread::sleep(FLIP_GRACE - elapsed);
         }
         let standby = (self.active_slot + 1) % SLOTS;
-        let (counter_ids, fresh_ids) = self.assign_counter_ids(policy);
+        let counter_ids = self.assign_counter_ids(policy);
         let target: BTreeMap<IpNet, RuleValue> = policy
             .entries
             .iter()
@@ -247,27 +243,14 @@ impl PolicyMaps {
             .collect();
 
         let generation = self.generation.wrapping_add(1);
-        let written = match self.stage_and_flip(standby, &target, policy, generation, &fresh_ids) {
-            Ok(written) => written,
-            Err(error) => {
-                // Nothing reached the active slot; counters made for this apply go again.
-                self.remove_counters(&fresh_ids);
-                return Err(error);
-            }
-        };
-        // The new policy is in force. Counters of prefixes that left it go now.
+        // Nothing reaches the active slot unless all of it is written.
+        let written = self.stage_and_flip(standby, &target, policy, generation)?;
         self.last_flip = Some(Instant::now());
-        let retired: Vec<u32> = self
-            .counter_ids
-            .iter()
-            .filter(|(key, _)| !counter_ids.contains_key(key))
-            .map(|(_, id)| *id)
-            .collect();
-        self.remove_counters(&retired);
-        let removed = retired.len();
         self.counter_ids = counter_ids;
         self.active_slot = standby;
         self.generation = generation;
+        // The new policy is in force: counters of prefixes that left it go.
+        let removed = self.sweep_counters();
         Ok(ApplyReport {
             generation,
             slot: standby,
@@ -277,21 +260,19 @@ impl PolicyMaps {
         })
     }
 
-    /// Creates the counters of new prefixes, brings the standby slot to `target` with the
-    /// policy's ports, then makes it the active one. Returns the trie entries written.
+    /// Brings the standby slot to `target` with the policy's ports, then makes it the active
+    /// one. Returns the trie entries written.
     fn stage_and_flip(
         &mut self,
         standby: u32,
         target: &BTreeMap<IpNet, RuleValue>,
         policy: &Policy,
         generation: u32,
-        fresh_ids: &[u32],
     ) -> Result<usize, ApplyError> {
-        self.create_counters(fresh_ids)?;
         let written = self.write_slot(standby, target)?;
         let fine: Box<V4Guard> = v4_blocks(target.keys(), 24);
         self.v4_guard
-            .set(standby, &*fine, 0)
+            .set(standby, fine.as_ref(), 0)
             .map_err(|source| ApplyError::Write {
                 map: map_name::V4_GUARD,
                 what: format!("slot {standby} IPv4 guard bitmap"),
@@ -299,7 +280,7 @@ impl PolicyMaps {
             })?;
         let coarse: Box<V4Coarse> = v4_blocks(target.keys(), 20);
         self.v4_coarse
-            .set(standby, &*coarse, 0)
+            .set(standby, coarse.as_ref(), 0)
             .map_err(|source| ApplyError::Write {
                 map: map_name::V4_COARSE,
                 what: format!("slot {standby} coarse IPv4 guard bitmap"),
@@ -334,9 +315,8 @@ impl PolicyMaps {
     }
 
     /// Keeps the id of every prefix that stays; hands new ones out for the rest.
-    fn assign_counter_ids(&mut self, policy: &Policy) -> (HashMap<CounterKey, u32>, Vec<u32>) {
+    fn assign_counter_ids(&mut self, policy: &Policy) -> HashMap<CounterKey, u32> {
         let mut ids = HashMap::with_capacity(policy.entries.len());
-        let mut fresh = Vec::new();
         for (net, entry) in &policy.entries {
             let key = (*net, entry.list);
             let id = match self.counter_ids.get(&key) {
@@ -344,48 +324,53 @@ impl PolicyMaps {
                 None => {
                     let id = self.next_counter_id;
                     self.next_counter_id = self.next_counter_id.wrapping_add(1).max(1);
-                    fresh.push(id);
                     id
                 }
             };
             ids.insert(key, id);
         }
-        (ids, fresh)
+        ids
     }
 
-    fn create_counters(&mut self, ids: &[u32]) -> Result<(), ApplyError> {
-        for &id in ids {
-            let zeros = PerCpuValues::try_from(vec![0u64; self.cpus]).map_err(|source| {
-                ApplyError::Write {
-                    map: map_name::PREFIX_HITS,
-                    what: format!("counter {id}"),
-                    source: MapError::SyscallError(aya::sys::SyscallError {
-                        call: "per-cpu values",
-                        io_error: source,
-                    }),
-                }
-            })?;
-            self.prefix_hits
-                .insert(id, zeros, 0)
-                .map_err(|source| ApplyError::Write {
-                    map: map_name::PREFIX_HITS,
-                    what: format!("counter {id}"),
-                    source,
-                })?;
-        }
-        Ok(())
+    /// Removes the counters no prefix in force uses: those of prefixes that left the policy,
+    /// and any a packet still on the old slot created after the last sweep. The program
+    /// creates a prefix's counter at its first match, so only prefixes that saw traffic have
+    /// one, and this reads few keys. Returns how many went.
+    fn sweep_counters(&mut self) -> usize {
+        let live: std::collections::HashSet<u32> = self.counter_ids.values().copied().collect();
+        let unused: Vec<u32> = self
+            .prefix_hits
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|id| !live.contains(id))
+            .collect();
+        self.remove_counters(&unused);
+        unused.len()
     }
 
+    /// Removes counters `ids`, in batches; ids already gone are skipped.
     fn remove_counters(&mut self, ids: &[u32]) {
-        for id in ids {
-            if let Err(error) = self.prefix_hits.remove(id) {
-                log::warn!("could not remove counter {id}: {error}");
+        let mut rest = ids;
+        while !rest.is_empty() {
+            let keys: Vec<u8> = rest.iter().flat_map(|id| id.to_ne_bytes()).collect();
+            let fd = self.prefix_hits.map().fd().as_fd();
+            match batch::delete(fd, &keys, size_of::<u32>()) {
+                Ok(()) => return,
+                // The batch stops at a key that is not there: step over it.
+                Err((done, error)) => {
+                    if error.raw_os_error() != Some(libc::ENOENT) {
+                        log::warn!("could not remove {} counters: {error}", rest.len() - done);
+                        return;
+                    }
+                    rest = &rest[(done + 1).min(rest.len())..];
+                }
             }
         }
     }
 
-    /// Brings `slot` to exactly `target`, writing only what differs. What the slot holds is
-    /// tracked entry by entry, so a failure part-way leaves an exact record for the next try.
+    /// Brings `slot` to exactly `target`, writing only what differs, a batch per family.
+    /// What the slot holds is tracked entry by entry (the kernel says how far a failed batch
+    /// got), so a failure part-way leaves an exact record for the next try.
     fn write_slot(
         &mut self,
         slot: u32,
@@ -397,64 +382,107 @@ impl PolicyMaps {
             .filter(|net| !target.contains_key(net))
             .copied()
             .collect();
-        for net in stale {
-            self.remove_entry(index, net)?;
-            self.slots[index].remove(&net);
+        let changed: Vec<(IpNet, RuleValue)> = target
+            .iter()
+            .filter(|(net, value)| self.slots[index].get(net) != Some(value))
+            .map(|(net, value)| (*net, *value))
+            .collect();
+        for v4 in [true, false] {
+            let nets: Vec<IpNet> = stale
+                .iter()
+                .filter(|net| net.addr().is_ipv4() == v4)
+                .copied()
+                .collect();
+            self.remove_entries(index, &nets)?;
         }
-        let mut written = 0;
-        for (net, value) in target {
-            if self.slots[index].get(net) == Some(value) {
-                continue;
-            }
-            self.insert_entry(index, *net, *value)?;
-            self.slots[index].insert(*net, *value);
-            written += 1;
+        for v4 in [true, false] {
+            let entries: Vec<(IpNet, RuleValue)> = changed
+                .iter()
+                .filter(|(net, _)| net.addr().is_ipv4() == v4)
+                .copied()
+                .collect();
+            self.insert_entries(index, &entries)?;
         }
-        Ok(written)
+        Ok(changed.len())
     }
 
-    fn insert_entry(
+    /// The trie of `slot` for the family of `v4`, as a file descriptor, and its key size.
+    fn trie(&self, slot: usize, v4: bool) -> (BorrowedFd<'_>, usize) {
+        if v4 {
+            (self.v4[slot].map().fd().as_fd(), size_of::<u32>() + 4)
+        } else {
+            (self.v6[slot].map().fd().as_fd(), size_of::<u32>() + 16)
+        }
+    }
+
+    /// Removes `nets` (one family) from the trie of `slot`.
+    fn remove_entries(&mut self, slot: usize, nets: &[IpNet]) -> Result<(), ApplyError> {
+        let Some(first) = nets.first() else {
+            return Ok(());
+        };
+        let mut rest = nets;
+        while !rest.is_empty() {
+            let keys: Vec<u8> = rest.iter().flat_map(trie_key).collect();
+            let (fd, key_size) = self.trie(slot, first.addr().is_ipv4());
+            let outcome = batch::delete(fd, &keys, key_size);
+            let done = match &outcome {
+                Ok(()) => rest.len(),
+                Err((done, _)) => *done,
+            };
+            for net in &rest[..done] {
+                self.slots[slot].remove(net);
+            }
+            match outcome {
+                Ok(()) => return Ok(()),
+                // Not there: as good as removed.
+                Err((done, error)) if error.raw_os_error() == Some(libc::ENOENT) => {
+                    self.slots[slot].remove(&rest[done]);
+                    rest = &rest[done + 1..];
+                }
+                Err((_, source)) => {
+                    return Err(ApplyError::Batch {
+                        map: trie_name(*first, slot),
+                        what: format!("removal of {} prefixes", rest.len() - done),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `entries` (one family) into the trie of `slot`.
+    fn insert_entries(
         &mut self,
         slot: usize,
-        net: IpNet,
-        value: RuleValue,
+        entries: &[(IpNet, RuleValue)],
     ) -> Result<(), ApplyError> {
-        let result = match net {
-            IpNet::V4(v4) => self.v4[slot].insert(
-                &Key::new(u32::from(v4.prefix_len()), v4.addr().octets()),
-                value,
-                0,
-            ),
-            IpNet::V6(v6) => self.v6[slot].insert(
-                &Key::new(u32::from(v6.prefix_len()), v6.addr().octets()),
-                value,
-                0,
-            ),
+        let Some((first, _)) = entries.first() else {
+            return Ok(());
         };
-        result.map_err(|source| ApplyError::Write {
-            map: trie_name(net, slot),
-            what: net.to_string(),
+        let keys: Vec<u8> = entries.iter().flat_map(|(net, _)| trie_key(net)).collect();
+        let values: Vec<u8> = entries
+            .iter()
+            .flat_map(|(_, value)| {
+                let mut bytes = value.action.to_ne_bytes().to_vec();
+                bytes.extend_from_slice(&value.counter_id.to_ne_bytes());
+                bytes
+            })
+            .collect();
+        let (fd, key_size) = self.trie(slot, first.addr().is_ipv4());
+        let outcome = batch::update(fd, &keys, key_size, &values, size_of::<RuleValue>());
+        let done = match &outcome {
+            Ok(()) => entries.len(),
+            Err((done, _)) => *done,
+        };
+        for (net, value) in &entries[..done] {
+            self.slots[slot].insert(*net, *value);
+        }
+        outcome.map_err(|(done, source)| ApplyError::Batch {
+            map: trie_name(*first, slot),
+            what: format!("{} prefixes ({done} written)", entries.len()),
             source,
         })
-    }
-
-    fn remove_entry(&mut self, slot: usize, net: IpNet) -> Result<(), ApplyError> {
-        let result = match net {
-            IpNet::V4(v4) => {
-                self.v4[slot].remove(&Key::new(u32::from(v4.prefix_len()), v4.addr().octets()))
-            }
-            IpNet::V6(v6) => {
-                self.v6[slot].remove(&Key::new(u32::from(v6.prefix_len()), v6.addr().octets()))
-            }
-        };
-        match result {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(ApplyError::Write {
-                map: trie_name(net, slot),
-                what: format!("removal of {net}"),
-                source,
-            }),
-        }
     }
 
     /// Reads the counters, summed over CPUs.
@@ -466,6 +494,16 @@ impl PolicyMaps {
     pub fn offenders(&self) -> Result<Vec<(IpAddr, Offender)>, ApplyError> {
         read_offenders(&self.offenders)
     }
+}
+
+/// The bytes of a trie key: the prefix length (host order), then the address.
+fn trie_key(net: &IpNet) -> Vec<u8> {
+    let mut key = u32::from(net.prefix_len()).to_ne_bytes().to_vec();
+    match net {
+        IpNet::V4(v4) => key.extend_from_slice(&v4.network().octets()),
+        IpNet::V6(v6) => key.extend_from_slice(&v6.network().octets()),
+    }
+    key
 }
 
 /// One slot's IPv4 guard bitmap, one bit per /24.
@@ -680,15 +718,33 @@ mod tests {
 
     #[test]
     fn guard_bits_cover_every_overlapped_slash_24() {
-        let nets: Vec<IpNet> = ["10.0.0.0/8", "192.0.2.77/32", "198.51.100.0/23", "2001:db8::/32"]
-            .iter()
-            .map(|net| net.parse().unwrap())
-            .collect();
+        let nets: Vec<IpNet> = [
+            "10.0.0.0/8",
+            "192.0.2.77/32",
+            "198.51.100.0/23",
+            "2001:db8::/32",
+        ]
+        .iter()
+        .map(|net| net.parse().unwrap())
+        .collect();
         let bits: Box<V4Guard> = v4_blocks(nets.iter(), 24);
-        for inside in ["10.0.0.1", "10.255.255.255", "10.128.7.9", "192.0.2.1", "198.51.100.9", "198.51.101.200"] {
+        for inside in [
+            "10.0.0.1",
+            "10.255.255.255",
+            "10.128.7.9",
+            "192.0.2.1",
+            "198.51.100.9",
+            "198.51.101.200",
+        ] {
             assert!(listed(&bits, inside), "{inside}");
         }
-        for outside in ["11.0.0.0", "9.255.255.255", "192.0.3.77", "198.51.102.1", "0.0.0.0"] {
+        for outside in [
+            "11.0.0.0",
+            "9.255.255.255",
+            "192.0.3.77",
+            "198.51.102.1",
+            "0.0.0.0",
+        ] {
             assert!(!listed(&bits, outside), "{outside}");
         }
         let set: u32 = bits.iter().map(|word| word.count_ones()).sum();
@@ -697,6 +753,10 @@ mod tests {
         assert!(everything.iter().all(|word| *word == u32::MAX));
         let coarse: Box<V4Coarse> = v4_blocks(nets.iter(), 20);
         let set: u32 = coarse.iter().map(|word| word.count_ones()).sum();
-        assert_eq!(set, 4096 + 1 + 1, "10/8 is 4096 /20s; the /32 and the /23 one each");
+        assert_eq!(
+            set,
+            4096 + 1 + 1,
+            "10/8 is 4096 /20s; the /32 and the /23 one each"
+        );
     }
 }

@@ -125,7 +125,10 @@ impl Stats {
         let _ = writeln!(
             out,
             "passed unparsed {}, hidden decided by source {}, later fragments passed {}; stopped SYNs not in the source table (flood sampling) {}",
-            self.passed_unparsed, self.hidden_decided_by_source, self.passed_fragments, self.unrecorded
+            self.passed_unparsed,
+            self.hidden_decided_by_source,
+            self.passed_fragments,
+            self.unrecorded
         );
         let rule_width = self
             .prefixes

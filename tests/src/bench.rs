@@ -30,7 +30,7 @@ impl Rng {
         Self(seed)
     }
 
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -39,7 +39,7 @@ impl Rng {
     }
 
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        self.next_u64() % n
     }
 }
 
@@ -49,7 +49,7 @@ pub fn random_v4_prefixes(rng: &mut Rng, n: usize) -> Vec<IpNet> {
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
         let len = 24 + rng.below(9) as u8;
-        let net = Ipv4Net::new(Ipv4Addr::from(rng.next() as u32), len)
+        let net = Ipv4Net::new(Ipv4Addr::from(rng.next_u64() as u32), len)
             .expect("length")
             .trunc();
         if seen.insert(net) {
@@ -65,8 +65,8 @@ pub fn random_v6_prefixes(rng: &mut Rng, n: usize) -> Vec<IpNet> {
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
         let len = 32 + rng.below(33) as u8;
-        let high = (rng.next() & 0x1fff_ffff_ffff_ffff) | 0x2000_0000_0000_0000;
-        let bits = (u128::from(high) << 64) | u128::from(rng.next());
+        let high = (rng.next_u64() & 0x1fff_ffff_ffff_ffff) | 0x2000_0000_0000_0000;
+        let bits = (u128::from(high) << 64) | u128::from(rng.next_u64());
         let net = Ipv6Net::new(Ipv6Addr::from(bits), len)
             .expect("length")
             .trunc();
@@ -109,7 +109,7 @@ pub fn allow_policy(nets: impl IntoIterator<Item = IpNet>) -> Policy {
 /// A random IPv4 source no prefix of `policy` holds.
 pub fn unlisted_v4(rng: &mut Rng, policy: &Policy) -> Ipv4Addr {
     loop {
-        let addr = Ipv4Addr::from(rng.next() as u32);
+        let addr = Ipv4Addr::from(rng.next_u64() as u32);
         if policy.longest_match(IpAddr::V4(addr)).is_none() {
             return addr;
         }
@@ -126,7 +126,9 @@ impl Floor {
         let mut ebpf = EbpfLoader::new()
             .load(PROGRAM_OBJECT)
             .expect("load the object");
-        Self::program(&mut ebpf).load().expect("load the floor program");
+        Self::program(&mut ebpf)
+            .load()
+            .expect("load the floor program");
         Self { ebpf }
     }
 

@@ -5,6 +5,8 @@ pub mod bench;
 pub mod daemon;
 pub mod dns;
 pub mod frames;
+pub mod fuzz;
 pub mod kernel;
 pub mod netns;
 pub mod prometheus;
+pub mod reference;

@@ -399,17 +399,27 @@ fn a_flood_is_sampled_into_the_sources_table_beyond_the_budget() {
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(0, &mut set);
-        assert_eq!(libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set), 0);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set),
+            0
+        );
     }
     let mut kernel = Kernel::with_policy(&policy("enforce", "drop", "drop"));
     let total = 5000u32;
     for i in 0..total {
         let src = Ipv4Addr::new(10, 1, (i >> 8) as u8, i as u8);
-        run(&mut kernel, &syn4(&[], src, &[], &[], SYN), XDP_DROP, "flood");
+        run(
+            &mut kernel,
+            &syn4(&[], src, &[], &[], SYN),
+            XDP_DROP,
+            "flood",
+        );
     }
     let budget = smtpguard_common::RECORD_BUDGET_PER_SECOND as u32;
     let sample = smtpguard_common::RECORD_SAMPLE as u32;
-    let sampled = (budget + 1..=total).filter(|used| used % sample == 0).count() as u64;
+    let sampled = (budget + 1..=total)
+        .filter(|used| used % sample == 0)
+        .count() as u64;
     let counters = kernel.counters();
     assert_eq!(counters.get(counter::DROPPED), u64::from(total));
     assert_eq!(
@@ -417,7 +427,11 @@ fn a_flood_is_sampled_into_the_sources_table_beyond_the_budget() {
         u64::from(total - budget) - sampled,
         "recorded: the first {budget}, then one in {sample}"
     );
-    let recorded: u64 = kernel.offenders().iter().map(|(_, seen)| seen.blocked).sum();
+    let recorded: u64 = kernel
+        .offenders()
+        .iter()
+        .map(|(_, seen)| seen.blocked)
+        .sum();
     assert!(
         recorded <= u64::from(budget) + sampled && recorded > u64::from(budget) * 9 / 10,
         "the table holds about what was recorded (less hash collisions): {recorded}"

@@ -37,11 +37,33 @@ const ROUNDS: usize = 5;
 const MANY_SOURCES: usize = 20_000;
 
 fn main() {
-    let quick = std::env::args().any(|arg| arg == "--quick");
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|arg| arg == "--quick");
+    // `--only N` runs part N alone.
+    let only = args
+        .iter()
+        .position(|arg| arg == "--only")
+        .and_then(|at| args.get(at + 1))
+        .and_then(|part| part.parse::<u32>().ok());
+    let run = |part: u32| only.is_none_or(|only| only == part);
     machine();
-    per_packet(if quick { &[10, 10_000] } else { &[10, 10_000, 100_000, 1_000_000] });
-    flood(if quick { 300_000 } else { 2_000_000 });
-    apply(if quick { &[10_000] } else { &[100_000, 1_000_000] });
+    if run(1) {
+        per_packet(if quick {
+            &[10, 10_000]
+        } else {
+            &[10, 10_000, 100_000, 1_000_000]
+        });
+    }
+    if run(2) {
+        flood(if quick { 300_000 } else { 2_000_000 });
+    }
+    if run(3) {
+        apply(if quick {
+            &[10_000]
+        } else {
+            &[100_000, 1_000_000]
+        });
+    }
 }
 
 fn machine() {
@@ -61,20 +83,28 @@ fn machine() {
 }
 
 fn syn4(tags: &[frames::Tag], src: Ipv4Addr, flags: u8) -> Vec<u8> {
-    frames::segment_frame(frames::DST_MAC, tags, src.into(), DST4.into(), 40000, 25, flags)
+    frames::segment_frame(
+        frames::DST_MAC,
+        tags,
+        src.into(),
+        DST4.into(),
+        40000,
+        25,
+        flags,
+    )
 }
 
 /// Median over [`ROUNDS`] of the kernel's per-repetition time, in ns.
 fn timed(mut run: impl FnMut() -> Duration) -> f64 {
-    let mut samples: Vec<f64> = (0..ROUNDS)
-        .map(|_| run().as_secs_f64() * 1e9)
-        .collect();
+    let mut samples: Vec<f64> = (0..ROUNDS).map(|_| run().as_secs_f64() * 1e9).collect();
     median(&mut samples)
 }
 
 /// Part 1: BPF_PROG_TEST_RUN.
 fn per_packet(sizes: &[usize]) {
-    println!("1. per-packet cost, BPF_PROG_TEST_RUN (kernel timing, median of {ROUNDS} runs of {REPEAT} repetitions; many sources: {MANY_SOURCES} distinct unlisted sources, each run once)");
+    println!(
+        "1. per-packet cost, BPF_PROG_TEST_RUN (kernel timing, median of {ROUNDS} runs of {REPEAT} repetitions; many sources: {MANY_SOURCES} distinct unlisted sources, each run once)"
+    );
     println!(
         "{:>9}  {:<32} {:>10} {:>10} {:>7}",
         "prefixes", "case", "smtpguard", "floor", "ratio"
@@ -96,9 +126,20 @@ fn per_packet(sizes: &[usize]) {
             ("allowed IPv4 SYN", syn4(&[], ALLOWED4, SYN)),
             (
                 "unlisted IPv6 SYN",
-                frames::segment_frame(frames::DST_MAC, &[], UNLISTED6.into(), DST6.into(), 40000, 25, SYN),
+                frames::segment_frame(
+                    frames::DST_MAC,
+                    &[],
+                    UNLISTED6.into(),
+                    DST6.into(),
+                    40000,
+                    25,
+                    SYN,
+                ),
             ),
-            ("QinQ unlisted IPv4 SYN", syn4(&[dot1ad(7), dot1q(42)], unlisted, SYN)),
+            (
+                "QinQ unlisted IPv4 SYN",
+                syn4(&[dot1ad(7), dot1q(42)], unlisted, SYN),
+            ),
             ("non-SYN (ACK) IPv4", syn4(&[], unlisted, ACK)),
         ];
         for (name, frame) in &cases {
@@ -145,18 +186,25 @@ enum Receiver {
     /// Nothing attached, the server's end down: what sending alone costs.
     SenderOnly,
     Floor,
-    Smtpguard { prefixes: usize },
-    Nftables { prefixes: usize },
+    Smtpguard {
+        prefixes: usize,
+    },
+    Nftables {
+        prefixes: usize,
+    },
 }
 
 /// Part 2: SYN flood over a veth pair.
 fn flood(packets: usize) {
-    println!("2. SYN flood over a veth pair, {packets} frames from an AF_PACKET socket, random sources, all unlisted; native XDP");
+    println!(
+        "2. SYN flood over a veth pair, {packets} frames from an AF_PACKET socket, random sources, all unlisted; native XDP"
+    );
     println!(
         "{:<26} {:>12} {:>13} {:>11} {:>10}",
         "receiver", "CPU ns/pkt", "receive ns/pkt", "prog ns/pkt", "dropped"
     );
-    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("enable BPF run-time stats");
+    let _stats =
+        aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("enable BPF run-time stats");
     let mut results: Vec<(String, f64)> = Vec::new();
     let mut sender_only = 0.0;
     for receiver in [
@@ -174,7 +222,11 @@ fn flood(packets: usize) {
         }
         println!(
             "{name:<26} {cpu_ns:>12.0} {:>13} {:>11} {:>9.2}%",
-            if matches!(receiver, Receiver::SenderOnly) { "-".to_owned() } else { format!("{receive:.0}") },
+            if matches!(receiver, Receiver::SenderOnly) {
+                "-".to_owned()
+            } else {
+                format!("{receive:.0}")
+            },
             program_ns.map_or("-".to_owned(), |ns| format!("{ns:.1}")),
             dropped * 100.0
         );
@@ -211,7 +263,15 @@ fn flood_once(receiver: &Receiver, packets: usize) -> (String, f64, Option<f64>,
     let frames: Vec<Vec<u8>> = (0..65_536)
         .map(|index| {
             let src = unlisted_v4(&mut rng, &policy);
-            frames::segment_frame(mac, &[], src.into(), DST4.into(), 1024 + (index % 60_000) as u16, 25, SYN)
+            frames::segment_frame(
+                mac,
+                &[],
+                src.into(),
+                DST4.into(),
+                1024 + (index % 60_000) as u16,
+                25,
+                SYN,
+            )
         })
         .collect();
     let dir = std::env::temp_dir().join(format!("sg-bench-{}", std::process::id()));
@@ -220,7 +280,14 @@ fn flood_once(receiver: &Receiver, packets: usize) -> (String, f64, Option<f64>,
     let mut daemon = None;
     let name = match receiver {
         Receiver::SenderOnly => {
-            smtpguard_tests::netns::ip(&["-n", &pair.server.name, "link", "set", &pair.server_if, "down"]);
+            smtpguard_tests::netns::ip(&[
+                "-n",
+                &pair.server.name,
+                "link",
+                "set",
+                &pair.server_if,
+                "down",
+            ]);
             "sender only (peer down)".to_owned()
         }
         Receiver::Floor => {
@@ -284,7 +351,10 @@ fn flood_once(receiver: &Receiver, packets: usize) -> (String, f64, Option<f64>,
         // The program's own counters say what it dropped.
         let stats = daemon.stats();
         let dropped_by_program = stats["dropped"].as_u64().unwrap_or(0);
-        assert!(dropped_by_program as usize >= packets, "smtpguard dropped {dropped_by_program} of {packets}");
+        assert!(
+            dropped_by_program as usize >= packets,
+            "smtpguard dropped {dropped_by_program} of {packets}"
+        );
     }
     drop(daemon);
     drop(floor);
@@ -322,13 +392,27 @@ fn nftables(pair: &Pair, nets: &[IpNet], dir: &Path) {
         .arg(&path)
         .output()
         .expect("run nft (install nftables: cargo xtask setup)");
-    assert!(output.status.success(), "nft -f: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "nft -f: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 /// Packets the nftables drop rule counted, 0 without the table.
 fn nft_drops(pair: &Pair) -> u64 {
     let Ok(output) = Command::new("ip")
-        .args(["netns", "exec", &pair.server.name, "nft", "list", "chain", "netdev", "sgbench", "ingress"])
+        .args([
+            "netns",
+            "exec",
+            &pair.server.name,
+            "nft",
+            "list",
+            "chain",
+            "netdev",
+            "sgbench",
+            "ingress",
+        ])
         .output()
     else {
         return 0;
@@ -343,7 +427,9 @@ fn nft_drops(pair: &Pair) -> u64 {
 
 /// Part 3: policy apply through the real daemon, from SIGHUP to the new policy in force.
 fn apply(sizes: &[usize]) {
-    println!("3. policy apply through the real daemon: SIGHUP -> new generation in force (list files re-read, policy built, maps written, flip)");
+    println!(
+        "3. policy apply through the real daemon: SIGHUP -> new generation in force (list files re-read, policy built, maps written, flip)"
+    );
     println!(
         "{:>20} {:>11} {:>14} {:>12} {:>14}",
         "prefixes (v4 + v6)", "start", "SIGHUP->force", "maps write", "map memory"
@@ -355,7 +441,11 @@ fn apply(sizes: &[usize]) {
         let (v4, v6) = (dir.join("v4.txt"), dir.join("v6.txt"));
         let write_lists = |seed: u64| {
             let mut rng = Rng::new(seed);
-            let text = |nets: Vec<IpNet>| nets.iter().map(|net| format!("{net}\n")).collect::<String>();
+            let text = |nets: Vec<IpNet>| {
+                nets.iter()
+                    .map(|net| format!("{net}\n"))
+                    .collect::<String>()
+            };
             std::fs::write(&v4, text(random_v4_prefixes(&mut rng, size))).expect("v4 list");
             std::fs::write(&v6, text(random_v6_prefixes(&mut rng, size))).expect("v6 list");
         };
@@ -376,6 +466,11 @@ fn apply(sizes: &[usize]) {
         daemon.signal(libc::SIGHUP);
         daemon.wait_for_generation(2, Duration::from_secs(300));
         let sighup = started.elapsed();
+        // The log line follows the state file by a moment.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while daemon.log().matches("reloaded:").count() <= before && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let log = daemon.log();
         let write_ms = log
             .split("reloaded:")

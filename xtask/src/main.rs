@@ -30,6 +30,18 @@ enum Task {
     Test,
     /// Lock port 25 down on two throwaway namespaces and show what gets through.
     Demo,
+    /// Measure: per-packet cost beside an XDP_DROP floor, a SYN flood against nftables,
+    /// policy apply through the daemon. Pass `-- --quick` for a short run.
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Differential fuzzing of the program against an independent classifier:
+    /// `cargo xtask fuzz [FRAMES] [SEED]` (default a million frames).
+    Fuzz {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Build the Debian package (release binary, systemd unit, default config, man page)
     /// into target/package/.
     Package,
@@ -42,6 +54,8 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup::run(&root),
         Task::Test => test(&root),
         Task::Demo => demo(&root),
+        Task::Bench { args } => release_tool(&root, "bench", &args),
+        Task::Fuzz { args } => release_tool(&root, "fuzz", &args),
         Task::Package => {
             setup::run(&root)?;
             let deb = package(&root)?;
@@ -136,6 +150,40 @@ fn test(root: &Path) -> anyhow::Result<()> {
     );
     // The closing line: the totals of every test binary.
     println!("{summary}");
+    Ok(())
+}
+
+/// Runs the release build of the tests crate's `tool` binary, with the release daemon.
+fn release_tool(root: &Path, tool: &str, args: &[String]) -> anyhow::Result<()> {
+    require_root(tool)?;
+    setup::run(root)?;
+    run(
+        root,
+        "cargo",
+        &[
+            "build",
+            "--locked",
+            "--release",
+            "--package",
+            "smtpguard",
+            "--package",
+            "smtpguard-tests",
+            "--bin",
+            "smtpguard",
+            "--bin",
+            tool,
+        ],
+    )?;
+    let binary = root.join("target/release").join(tool);
+    let status = Command::new(&binary)
+        .args(args)
+        .env("SMTPGUARD_BIN", root.join("target/release/smtpguard"))
+        .current_dir(root)
+        .status()
+        .with_context(|| format!("run {}", binary.display()))?;
+    if !status.success() {
+        bail!("{tool} failed with {status}");
+    }
     Ok(())
 }
 

@@ -16,9 +16,10 @@ fn main() {
     let outcome = fuzz::run(seed, frames);
     let elapsed = started.elapsed().as_secs_f64();
     println!(
-        "{} frames (seed {seed:#x}) in {elapsed:.1} s ({:.0} frames/s): {} dropped by the program, {} disagreements with the reference",
+        "{} frames (seed {seed:#x}) in {elapsed:.1} s ({:.0} frames/s; {} more not runnable: under 14 bytes or over a page): {} dropped by the program, {} disagreements with the reference",
         outcome.frames,
         outcome.frames as f64 / elapsed,
+        outcome.not_runnable,
         outcome.dropped,
         outcome.disagreements
     );

@@ -258,8 +258,14 @@ impl Daemon {
     /// Writes `config` and sends SIGHUP, expecting the reload to be refused; returns the log
     /// line that says so.
     pub fn reload_refused(&mut self, config: &str) -> String {
-        let before = self.log().matches("reload failed").count();
         std::fs::write(&self.config_path, config).expect("write config");
+        self.reload_refused_as_written()
+    }
+
+    /// Sends SIGHUP for the configuration file as it is now, expecting the reload to be
+    /// refused; returns the log line that says so.
+    pub fn reload_refused_as_written(&mut self) -> String {
+        let before = self.log().matches("reload failed").count();
         self.signal(libc::SIGHUP);
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {

@@ -2,6 +2,7 @@
 //! kernel, and network-namespace fixtures that run the real daemon against real TCP.
 
 pub mod bench;
+pub mod corpus;
 pub mod daemon;
 pub mod dns;
 pub mod frames;

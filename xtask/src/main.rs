@@ -133,16 +133,14 @@ fn test(root: &Path) -> anyhow::Result<()> {
             "warnings",
         ],
     )?;
-    // The end-to-end tests run the real binary.
-    run(
-        root,
-        "cargo",
-        &["build", "--locked", "--package", "smtpguard"],
-    )?;
-    // The packaging test installs the package this run builds.
+    // The packaging test installs the package this run builds, and the end-to-end tests run
+    // the release binary it holds.
     let deb = package(root)?;
-    // SAFETY: single-threaded at this point; the variable is read by the child processes.
-    unsafe { std::env::set_var("SMTPGUARD_DEB", &deb) };
+    // SAFETY: single-threaded at this point; the variables are read by the child processes.
+    unsafe {
+        std::env::set_var("SMTPGUARD_DEB", &deb);
+        std::env::set_var("SMTPGUARD_BIN", root.join("target/release/smtpguard"));
+    }
     let summary = cargo_test(root)?;
     eprintln!(
         "all checks passed in {:.0} s",

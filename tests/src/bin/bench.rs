@@ -185,22 +185,32 @@ fn per_packet(sizes: &[usize]) {
 enum Receiver {
     /// Nothing attached, the server's end down: what sending alone costs.
     SenderOnly,
-    Floor,
+    Floor {
+        native: bool,
+    },
     Smtpguard {
         prefixes: usize,
+        native: bool,
     },
     Nftables {
         prefixes: usize,
     },
 }
 
+/// Flood runs per receiver; the median is reported.
+const FLOOD_ROUNDS: usize = 3;
+
+fn mode_name(native: bool) -> &'static str {
+    if native { "native" } else { "generic" }
+}
+
 /// Part 2: SYN flood over a veth pair.
 fn flood(packets: usize) {
     println!(
-        "2. SYN flood over a veth pair, {packets} frames from an AF_PACKET socket, random sources, all unlisted; native XDP"
+        "2. SYN flood over a veth pair, {packets} frames from an AF_PACKET socket, random sources, all unlisted (median of {FLOOD_ROUNDS} runs)"
     );
     println!(
-        "{:<26} {:>12} {:>13} {:>11} {:>10}",
+        "{:<36} {:>11} {:>15} {:>12} {:>9}",
         "receiver", "CPU ns/pkt", "receive ns/pkt", "prog ns/pkt", "dropped"
     );
     let _stats =
@@ -209,19 +219,31 @@ fn flood(packets: usize) {
     let mut sender_only = 0.0;
     for receiver in [
         Receiver::SenderOnly,
-        Receiver::Floor,
-        Receiver::Smtpguard { prefixes: 10 },
-        Receiver::Smtpguard { prefixes: 100_000 },
+        Receiver::Floor { native: true },
+        Receiver::Smtpguard { prefixes: 10, native: true },
+        Receiver::Smtpguard { prefixes: 100_000, native: true },
+        Receiver::Floor { native: false },
+        Receiver::Smtpguard { prefixes: 10, native: false },
+        Receiver::Smtpguard { prefixes: 100_000, native: false },
         Receiver::Nftables { prefixes: 10 },
         Receiver::Nftables { prefixes: 100_000 },
     ] {
-        let (name, cpu_ns, program_ns, dropped) = flood_once(&receiver, packets);
+        let runs: Vec<(String, f64, Option<f64>, f64)> =
+            (0..FLOOD_ROUNDS).map(|_| flood_once(&receiver, packets)).collect();
+        let name = runs[0].0.clone();
+        let cpu_ns = median(&mut runs.iter().map(|run| run.1).collect::<Vec<_>>());
+        let program_ns = runs
+            .iter()
+            .map(|run| run.2)
+            .collect::<Option<Vec<f64>>>()
+            .map(|mut values| median(&mut values));
+        let dropped = runs.iter().map(|run| run.3).fold(f64::INFINITY, f64::min);
         let receive = cpu_ns - sender_only;
         if matches!(receiver, Receiver::SenderOnly) {
             sender_only = cpu_ns;
         }
         println!(
-            "{name:<26} {cpu_ns:>12.0} {:>13} {:>11} {:>9.2}%",
+            "{name:<36} {cpu_ns:>11.0} {:>15} {:>12} {:>8.2}%",
             if matches!(receiver, Receiver::SenderOnly) {
                 "-".to_owned()
             } else {
@@ -232,20 +254,27 @@ fn flood(packets: usize) {
         );
         results.push((name, receive));
     }
-    let get = |prefix: &str| {
+    let get = |name: &str| {
         results
             .iter()
-            .find(|(name, _)| name.starts_with(prefix))
+            .find(|(label, _)| label == name)
             .map_or(f64::NAN, |(_, value)| *value)
     };
-    let floor = get("floor");
-    println!(
-        "receive-side ratios: smtpguard/floor {:.2}x at 10 prefixes, {:.2}x at 100k; nftables/smtpguard {:.2}x at 10, {:.2}x at 100k",
-        get("smtpguard, 10 ") / floor,
-        get("smtpguard, 100000") / floor,
-        get("nftables, 10 ") / get("smtpguard, 10 "),
-        get("nftables, 100000") / get("smtpguard, 100000"),
-    );
+    for native in [true, false] {
+        let mode = mode_name(native);
+        let floor = get(&format!("floor (XDP_DROP), {mode}"));
+        let (ten, many) = (
+            get(&format!("smtpguard, 10 prefixes, {mode}")),
+            get(&format!("smtpguard, 100000 prefixes, {mode}")),
+        );
+        println!(
+            "receive-side ratios, {mode} XDP: smtpguard/floor {:.2}x at 10 prefixes, {:.2}x at 100k; nftables/smtpguard {:.2}x at 10, {:.2}x at 100k",
+            ten / floor,
+            many / floor,
+            get("nftables, 10 prefixes") / ten,
+            get("nftables, 100000 prefixes") / many,
+        );
+    }
     println!();
 }
 
@@ -255,7 +284,7 @@ fn flood_once(receiver: &Receiver, packets: usize) -> (String, f64, Option<f64>,
     let mac = pair.server_mac();
     let mut rng = Rng::new(0xf100d);
     let prefixes = match receiver {
-        Receiver::Smtpguard { prefixes } | Receiver::Nftables { prefixes } => *prefixes,
+        Receiver::Smtpguard { prefixes, .. } | Receiver::Nftables { prefixes } => *prefixes,
         _ => 10,
     };
     let nets = random_v4_prefixes(&mut rng, prefixes);
@@ -290,29 +319,35 @@ fn flood_once(receiver: &Receiver, packets: usize) -> (String, f64, Option<f64>,
             ]);
             "sender only (peer down)".to_owned()
         }
-        Receiver::Floor => {
+        Receiver::Floor { native } => {
             let interface = pair.server_if.clone();
             let mut program = Floor::load();
+            let mode = if *native {
+                aya::programs::XdpMode::Driver
+            } else {
+                aya::programs::XdpMode::Skb
+            };
             pair.server.run(|| {
                 program
                     .xdp()
-                    .attach(&interface, aya::programs::XdpMode::Driver)
+                    .attach(&interface, mode)
                     .expect("attach the floor");
             });
             floor = Some(program);
-            "floor (XDP_DROP)".to_owned()
+            format!("floor (XDP_DROP), {}", mode_name(*native))
         }
-        Receiver::Smtpguard { prefixes } => {
+        Receiver::Smtpguard { prefixes, native } => {
             let list = dir.join("allow.txt");
             let text: String = nets.iter().map(|net| format!("{net}\n")).collect();
             std::fs::write(&list, text).expect("list");
             let config = format!(
-                "interfaces = [\"{}\"]\nxdp_mode = \"native\"\non_exit = \"detach\"\n[[allow]]\nname = \"bench\"\nfiles = [\"{}\"]\n",
+                "interfaces = [\"{}\"]\nxdp_mode = \"{}\"\non_exit = \"detach\"\n[[allow]]\nname = \"bench\"\nfiles = [\"{}\"]\n",
                 pair.server_if,
+                if *native { "native" } else { "skb" },
                 list.display()
             );
             daemon = Some(Daemon::start(&pair.server, &config));
-            format!("smtpguard, {prefixes} prefixes")
+            format!("smtpguard, {prefixes} prefixes, {}", mode_name(*native))
         }
         Receiver::Nftables { prefixes } => {
             nftables(&pair, &nets, &dir);
@@ -341,7 +376,7 @@ fn flood_once(receiver: &Receiver, packets: usize) -> (String, f64, Option<f64>,
         _ => None,
     };
     let dropped = match receiver {
-        Receiver::Floor | Receiver::Smtpguard { .. } => program_before
+        Receiver::Floor { .. } | Receiver::Smtpguard { .. } => program_before
             .zip(program_after)
             .map_or(0.0, |((_, c0), (_, c1))| (c1 - c0) as f64 / packets as f64),
         Receiver::Nftables { .. } => (nft_drops(&pair) - nft_before) as f64 / packets as f64,

@@ -35,7 +35,7 @@ fn attempt(pair: &Pair, src: impl Into<IpAddr>) -> Outcome {
 
 fn config(interface: &str, allow: &str) -> String {
     format!(
-        "interfaces = [\"{interface}\"]\n\n[dns]\nresolver = \"{RESOLVER}\"\nmin_refresh_secs = 1\nmax_refresh_secs = 60\ntimeout_secs = 1\n\n[[allow]]\nname = \"provider\"\n{allow}\n"
+        "interfaces = [\"{interface}\"]\n\n[metrics]\nlisten = \"127.0.0.1:9725\"\n\n[dns]\nresolver = \"{RESOLVER}\"\nmin_refresh_secs = 1\nmax_refresh_secs = 60\ntimeout_secs = 1\n\n[[allow]]\nname = \"provider\"\n{allow}\n"
     )
 }
 

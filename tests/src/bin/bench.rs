@@ -220,16 +220,29 @@ fn flood(packets: usize) {
     for receiver in [
         Receiver::SenderOnly,
         Receiver::Floor { native: true },
-        Receiver::Smtpguard { prefixes: 10, native: true },
-        Receiver::Smtpguard { prefixes: 100_000, native: true },
+        Receiver::Smtpguard {
+            prefixes: 10,
+            native: true,
+        },
+        Receiver::Smtpguard {
+            prefixes: 100_000,
+            native: true,
+        },
         Receiver::Floor { native: false },
-        Receiver::Smtpguard { prefixes: 10, native: false },
-        Receiver::Smtpguard { prefixes: 100_000, native: false },
+        Receiver::Smtpguard {
+            prefixes: 10,
+            native: false,
+        },
+        Receiver::Smtpguard {
+            prefixes: 100_000,
+            native: false,
+        },
         Receiver::Nftables { prefixes: 10 },
         Receiver::Nftables { prefixes: 100_000 },
     ] {
-        let runs: Vec<(String, f64, Option<f64>, f64)> =
-            (0..FLOOD_ROUNDS).map(|_| flood_once(&receiver, packets)).collect();
+        let runs: Vec<(String, f64, Option<f64>, f64)> = (0..FLOOD_ROUNDS)
+            .map(|_| flood_once(&receiver, packets))
+            .collect();
         let name = runs[0].0.clone();
         let cpu_ns = median(&mut runs.iter().map(|run| run.1).collect::<Vec<_>>());
         let program_ns = runs

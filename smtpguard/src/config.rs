@@ -11,6 +11,30 @@ use std::{
 use serde::Deserialize;
 use toml::Spanned;
 
+/// A configuration larger than this is refused unread (prefix lists belong in `files`).
+pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
+/// The text of the file at `path`, refused if larger than `limit` bytes or not UTF-8.
+pub fn read_text(path: &Path, limit: u64) -> Result<String, ConfigError> {
+    let read_error = |source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let size = std::fs::metadata(path).map_err(read_error)?.len();
+    if size > limit {
+        return Err(ConfigError::TooLarge {
+            path: path.to_owned(),
+            size,
+            limit,
+        });
+    }
+    let bytes = std::fs::read(path).map_err(read_error)?;
+    String::from_utf8(bytes).map_err(|source| ConfigError::NotUtf8 {
+        path: path.to_owned(),
+        source,
+    })
+}
+
 /// The guarded port when the file does not say: SMTP.
 pub const DEFAULT_PORTS: [u16; 1] = [25];
 
@@ -40,7 +64,7 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::string::FromUtf8Error,
     },
-    #[error("{path}: {size} bytes, more than the {limit} a list may have", path = path.display())]
+    #[error("{path}: {size} bytes, more than the {limit} such a file may have", path = path.display())]
     TooLarge {
         path: PathBuf,
         size: u64,
@@ -305,15 +329,7 @@ pub struct Config {
 impl Config {
     /// Reads and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let text = String::from_utf8(bytes).map_err(|source| ConfigError::NotUtf8 {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(path, &text)
+        Self::parse(path, &read_text(path, MAX_CONFIG_BYTES)?)
     }
 
     /// Validates `text` as if read from `path`.

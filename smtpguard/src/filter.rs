@@ -280,15 +280,11 @@ impl Filter {
         else {
             return Ok(());
         };
-        if let Some(pin) = attachment.pin.take() {
-            match std::fs::remove_file(&pin) {
-                Ok(()) => {}
-                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => {
-                    attachment.pin = Some(pin.clone());
-                    return Err(FilterError::Unpin { path: pin, source });
-                }
-            }
+        if let Some(pin) = attachment.pin.take()
+            && let Err(error) = remove_pin(&pin)
+        {
+            attachment.pin = Some(pin);
+            return Err(error);
         }
         Ok(())
     }
@@ -359,16 +355,7 @@ impl Filter {
         };
         let attachment = self.attachments.remove(index);
         if let Some(pin) = &attachment.pin {
-            match std::fs::remove_file(pin) {
-                Ok(()) => {}
-                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => {
-                    return Err(FilterError::Unpin {
-                        path: pin.clone(),
-                        source,
-                    });
-                }
-            }
+            remove_pin(pin)?;
         }
         xdp_program(&mut self.ebpf)?
             .detach(attachment.link)
@@ -445,6 +432,18 @@ fn interface_exists(interface: &str) -> bool {
     };
     // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
     unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
+}
+
+/// Removes a link's pin; one already gone is fine.
+fn remove_pin(path: &Path) -> Result<(), FilterError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(FilterError::Unpin {
+            path: path.to_owned(),
+            source,
+        }),
+    }
 }
 
 /// Refuses a pinned map whose layout is not the one this program declares (a pin left by

@@ -13,28 +13,10 @@ pub const MAX_FILE_BYTES: u64 = 256 << 20;
 
 /// The prefixes `path` lists, as written, each with its line.
 pub fn read(path: &Path) -> Result<Vec<(String, Location)>, ConfigError> {
-    let size = std::fs::metadata(path)
-        .map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?
-        .len();
-    if size > MAX_FILE_BYTES {
-        return Err(ConfigError::TooLarge {
-            path: path.to_owned(),
-            size,
-            limit: MAX_FILE_BYTES,
-        });
-    }
-    let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    let text = String::from_utf8(bytes).map_err(|source| ConfigError::NotUtf8 {
-        path: path.to_owned(),
-        source,
-    })?;
-    Ok(entries(path, &text))
+    Ok(entries(
+        path,
+        &crate::config::read_text(path, MAX_FILE_BYTES)?,
+    ))
 }
 
 /// The non-empty, comment-stripped lines of `text`.

@@ -156,6 +156,11 @@ pub fn file_cases(head: &str, dir: &Path) -> Vec<(Vec<u8>, String)> {
     huge.set_len(300 << 20).expect("size the huge list");
     vec![
         (
+            // A configuration is no place for a prefix list: 17 MiB of it is refused unread.
+            vec![b'#'; 17 << 20],
+            "{file}: 17825792 bytes, more than the 16777216 such a file may have".to_owned(),
+        ),
+        (
             [head.as_bytes(), b"[[allow]]\nname = \"caf\xe9\"\n"].concat(),
             "{file}: not UTF-8 text".to_owned(),
         ),
@@ -178,9 +183,29 @@ pub fn file_cases(head: &str, dir: &Path) -> Vec<(Vec<u8>, String)> {
         (
             config("huge.txt"),
             format!(
-                "{}: 314572800 bytes, more than the 268435456 a list may have",
+                "{}: 314572800 bytes, more than the 268435456 such a file may have",
                 list("huge.txt")
             ),
         ),
     ]
+}
+
+/// Every case for a configuration at `file`: the text cases and the file cases (their files
+/// written into `dir`), each expectation starting with the path it names.
+pub fn all_cases(head: &str, dir: &Path, file: &str) -> Vec<(Vec<u8>, String)> {
+    let mut cases: Vec<(Vec<u8>, String)> = text_cases(head)
+        .into_iter()
+        .map(|(text, expected)| {
+            (
+                text.into_bytes(),
+                format!("{file}{}", expected.replace("{file}", file)),
+            )
+        })
+        .collect();
+    cases.extend(
+        file_cases(head, dir)
+            .into_iter()
+            .map(|(bytes, expected)| (bytes, expected.replace("{file}", file))),
+    );
+    cases
 }

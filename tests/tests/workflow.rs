@@ -233,6 +233,16 @@ fn audit_report_then_enforce() {
     let text = daemon.cli(&["report"]);
     assert!(text.contains("audit mode: nothing is blocked"), "{text}");
     assert!(text.contains(&UNLISTED4.to_string()), "{text}");
+    // `stats --top 1` lists the most frequent source only.
+    let text = daemon.cli(&["stats", "--top", "1"]);
+    assert!(
+        text.contains("2 sources in the table, top 1 shown"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&UNLISTED4.to_string()) && !text.contains(&UNLISTED6.to_string()),
+        "{text}"
+    );
 
     // Enforce, by SIGHUP: the same source is now stopped, and counted as blocked.
     daemon.reload(&config(&pair.server_if, "mode = \"enforce\"", PROVIDER));

@@ -377,7 +377,14 @@ impl Daemon {
             Ok::<_, DaemonError>(self.maps.apply(&policy)?)
         })();
         let report = match outcome {
-            Ok(report) => report,
+            Ok(report) => {
+                log::info!(
+                    "generation {} in force {:.0} ms after the signal",
+                    report.generation,
+                    started.elapsed().as_secs_f64() * 1e3
+                );
+                report
+            }
             Err(error) => {
                 for interface in &attached {
                     if let Err(detach_error) = self.filter.detach(interface) {
@@ -416,7 +423,13 @@ impl Daemon {
         if let Some(dns) = dns {
             self.dns = dns;
         }
+        let written = std::time::Instant::now();
         self.write_state(true)?;
+        log::info!(
+            "state recorded in {:.0} ms; reload done {:.0} ms after the signal",
+            written.elapsed().as_secs_f64() * 1e3,
+            started.elapsed().as_secs_f64() * 1e3
+        );
         Ok(report)
     }
 
@@ -464,7 +477,7 @@ impl Daemon {
                     .get(net)
                     .map(|entry| entry.rule.clone())
                     .unwrap_or_default();
-                (id, list, rule, net.to_string())
+                (id, list, rule, *net)
             })
             .collect();
         telemetry.dns = self

@@ -44,7 +44,7 @@ pub struct Telemetry {
     pub mode: Mode,
     pub generation: u32,
     /// Per-prefix counter id, list, rule and prefix of the policy in force.
-    pub prefixes: Vec<(u32, List, String, String)>,
+    pub prefixes: Vec<(u32, List, String, ipnet::IpNet)>,
     pub reloads_ok: u64,
     pub reloads_error: u64,
     /// Per DNS name: refreshes that failed, and whether its last good answer is in use.
@@ -132,7 +132,7 @@ impl prometheus_client::collector::Collector for Exporter {
                     vec![
                         ("list", list.as_str().to_owned()),
                         ("rule", rule.clone()),
-                        ("prefix", prefix.clone()),
+                        ("prefix", prefix.to_string()),
                     ],
                     snapshot.prefixes.get(id).copied().unwrap_or(0),
                 )

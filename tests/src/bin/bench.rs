@@ -476,11 +476,11 @@ fn nft_drops(pair: &Pair) -> u64 {
 /// Part 3: policy apply through the real daemon, from SIGHUP to the new policy in force.
 fn apply(sizes: &[usize]) {
     println!(
-        "3. policy apply through the real daemon: SIGHUP -> new generation in force (list files re-read, policy built, maps written, flip)"
+        "3. policy apply through the real daemon, every prefix replaced: SIGHUP -> flip (list files re-read, policy built, maps written, one store), and -> state file recorded"
     );
     println!(
-        "{:>20} {:>11} {:>14} {:>12} {:>14}",
-        "prefixes (v4 + v6)", "start", "SIGHUP->force", "maps write", "map memory"
+        "{:>20} {:>11} {:>14} {:>14} {:>12} {:>14}",
+        "prefixes (v4 + v6)", "start", "SIGHUP->flip", "SIGHUP->state", "maps write", "map memory"
     );
     for &size in sizes {
         let pair = Pair::new(&[]);
@@ -520,6 +520,15 @@ fn apply(sizes: &[usize]) {
             std::thread::sleep(Duration::from_millis(10));
         }
         let log = daemon.log();
+        let after_signal = |marker: &str| {
+            log.lines()
+                .filter(|line| line.contains(marker))
+                .nth(before)
+                .and_then(|line| line.split(marker).nth(1))
+                .and_then(|rest| rest.split(" ms").next())
+                .and_then(|ms| ms.trim().parse::<f64>().ok())
+                .unwrap_or(f64::NAN)
+        };
         let write_ms = log
             .split("reloaded:")
             .nth(before + 1)
@@ -527,11 +536,13 @@ fn apply(sizes: &[usize]) {
             .and_then(|rest| rest.split(" ms").next())
             .and_then(|ms| ms.trim().parse::<f64>().ok())
             .unwrap_or(f64::NAN);
+        let in_force_ms = after_signal("in force ");
         let memory = map_memory(daemon.pid() as u32);
         println!(
-            "{:>20} {:>9.2} s {:>12.3} s {:>9.0} ms {:>10.1} MiB",
+            "{:>20} {:>9.2} s {:>12.3} s {:>12.3} s {:>9.0} ms {:>10.1} MiB",
             format!("{size} + {size}"),
             start.as_secs_f64(),
+            in_force_ms / 1e3,
             sighup.as_secs_f64(),
             write_ms,
             memory as f64 / (1 << 20) as f64

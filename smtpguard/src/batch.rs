@@ -82,6 +82,25 @@ pub fn delete(map: BorrowedFd<'_>, keys: &[u8], key_size: usize) -> Result<(), (
     Ok(())
 }
 
+/// As [`delete`], but a key the map does not hold is as good as removed: the batch steps over
+/// it and goes on. On another error, returns how many keys were dealt with.
+pub fn delete_present(
+    map: BorrowedFd<'_>,
+    keys: &[u8],
+    key_size: usize,
+) -> Result<(), (usize, io::Error)> {
+    let count = keys.len() / key_size;
+    let mut done = 0;
+    while done < count {
+        match delete(map, &keys[done * key_size..], key_size) {
+            Ok(()) => return Ok(()),
+            Err((more, error)) if error.raw_os_error() == Some(libc::ENOENT) => done += more + 1,
+            Err((more, error)) => return Err((done + more, error)),
+        }
+    }
+    Ok(())
+}
+
 fn call(command: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
     // SAFETY: `attr` is a valid, zero-padded `union bpf_attr` for a batch command whose key
     // and value pointers cover `count` elements, alive for the duration of the call.

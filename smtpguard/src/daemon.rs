@@ -103,7 +103,8 @@ pub async fn run(
                         );
                     }
                 }
-                daemon.publish();
+                // Failures and stale answers change without a new policy.
+                daemon.publish_dns();
             }
             _ = hangup.recv() => {
                 log::info!("SIGHUP: reloading {}", config_path.display());
@@ -121,7 +122,6 @@ pub async fn run(
                         );
                     }
                 }
-                daemon.publish();
                 notify(&[NotifyState::Ready, NotifyState::Status(&daemon.status())]);
             }
             _ = terminate.recv() => { log::info!("SIGTERM: stopping"); break; }
@@ -454,43 +454,32 @@ impl Daemon {
         }
     }
 
-    /// Shares what the daemon knows with the metrics endpoint.
-    fn publish(&self) {
-        let Ok(mut telemetry) = self.telemetry.lock() else {
-            return;
-        };
-        telemetry.interfaces = self
-            .filter
-            .attachments()
-            .iter()
-            .map(|attachment| (attachment.interface.clone(), attachment.mode))
-            .collect();
-        telemetry.mode = self.policy.mode;
-        telemetry.generation = self.maps.generation();
-        telemetry.prefixes = self
-            .maps
-            .counter_ids()
-            .map(|(net, list, id)| {
-                let rule = self
-                    .policy
-                    .entries
-                    .get(net)
-                    .map(|entry| entry.rule.clone())
-                    .unwrap_or_default();
-                (id, list, rule, *net)
-            })
-            .collect();
-        telemetry.dns = self
-            .fetched
-            .names
-            .iter()
-            .map(|(name, resolution)| {
-                (
-                    name.to_string(),
-                    (resolution.failures, resolution.stale.is_some()),
-                )
-            })
-            .collect();
+    /// Shares the state just recorded, and the DNS answers, with the metrics endpoint.
+    fn publish(&self, state: RunState) {
+        if let Ok(mut telemetry) = self.telemetry.lock() {
+            telemetry.interfaces = state.interfaces;
+            telemetry.mode = state.mode;
+            telemetry.generation = state.generation;
+            telemetry.prefixes = state.prefixes;
+        }
+        self.publish_dns();
+    }
+
+    /// Shares what DNS last said (failures, stale answers) with the metrics endpoint.
+    fn publish_dns(&self) {
+        if let Ok(mut telemetry) = self.telemetry.lock() {
+            telemetry.dns = self
+                .fetched
+                .names
+                .iter()
+                .map(|(name, resolution)| {
+                    (
+                        name.to_string(),
+                        (resolution.failures, resolution.stale.is_some()),
+                    )
+                })
+                .collect();
+        }
     }
 
     fn describe(&self, report: &ApplyReport) -> String {
@@ -552,7 +541,7 @@ impl Daemon {
             counter_map_ids: self.counter_map_ids,
         };
         self.instance.write_state(&state)?;
-        self.publish();
+        self.publish(state);
         Ok(())
     }
 

@@ -223,11 +223,7 @@ impl Filter {
     /// Pins the link of `interface` at `path`: the program stays attached after this process
     /// exits, until the pin is removed.
     pub fn pin_link(&mut self, interface: &str, path: &Path) -> Result<(), FilterError> {
-        let Some(index) = self
-            .attachments
-            .iter()
-            .position(|attachment| attachment.interface == interface)
-        else {
+        let Some(index) = self.position(interface) else {
             return Ok(());
         };
         let pin_error = |source| FilterError::PinLink {
@@ -273,13 +269,10 @@ impl Filter {
     /// Removes the pin of `interface`'s link, if any: the link now lives as long as this
     /// process holds it.
     pub fn unpin_link(&mut self, interface: &str) -> Result<(), FilterError> {
-        let Some(attachment) = self
-            .attachments
-            .iter_mut()
-            .find(|attachment| attachment.interface == interface)
-        else {
+        let Some(index) = self.position(interface) else {
             return Ok(());
         };
+        let attachment = &mut self.attachments[index];
         if let Some(pin) = attachment.pin.take()
             && let Err(error) = remove_pin(&pin)
         {
@@ -346,11 +339,7 @@ impl Filter {
 
     /// Detaches from `interface`.
     pub fn detach(&mut self, interface: &str) -> Result<(), FilterError> {
-        let Some(index) = self
-            .attachments
-            .iter()
-            .position(|attachment| attachment.interface == interface)
-        else {
+        let Some(index) = self.position(interface) else {
             return Ok(());
         };
         let attachment = self.attachments.remove(index);
@@ -370,9 +359,15 @@ impl Filter {
     }
 
     pub fn attachment(&self, interface: &str) -> Option<&Attachment> {
+        self.position(interface)
+            .map(|index| &self.attachments[index])
+    }
+
+    /// Where `interface`'s attachment sits in the list, if it is attached.
+    fn position(&self, interface: &str) -> Option<usize> {
         self.attachments
             .iter()
-            .find(|attachment| attachment.interface == interface)
+            .position(|attachment| attachment.interface == interface)
     }
 
     /// Runs the program once on `frame` through `BPF_PROG_TEST_RUN`; returns the XDP action.

@@ -350,21 +350,10 @@ impl PolicyMaps {
 
     /// Removes counters `ids`, in batches; ids already gone are skipped.
     fn remove_counters(&mut self, ids: &[u32]) {
-        let mut rest = ids;
-        while !rest.is_empty() {
-            let keys: Vec<u8> = rest.iter().flat_map(|id| id.to_ne_bytes()).collect();
-            let fd = self.prefix_hits.map().fd().as_fd();
-            match batch::delete(fd, &keys, size_of::<u32>()) {
-                Ok(()) => return,
-                // The batch stops at a key that is not there: step over it.
-                Err((done, error)) => {
-                    if error.raw_os_error() != Some(libc::ENOENT) {
-                        log::warn!("could not remove {} counters: {error}", rest.len() - done);
-                        return;
-                    }
-                    rest = &rest[(done + 1).min(rest.len())..];
-                }
-            }
+        let keys: Vec<u8> = ids.iter().flat_map(|id| id.to_ne_bytes()).collect();
+        let fd = self.prefix_hits.map().fd().as_fd();
+        if let Err((done, error)) = batch::delete_present(fd, &keys, size_of::<u32>()) {
+            log::warn!("could not remove {} counters: {error}", ids.len() - done);
         }
     }
 
@@ -420,35 +409,21 @@ impl PolicyMaps {
         let Some(first) = nets.first() else {
             return Ok(());
         };
-        let mut rest = nets;
-        while !rest.is_empty() {
-            let keys: Vec<u8> = rest.iter().flat_map(trie_key).collect();
-            let (fd, key_size) = self.trie(slot, first.addr().is_ipv4());
-            let outcome = batch::delete(fd, &keys, key_size);
-            let done = match &outcome {
-                Ok(()) => rest.len(),
-                Err((done, _)) => *done,
-            };
-            for net in &rest[..done] {
-                self.slots[slot].remove(net);
-            }
-            match outcome {
-                Ok(()) => return Ok(()),
-                // Not there: as good as removed.
-                Err((done, error)) if error.raw_os_error() == Some(libc::ENOENT) => {
-                    self.slots[slot].remove(&rest[done]);
-                    rest = &rest[done + 1..];
-                }
-                Err((_, source)) => {
-                    return Err(ApplyError::Batch {
-                        map: trie_name(*first, slot),
-                        what: format!("removal of {} prefixes", rest.len() - done),
-                        source,
-                    });
-                }
-            }
+        let keys: Vec<u8> = nets.iter().flat_map(trie_key).collect();
+        let (fd, key_size) = self.trie(slot, first.addr().is_ipv4());
+        let outcome = batch::delete_present(fd, &keys, key_size);
+        let done = match &outcome {
+            Ok(()) => nets.len(),
+            Err((done, _)) => *done,
+        };
+        for net in &nets[..done] {
+            self.slots[slot].remove(net);
         }
-        Ok(())
+        outcome.map_err(|(done, source)| ApplyError::Batch {
+            map: trie_name(*first, slot),
+            what: format!("removal of {} prefixes", nets.len() - done),
+            source,
+        })
     }
 
     /// Writes `entries` (one family) into the trie of `slot`.

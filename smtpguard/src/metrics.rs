@@ -35,16 +35,21 @@ use prometheus_client::{
 use smtpguard_common::counter;
 use tokio::{net::TcpListener, task::JoinHandle};
 
-use crate::{config::Mode, filter::AttachedMode, maps::CounterMaps, policy::List};
+use crate::{
+    config::Mode,
+    instance::{InterfaceState, PrefixState},
+    maps::CounterMaps,
+    policy::List,
+};
 
 /// What the daemon knows that the kernel maps do not: shared with the scrape handler.
 #[derive(Clone, Debug, Default)]
 pub struct Telemetry {
-    pub interfaces: Vec<(String, AttachedMode)>,
+    pub interfaces: Vec<InterfaceState>,
     pub mode: Mode,
     pub generation: u32,
-    /// Per-prefix counter id, list, rule and prefix of the policy in force.
-    pub prefixes: Vec<(u32, List, String, ipnet::IpNet)>,
+    /// Counter id, list, rule and prefix of each prefix of the policy in force.
+    pub prefixes: Vec<PrefixState>,
     pub reloads_ok: u64,
     pub reloads_error: u64,
     /// Per DNS name: refreshes that failed, and whether its last good answer is in use.
@@ -77,22 +82,40 @@ impl std::fmt::Debug for Exporter {
 
 type Labels = Vec<(&'static str, String)>;
 
-/// One metric family; a label-less value is the family's only sample.
+/// One metric family of `metric_type`, each value made a metric by `metric`; a label-less
+/// value is the family's only sample.
+fn family<V: Copy, M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    metric_type: MetricType,
+    values: &[(Labels, V)],
+    metric: impl Fn(V) -> M,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, metric_type)?;
+    for (labels, value) in values {
+        if labels.is_empty() {
+            return metric(*value).encode(family);
+        }
+        metric(*value).encode(family.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
 fn counter_family(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,
     values: &[(Labels, u64)],
 ) -> Result<(), std::fmt::Error> {
-    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-    for (labels, value) in values {
-        if labels.is_empty() {
-            ConstCounter::new(*value).encode(family)?;
-            return Ok(());
-        }
-        ConstCounter::new(*value).encode(family.encode_family(labels)?)?;
-    }
-    Ok(())
+    family(
+        encoder,
+        name,
+        help,
+        MetricType::Counter,
+        values,
+        ConstCounter::new,
+    )
 }
 
 fn gauge_family(
@@ -101,20 +124,20 @@ fn gauge_family(
     help: &str,
     values: &[(Labels, i64)],
 ) -> Result<(), std::fmt::Error> {
-    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
-    for (labels, value) in values {
-        if labels.is_empty() {
-            ConstGauge::new(*value).encode(family)?;
-            return Ok(());
-        }
-        ConstGauge::new(*value).encode(family.encode_family(labels)?)?;
-    }
-    Ok(())
+    family(
+        encoder,
+        name,
+        help,
+        MetricType::Gauge,
+        values,
+        ConstGauge::new,
+    )
 }
 
 impl prometheus_client::collector::Collector for Exporter {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let telemetry = self.telemetry.lock().map_err(|_| std::fmt::Error)?.clone();
+        // Held for the scrape: a policy of many prefixes is not copied on every scrape.
+        let telemetry = self.telemetry.lock().map_err(|_| std::fmt::Error)?;
         let snapshot = match self.maps.lock().map_err(|_| std::fmt::Error)?.read() {
             Ok(snapshot) => snapshot,
             Err(error) => {
@@ -127,14 +150,18 @@ impl prometheus_client::collector::Collector for Exporter {
         let rules: Vec<(Labels, u64)> = telemetry
             .prefixes
             .iter()
-            .map(|(id, list, rule, prefix)| {
+            .map(|prefix| {
                 (
                     vec![
-                        ("list", list.as_str().to_owned()),
-                        ("rule", rule.clone()),
-                        ("prefix", prefix.to_string()),
+                        ("list", prefix.list.as_str().to_owned()),
+                        ("rule", prefix.rule.clone()),
+                        ("prefix", prefix.prefix.to_string()),
                     ],
-                    snapshot.prefixes.get(id).copied().unwrap_or(0),
+                    snapshot
+                        .prefixes
+                        .get(&prefix.counter_id)
+                        .copied()
+                        .unwrap_or(0),
                 )
             })
             .collect();
@@ -215,7 +242,7 @@ impl prometheus_client::collector::Collector for Exporter {
             telemetry
                 .prefixes
                 .iter()
-                .filter(|(_, entry_list, _, _)| *entry_list == list)
+                .filter(|prefix| prefix.list == list)
                 .count() as i64
         };
         gauge_family(
@@ -236,12 +263,12 @@ impl prometheus_client::collector::Collector for Exporter {
         let info: Vec<(Labels, i64)> = telemetry
             .interfaces
             .iter()
-            .map(|(interface, mode)| {
+            .map(|interface| {
                 (
                     vec![
                         ("version", env!("CARGO_PKG_VERSION").to_owned()),
-                        ("xdp_mode", mode.to_string()),
-                        ("interface", interface.clone()),
+                        ("xdp_mode", interface.mode.to_string()),
+                        ("interface", interface.name.clone()),
                     ],
                     1,
                 )

@@ -40,20 +40,7 @@ fn every_bad_configuration_is_refused_with_file_and_line() {
     let path = dir.join("smtpguard.toml");
     let file = path.display().to_string();
     let head = "interfaces = [\"eth0\"]\n";
-    let mut cases: Vec<(Vec<u8>, String)> = corpus::text_cases(head)
-        .into_iter()
-        .map(|(text, expected)| {
-            (
-                text.into_bytes(),
-                format!("{file}{}", expected.replace("{file}", &file)),
-            )
-        })
-        .collect();
-    cases.extend(
-        corpus::file_cases(head, &dir)
-            .into_iter()
-            .map(|(bytes, expected)| (bytes, expected.replace("{file}", &file))),
-    );
+    let cases = corpus::all_cases(head, &dir, &file);
     assert!(cases.len() >= 40, "{} cases", cases.len());
     for (bytes, expected) in &cases {
         std::fs::write(&path, bytes).expect("write case");
@@ -93,20 +80,7 @@ fn a_running_daemon_keeps_its_policy_and_counters_through_the_whole_corpus() {
 
     let dir = scratch("sighup");
     let file = daemon.config_path.display().to_string();
-    let mut cases: Vec<(Vec<u8>, String)> = corpus::text_cases(&head)
-        .into_iter()
-        .map(|(text, expected)| {
-            (
-                text.into_bytes(),
-                format!("{file}{}", expected.replace("{file}", &file)),
-            )
-        })
-        .collect();
-    cases.extend(
-        corpus::file_cases(&head, &dir)
-            .into_iter()
-            .map(|(bytes, expected)| (bytes, expected.replace("{file}", &file))),
-    );
+    let cases = corpus::all_cases(&head, &dir, &file);
     for (bytes, expected) in &cases {
         // Some cases are not UTF-8: write the bytes, then signal.
         std::fs::write(&daemon.config_path, bytes).expect("write case");

@@ -183,10 +183,11 @@ fn should_record() -> bool {
         if (*budget).used % RECORD_SAMPLE != 0 {
             return false;
         }
-        if bpf_ktime_get_boot_ns() > (*budget).window_end_ns {
+        let now = bpf_ktime_get_boot_ns();
+        if now > (*budget).window_end_ns {
             // A new second: this SYN opens a fresh window.
             (*budget).used = 1;
-            (*budget).window_end_ns = bpf_ktime_get_boot_ns() + 1_000_000_000;
+            (*budget).window_end_ns = now + 1_000_000_000;
         }
     }
     true

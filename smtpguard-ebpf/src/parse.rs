@@ -88,14 +88,15 @@ struct FragHdr {
     _id: [u8; 4],
 }
 
+/// The first 14 bytes of a TCP header: what both the parser and a reply read.
 #[repr(C)]
-struct TcpHead {
-    _sport: [u8; 2],
-    dport: [u8; 2],
-    _seq: [u8; 4],
+pub(crate) struct TcpHead {
+    pub(crate) sport: [u8; 2],
+    pub(crate) dport: [u8; 2],
+    pub(crate) seq: [u8; 4],
     _ack: [u8; 4],
-    _data_offset: u8,
-    flags: u8,
+    pub(crate) data_offset: u8,
+    pub(crate) flags: u8,
 }
 
 /// A source address exactly as read from the packet (network byte order).

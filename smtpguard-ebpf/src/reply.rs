@@ -6,11 +6,9 @@
 //! Everything the reply needs is copied out of the frame before the first byte is written,
 //! because the new headers overlap the old ones wherever options or extensions sat.
 
-use core::mem::size_of;
-
 use aya_ebpf::{helpers::bpf_xdp_adjust_tail, programs::XdpContext};
 
-use crate::parse::{Layers, Source, ptr_at};
+use crate::parse::{Layers, Source, TcpHead, ptr_at};
 
 const IPV4_HEADER: usize = 20;
 const IPV6_HEADER: usize = 40;
@@ -19,16 +17,6 @@ const IPPROTO_TCP: u8 = 6;
 const TCP_FIN: u8 = 0x01;
 const TCP_RST_ACK: u8 = 0x04 | 0x10;
 const REPLY_HOP_LIMIT: u8 = 64;
-
-#[repr(C)]
-struct TcpFields {
-    sport: [u8; 2],
-    dport: [u8; 2],
-    seq: [u8; 4],
-    _ack: [u8; 4],
-    data_offset: u8,
-    flags: u8,
-}
 
 #[repr(C)]
 struct MacPair {
@@ -44,7 +32,7 @@ pub fn tcp_reset(ctx: &XdpContext, src: &Source, at: &Layers) -> bool {
     if at.fragment || at.l4_len > 0xffff {
         return false;
     }
-    let Some(tcp) = ptr_at::<TcpFields>(ctx, at.l4) else {
+    let Some(tcp) = ptr_at::<TcpHead>(ctx, at.l4) else {
         return false;
     };
     let (sport, dport, seq, data_offset, flags) = unsafe {
@@ -215,5 +203,3 @@ fn set_checksum<const N: usize>(bytes: &mut [u8; N], at: usize, total: u32) {
         slot.copy_from_slice(&check);
     }
 }
-
-const _: () = assert!(size_of::<TcpFields>() == 14);

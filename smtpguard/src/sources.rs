@@ -89,6 +89,8 @@ pub struct Resolution {
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
+    #[error("{at}: {name} gave no prefixes")]
+    Empty { at: Location, name: String },
     #[error(transparent)]
     File(#[from] ConfigError),
     #[error("{at}: cannot resolve host {name}: {source}")]
@@ -260,13 +262,9 @@ async fn refresh(
     };
     let answer = answer.and_then(|(nets, ttl, notes)| {
         if nets.is_empty() {
-            Err(FetchError::Host {
+            Err(FetchError::Empty {
                 at: at.clone(),
                 name: name.to_string(),
-                source: DnsError::NoRecords {
-                    name: name.to_string(),
-                    what: "address",
-                },
             })
         } else {
             Ok((nets, ttl, notes))

@@ -11,7 +11,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{filter::AttachedMode, policy::List};
+use crate::{kernel::filter::AttachedMode, policy::List};
 
 /// bpffs magic number (`BPF_FS_MAGIC` in linux/magic.h).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -215,7 +215,7 @@ pub struct RunState {
     /// The daemon's pid; 0 once it has exited leaving the filter in place.
     pub pid: u32,
     /// What the daemon does with the filter when it exits.
-    pub on_exit: crate::config::OnExit,
+    pub on_exit: crate::source::config::OnExit,
     pub version: String,
     pub config: PathBuf,
     pub generation: u32,
@@ -223,13 +223,13 @@ pub struct RunState {
     pub interfaces: Vec<InterfaceState>,
     pub ports: Vec<u16>,
     /// Whether the counters are being gathered while enforcing or auditing.
-    pub mode: crate::config::Mode,
+    pub mode: crate::source::config::Mode,
     /// What happens to unlisted sources.
-    pub action: crate::config::Action,
+    pub action: crate::source::config::Action,
     pub prefixes: Vec<PrefixState>,
     /// Kernel ids of the global and per-prefix counter maps, for readers that cannot see the
     /// pins.
-    pub counter_map_ids: crate::maps::CounterMapIds,
+    pub counter_map_ids: crate::kernel::maps::CounterMapIds,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

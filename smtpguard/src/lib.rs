@@ -1,24 +1,21 @@
 //! smtpguard: lock inbound SMTP down to trusted sources at XDP.
 //!
-//! Data flows one way: TOML ([`config`]) + what it names ([`sources`]: list files, DNS and
-//! SPF) -> validated [`policy`] -> kernel maps, written in one
-//! atomic step ([`maps`]) -> verdicts in the XDP program ([`filter`]) -> per-CPU counters ->
-//! [`stats`]. The [`daemon`] drives that flow and [`instance`] says where its state lives.
+//! Data flows one way, through one folder per stage:
+//!
+//! - [`source`]: where prefixes come from: the TOML configuration, prefix notation, list
+//!   files, DNS names and SPF records, each prefix with its origin;
+//! - [`policy`]: a pure function of what the sources produced: validated prefixes, the
+//!   longest-prefix verdicts the program takes;
+//! - [`kernel`]: the XDP program and its maps: load, attach and take over, apply a policy in
+//!   one atomic step, read the counters back;
+//! - [`service`]: the daemon (signals, reloads, DNS refreshes) and its metrics endpoint;
+//! - [`command`]: read-only views for the admin: check, explain, stats, report.
+//!
+//! [`instance`] says where a running instance keeps its pins and state.
 
-pub mod batch;
-pub mod check;
-pub mod config;
-pub mod daemon;
-pub mod dns;
-pub mod explain;
-pub mod filter;
+pub mod command;
 pub mod instance;
-pub mod listfile;
-pub mod maps;
-pub mod metrics;
+pub mod kernel;
 pub mod policy;
-pub mod prefix;
-pub mod report;
-pub mod sources;
-pub mod spf;
-pub mod stats;
+pub mod service;
+pub mod source;

@@ -5,17 +5,16 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use smtpguard::{
-    check,
-    config::Config,
-    daemon,
-    dns::Dns,
-    explain,
+    command::{check, explain, report::Report, stats::Stats},
     instance::Instance,
-    maps::open_counters,
+    kernel::maps::open_counters,
     policy::Policy,
-    report::Report,
-    sources::{self, Fetched},
-    stats::Stats,
+    service::daemon,
+    source::{
+        config::Config,
+        dns::Dns,
+        fetch::{self as sources, Fetched},
+    },
 };
 
 const DEFAULT_CONFIG: &str = "/etc/smtpguard/smtpguard.toml";

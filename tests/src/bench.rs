@@ -14,10 +14,12 @@ use aya::{
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use smtpguard::{
-    config::{Action, Location, Mode},
-    filter::PROGRAM_OBJECT,
+    kernel::filter::PROGRAM_OBJECT,
     policy::{Entry, List, Policy},
-    sources::Origin,
+    source::{
+        config::{Action, Location, Mode},
+        fetch::Origin,
+    },
 };
 use smtpguard_common::FLOOR_PROGRAM_NAME;
 

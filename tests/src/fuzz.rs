@@ -44,10 +44,11 @@ pub struct Outcome {
 /// Runs frames from `seed` until `count` of them went through the program.
 pub fn run(seed: u64, count: u64) -> Outcome {
     let mut kernel = Kernel::with_policy(POLICY);
-    let config = smtpguard::config::Config::parse(std::path::Path::new("fuzz.toml"), POLICY)
-        .expect("fuzz policy");
+    let config =
+        smtpguard::source::config::Config::parse(std::path::Path::new("fuzz.toml"), POLICY)
+            .expect("fuzz policy");
     let (policy, _) =
-        smtpguard::policy::Policy::build(&config, &smtpguard::sources::Fetched::default())
+        smtpguard::policy::Policy::build(&config, &smtpguard::source::fetch::Fetched::default())
             .expect("fuzz policy");
     let mut rng = Rng::new(seed);
     let mut outcome = Outcome::default();

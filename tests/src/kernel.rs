@@ -4,10 +4,12 @@
 use std::path::Path;
 
 use smtpguard::{
-    config::Config,
-    filter::Filter,
-    maps::{ApplyReport, CounterSnapshot, PolicyMaps},
+    kernel::{
+        filter::Filter,
+        maps::{ApplyReport, CounterSnapshot, PolicyMaps},
+    },
     policy::Policy,
+    source::config::Config,
 };
 
 pub const XDP_DROP: u32 = 1;
@@ -33,7 +35,7 @@ impl Kernel {
     pub fn apply(&mut self, toml: &str) -> ApplyReport {
         let config = Config::parse(Path::new("test.toml"), toml)
             .unwrap_or_else(|error| panic!("bad test config: {error}"));
-        let (policy, _) = Policy::build(&config, &smtpguard::sources::Fetched::default())
+        let (policy, _) = Policy::build(&config, &smtpguard::source::fetch::Fetched::default())
             .unwrap_or_else(|error| panic!("bad test policy: {error}"));
         self.maps
             .apply(&policy)

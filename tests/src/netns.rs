@@ -204,13 +204,13 @@ impl Pair {
     /// port) to the client's end, in native mode. A veth delivers frames sent back with
     /// native-mode `XDP_TX` only to a peer that runs XDP itself; a physical NIC needs nothing
     /// of the kind. Detached when the returned filter is dropped.
-    pub fn client_xdp_peer(&self) -> smtpguard::filter::Filter {
+    pub fn client_xdp_peer(&self) -> smtpguard::kernel::filter::Filter {
         let interface = self.client_if.clone();
         self.client.run(move || {
-            let (mut filter, _maps) = smtpguard::filter::Filter::load(None)
+            let (mut filter, _maps) = smtpguard::kernel::filter::Filter::load(None)
                 .unwrap_or_else(|error| panic!("loading the peer program: {error}"));
             filter
-                .attach(&interface, smtpguard::config::XdpMode::Native)
+                .attach(&interface, smtpguard::source::config::XdpMode::Native)
                 .unwrap_or_else(|error| panic!("attaching the peer program: {error}"));
             filter
         })

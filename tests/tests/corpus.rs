@@ -7,7 +7,10 @@ use std::{
     time::Duration,
 };
 
-use smtpguard::{config::Config, policy::Policy, sources};
+use smtpguard::{
+    policy::Policy,
+    source::{config::Config, fetch as sources},
+};
 use smtpguard_tests::{
     corpus,
     daemon::Daemon,

@@ -82,7 +82,11 @@ fn allow_deny_unlisted_ipv4_and_ipv6() {
     );
 }
 
-fn counters_delta(kernel: &Kernel, before: &smtpguard::maps::CounterSnapshot, index: u32) -> u64 {
+fn counters_delta(
+    kernel: &Kernel,
+    before: &smtpguard::kernel::maps::CounterSnapshot,
+    index: u32,
+) -> u64 {
     kernel.counters().get(index) - before.get(index)
 }
 

@@ -15,7 +15,7 @@ use std::{
 };
 
 use ipnet::IpNet;
-use smtpguard::filter::Filter;
+use smtpguard::kernel::filter::Filter;
 use smtpguard_tests::{
     bench::{
         Floor, Rng, allow_policy, busy_cpu_ns, map_memory, median, random_v4_prefixes,

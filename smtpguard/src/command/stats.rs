@@ -7,7 +7,7 @@ use smtpguard_common::counter;
 
 use crate::{
     instance::{InterfaceState, RunState},
-    maps::CounterSnapshot,
+    kernel::maps::CounterSnapshot,
     policy::List,
 };
 
@@ -21,8 +21,8 @@ pub struct Stats {
     pub config: String,
     pub interfaces: Vec<InterfaceState>,
     pub ports: Vec<u16>,
-    pub mode: crate::config::Mode,
-    pub action: crate::config::Action,
+    pub mode: crate::source::config::Mode,
+    pub action: crate::source::config::Action,
     pub syn_allowed: u64,
     pub syn_denied: u64,
     pub syn_unlisted: u64,
@@ -169,15 +169,15 @@ mod tests {
 
     use super::*;
     use crate::{
-        filter::AttachedMode,
         instance::{InterfaceState, PrefixState},
+        kernel::filter::AttachedMode,
     };
 
     #[test]
     fn text_and_json_show_counters_by_prefix() {
         let state = RunState {
             pid: 42,
-            on_exit: crate::config::OnExit::Keep,
+            on_exit: crate::source::config::OnExit::Keep,
             version: "0.1.0".into(),
             config: "/etc/smtpguard/smtpguard.toml".into(),
             generation: 3,
@@ -202,8 +202,8 @@ mod tests {
                 },
             ],
             counter_map_ids: Default::default(),
-            mode: crate::config::Mode::Enforce,
-            action: crate::config::Action::Drop,
+            mode: crate::source::config::Mode::Enforce,
+            action: crate::source::config::Action::Drop,
         };
         let mut counters = CounterSnapshot::default();
         counters.global[counter::SYN_ALLOWED as usize] = 7;

@@ -10,10 +10,10 @@ use std::{
 
 use ipnet::IpNet;
 
-use crate::{
-    config::{Action, Config, ConfigError, Conflict, Location, Mode, RuleSpec},
+use crate::source::{
+    config::{Action, Config, ConfigError, Conflict, Location, Mode, RuleSpec, Warning},
+    fetch::{Fetched, Name, Origin, normalise},
     prefix,
-    sources::{Fetched, Name, Origin, normalise},
 };
 
 /// Which list a prefix is on.
@@ -52,19 +52,6 @@ pub struct Entry {
     pub origin: Origin,
     /// The line that put it in the policy: of the configuration, or of the list file.
     pub at: Location,
-}
-
-/// Something worth telling the admin that does not stop the policy from applying.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Warning {
-    pub at: Location,
-    pub message: String,
-}
-
-impl fmt::Display for Warning {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.at, self.message)
-    }
 }
 
 /// A validated policy, ready to be written to the maps.

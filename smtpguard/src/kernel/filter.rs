@@ -1,5 +1,5 @@
 //! The XDP program in the kernel: load the embedded object (the verifier runs here), hand its
-//! maps to [`crate::maps::PolicyMaps`], and attach to or detach from interfaces.
+//! maps to [`crate::kernel::maps::PolicyMaps`], and attach to or detach from interfaces.
 //!
 //! With a pin directory, the maps live in bpffs: a later daemon reuses them (policy, counters
 //! and all), and links pinned there keep the program attached after the daemon exits. Such a
@@ -25,7 +25,10 @@ use smtpguard_common::{
     RecordBudget, RuleValue, SLOTS, SlotConfig, V4_COARSE_WORDS, V4_GUARD_WORDS, counter, map_name,
 };
 
-use crate::{config::XdpMode, maps::PolicyMaps};
+use crate::{
+    kernel::maps::{MapsError, PolicyMaps},
+    source::config::XdpMode,
+};
 
 /// The XDP program, built by `build.rs` from the `smtpguard-ebpf` crate.
 pub static PROGRAM_OBJECT: &[u8] =
@@ -37,8 +40,6 @@ pub enum FilterError {
     Object(#[source] aya::EbpfError),
     #[error("the object has no program {PROGRAM_NAME:?}")]
     MissingProgram,
-    #[error("the object has no map {0:?}")]
-    MissingMap(&'static str),
     #[error("the kernel refused the XDP program: {0}")]
     Verifier(#[source] ProgramError),
     #[error("cannot pin map {name} at {path}: {source}")]
@@ -47,12 +48,6 @@ pub enum FilterError {
         path: String,
         #[source]
         source: aya::pin::PinError,
-    },
-    #[error("map {name}: {source}")]
-    Map {
-        name: &'static str,
-        #[source]
-        source: aya::maps::MapError,
     },
     #[error("interface {interface:?} does not exist (see `ip link`)")]
     NoSuchInterface { interface: String },
@@ -81,13 +76,8 @@ pub enum FilterError {
         #[source]
         source: ProgramError,
     },
-    #[error(
-        "the pinned counter maps are not readable ({pins}), and the maps the state file names are gone ({ids})"
-    )]
-    CountersGone {
-        pins: Box<FilterError>,
-        ids: Box<FilterError>,
-    },
+    #[error(transparent)]
+    Maps(#[from] MapsError),
     #[error("test run failed: {0}")]
     TestRun(#[source] ProgramError),
     #[error(
@@ -180,8 +170,8 @@ impl Filter {
         let mut ebpf = loader.load(PROGRAM_OBJECT).map_err(FilterError::Object)?;
         let program = xdp_program(&mut ebpf)?;
         program.load().map_err(FilterError::Verifier)?;
-        let mut take = |name: &'static str| -> Result<Map, FilterError> {
-            ebpf.take_map(name).ok_or(FilterError::MissingMap(name))
+        let mut take = |name: &'static str| -> Result<Map, MapsError> {
+            ebpf.take_map(name).ok_or(MapsError::Missing(name))
         };
         let maps = PolicyMaps::from_maps(&mut take)?;
         Ok((
@@ -444,7 +434,7 @@ fn remove_pin(path: &Path) -> Result<(), FilterError> {
 /// Refuses a pinned map whose layout is not the one this program declares (a pin left by
 /// another version): reusing it would make the program misread every entry.
 fn check_layout(name: &'static str, path: &Path) -> Result<(), FilterError> {
-    let info = MapInfo::from_pin(path).map_err(|source| FilterError::Map { name, source })?;
+    let info = MapInfo::from_pin(path).map_err(|source| MapsError::Map { name, source })?;
     let (expected_key, expected_value, expected_entries) = layout(name);
     if (info.key_size(), info.value_size(), info.max_entries())
         != (expected_key, expected_value, expected_entries)

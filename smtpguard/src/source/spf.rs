@@ -8,7 +8,7 @@ use std::{future::Future, pin::Pin, time::Duration};
 
 use ipnet::IpNet;
 
-use crate::dns::{DnsError, Lookup};
+use crate::source::dns::{DnsError, Lookup};
 
 /// RFC 7208 4.6.4: at most 10 terms that cause DNS queries.
 pub const MAX_DNS_TERMS: usize = 10;
@@ -182,7 +182,7 @@ impl<L: Lookup> Walk<'_, L> {
                 let value = argument
                     .strip_prefix(':')
                     .ok_or_else(|| syntax("missing address"))?;
-                let net = crate::prefix::parse(value)
+                let net = crate::source::prefix::parse(value)
                     .ok()
                     .filter(|_| !value.contains(char::is_whitespace))
                     .map(|parsed| parsed.net)
@@ -330,7 +330,7 @@ mod tests {
     use std::net::IpAddr;
 
     use super::*;
-    use crate::dns::Answer;
+    use crate::source::dns::Answer;
 
     /// A zone in memory, for the parsing and limit rules (the real resolver is exercised by
     /// the end-to-end tests against a DNS server).

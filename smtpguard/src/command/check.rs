@@ -3,9 +3,8 @@
 use std::fmt::Write as _;
 
 use crate::{
-    config::Config,
     policy::{List, Policy},
-    sources::Origin,
+    source::{config::Config, fetch::Origin},
 };
 
 /// The policy built from `config`, one prefix per line, most specific decisions visible.
@@ -95,7 +94,8 @@ mod tests {
             "interfaces = [\"eth0\"]\nports = [25, 2525]\n[[allow]]\nname = \"provider\"\nprefixes = [\"208.123.79.0/255.255.255.0\", \"2001:db8:25::/48\"]\n[[deny]]\nname = \"abuser\"\nprefixes = [\"208.123.79.9\"]\n",
         )
         .unwrap();
-        let (policy, _) = Policy::build(&config, &crate::sources::Fetched::default()).unwrap();
+        let (policy, _) =
+            Policy::build(&config, &crate::source::fetch::Fetched::default()).unwrap();
         let text = render(&config, &policy);
         assert!(text.contains("guarded TCP ports: 25, 2525"), "{text}");
         assert!(text.contains("allow  provider  208.123.79.0/24"), "{text}");

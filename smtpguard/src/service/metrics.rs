@@ -36,10 +36,10 @@ use smtpguard_common::counter;
 use tokio::{net::TcpListener, task::JoinHandle};
 
 use crate::{
-    config::Mode,
     instance::{InterfaceState, PrefixState},
-    maps::CounterMaps,
+    kernel::maps::CounterMaps,
     policy::List,
+    source::config::Mode,
 };
 
 /// What the daemon knows that the kernel maps do not: shared with the scrape handler.

@@ -12,7 +12,7 @@ use std::{
 use serde::Serialize;
 use smtpguard_common::Offender;
 
-use crate::{config::Mode, instance::RunState, policy::List};
+use crate::{instance::RunState, policy::List, source::config::Mode};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
@@ -176,13 +176,13 @@ impl BootClock {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{config::Action, instance::PrefixState};
+    use crate::{instance::PrefixState, source::config::Action};
 
     #[test]
     fn most_frequent_first_with_the_rule_that_decides() {
         let state = RunState {
             pid: 1,
-            on_exit: crate::config::OnExit::Keep,
+            on_exit: crate::source::config::OnExit::Keep,
             version: "0".into(),
             config: "/etc/smtpguard/smtpguard.toml".into(),
             generation: 1,

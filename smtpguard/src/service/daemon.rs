@@ -18,14 +18,21 @@ use tokio::{
 };
 
 use crate::{
-    config::{Config, ConfigError, OnExit},
-    dns::{Dns, DnsError},
-    filter::{AttachedMode, Filter, FilterError},
     instance::{Instance, InstanceError, InstanceLock, InterfaceState, PrefixState, RunState},
-    maps::{ApplyError, ApplyReport, CounterMapIds, PolicyMaps, open_counters, pinned_counter_ids},
-    metrics::{self, MetricsError, SharedTelemetry},
-    policy::{List, Policy, Warning},
-    sources::{self, FetchError, Fetched},
+    kernel::{
+        filter::{AttachedMode, Filter, FilterError},
+        maps::{
+            ApplyError, ApplyReport, CounterMapIds, MapsError, PolicyMaps, open_counters,
+            pinned_counter_ids,
+        },
+    },
+    policy::{List, Policy},
+    service::metrics::{self, MetricsError, SharedTelemetry},
+    source::{
+        config::{Config, ConfigError, OnExit, Warning},
+        dns::{Dns, DnsError},
+        fetch::{self as sources, FetchError, Fetched},
+    },
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +47,8 @@ pub enum DaemonError {
     Instance(#[from] InstanceError),
     #[error(transparent)]
     Filter(#[from] FilterError),
+    #[error(transparent)]
+    Maps(#[from] MapsError),
     #[error(transparent)]
     Metrics(#[from] MetricsError),
     #[error("applying the policy: {0}")]

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use crate::config::{ConfigError, Location};
+use crate::source::config::{ConfigError, Location};
 
 /// Files larger than this are refused rather than read: a list of a few million prefixes is
 /// well under it, a wrong path (a disk image, a log) is not.
@@ -15,7 +15,7 @@ pub const MAX_FILE_BYTES: u64 = 256 << 20;
 pub fn read(path: &Path) -> Result<Vec<(String, Location)>, ConfigError> {
     Ok(entries(
         path,
-        &crate::config::read_text(path, MAX_FILE_BYTES)?,
+        &crate::source::config::read_text(path, MAX_FILE_BYTES)?,
     ))
 }
 

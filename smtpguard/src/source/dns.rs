@@ -15,7 +15,7 @@ use hickory_resolver::{
     proto::rr::{RData, RecordType},
 };
 
-use crate::config::DnsSettings;
+use crate::source::config::DnsSettings;
 
 /// Records of one name, and how long they may be kept.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -4,8 +4,8 @@
 use std::{fmt::Write as _, net::IpAddr};
 
 use crate::{
-    config::{Action, Mode},
     policy::{Policy, Verdict},
+    source::config::{Action, Mode},
 };
 
 /// The decision for a SYN from `source` to `port`, explained.
@@ -62,7 +62,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::{config::Config, sources::Fetched};
+    use crate::source::{config::Config, fetch::Fetched};
 
     fn policy(text: &str) -> Policy {
         let config = Config::parse(Path::new("/etc/smtpguard/smtpguard.toml"), text).unwrap();

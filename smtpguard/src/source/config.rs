@@ -51,6 +51,19 @@ impl fmt::Display for Location {
     }
 }
 
+/// Something worth telling the admin that does not stop the policy from applying.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Warning {
+    pub at: Location,
+    pub message: String,
+}
+
+impl fmt::Display for Warning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.at, self.message)
+    }
+}
+
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -76,7 +89,7 @@ pub enum ConfigError {
     BadPrefix {
         at: Location,
         value: String,
-        reason: crate::prefix::PrefixError,
+        reason: crate::source::prefix::PrefixError,
     },
     #[error(transparent)]
     Conflict(Box<Conflict>),

@@ -28,10 +28,9 @@ use smtpguard_common::{
 };
 
 use crate::{
-    batch,
-    config::{Action, Mode},
-    filter::FilterError,
+    kernel::batch,
     policy::{List, Policy},
+    source::config::{Action, Mode},
 };
 
 /// Time given to packets that read the old slot index before the standby slot is rewritten:
@@ -62,6 +61,26 @@ pub enum ApplyError {
     },
     #[error("cannot count CPUs: {0}")]
     Cpus(String),
+}
+
+/// Why the maps could not be opened or read back.
+#[derive(Debug, thiserror::Error)]
+pub enum MapsError {
+    #[error("the object has no map {0:?}")]
+    Missing(&'static str),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error(
+        "the pinned counter maps are not readable ({pins}), and the maps the state file names are gone ({ids})"
+    )]
+    CountersGone {
+        pins: Box<MapsError>,
+        ids: Box<MapsError>,
+    },
 }
 
 /// The identity of a per-prefix counter: it survives reloads as long as this pair does.
@@ -113,8 +132,8 @@ pub struct PolicyMaps {
 impl PolicyMaps {
     /// Takes the maps, by name, from `take`.
     pub(crate) fn from_maps(
-        mut take: impl FnMut(&'static str) -> Result<Map, FilterError>,
-    ) -> Result<Self, FilterError> {
+        mut take: impl FnMut(&'static str) -> Result<Map, MapsError>,
+    ) -> Result<Self, MapsError> {
         let mut maps = Self {
             active: typed(map_name::ACTIVE_SLOT, take(map_name::ACTIVE_SLOT)?)?,
             slot_config: typed(map_name::SLOT_CONFIG, take(map_name::SLOT_CONFIG)?)?,
@@ -147,8 +166,8 @@ impl PolicyMaps {
     /// read back entry by entry, so the next apply writes only what differs, counters keep
     /// their ids (and counts), and counters that no entry of the active slot uses (left by an
     /// apply that was cut short) are removed.
-    fn recover(&mut self) -> Result<(), FilterError> {
-        let map_error = |name: &'static str| move |source| FilterError::Map { name, source };
+    fn recover(&mut self) -> Result<(), MapsError> {
+        let map_error = |name: &'static str| move |source| MapsError::Map { name, source };
         self.active_slot = self
             .active
             .get(&0, 0)
@@ -516,19 +535,16 @@ fn action_code(action: Action) -> u32 {
 }
 
 /// A map as the type its name promises.
-fn typed<T: TryFrom<Map, Error = MapError>>(
-    name: &'static str,
-    map: Map,
-) -> Result<T, FilterError> {
-    T::try_from(map).map_err(|source| FilterError::Map { name, source })
+fn typed<T: TryFrom<Map, Error = MapError>>(name: &'static str, map: Map) -> Result<T, MapsError> {
+    T::try_from(map).map_err(|source| MapsError::Map { name, source })
 }
 
 /// A map opened from outside the loader (a pin, an id), as the type its name promises.
 fn typed_from_data<T: TryFrom<Map, Error = MapError>>(
     name: &'static str,
     data: MapData,
-) -> Result<T, FilterError> {
-    let map = Map::from_map_data(data).map_err(|source| FilterError::Map { name, source })?;
+) -> Result<T, MapsError> {
+    let map = Map::from_map_data(data).map_err(|source| MapsError::Map { name, source })?;
     typed(name, map)
 }
 
@@ -619,12 +635,12 @@ pub struct CounterMapIds {
 /// Opens the counter maps of a running daemon through its pins under `pin_dir`, or, where
 /// those are out of sight (`ip netns exec` mounts its own /sys), by the kernel `ids` its state
 /// file records.
-pub fn open_counters(pin_dir: &Path, ids: CounterMapIds) -> Result<CounterMaps, FilterError> {
+pub fn open_counters(pin_dir: &Path, ids: CounterMapIds) -> Result<CounterMaps, MapsError> {
     let pinned = |name: &'static str| {
-        MapData::from_pin(pin_dir.join(name)).map_err(|source| FilterError::Map { name, source })
+        MapData::from_pin(pin_dir.join(name)).map_err(|source| MapsError::Map { name, source })
     };
     open_counter_maps(pinned).or_else(|pins| {
-        open_counter_maps(|name| open_by_id(name, ids)).map_err(|ids| FilterError::CountersGone {
+        open_counter_maps(|name| open_by_id(name, ids)).map_err(|ids| MapsError::CountersGone {
             pins: Box::new(pins),
             ids: Box::new(ids),
         })
@@ -632,8 +648,8 @@ pub fn open_counters(pin_dir: &Path, ids: CounterMapIds) -> Result<CounterMaps, 
 }
 
 fn open_counter_maps(
-    mut open: impl FnMut(&'static str) -> Result<MapData, FilterError>,
-) -> Result<CounterMaps, FilterError> {
+    mut open: impl FnMut(&'static str) -> Result<MapData, MapsError>,
+) -> Result<CounterMaps, MapsError> {
     Ok(CounterMaps {
         global: typed_from_data(map_name::GLOBAL, open(map_name::GLOBAL)?)?,
         prefix_hits: typed_from_data(map_name::PREFIX_HITS, open(map_name::PREFIX_HITS)?)?,
@@ -642,18 +658,18 @@ fn open_counter_maps(
 }
 
 /// A recycled id is refused: the map must carry the expected name.
-fn open_by_id(name: &'static str, ids: CounterMapIds) -> Result<MapData, FilterError> {
+fn open_by_id(name: &'static str, ids: CounterMapIds) -> Result<MapData, MapsError> {
     let id = match name {
         map_name::GLOBAL => ids.global,
         map_name::PREFIX_HITS => ids.prefix_hits,
         _ => ids.offenders,
     };
-    let data = MapData::from_id(id).map_err(|source| FilterError::Map { name, source })?;
+    let data = MapData::from_id(id).map_err(|source| MapsError::Map { name, source })?;
     let info = data
         .info()
-        .map_err(|source| FilterError::Map { name, source })?;
+        .map_err(|source| MapsError::Map { name, source })?;
     if info.name_as_str() != Some(kernel_name(name)) {
-        return Err(FilterError::Map {
+        return Err(MapsError::Map {
             name,
             source: MapError::InvalidName {
                 name: format!("map id {id} is {:?}", info.name_as_str()),
@@ -669,11 +685,11 @@ fn kernel_name(name: &str) -> &str {
 }
 
 /// Kernel ids of the counter maps pinned under `pin_dir`.
-pub fn pinned_counter_ids(pin_dir: &Path) -> Result<CounterMapIds, FilterError> {
+pub fn pinned_counter_ids(pin_dir: &Path) -> Result<CounterMapIds, MapsError> {
     let id = |name: &'static str| {
         aya::maps::MapInfo::from_pin(pin_dir.join(name))
             .map(|info| info.id())
-            .map_err(|source| FilterError::Map { name, source })
+            .map_err(|source| MapsError::Map { name, source })
     };
     Ok(CounterMapIds {
         global: id(map_name::GLOBAL)?,

@@ -16,11 +16,10 @@ use std::{
 
 use ipnet::IpNet;
 
-use crate::{
-    config::{Config, ConfigError, DnsSettings, Location},
+use crate::source::{
+    config::{Config, ConfigError, DnsSettings, Location, Warning},
     dns::{DnsError, Lookup},
     listfile,
-    policy::Warning,
     spf::{self, SpfError},
 };
 

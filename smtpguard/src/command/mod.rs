@@ -1,0 +1,7 @@
+//! Read-only views for the admin: `check` and `explain` render a policy built from the
+//! configuration; `stats` and `report` read the counters of a running instance.
+
+pub mod check;
+pub mod explain;
+pub mod report;
+pub mod stats;

@@ -1,0 +1,5 @@
+//! The long-running side: the daemon that drives sources -> policy -> kernel, and the
+//! Prometheus endpoint that reads the counters at scrape time.
+
+pub mod daemon;
+pub mod metrics;

@@ -1,0 +1,11 @@
+//! Where prefixes come from. The TOML configuration ([`config`]) says what to trust, in
+//! [`prefix`] notation, and names list files ([`listfile`]), host names ([`dns`]) and SPF
+//! records ([`spf`]); [`fetch`] gathers what those name, each prefix with its origin, so that
+//! building the policy stays a pure function of the configuration and what was fetched.
+
+pub mod config;
+pub mod dns;
+pub mod fetch;
+pub mod listfile;
+pub mod prefix;
+pub mod spf;

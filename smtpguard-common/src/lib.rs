@@ -40,8 +40,18 @@ pub mod map_name {
     /// spoofed flood cannot grow it, and sources that keep coming hold their slots.
     pub const OFFENDERS: &str = "SG_OFFENDERS";
 
+    /// `HashMap<u32, IfaceInfo>`: per interface index, what a reply sent back out of it needs
+    /// to know (its MAC address, whether it has one, whether a reset may be sent at all).
+    pub const IFACES: &str = "SG_IFACES";
+    /// `Array<u64>` of one entry: the [`super::LAYOUT_STAMP`] of the program that created
+    /// the maps. A daemon adopts pinned maps only when the stamp is its own.
+    pub const LAYOUT: &str = "SG_LAYOUT";
+    /// `PerCpuArray<u64>` of one entry: a word the parser stores an offset into and reads
+    /// back, so the verifier merges the paths that reach a layer at different offsets.
+    pub const SCRATCH: &str = "SG_SCRATCH";
+
     /// Every map, in a stable order (pinning, listing, tests).
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 15] = [
         ACTIVE_SLOT,
         SLOT_CONFIG,
         V4_SLOT0,
@@ -54,11 +64,18 @@ pub mod map_name {
         PREFIX_HITS,
         GLOBAL,
         OFFENDERS,
+        IFACES,
+        LAYOUT,
+        SCRATCH,
     ];
 }
 
-/// Name of the XDP program inside the object.
+/// Name of the XDP program inside the object, for interfaces with an Ethernet header.
 pub const PROGRAM_NAME: &str = "smtpguard";
+
+/// Name of the XDP program for layer-3 interfaces (TUN, WireGuard, PPP, IP tunnels): the
+/// frame starts at the IP header.
+pub const PROGRAM_NAME_L3: &str = "smtpguard_l3";
 
 /// Name of the benchmark floor in the object: a program that drops every frame.
 pub const FLOOR_PROGRAM_NAME: &str = "xdp_floor";
@@ -97,7 +114,24 @@ pub struct RecordBudget {
 const _: () = assert!(size_of::<RecordBudget>() == 16);
 
 /// Sources remembered in [`map_name::OFFENDERS`].
+#[cfg(not(feature = "layout-bump"))]
 pub const MAX_OFFENDERS: u32 = 65536;
+/// A different table size: a build whose map layout differs, for the upgrade tests.
+#[cfg(feature = "layout-bump")]
+pub const MAX_OFFENDERS: u32 = 32768;
+
+/// The slot of the table of stopped sources ([`map_name::OFFENDERS`], `slots` long, a power
+/// of two) that a source hashes to; the source as the two 8-byte words of its 16-byte form
+/// (IPv4 as `::ffff:a.b.c.d`), in memory order. Fibonacci hashing: the top bits of the
+/// product spread neighbouring addresses apart.
+#[inline(always)]
+pub const fn offender_slot(high: u64, low: u64, slots: u32) -> u32 {
+    let hash = high ^ low.rotate_left(29);
+    ((hash.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 48) as u32) & (slots - 1)
+}
+
+/// Interfaces one daemon may attach to.
+pub const MAX_INTERFACES: u32 = 256;
 
 /// Words in the guarded-port bitmap: one bit for each of the 65536 TCP ports.
 pub const PORT_WORDS: usize = 65536 / 32;
@@ -146,6 +180,30 @@ impl SlotConfig {
             *bits |= 1u32 << (port & 31);
         }
     }
+}
+
+/// What a reply sent back out of an interface needs: written by the daemon when it attaches.
+/// A frame from an interface with no entry is never answered (a reject becomes a drop).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IfaceInfo {
+    /// The interface's own MAC address: a reset answers only frames sent to it.
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+    /// Bits of [`iface`].
+    pub flags: u32,
+    pub _pad2: u32,
+}
+const _: () = assert!(size_of::<IfaceInfo>() == 16);
+
+/// Flags of [`IfaceInfo`].
+pub mod iface {
+    /// Frames start at the IP header (TUN, WireGuard, PPP, IP tunnels): no MACs to check or swap.
+    pub const LAYER3: u32 = 1;
+    /// A reset may be sent back out of this interface. Clear where the NIC strips VLAN tags
+    /// before XDP sees the frame in native mode: the tag cannot be read back, and a reset
+    /// without it would leave on the wrong VLAN.
+    pub const REPLIES: u32 = 2;
 }
 
 /// What happens to a guarded SYN: the action of the matching trie entry, or the slot's
@@ -203,8 +261,19 @@ pub mod counter {
     pub const WOULD_BLOCK: u32 = 8;
     /// Stopped SYNs not recorded in the table of stopped sources (sampled, over budget).
     pub const UNRECORDED: u32 = 9;
-    /// Number of global counters.
-    pub const COUNT: u32 = 10;
+    /// Frames dropped because the parser could not read them far enough to rule out a SYN to
+    /// a guarded port (more VLAN tags or tunnel levels than followed, an inner header out of
+    /// sight, a GRE payload it does not read): never passed unseen.
+    pub const OPAQUE_DROPPED: u32 = 10;
+    /// Stopped SYNs a reset was not sent for (not addressed to this host, a FIN or RST in the
+    /// SYN, a tunnelled SYN, an interface whose VLAN tags are stripped): dropped instead.
+    pub const RESET_WITHHELD: u32 = 11;
+    /// Guarded SYNs found inside a tunnel (IPIP, 6in4, GRE, IPv6-in-IPv6) and decided by
+    /// their inner source.
+    pub const TUNNELLED: u32 = 12;
+    /// Number of global counters. Indices are only ever added at the end: an upgrade
+    /// carries counters over by index.
+    pub const COUNT: u32 = 13;
 }
 
 /// What [`map_name::OFFENDERS`] remembers about one source. Times are `bpf_ktime_get_boot_ns`.
@@ -222,6 +291,101 @@ pub struct Offender {
 }
 const _: () = assert!(size_of::<Offender>() == 48);
 
+/// One map as the program declares it: what a pinned map must match to be reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapLayout {
+    pub name: &'static str,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+}
+
+const fn layout(
+    name: &'static str,
+    key_size: usize,
+    value_size: usize,
+    max_entries: u32,
+) -> MapLayout {
+    MapLayout {
+        name,
+        key_size: key_size as u32,
+        value_size: value_size as u32,
+        max_entries,
+    }
+}
+
+/// Every map's layout, in the order of [`map_name::ALL`]. LPM trie keys carry a 4-byte
+/// prefix length before the address.
+pub const MAP_LAYOUTS: [MapLayout; 15] = [
+    layout(map_name::ACTIVE_SLOT, 4, 4, 1),
+    layout(map_name::SLOT_CONFIG, 4, size_of::<SlotConfig>(), SLOTS),
+    layout(
+        map_name::V4_SLOT0,
+        8,
+        size_of::<RuleValue>(),
+        MAX_PREFIXES_PER_FAMILY,
+    ),
+    layout(
+        map_name::V4_SLOT1,
+        8,
+        size_of::<RuleValue>(),
+        MAX_PREFIXES_PER_FAMILY,
+    ),
+    layout(
+        map_name::V6_SLOT0,
+        20,
+        size_of::<RuleValue>(),
+        MAX_PREFIXES_PER_FAMILY,
+    ),
+    layout(
+        map_name::V6_SLOT1,
+        20,
+        size_of::<RuleValue>(),
+        MAX_PREFIXES_PER_FAMILY,
+    ),
+    layout(map_name::V4_GUARD, 4, V4_GUARD_WORDS * 4, SLOTS),
+    layout(map_name::V4_COARSE, 4, V4_COARSE_WORDS * 4, SLOTS),
+    layout(map_name::RECORD_BUDGET, 4, size_of::<RecordBudget>(), 1),
+    layout(map_name::PREFIX_HITS, 4, 8, MAX_PREFIX_COUNTERS),
+    layout(map_name::GLOBAL, 4, 8, counter::COUNT),
+    layout(map_name::OFFENDERS, 4, size_of::<Offender>(), MAX_OFFENDERS),
+    layout(map_name::IFACES, 4, size_of::<IfaceInfo>(), MAX_INTERFACES),
+    layout(map_name::LAYOUT, 4, 8, 1),
+    layout(map_name::SCRATCH, 4, 8, 1),
+];
+
+/// Bumped by hand when the meaning of a map's bytes changes without its sizes changing.
+const LAYOUT_REVISION: u64 = 2;
+
+/// A fingerprint of [`MAP_LAYOUTS`] and [`LAYOUT_REVISION`] (FNV-1a): two builds share
+/// pinned maps only when their stamps are equal.
+pub const LAYOUT_STAMP: u64 = {
+    const fn mix(mut hash: u64, bytes: &[u8]) -> u64 {
+        let mut i = 0;
+        while i < bytes.len() {
+            hash ^= bytes[i] as u64;
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+            i += 1;
+        }
+        hash
+    }
+    let mut hash = mix(0xcbf2_9ce4_8422_2325, &LAYOUT_REVISION.to_le_bytes());
+    let mut i = 0;
+    while i < MAP_LAYOUTS.len() {
+        let map = MAP_LAYOUTS[i];
+        hash = mix(hash, map.name.as_bytes());
+        hash = mix(hash, &map.key_size.to_le_bytes());
+        hash = mix(hash, &map.value_size.to_le_bytes());
+        hash = mix(hash, &map.max_entries.to_le_bytes());
+        i += 1;
+    }
+    #[cfg(feature = "layout-bump")]
+    {
+        hash ^= 1;
+    }
+    hash
+};
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: both types are `#[repr(C)]`, made only of integers, with no implicit padding
@@ -230,4 +394,5 @@ mod pod {
     unsafe impl aya::Pod for super::RuleValue {}
     unsafe impl aya::Pod for super::Offender {}
     unsafe impl aya::Pod for super::RecordBudget {}
+    unsafe impl aya::Pod for super::IfaceInfo {}
 }

@@ -13,14 +13,14 @@ use aya_ebpf::{
     bindings::{BPF_NOEXIST, xdp_action},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_boot_ns},
     macros::{map, xdp},
-    maps::{Array, LpmTrie, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
     programs::XdpContext,
 };
-use parse::{Layers, Sighting, Source, TCP_ACK, TCP_SYN};
+use parse::{Ip, Layers, Sighting, Source, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use smtpguard_common::{
-    MAX_OFFENDERS, MAX_PREFIX_COUNTERS, MAX_PREFIXES_PER_FAMILY, Offender,
-    RECORD_BUDGET_PER_SECOND, RECORD_SAMPLE, RecordBudget, RuleValue, SLOTS, SlotConfig,
-    V4_COARSE_WORDS, V4_GUARD_WORDS, action, counter, mode,
+    IfaceInfo, MAX_INTERFACES, MAX_OFFENDERS, MAX_PREFIX_COUNTERS, MAX_PREFIXES_PER_FAMILY,
+    Offender, RECORD_BUDGET_PER_SECOND, RECORD_SAMPLE, RecordBudget, RuleValue, SLOTS, SlotConfig,
+    V4_COARSE_WORDS, V4_GUARD_WORDS, action, counter, iface, mode, offender_slot,
 };
 
 #[map(name = "SG_ACTIVE")]
@@ -64,35 +64,29 @@ static GLOBAL: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 
 #[map(name = "SG_OFFENDERS")]
 static OFFENDERS: Array<Offender> = Array::with_max_entries(MAX_OFFENDERS, 0);
 
+#[map(name = "SG_IFACES")]
+static IFACES: HashMap<u32, IfaceInfo> = HashMap::with_max_entries(MAX_INTERFACES, 0);
+
+/// Read by the daemon only: the layout stamp of the program that made the maps.
+#[map(name = "SG_LAYOUT")]
+static LAYOUT: Array<u64> = Array::with_max_entries(1, 0);
+
 /// A table slot not counted for this long may be taken by any other source.
 const OFFENDER_STALE_NS: u64 = 3600 * 1_000_000_000;
 
+/// The program for Ethernet interfaces.
 #[xdp]
 pub fn smtpguard(ctx: XdpContext) -> u32 {
-    match parse::parse(&ctx) {
-        Sighting::Other => xdp_action::XDP_PASS,
-        Sighting::LaterFragment => {
-            count(counter::PASSED_FRAGMENTS);
-            xdp_action::XDP_PASS
-        }
-        Sighting::Malformed => {
-            count(counter::PASSED_UNPARSED);
-            xdp_action::XDP_PASS
-        }
-        Sighting::Segment {
-            src,
-            dport,
-            flags,
-            at,
-        } => {
-            // Only a new connection is decided here: SYN set, ACK clear (ECN bits may be set).
-            if flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
-                return xdp_action::XDP_PASS;
-            }
-            decide_guarded(&ctx, &src, Some(dport), Some(&at))
-        }
-        Sighting::Hidden { src, dport } => decide_guarded(&ctx, &src, dport, None),
-    }
+    let sighting = parse::parse_frame(&ctx);
+    decide(&ctx, sighting)
+}
+
+/// The program for layer-3 interfaces (TUN, WireGuard, PPP, IP tunnels): the same decisions,
+/// for packets that start at the IP header.
+#[xdp]
+pub fn smtpguard_l3(ctx: XdpContext) -> u32 {
+    let sighting = parse::parse_packet(&ctx);
+    decide(&ctx, sighting)
 }
 
 /// The floor the benchmark compares against: drops every frame and does nothing else. Never
@@ -102,11 +96,58 @@ pub fn xdp_floor(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_DROP
 }
 
-/// Decides a (possible) SYN by its source, if its destination port is guarded in the active
-/// policy. A `None` port is out of sight and treated as guarded; without `at` (headers out of
-/// sight) the segment cannot be answered, so a reject becomes a drop.
 #[inline(always)]
-fn decide_guarded(ctx: &XdpContext, src: &Source, dport: Option<u16>, at: Option<&Layers>) -> u32 {
+fn decide(ctx: &XdpContext, sighting: Sighting) -> u32 {
+    // One state per kind of sighting from here on, whatever offsets the parser went through.
+    let sighting = sighting.widened();
+    match sighting {
+        Sighting::Other => xdp_action::XDP_PASS,
+        Sighting::LaterFragment => {
+            count(counter::PASSED_FRAGMENTS);
+            xdp_action::XDP_PASS
+        }
+        Sighting::Malformed => {
+            count(counter::PASSED_UNPARSED);
+            xdp_action::XDP_PASS
+        }
+        Sighting::Opaque => {
+            count(counter::OPAQUE_DROPPED);
+            drop_packet()
+        }
+        Sighting::Segment { dport, flags, at } => {
+            // Only a new connection is decided here: SYN set, ACK clear (ECN bits may be set).
+            if flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+                return xdp_action::XDP_PASS;
+            }
+            if at.tunnelled {
+                count(counter::TUNNELLED);
+            }
+            decide_guarded(ctx, at.ip, Some(dport), Some(Reply { flags, at: &at }))
+        }
+        Sighting::Hidden {
+            ip,
+            dport,
+            tunnelled,
+        } => {
+            if tunnelled {
+                count(counter::TUNNELLED);
+            }
+            decide_guarded(ctx, ip, dport, None)
+        }
+    }
+}
+
+/// What answering a SYN with a reset needs to know about it.
+struct Reply<'a> {
+    flags: u8,
+    at: &'a Layers,
+}
+
+/// Decides a (possible) SYN by its source, if its destination port is guarded in the active
+/// policy. A `None` port is out of sight and treated as guarded; without `reply` (headers out
+/// of sight) the segment cannot be answered, so a reject becomes a drop.
+#[inline(always)]
+fn decide_guarded(ctx: &XdpContext, ip: Ip, dport: Option<u16>, reply: Option<Reply<'_>>) -> u32 {
     let Some(slot) = ACTIVE_SLOT.get(0) else {
         return xdp_action::XDP_PASS;
     };
@@ -124,9 +165,15 @@ fn decide_guarded(ctx: &XdpContext, src: &Source, dport: Option<u16>, at: Option
         config.unlisted_action,
         config.v4_guard == 1,
     );
-    if at.is_none() {
+    if reply.is_none() {
         count(counter::HIDDEN_DECIDED);
     }
+    // The parser saw the whole IP header: this cannot fail, but must be checked.
+    let Some(src) = ip.address(ctx, false) else {
+        count(counter::OPAQUE_DROPPED);
+        return drop_packet();
+    };
+    let src = &src;
     let stop = match lookup(slot, src, v4_guard) {
         Some(rule) if rule.action == action::ALLOW => {
             count(counter::SYN_ALLOWED);
@@ -153,14 +200,67 @@ fn decide_guarded(ctx: &XdpContext, src: &Source, dport: Option<u16>, at: Option
         count(counter::WOULD_BLOCK);
         return xdp_action::XDP_PASS;
     }
-    if stop == action::REJECT
-        && let Some(at) = at
-        && reply::tcp_reset(ctx, src, at)
-    {
-        count(counter::REJECTED);
-        return xdp_action::XDP_TX;
+    if stop == action::REJECT {
+        match reply {
+            Some(reply) if may_reset(ctx, src, &reply) && reply::tcp_reset(ctx, reply.at) => {
+                count(counter::REJECTED);
+                return xdp_action::XDP_TX;
+            }
+            _ => count(counter::RESET_WITHHELD),
+        }
     }
     drop_packet()
+}
+
+/// Whether a reset may answer this SYN: only one addressed to this host, by unicast addresses
+/// at both layers, that is a plain SYN (no FIN or RST riding along), and only out of an
+/// interface the daemon said replies may leave. Anything else a reject would answer is
+/// dropped: a reset must never speak for a neighbour, a broadcast or a forged address.
+#[inline(always)]
+fn may_reset(ctx: &XdpContext, src: &Source, reply: &Reply<'_>) -> bool {
+    if reply.flags & (TCP_FIN | TCP_RST) != 0 || reply.at.tunnelled {
+        return false;
+    }
+    let Some(dst) = reply.at.ip.address(ctx, true) else {
+        return false;
+    };
+    if !unicast(src) || !unicast(&dst) {
+        return false;
+    }
+    let index = ctx.ingress_ifindex() as u32;
+    // SAFETY: the value is plain data, read once.
+    let Some(info) = (unsafe { IFACES.get(index) }) else {
+        return false;
+    };
+    let (mac, flags) = (info.mac, info.flags);
+    if flags & iface::REPLIES == 0 {
+        return false;
+    }
+    if !reply.at.ethernet {
+        return flags & iface::LAYER3 != 0;
+    }
+    let Some(macs) = parse::ptr_at::<[u8; 12]>(ctx, 0) else {
+        return false;
+    };
+    let macs = unsafe { *macs };
+    // Sent to this interface's own address, from a unicast one.
+    macs[..6] == mac && macs[6] & 1 == 0
+}
+
+/// Not unspecified, loopback, multicast or broadcast (nor, for IPv6, an IPv4-mapped address,
+/// which Linux refuses on the wire).
+#[inline(always)]
+fn unicast(address: &Source) -> bool {
+    match address {
+        Source::V4(a) => !matches!(a[0], 0 | 127 | 224..=255),
+        Source::V6(a) => {
+            let high = u64::from_be_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]);
+            let low = u64::from_be_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]);
+            let unspecified_or_loopback = high == 0 && low <= 1;
+            let mapped = high == 0 && low >> 32 == 0xffff;
+            !(unspecified_or_loopback || mapped || a[0] == 0xff)
+        }
+    }
 }
 
 /// Whether this stopped SYN goes into the table of stopped sources: every one up to the
@@ -174,13 +274,17 @@ fn should_record() -> bool {
     // SAFETY: per-CPU value: no other CPU touches it, and XDP runs are not preempted.
     unsafe {
         (*budget).used += 1;
-        if (*budget).used <= RECORD_BUDGET_PER_SECOND {
-            if (*budget).used == 1 {
+        let used = (*budget).used;
+        if used <= RECORD_BUDGET_PER_SECOND {
+            if used == 1 {
                 (*budget).window_end_ns = bpf_ktime_get_boot_ns() + 1_000_000_000;
             }
             return true;
         }
-        if (*budget).used % RECORD_SAMPLE != 0 {
+        // Over budget: the clock is read on the first SYN past it (the window may have ended
+        // long ago) and on each sampled one, never on every SYN of a flood.
+        let sampled = used % RECORD_SAMPLE == 0;
+        if !sampled && used != RECORD_BUDGET_PER_SECOND + 1 {
             return false;
         }
         let now = bpf_ktime_get_boot_ns();
@@ -188,9 +292,10 @@ fn should_record() -> bool {
             // A new second: this SYN opens a fresh window.
             (*budget).used = 1;
             (*budget).window_end_ns = now + 1_000_000_000;
+            return true;
         }
+        sampled
     }
-    true
 }
 
 /// A source as the two 8-byte words of its 16-byte form (IPv4 as `::ffff:a.b.c.d`), in
@@ -217,9 +322,7 @@ fn address_words(src: &Source) -> (u64, u64) {
 /// call, not inlined: it keeps the hot path's registers (and the verifier) simple.
 #[inline(never)]
 fn remember(high: u64, low: u64, audit: bool) {
-    let hash = high ^ low.rotate_left(29);
-    // Fibonacci hashing: the top bits of the product spread neighbouring addresses apart.
-    let index = (hash.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 48) as u32 & (MAX_OFFENDERS - 1);
+    let index = offender_slot(high, low, MAX_OFFENDERS);
     let Some(slot) = OFFENDERS.get_ptr_mut(index) else {
         return;
     };

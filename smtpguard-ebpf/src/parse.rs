@@ -2,38 +2,72 @@
 //! the fields it needs right after its bounds check and hands the next offset on.
 //!
 //! The parser reports what it could establish about a frame as a [`Sighting`]; it never decides
-//! a verdict. Variable lengths are taken from the packet (VLAN tags, IPv4 IHL, IPv6 extension
-//! headers, fragments) and every one of them is bounded so the verifier can follow it.
+//! a verdict. Every variable length is taken from the packet and bounded so the verifier can
+//! follow it: VLAN stacks (802.1Q, 802.1ad and 0x9100 tags, any VID, as Linux strips priority
+//! tags one after another), PPPoE sessions, MPLS label stacks, IPv4 options, IPv6 extension
+//! chains, fragments, and the clear-text tunnels the kernel decapsulates (IPIP, 6in4,
+//! IPv6-in-IPv6, IPv4-in-IPv6, GRE with any optional fields, GRE-carried Ethernet and PPTP's
+//! PPP). Whatever lies beyond a limit is reported as [`Sighting::Opaque`], never as harmless.
 
 use core::mem::size_of;
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{macros::map, maps::PerCpuArray, programs::XdpContext};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IPV4: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
-/// VLAN tags followed: 802.1Q, and QinQ (802.1ad outer + 802.1Q inner).
-const MAX_VLAN_TAGS: usize = 2;
+/// The pre-standard QinQ tag some switches still send.
+const ETH_P_QINQ_9100: u16 = 0x9100;
+const ETH_P_PPPOE_SESSION: u16 = 0x8864;
+const ETH_P_MPLS_UC: u16 = 0x8847;
+const ETH_P_MPLS_MC: u16 = 0x8848;
+/// Ethernet inside GRE (transparent Ethernet bridging: gretap, ip6gretap).
+const ETH_P_TEB: u16 = 0x6558;
+const ETH_P_PPP: u16 = 0x880b;
+
+/// VLAN tags followed before a frame is opaque. Linux strips priority tags (VID 0) without
+/// limit, and nested VLAN devices take one tag each.
+pub const MAX_VLAN_TAGS: usize = 16;
+/// MPLS labels followed.
+const MAX_MPLS_LABELS: usize = 8;
+/// Network layers followed: the outer packet and the packets tunnelled inside it (an Ethernet
+/// frame inside GRE counts as a layer of its own).
+const MAX_LAYERS: usize = 5;
 
 const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_IPIP: u8 = 4;
 const IPPROTO_TCP: u8 = 6;
+const IPPROTO_IPV6: u8 = 41;
 const IPPROTO_ROUTING: u8 = 43;
 const IPPROTO_FRAGMENT: u8 = 44;
+const IPPROTO_GRE: u8 = 47;
 const IPPROTO_AH: u8 = 51;
 const IPPROTO_DSTOPTS: u8 = 60;
-/// IPv6 extension headers followed before the packet is decided by its source alone.
-const MAX_EXT_HEADERS: usize = 8;
-/// No header is read past this offset; a TCP header further in is out of sight.
+/// IPv6 extension headers followed before the packet is opaque.
+pub const MAX_EXT_HEADERS: usize = 16;
+/// No header is read past this offset; anything further in is out of sight.
 const MAX_HEADER_OFFSET: usize = 4096;
+
+const GRE_CSUM: u16 = 0x8000;
+const GRE_ROUTING: u16 = 0x4000;
+const GRE_KEY: u16 = 0x2000;
+const GRE_SEQ: u16 = 0x1000;
+const GRE_ACK: u16 = 0x0080;
+const GRE_VERSION: u16 = 0x0007;
+
+const PPP_IPV4: u16 = 0x0021;
+const PPP_IPV6: u16 = 0x0057;
 
 /// Bytes of the TCP header the program needs: ports, sequence numbers, offset and flags.
 const TCP_NEEDED: usize = size_of::<TcpHead>();
 /// A complete TCP header; the kernel drops segments shorter than this.
 const TCP_MIN_HEADER: usize = 20;
 
+pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
 #[repr(C)]
@@ -59,7 +93,7 @@ struct Ipv4Hdr {
     _ttl: u8,
     protocol: u8,
     _check: [u8; 2],
-    src: [u8; 4],
+    _src: [u8; 4],
     _dst: [u8; 4],
 }
 
@@ -69,7 +103,7 @@ struct Ipv6Hdr {
     payload_len: [u8; 2],
     next_header: u8,
     _hop_limit: u8,
-    src: [u8; 16],
+    _src: [u8; 16],
     _dst: [u8; 16],
 }
 
@@ -88,6 +122,12 @@ struct FragHdr {
     _id: [u8; 4],
 }
 
+#[repr(C)]
+struct GreHdr {
+    flags_version: [u8; 2],
+    proto: [u8; 2],
+}
+
 /// The first 14 bytes of a TCP header: what both the parser and a reply read.
 #[repr(C)]
 pub(crate) struct TcpHead {
@@ -99,42 +139,123 @@ pub(crate) struct TcpHead {
     pub(crate) flags: u8,
 }
 
-/// A source address exactly as read from the packet (network byte order).
+/// An address exactly as read from the packet (network byte order).
+#[derive(Clone, Copy)]
 pub enum Source {
     V4([u8; 4]),
     V6([u8; 16]),
 }
 
+/// The IP header a segment was found behind. Addresses are read from it when a decision
+/// needs them, not carried through the parser: 16-byte copies on every path would not fit
+/// the BPF stack.
+#[derive(Clone, Copy)]
+pub struct Ip {
+    /// Offset of the IP header.
+    pub l3: usize,
+    pub v6: bool,
+}
+
+impl Ip {
+    /// The source address (`to = false`) or the destination address (`to = true`).
+    #[inline(always)]
+    pub fn address(&self, ctx: &XdpContext, to: bool) -> Option<Source> {
+        if self.v6 {
+            let at = self.l3 + if to { 24 } else { 8 };
+            ptr_at::<[u8; 16]>(ctx, at).map(|addr| Source::V6(unsafe { *addr }))
+        } else {
+            let at = self.l3 + if to { 16 } else { 12 };
+            ptr_at::<[u8; 4]>(ctx, at).map(|addr| Source::V4(unsafe { *addr }))
+        }
+    }
+}
+
 /// Where a segment's headers sit in the frame: what a reply needs to rewrite it in place.
 pub struct Layers {
-    /// Offset of the IP header (after any VLAN tags).
-    pub l3: usize,
+    pub ip: Ip,
     /// Offset of the TCP header (after IPv4 options or IPv6 extension headers).
     pub l4: usize,
     /// Bytes from the TCP header to the end of the IP packet, as the IP header says.
     pub l4_len: usize,
     /// The segment is the first fragment of a larger datagram.
     pub fragment: bool,
+    /// The segment was found inside a tunnel (or behind PPPoE or MPLS): the frame on the
+    /// wire is the tunnel's.
+    pub tunnelled: bool,
+    /// The frame starts with an Ethernet header (not a layer-3 interface).
+    pub ethernet: bool,
 }
 
 /// What the parser could establish about a frame.
 pub enum Sighting {
-    /// Nothing this program guards: another ethertype or protocol, more VLAN tags than followed.
+    /// Nothing this program guards: another ethertype or protocol.
     Other,
     /// A non-first fragment: the first fragment carries the decision.
     LaterFragment,
     /// Too short or inconsistent to parse; the kernel drops such frames itself.
     Malformed,
     /// A TCP header in full sight.
-    Segment {
-        src: Source,
-        dport: u16,
-        flags: u8,
-        at: Layers,
+    Segment { dport: u16, flags: u8, at: Layers },
+    /// A TCP segment whose flags (and perhaps port) are out of sight: a first fragment that
+    /// stops early, a non-linear frame. Its IP header, and so its source, is in sight.
+    Hidden {
+        ip: Ip,
+        dport: Option<u16>,
+        tunnelled: bool,
     },
-    /// Might be a TCP SYN to a guarded port, but the flags (and perhaps the port) are out of
-    /// sight: a first fragment that stops early, a long extension chain, a non-linear frame.
-    Hidden { src: Source, dport: Option<u16> },
+    /// Could hold a SYN to a guarded port, but not even its source is in sight: more VLAN
+    /// tags, labels, extension headers or tunnel levels than followed, an inner header cut
+    /// off, a GRE payload this parser does not read.
+    Opaque,
+}
+
+#[map(name = "SG_SCRATCH")]
+static SCRATCH: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Makes the verifier forget which exact value `off` holds, keeping only that it is at most
+/// [`MAX_HEADER_OFFSET`]: the paths that reach a layer at different offsets (after k VLAN
+/// tags, n extension headers, a tunnel) become one state, and what follows is verified once
+/// instead of once per path. The round trip goes through a per-CPU word the verifier does not
+/// track (volatile, so the compiler keeps it). `None` only if the word is missing.
+#[inline(always)]
+fn widen(off: usize) -> Option<usize> {
+    let word = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: a per-CPU map value, valid for this run, touched by no other CPU.
+    let off = unsafe {
+        core::ptr::write_volatile(word, off as u64);
+        core::ptr::read_volatile(word) as usize
+    };
+    (off <= MAX_HEADER_OFFSET).then_some(off)
+}
+
+/// The layer a header starts, as the one before it said.
+#[derive(Clone, Copy)]
+enum Layer {
+    /// An Ethernet header (an interface's own frame, or one tunnelled in GRE).
+    Ethernet(usize),
+    Ipv4(usize),
+    Ipv6(usize),
+}
+
+impl Layer {
+    #[inline(always)]
+    fn widened(self) -> Option<Self> {
+        Some(match self {
+            Self::Ethernet(off) => Self::Ethernet(widen(off)?),
+            Self::Ipv4(off) => Self::Ipv4(widen(off)?),
+            Self::Ipv6(off) => Self::Ipv6(widen(off)?),
+        })
+    }
+}
+
+/// What parsing one layer led to.
+enum Step {
+    Done(Sighting),
+    /// The next header of the same packet (IP after Ethernet and VLAN tags).
+    Next(Layer),
+    /// A packet carried inside this one: tunnelled (IPIP, 6in4, GRE), or behind PPPoE or
+    /// MPLS. A reply can no longer be built by rewriting the frame in place.
+    Inner(Layer),
 }
 
 /// The one bounds-checked accessor: a pointer to a `T` at `off`, if the frame holds all of it.
@@ -153,89 +274,247 @@ fn be16(bytes: [u8; 2]) -> u16 {
     u16::from_be_bytes(bytes)
 }
 
+/// A frame from an Ethernet interface.
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Sighting {
-    let Some((ethertype, l3)) = parse_ethernet(ctx) else {
+pub fn parse_frame(ctx: &XdpContext) -> Sighting {
+    follow(ctx, Layer::Ethernet(0), true)
+}
+
+/// A packet from a layer-3 interface (TUN, WireGuard, PPP, IP tunnels): the IP header first.
+#[inline(always)]
+pub fn parse_packet(ctx: &XdpContext) -> Sighting {
+    // Two bytes, not one: the compiler turns a one-byte bound into `data >= data_end`,
+    // from which the verifier learns nothing.
+    let Some(first) = ptr_at::<[u8; 2]>(ctx, 0) else {
         return Sighting::Malformed;
     };
-    match ethertype {
-        ETH_P_IPV4 => parse_ipv4(ctx, l3),
-        ETH_P_IPV6 => parse_ipv6(ctx, l3),
-        // More tags than followed: counted, and passed (Linux delivers such a frame only
-        // through as many nested VLAN devices).
-        ETH_P_8021Q | ETH_P_8021AD => Sighting::Malformed,
+    match unsafe { (*first)[0] } >> 4 {
+        4 => follow(ctx, Layer::Ipv4(0), false),
+        6 => follow(ctx, Layer::Ipv6(0), false),
         _ => Sighting::Other,
     }
 }
 
-/// Ethernet and up to [`MAX_VLAN_TAGS`] tags: the inner ethertype and the offset of layer 3.
+/// Follows the layers from `first` inwards, through at most [`MAX_LAYERS`] of them.
 #[inline(always)]
-fn parse_ethernet(ctx: &XdpContext) -> Option<(u16, usize)> {
-    let eth: *const EthHdr = ptr_at(ctx, 0)?;
+fn follow(ctx: &XdpContext, first: Layer, ethernet: bool) -> Sighting {
+    let mut layer = first;
+    let mut tunnelled = false;
+    for _ in 0..MAX_LAYERS {
+        let step = match layer {
+            Layer::Ethernet(off) => parse_link(ctx, off, tunnelled),
+            Layer::Ipv4(off) => parse_ipv4(ctx, off, tunnelled, ethernet),
+            Layer::Ipv6(off) => parse_ipv6(ctx, off, tunnelled, ethernet),
+        };
+        match step {
+            Step::Done(sighting) => return sighting,
+            Step::Next(next) => layer = next,
+            Step::Inner(inner) => {
+                tunnelled = true;
+                let Some(inner) = inner.widened() else {
+                    return Sighting::Opaque;
+                };
+                layer = inner;
+            }
+        }
+    }
+    Sighting::Opaque
+}
+
+/// An Ethernet header at `off` and whatever link-layer headers follow it: VLAN tags, a
+/// PPPoE session header, MPLS labels. Leads to the IP header.
+#[inline(always)]
+fn parse_link(ctx: &XdpContext, base: usize, tunnelled: bool) -> Step {
+    let off = base;
+    let Some(eth) = ptr_at::<EthHdr>(ctx, off) else {
+        return Step::Done(cut_short(tunnelled));
+    };
     let mut ethertype = be16(unsafe { (*eth).proto });
-    let mut off = ETH_HLEN;
+    let mut off = off + ETH_HLEN;
     for _ in 0..MAX_VLAN_TAGS {
-        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
+        if !is_vlan(ethertype) {
             break;
         }
-        let tag: *const VlanTag = ptr_at(ctx, off)?;
+        let Some(tag) = ptr_at::<VlanTag>(ctx, off) else {
+            return Step::Done(cut_short(tunnelled));
+        };
         ethertype = be16(unsafe { (*tag).proto });
         off += size_of::<VlanTag>();
     }
-    Some((ethertype, off))
+    if off != base + ETH_HLEN {
+        let Some(widened) = widen(off) else {
+            return Step::Done(Sighting::Opaque);
+        };
+        off = widened;
+    }
+    match ethertype {
+        ETH_P_IPV4 => Step::Next(Layer::Ipv4(off)),
+        ETH_P_IPV6 => Step::Next(Layer::Ipv6(off)),
+        ETH_P_PPPOE_SESSION => parse_ppp(ctx, off + 6),
+        ETH_P_MPLS_UC | ETH_P_MPLS_MC => parse_mpls(ctx, off),
+        // More tags than followed.
+        _ if is_vlan(ethertype) => Step::Done(Sighting::Opaque),
+        _ => Step::Done(Sighting::Other),
+    }
 }
 
 #[inline(always)]
-fn parse_ipv4(ctx: &XdpContext, off: usize) -> Sighting {
-    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, off) else {
-        return Sighting::Malformed;
+fn is_vlan(ethertype: u16) -> bool {
+    matches!(ethertype, ETH_P_8021Q | ETH_P_8021AD | ETH_P_QINQ_9100)
+}
+
+/// A header the frame stops before: harmless on the interface's own frame (the kernel drops
+/// a truncated frame too), opaque inside a tunnel, where the outer packet may be a fragment
+/// whose rest the kernel reassembles.
+#[inline(always)]
+fn cut_short(tunnelled: bool) -> Sighting {
+    if tunnelled {
+        Sighting::Opaque
+    } else {
+        Sighting::Malformed
+    }
+}
+
+/// An MPLS label stack at `off`; the packet after the bottom label is IP if its first nibble
+/// says so (Linux's MPLS router delivers nothing else).
+#[inline(always)]
+fn parse_mpls(ctx: &XdpContext, off: usize) -> Step {
+    let mut off = off;
+    for _ in 0..MAX_MPLS_LABELS {
+        let Some(label) = ptr_at::<[u8; 4]>(ctx, off) else {
+            return Step::Done(Sighting::Malformed);
+        };
+        let bottom = unsafe { (*label)[2] } & 1 != 0;
+        off += 4;
+        if bottom {
+            let Some(first) = ptr_at::<[u8; 2]>(ctx, off) else {
+                return Step::Done(Sighting::Malformed);
+            };
+            return match unsafe { (*first)[0] } >> 4 {
+                4 => Step::Inner(Layer::Ipv4(off)),
+                6 => Step::Inner(Layer::Ipv6(off)),
+                _ => Step::Done(Sighting::Other),
+            };
+        }
+    }
+    Step::Done(Sighting::Opaque)
+}
+
+/// A PPP frame at `off` (inside PPPoE or PPTP's GRE): address and control bytes are optional,
+/// the protocol field may be compressed to one byte.
+#[inline(always)]
+fn parse_ppp(ctx: &XdpContext, off: usize) -> Step {
+    let Some(head) = ptr_at::<[u8; 2]>(ctx, off) else {
+        return Step::Done(Sighting::Opaque);
     };
-    let (version_ihl, total_len, frag_off, protocol, src) = unsafe {
+    let head = unsafe { *head };
+    let off = if head == [0xff, 0x03] { off + 2 } else { off };
+    // Both bytes: with a one-byte protocol field the second is the IP header's first.
+    let Some(field) = ptr_at::<[u8; 2]>(ctx, off) else {
+        return Step::Done(Sighting::Opaque);
+    };
+    let field = unsafe { *field };
+    let (protocol, len) = if field[0] & 1 != 0 {
+        (u16::from(field[0]), 1)
+    } else {
+        (be16(field), 2)
+    };
+    match protocol {
+        PPP_IPV4 => Step::Inner(Layer::Ipv4(off + len)),
+        PPP_IPV6 => Step::Inner(Layer::Ipv6(off + len)),
+        // Control protocols, and compressed or encrypted data: the PPP device reads those
+        // (attach smtpguard to it).
+        _ => Step::Done(Sighting::Other),
+    }
+}
+
+/// A GRE header at `off`: version 0 with any of checksum, key and sequence number, carrying
+/// IPv4, IPv6 or Ethernet; version 1 (PPTP) carrying PPP.
+#[inline(always)]
+fn parse_gre(ctx: &XdpContext, off: usize) -> Step {
+    let Some(gre) = ptr_at::<GreHdr>(ctx, off) else {
+        return Step::Done(Sighting::Opaque);
+    };
+    let (flags, proto) = unsafe { (be16((*gre).flags_version), be16((*gre).proto)) };
+    let word = |bit: u16| if flags & bit != 0 { 4 } else { 0 };
+    match flags & GRE_VERSION {
+        0 => {
+            // Linux refuses source routing (gre_parse_header).
+            if flags & GRE_ROUTING != 0 {
+                return Step::Done(Sighting::Malformed);
+            }
+            let inner = off + 4 + word(GRE_CSUM) + word(GRE_KEY) + word(GRE_SEQ);
+            match proto {
+                ETH_P_IPV4 => Step::Inner(Layer::Ipv4(inner)),
+                ETH_P_IPV6 => Step::Inner(Layer::Ipv6(inner)),
+                ETH_P_TEB => Step::Inner(Layer::Ethernet(inner)),
+                // MPLS, ERSPAN, NSH and the rest: not read here, so not passed either.
+                _ => Step::Done(Sighting::Opaque),
+            }
+        }
+        // PPTP: the key field is always there (payload length and call id).
+        1 if proto == ETH_P_PPP => parse_ppp(ctx, off + 8 + word(GRE_SEQ) + word(GRE_ACK)),
+        1 => Step::Done(Sighting::Opaque),
+        // Linux drops other versions (gre_rcv).
+        _ => Step::Done(Sighting::Malformed),
+    }
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &XdpContext, off: usize, tunnelled: bool, ethernet: bool) -> Step {
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, off) else {
+        return Step::Done(cut_short(tunnelled));
+    };
+    let (version_ihl, total_len, frag_off, protocol) = unsafe {
         (
             (*ip).version_ihl,
             be16((*ip).total_len) as usize,
             be16((*ip).frag_off),
             (*ip).protocol,
-            (*ip).src,
         )
     };
     // Masking keeps the header length in 0..=60 where the verifier can see it.
     let ihl = ((version_ihl & 0x0f) as usize) * 4;
     if version_ihl >> 4 != 4 || ihl < size_of::<Ipv4Hdr>() || total_len < ihl {
-        return Sighting::Malformed;
-    }
-    if protocol != IPPROTO_TCP {
-        return Sighting::Other;
+        return Step::Done(Sighting::Malformed);
     }
     if frag_off & 0x1fff != 0 {
-        return Sighting::LaterFragment;
+        return Step::Done(Sighting::LaterFragment);
     }
-    let first_fragment = frag_off & 0x2000 != 0;
-    parse_tcp(
-        ctx,
-        off,
-        off + ihl,
-        total_len - ihl,
-        first_fragment,
-        Source::V4(src),
-    )
+    let payload = off + ihl;
+    match protocol {
+        IPPROTO_TCP => Step::Done(parse_tcp(
+            ctx,
+            Layers {
+                ip: Ip { l3: off, v6: false },
+                l4: payload,
+                l4_len: total_len - ihl,
+                fragment: frag_off & 0x2000 != 0,
+                tunnelled,
+                ethernet,
+            },
+        )),
+        IPPROTO_IPIP => Step::Inner(Layer::Ipv4(payload)),
+        IPPROTO_IPV6 => Step::Inner(Layer::Ipv6(payload)),
+        IPPROTO_GRE => parse_gre(ctx, payload),
+        _ => Step::Done(Sighting::Other),
+    }
 }
 
 #[inline(always)]
-fn parse_ipv6(ctx: &XdpContext, off: usize) -> Sighting {
+fn parse_ipv6(ctx: &XdpContext, off: usize, tunnelled: bool, ethernet: bool) -> Step {
     let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, off) else {
-        return Sighting::Malformed;
+        return Step::Done(cut_short(tunnelled));
     };
-    let (version, payload_len, mut next, src) = unsafe {
+    let (version, payload_len, mut next) = unsafe {
         (
             (*ip).version_class_flow[0] >> 4,
             be16((*ip).payload_len) as usize,
             (*ip).next_header,
-            (*ip).src,
         )
     };
     if version != 6 {
-        return Sighting::Malformed;
+        return Step::Done(Sighting::Malformed);
     }
     let mut cur = off + size_of::<Ipv6Hdr>();
     // A zero payload length is how jumbograms say "see the hop-by-hop option": the frame's
@@ -248,10 +527,9 @@ fn parse_ipv6(ctx: &XdpContext, off: usize) -> Sighting {
     let mut fragmented = false;
     for _ in 0..MAX_EXT_HEADERS {
         let len = match next {
-            IPPROTO_TCP => return parse_tcp6(ctx, off, cur, payload_end, fragmented, src),
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH => {
                 let Some(ext) = ptr_at::<ExtHdr>(ctx, cur) else {
-                    return out_of_sight(cur, payload_end, fragmented, Source::V6(src));
+                    return Step::Done(chain_cut(cur, payload_end, fragmented));
                 };
                 let (next_header, len) = unsafe { ((*ext).next_header, (*ext).len as usize) };
                 // AH counts its length in 4-byte units less two, the others in 8-byte units less one.
@@ -265,38 +543,49 @@ fn parse_ipv6(ctx: &XdpContext, off: usize) -> Sighting {
             }
             IPPROTO_FRAGMENT => {
                 let Some(frag) = ptr_at::<FragHdr>(ctx, cur) else {
-                    return out_of_sight(cur, payload_end, fragmented, Source::V6(src));
+                    return Step::Done(chain_cut(cur, payload_end, fragmented));
                 };
                 let (next_header, offset_flags) =
                     unsafe { ((*frag).next_header, be16((*frag).offset_flags)) };
                 if offset_flags & 0xfff8 != 0 {
-                    return Sighting::LaterFragment;
+                    return Step::Done(Sighting::LaterFragment);
                 }
-                fragmented = offset_flags & 1 != 0;
+                // Any fragment header with more to come makes this a first fragment; a
+                // later atomic one does not undo that.
+                fragmented = fragmented || offset_flags & 1 != 0;
                 next = next_header;
                 size_of::<FragHdr>()
             }
-            _ => return Sighting::Other,
+            _ => break,
         };
         cur += len;
         if cur > MAX_HEADER_OFFSET {
-            return Sighting::Hidden {
-                src: Source::V6(src),
-                dport: None,
-            };
+            return Step::Done(Sighting::Opaque);
         }
     }
-    if next == IPPROTO_TCP {
-        return parse_tcp6(ctx, off, cur, payload_end, fragmented, src);
+    if cur != off + size_of::<Ipv6Hdr>() {
+        let Some(widened) = widen(cur) else {
+            return Step::Done(Sighting::Opaque);
+        };
+        cur = widened;
     }
-    // A chain longer than followed: Linux accepts it, so its source decides.
-    if is_ipv6_extension(next) {
-        Sighting::Hidden {
-            src: Source::V6(src),
-            dport: None,
-        }
-    } else {
-        Sighting::Other
+    match next {
+        IPPROTO_TCP => Step::Done(parse_tcp6(
+            ctx,
+            Ip { l3: off, v6: true },
+            cur,
+            payload_end,
+            fragmented,
+            tunnelled,
+            ethernet,
+        )),
+        IPPROTO_IPIP => Step::Inner(Layer::Ipv4(cur)),
+        IPPROTO_IPV6 => Step::Inner(Layer::Ipv6(cur)),
+        IPPROTO_GRE => parse_gre(ctx, cur),
+        // A chain longer than followed: Linux accepts it, and what follows may be TCP or a
+        // tunnel whose inner source is out of sight.
+        _ if is_ipv6_extension(next) => Step::Done(Sighting::Opaque),
+        _ => Step::Done(Sighting::Other),
     }
 }
 
@@ -308,73 +597,118 @@ fn is_ipv6_extension(next: u8) -> bool {
     )
 }
 
+/// An extension header the frame does not hold: opaque if the IP header says it is there (a
+/// non-linear frame) or a later fragment brings it, malformed if neither can.
 #[inline(always)]
-fn parse_tcp6(
-    ctx: &XdpContext,
-    l3: usize,
-    cur: usize,
-    payload_end: usize,
-    fragmented: bool,
-    src: [u8; 16],
-) -> Sighting {
-    match payload_end.checked_sub(cur) {
-        Some(l4_len) => parse_tcp(ctx, l3, cur, l4_len, fragmented, Source::V6(src)),
-        // The chain runs past the payload: the same rule as for a header out of the frame.
-        None => out_of_sight(cur, payload_end, fragmented, Source::V6(src)),
-    }
-}
-
-/// A header the frame does not hold: hidden if the IP header says it is there (a non-linear
-/// frame) or a later fragment brings it, malformed if neither can.
-#[inline(always)]
-fn out_of_sight(cur: usize, payload_end: usize, fragmented: bool, src: Source) -> Sighting {
+fn chain_cut(cur: usize, payload_end: usize, fragmented: bool) -> Sighting {
     if cur < payload_end || fragmented {
-        Sighting::Hidden { src, dport: None }
+        Sighting::Opaque
     } else {
         Sighting::Malformed
     }
 }
 
-/// The TCP header at `off`, of which the IP layer (at `l3`) says `l4_len` bytes exist.
 #[inline(always)]
-fn parse_tcp(
+fn parse_tcp6(
     ctx: &XdpContext,
-    l3: usize,
-    off: usize,
-    l4_len: usize,
-    first_fragment: bool,
-    src: Source,
+    ip: Ip,
+    cur: usize,
+    payload_end: usize,
+    fragmented: bool,
+    tunnelled: bool,
+    ethernet: bool,
 ) -> Sighting {
-    if l4_len >= TCP_NEEDED {
-        if let Some(tcp) = ptr_at::<TcpHead>(ctx, off) {
-            if !first_fragment && l4_len < TCP_MIN_HEADER {
+    match payload_end.checked_sub(cur) {
+        Some(l4_len) => parse_tcp(
+            ctx,
+            Layers {
+                ip,
+                l4: cur,
+                l4_len,
+                fragment: fragmented,
+                tunnelled,
+                ethernet,
+            },
+        ),
+        // The chain runs past the payload: a header out of the frame, as above.
+        None if fragmented => Sighting::Hidden {
+            ip,
+            dport: None,
+            tunnelled,
+        },
+        None => Sighting::Malformed,
+    }
+}
+
+/// The TCP header at `at.l4`, of which the IP layer says `at.l4_len` bytes exist.
+#[inline(always)]
+fn parse_tcp(ctx: &XdpContext, at: Layers) -> Sighting {
+    let (ip, tunnelled) = (at.ip, at.tunnelled);
+    if at.l4_len >= TCP_NEEDED {
+        if let Some(tcp) = ptr_at::<TcpHead>(ctx, at.l4) {
+            if !at.fragment && at.l4_len < TCP_MIN_HEADER {
                 return Sighting::Malformed;
             }
             let (dport, flags) = unsafe { (be16((*tcp).dport), (*tcp).flags) };
-            return Sighting::Segment {
-                src,
-                dport,
-                flags,
-                at: Layers {
-                    l3,
-                    l4: off,
-                    l4_len,
-                    fragment: first_fragment,
-                },
-            };
+            return Sighting::Segment { dport, flags, at };
         }
         // The IP header promises the bytes but the frame does not hold them.
-        return Sighting::Hidden { src, dport: None };
+        return Sighting::Hidden {
+            ip,
+            dport: None,
+            tunnelled,
+        };
     }
-    if !first_fragment {
+    if !at.fragment {
         return Sighting::Malformed;
     }
     // A first fragment that stops before the flags: the receiving kernel would reassemble it
     // into a segment we cannot see. Its port, when present, still tells whether it is guarded.
-    let dport = if l4_len >= 4 {
-        ptr_at::<[u8; 4]>(ctx, off).map(|ports| be16(unsafe { [(*ports)[2], (*ports)[3]] }))
+    let dport = if at.l4_len >= 4 {
+        ptr_at::<[u8; 4]>(ctx, at.l4).map(|ports| be16(unsafe { [(*ports)[2], (*ports)[3]] }))
     } else {
         None
     };
-    Sighting::Hidden { src, dport }
+    Sighting::Hidden {
+        ip,
+        dport,
+        tunnelled,
+    }
+}
+
+impl Sighting {
+    /// The same sighting with its offsets widened (see [`widen`]): the decision and the reply
+    /// that follow are verified once per kind of sighting, not once per parser path.
+    #[inline(always)]
+    pub fn widened(self) -> Self {
+        match self {
+            Self::Segment { dport, flags, at } => {
+                let (Some(l3), Some(l4)) = (widen(at.ip.l3), widen(at.l4)) else {
+                    return Self::Opaque;
+                };
+                Self::Segment {
+                    dport,
+                    flags,
+                    at: Layers {
+                        ip: Ip { l3, v6: at.ip.v6 },
+                        l4,
+                        ..at
+                    },
+                }
+            }
+            Self::Hidden {
+                ip,
+                dport,
+                tunnelled,
+            } => match widen(ip.l3) {
+                Some(l3) => Self::Hidden {
+                    ip: Ip { l3, v6: ip.v6 },
+                    dport,
+                    tunnelled,
+                },
+                None => Self::Opaque,
+            },
+            other => other,
+        }
+    }
 }

@@ -24,12 +24,12 @@ struct MacPair {
     src: [u8; 6],
 }
 
-/// Rewrites the SYN at `at` into a RST+ACK addressed to its sender. Returns false, with the
-/// frame untouched, where no correct reply can be built (a fragment, a TCP header that
-/// contradicts the IP length, a jumbogram): the caller then drops instead.
+/// Rewrites the SYN at `at` into a RST+ACK addressed to its sender.
+/// Returns false, with the frame untouched, where no correct reply can be built (a fragment,
+/// a TCP header that contradicts the IP length, a jumbogram): the caller then drops instead.
 #[inline(always)]
-pub fn tcp_reset(ctx: &XdpContext, src: &Source, at: &Layers) -> bool {
-    if at.fragment || at.l4_len > 0xffff {
+pub fn tcp_reset(ctx: &XdpContext, at: &Layers) -> bool {
+    if at.fragment || at.tunnelled || at.l4_len > 0xffff {
         return false;
     }
     let Some(tcp) = ptr_at::<TcpHead>(ctx, at.l4) else {
@@ -51,51 +51,49 @@ pub fn tcp_reset(ctx: &XdpContext, src: &Source, at: &Layers) -> bool {
     // acknowledges everything the segment occupied: SYN, data, FIN.
     let occupied = 1 + (at.l4_len - data_offset) as u32 + u32::from(flags & TCP_FIN != 0);
     let ack = seq.wrapping_add(occupied);
-    let tcp_at = match src {
-        Source::V4(_) => at.l3 + IPV4_HEADER,
-        Source::V6(_) => at.l3 + IPV6_HEADER,
+    let l3 = at.ip.l3;
+    let (Some(from), Some(to)) = (at.ip.address(ctx, false), at.ip.address(ctx, true)) else {
+        return false;
     };
+    let tcp_at = l3 + if at.ip.v6 { IPV6_HEADER } else { IPV4_HEADER };
     // Every byte written below must lie inside the frame as it is now.
     if ptr_at::<[u8; TCP_HEADER]>(ctx, tcp_at).is_none() {
         return false;
     }
     let mut segment = tcp_header(dport, sport, ack);
-    let written = match src {
-        Source::V4(from) => {
-            let Some(ip) = ptr_at::<[u8; IPV4_HEADER]>(ctx, at.l3) else {
+    let written = match (from, to) {
+        (Source::V4(from), Source::V4(to)) => {
+            let Some(ip) = ptr_at::<[u8; IPV4_HEADER]>(ctx, l3) else {
                 return false;
             };
-            let old = unsafe { *ip };
-            let to = [old[16], old[17], old[18], old[19]];
-            let header = ipv4_header(to, *from);
-            let pseudo = sum(&to, sum(from, u32::from(IPPROTO_TCP) + TCP_HEADER as u32));
+            let header = ipv4_header(to, from);
+            let pseudo = sum(&to, sum(&from, u32::from(IPPROTO_TCP) + TCP_HEADER as u32));
             let total = sum(&segment, pseudo);
             set_checksum(&mut segment, 16, total);
             unsafe { core::ptr::write_unaligned(ip as *mut [u8; IPV4_HEADER], header) };
             IPV4_HEADER
         }
-        Source::V6(from) => {
-            let Some(ip) = ptr_at::<[u8; IPV6_HEADER]>(ctx, at.l3) else {
+        (Source::V6(from), Source::V6(to)) => {
+            let Some(ip) = ptr_at::<[u8; IPV6_HEADER]>(ctx, l3) else {
                 return false;
             };
-            let Some(dst) = ptr_at::<[u8; 16]>(ctx, at.l3 + 24) else {
-                return false;
-            };
-            let to = unsafe { *dst };
-            let header = ipv6_header(to, *from);
-            let pseudo = sum(&to, sum(from, u32::from(IPPROTO_TCP) + TCP_HEADER as u32));
+            let header = ipv6_header(to, from);
+            let pseudo = sum(&to, sum(&from, u32::from(IPPROTO_TCP) + TCP_HEADER as u32));
             let total = sum(&segment, pseudo);
             set_checksum(&mut segment, 16, total);
             unsafe { core::ptr::write_unaligned(ip as *mut [u8; IPV6_HEADER], header) };
             IPV6_HEADER
         }
+        _ => return false,
     };
-    if let Some(out) = ptr_at::<[u8; TCP_HEADER]>(ctx, at.l3 + written) {
+    if let Some(out) = ptr_at::<[u8; TCP_HEADER]>(ctx, l3 + written) {
         unsafe { core::ptr::write_unaligned(out as *mut [u8; TCP_HEADER], segment) };
     } else {
         return false;
     }
-    if let Some(macs) = ptr_at::<MacPair>(ctx, 0) {
+    if at.ethernet
+        && let Some(macs) = ptr_at::<MacPair>(ctx, 0)
+    {
         let macs = macs as *mut MacPair;
         unsafe {
             let (dst, src) = ((*macs).dst, (*macs).src);
@@ -106,7 +104,7 @@ pub fn tcp_reset(ctx: &XdpContext, src: &Source, at: &Layers) -> bool {
     // Trim whatever followed (options, payload, padding). Should the helper refuse, the IP
     // length still says where the packet ends, and receivers ignore the rest.
     let length = ctx.data_end() - ctx.data();
-    let wanted = at.l3 + written + TCP_HEADER;
+    let wanted = l3 + written + TCP_HEADER;
     if length > wanted {
         unsafe { bpf_xdp_adjust_tail(ctx.ctx, -((length - wanted) as i32)) };
     }

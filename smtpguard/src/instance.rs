@@ -1,6 +1,11 @@
-//! Where a running instance keeps its state: pinned maps under bpffs
-//! (`/sys/fs/bpf/smtpguard/NAME`), and a lock and a state file under `/run/smtpguard/NAME`.
-//! Several instances (one per name) can run side by side, e.g. one per network namespace.
+//! Where a running instance keeps its state: pinned links and maps under bpffs
+//! (`/sys/fs/bpf/smtpguard/NAME`, the maps in a folder named by their layout stamp), and a
+//! lock and a state file under `/run/smtpguard/NAME`. Several instances (one per name) can
+//! run side by side, e.g. one per network namespace.
+//!
+//! Whoever can write these folders can unpin the filter or feed it maps, so they are created
+//! 0700, and one that is a symbolic link, is not owned by root (or this user), or is writable
+//! by group or others is refused. bpffs, when smtpguard mounts it, is mounted 0700.
 
 use std::{
     fs::File,
@@ -11,15 +16,20 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{kernel::filter::AttachedMode, policy::List};
+use crate::{
+    kernel::{filter::AttachedMode, interface::LinkKind},
+    policy::List,
+};
 
 /// bpffs magic number (`BPF_FS_MAGIC` in linux/magic.h).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const BPFFS_ROOT: &str = "/sys/fs/bpf";
 const PIN_ROOT: &str = "/sys/fs/bpf/smtpguard";
 const RUN_ROOT: &str = "/run/smtpguard";
-/// Pinned links are named `link_IFNAME` beside the maps (map names are upper case).
+/// Pinned links are named `link_IFNAME` beside the folders of maps.
 const LINK_PREFIX: &str = "link_";
+/// Folders of maps are named `maps-STAMP` (the layout stamp in hex).
+const MAPS_PREFIX: &str = "maps-";
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstanceError {
@@ -29,6 +39,11 @@ pub enum InstanceError {
     Io { path: PathBuf, source: io::Error },
     #[error("cannot mount bpffs at {BPFFS_ROOT}: {0}")]
     Mount(io::Error),
+    #[error(
+        "refusing {path}: {reason}; another user could have made it to take the filter over: check it, remove it, and start again",
+        path = path.display()
+    )]
+    UnsafeDir { path: PathBuf, reason: String },
     #[error("instance {name:?} is already running (lock {path} is held); stop it first or pick another --instance", path = path.display())]
     Running { name: String, path: PathBuf },
     #[error("no running smtpguard instance {name:?}: {path} is missing ({source}); is `smtpguard run` running?", path = path.display())]
@@ -73,6 +88,45 @@ impl Instance {
         Path::new(PIN_ROOT).join(&self.name)
     }
 
+    /// Where the maps of layout `stamp` are pinned: each build whose map layout differs keeps
+    /// its own, so an upgrade builds new maps beside the old ones before it swaps programs.
+    pub fn maps_dir(&self, stamp: u64) -> PathBuf {
+        self.pin_dir().join(format!("{MAPS_PREFIX}{stamp:016x}"))
+    }
+
+    /// Where the maps of the daemon that wrote `state` are pinned (straight in the pin
+    /// directory for smtpguard before layout stamps).
+    pub fn maps_dir_of(&self, state: &RunState) -> PathBuf {
+        if state.layout == 0 {
+            self.pin_dir()
+        } else {
+            self.maps_dir(state.layout)
+        }
+    }
+
+    /// Maps pinned by builds with another layout: folders of other stamps, and maps pinned
+    /// straight in the pin directory (smtpguard before layout stamps).
+    pub fn other_layouts(&self, stamp: u64) -> Result<Vec<PathBuf>, InstanceError> {
+        let dir = self.pin_dir();
+        let own = self.maps_dir(stamp);
+        let mut found = Vec::new();
+        let mut legacy = false;
+        for entry in read_dir(&dir)? {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(MAPS_PREFIX) && path != own {
+                found.push(path);
+            } else if name.starts_with("SG_") {
+                legacy = true;
+            }
+        }
+        found.sort();
+        if legacy {
+            found.push(dir);
+        }
+        Ok(found)
+    }
+
     pub fn run_dir(&self) -> PathBuf {
         Path::new(RUN_ROOT).join(&self.name)
     }
@@ -84,7 +138,8 @@ impl Instance {
     /// Takes the instance lock; held until the returned guard is dropped.
     pub fn lock(&self) -> Result<InstanceLock, InstanceError> {
         let dir = self.run_dir();
-        create_dir(&dir)?;
+        prepare_dir(Path::new(RUN_ROOT))?;
+        prepare_dir(&dir)?;
         let path = dir.join("lock");
         let file = File::options()
             .create(true)
@@ -109,9 +164,33 @@ impl Instance {
     /// over), created if missing; bpffs is mounted first if the system has not.
     pub fn prepare_pin_dir(&self) -> Result<PathBuf, InstanceError> {
         ensure_bpffs()?;
+        prepare_dir(Path::new(PIN_ROOT))?;
         let dir = self.pin_dir();
-        create_dir(&dir)?;
+        prepare_dir(&dir)?;
         Ok(dir)
+    }
+
+    /// The folder for the maps of layout `stamp`, created if missing, checked like the rest.
+    pub fn prepare_maps_dir(&self, stamp: u64) -> Result<PathBuf, InstanceError> {
+        let dir = self.maps_dir(stamp);
+        prepare_dir(&dir)?;
+        Ok(dir)
+    }
+
+    /// Removes the maps pinned at `dir` (a folder of another layout, or the legacy maps
+    /// straight in the pin directory, whose links are kept).
+    pub fn remove_layout(&self, dir: &Path) -> Result<(), InstanceError> {
+        if dir == self.pin_dir() {
+            for entry in read_dir(dir)? {
+                if entry.file_name().to_string_lossy().starts_with("SG_") {
+                    let path = entry.path();
+                    std::fs::remove_file(&path)
+                        .map_err(|source| InstanceError::Io { path, source })?;
+                }
+            }
+            return Ok(());
+        }
+        remove_dir(dir)
     }
 
     /// Where the link attaching the program to `interface` is pinned.
@@ -121,18 +200,8 @@ impl Instance {
 
     /// Interfaces with a pinned link under the pin directory, and the pins' paths.
     pub fn pinned_links(&self) -> Result<Vec<(String, PathBuf)>, InstanceError> {
-        let dir = self.pin_dir();
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(source) => return Err(InstanceError::Io { path: dir, source }),
-        };
         let mut links = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(|source| InstanceError::Io {
-                path: dir.clone(),
-                source,
-            })?;
+        for entry in read_dir(&self.pin_dir())? {
             let name = entry.file_name().to_string_lossy().into_owned();
             if let Some(interface) = name.strip_prefix(LINK_PREFIX) {
                 links.push((interface.to_owned(), entry.path()));
@@ -230,12 +299,28 @@ pub struct RunState {
     /// Kernel ids of the global and per-prefix counter maps, for readers that cannot see the
     /// pins.
     pub counter_map_ids: crate::kernel::maps::CounterMapIds,
+    /// The boot policy is in force: the daemon attached a closed filter at once and is still
+    /// building the real policy.
+    #[serde(default)]
+    pub boot: bool,
+    /// The layout stamp of the maps in force (where the counters are pinned).
+    #[serde(default)]
+    pub layout: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct InterfaceState {
     pub name: String,
     pub mode: AttachedMode,
+    #[serde(default = "ethernet")]
+    pub kind: LinkKind,
+    /// Resets are withheld here (the NIC strips VLAN tags before XDP).
+    #[serde(default)]
+    pub resets_withheld: bool,
+}
+
+fn ethernet() -> LinkKind {
+    LinkKind::Ethernet
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -250,17 +335,17 @@ fn ensure_bpffs() -> Result<(), InstanceError> {
     if is_bpffs(Path::new(BPFFS_ROOT)) {
         return Ok(());
     }
-    log::info!("bpffs is not mounted at {BPFFS_ROOT}; mounting it");
+    log::info!("bpffs is not mounted at {BPFFS_ROOT}; mounting it (mode 0700)");
     let target =
         std::ffi::CString::new(BPFFS_ROOT).map_err(|error| InstanceError::Mount(error.into()))?;
-    // SAFETY: all pointers are valid NUL-terminated strings; data is null.
+    // SAFETY: all pointers are valid NUL-terminated strings.
     let rc = unsafe {
         libc::mount(
             c"bpf".as_ptr(),
             target.as_ptr(),
             c"bpf".as_ptr(),
-            0,
-            std::ptr::null(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            c"mode=0700".as_ptr().cast(),
         )
     };
     if rc != 0 {
@@ -280,11 +365,69 @@ fn is_bpffs(path: &Path) -> bool {
     }
 }
 
-fn create_dir(path: &Path) -> Result<(), InstanceError> {
-    std::fs::create_dir_all(path).map_err(|source| InstanceError::Io {
+/// Creates `path` (its parent must exist) 0700 if it is missing, then refuses it unless it is
+/// a real directory, owned by root or by this user, and writable by nobody else.
+fn prepare_dir(path: &Path) -> Result<(), InstanceError> {
+    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
+    match std::fs::DirBuilder::new().mode(0o700).create(path) {
+        Ok(()) => {}
+        Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(source) => {
+            return Err(InstanceError::Io {
+                path: path.to_owned(),
+                source,
+            });
+        }
+    }
+    let meta = std::fs::symlink_metadata(path).map_err(|source| InstanceError::Io {
         path: path.to_owned(),
         source,
-    })
+    })?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let unsafe_dir = |reason: String| InstanceError::UnsafeDir {
+        path: path.to_owned(),
+        reason,
+    };
+    if meta.file_type().is_symlink() {
+        return Err(unsafe_dir("it is a symbolic link".to_owned()));
+    }
+    if !meta.is_dir() {
+        return Err(unsafe_dir("it is not a directory".to_owned()));
+    }
+    if meta.uid() != 0 && meta.uid() != me {
+        return Err(unsafe_dir(format!(
+            "it is owned by uid {}, not root",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(unsafe_dir(format!(
+            "it is writable by group or others (mode {:04o})",
+            meta.mode() & 0o7777
+        )));
+    }
+    Ok(())
+}
+
+/// The entries of `dir`; none if it does not exist.
+fn read_dir(dir: &Path) -> Result<Vec<std::fs::DirEntry>, InstanceError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(InstanceError::Io {
+                path: dir.to_owned(),
+                source,
+            });
+        }
+    };
+    entries
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| InstanceError::Io {
+            path: dir.to_owned(),
+            source,
+        })
 }
 
 fn remove_dir(path: &Path) -> Result<(), InstanceError> {

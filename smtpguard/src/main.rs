@@ -191,7 +191,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Stats { json, top } => {
             let state = instance.read_state()?;
-            let maps = open_counters(&instance.pin_dir(), state.counter_map_ids)
+            let maps = open_counters(&instance.maps_dir_of(&state), state.counter_map_ids)
                 .with_context(|| format!("instance {:?}", instance.name()))?;
             let stats = Stats::new(instance.name(), &state, &maps.read()?);
             let report = (top > 0)
@@ -220,7 +220,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Report { top, json } => {
             let state = instance.read_state()?;
-            let maps = open_counters(&instance.pin_dir(), state.counter_map_ids)
+            let maps = open_counters(&instance.maps_dir_of(&state), state.counter_map_ids)
                 .with_context(|| format!("instance {:?}", instance.name()))?;
             let report = Report::new(instance.name(), &state, &maps.offenders()?, top);
             if json {

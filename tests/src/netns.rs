@@ -172,6 +172,9 @@ impl Pair {
         }
         ip(&["-n", &server.name, "link", "set", &server_if, "up"]);
         ip(&["-n", &client.name, "link", "set", &client_if, "up"]);
+        // The server end stands for a gateway NIC that leaves VLAN tags in the frame, where
+        // the program can read them and send resets; `set_vlan_offload` turns stripping on.
+        set_vlan_offload(&server, &server_if, false);
         // Every server address is on-link from the client, whatever the client's source.
         ip(&[
             "-n",
@@ -243,6 +246,24 @@ impl Pair {
         }
         mac
     }
+}
+
+/// Turns the receive-side VLAN tag stripping of `interface` (in `netns`) on or off, as
+/// `ethtool -K IF rxvlan on|off rx-vlan-stag-hw-parse on|off` does.
+pub fn set_vlan_offload(netns: &Netns, interface: &str, on: bool) {
+    let state = if on { "on" } else { "off" };
+    let output = Command::new("ip")
+        .args(["netns", "exec", &netns.name, "ethtool", "-K", interface])
+        .args(["rxvlan", state, "rx-vlan-stag-hw-parse", state])
+        .output()
+        .unwrap_or_else(|error| {
+            panic!("cannot run ethtool: {error} (cargo xtask setup installs it)")
+        });
+    assert!(
+        output.status.success(),
+        "ethtool -K {interface} rxvlan {state} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 /// How a connection attempt ended.

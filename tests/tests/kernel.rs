@@ -353,18 +353,66 @@ fn vlan_stacks() {
             &format!("{name} ACK"),
         );
     }
+    // Linux strips priority tags (VID 0) one after another and delivers what is behind them
+    // to the base device: a stack of them is a SYN like any other.
+    let qinq_9100 = |vid| smtpguard_tests::frames::Tag { tpid: 0x9100, vid };
+    for depth in [3usize, 4, 8, 16] {
+        let tags: Vec<_> = (0..depth)
+            .map(|i| match i % 3 {
+                0 => dot1ad(0),
+                1 => dot1q(0),
+                _ => qinq_9100(0),
+            })
+            .collect();
+        for (frame, want, what) in [
+            (
+                tcp4(&tags, UNLISTED4, DST4, 25, SYN),
+                XDP_DROP,
+                "unlisted IPv4 SYN",
+            ),
+            (
+                tcp4(&tags, ALLOWED4, DST4, 25, SYN),
+                XDP_PASS,
+                "allowed IPv4 SYN",
+            ),
+            (
+                tcp6(&tags, UNLISTED6, DST6, 25, SYN),
+                XDP_DROP,
+                "unlisted IPv6 SYN",
+            ),
+            (
+                tcp6(&tags, ALLOWED6, DST6, 25, SYN),
+                XDP_PASS,
+                "allowed IPv6 SYN",
+            ),
+            (tcp4(&tags, UNLISTED4, DST4, 25, ACK), XDP_PASS, "ACK"),
+        ] {
+            expect(
+                &mut kernel,
+                &frame,
+                want,
+                &format!("{depth} VID-0 tags, {what}"),
+            );
+        }
+    }
+    // Beyond what the parser follows nothing is passed unseen, whatever the source.
     let before = kernel.counters();
-    let triple = [dot1ad(1), dot1q(2), dot1q(3)];
-    expect(
-        &mut kernel,
-        &tcp4(&triple, UNLISTED4, DST4, 25, SYN),
-        XDP_PASS,
-        "three tags: more than followed",
-    );
+    let deep = vec![dot1q(0); 17];
+    for (frame, what) in [
+        (tcp4(&deep, UNLISTED4, DST4, 25, SYN), "unlisted"),
+        (tcp4(&deep, ALLOWED4, DST4, 25, SYN), "allowed"),
+    ] {
+        expect(
+            &mut kernel,
+            &frame,
+            XDP_DROP,
+            &format!("17 tags, {what} source: opaque"),
+        );
+    }
     assert_eq!(
-        counters_delta(&kernel, &before, smtpguard_common::counter::PASSED_UNPARSED),
-        1,
-        "three tags are counted as unparsed"
+        counters_delta(&kernel, &before, smtpguard_common::counter::OPAQUE_DROPPED),
+        2,
+        "frames with more tags than followed are counted as opaque"
     );
 }
 
@@ -612,25 +660,41 @@ fn ipv6_extension_headers() {
 fn ipv6_whatever_hides_the_tcp_flags_is_decided_by_source() {
     let mut kernel = Kernel::with_policy(POLICY);
     let syn_ack = tcp(40000, 25, SYN | ACK, &[], &[], &Pseudo::V6(UNLISTED6, DST6));
-    let long: Vec<(u8, Vec<u8>)> = (0..12)
-        .map(|_| (IPPROTO_DSTOPTS, ext_header(0, 0)))
-        .collect();
-    let (first, bytes) = chain(&long, IPPROTO_TCP);
-    for (src, want) in [
-        (UNLISTED6, XDP_DROP),
-        (ALLOWED6, XDP_PASS),
-        (DENIED6, XDP_DROP),
+    let syn = tcp(40000, 25, SYN, &[], &[], &Pseudo::V6(UNLISTED6, DST6));
+    let options = |count| -> Vec<(u8, Vec<u8>)> {
+        (0..count)
+            .map(|_| (IPPROTO_DSTOPTS, ext_header(0, 0)))
+            .collect()
+    };
+    // Twelve headers are followed to the TCP header: its real flags decide.
+    let (first, bytes) = chain(&options(12), IPPROTO_TCP);
+    for (segment, src, want) in [
+        (&syn, UNLISTED6, XDP_DROP),
+        (&syn, ALLOWED6, XDP_PASS),
+        (&syn_ack, UNLISTED6, XDP_PASS),
     ] {
-        let packet = ipv6(src, DST6, first, &bytes, &syn_ack);
-        let before = kernel.counters();
+        let packet = ipv6(src, DST6, first, &bytes, segment);
         expect(
             &mut kernel,
             &ethernet(DST_MAC, SRC_MAC, &[], ETH_P_IPV6, &packet),
             want,
             &format!("12 extension headers from {src}"),
         );
+    }
+    // Twenty are more than followed: what follows could be TCP or a tunnel whose inner
+    // source is out of sight, so the packet is dropped whoever sent it.
+    let (first, bytes) = chain(&options(20), IPPROTO_TCP);
+    for src in [UNLISTED6, ALLOWED6, DENIED6] {
+        let packet = ipv6(src, DST6, first, &bytes, &syn_ack);
+        let before = kernel.counters();
+        expect(
+            &mut kernel,
+            &ethernet(DST_MAC, SRC_MAC, &[], ETH_P_IPV6, &packet),
+            XDP_DROP,
+            &format!("20 extension headers from {src}"),
+        );
         assert_eq!(
-            counters_delta(&kernel, &before, smtpguard_common::counter::HIDDEN_DECIDED),
+            counters_delta(&kernel, &before, smtpguard_common::counter::OPAQUE_DROPPED),
             1
         );
     }
@@ -821,4 +885,20 @@ fn apply_swaps_policies_and_keeps_surviving_counters() {
         counters.prefixes[&survivor], 7,
         "the /28 survived six reloads and counted every SYN"
     );
+}
+
+#[test]
+fn both_programs_verify_well_inside_the_kernel_limit() {
+    let mut kernel = Kernel::with_policy(POLICY);
+    let counts = kernel
+        .filter
+        .verified_instructions()
+        .unwrap_or_else(|error| panic!("program info: {error}"));
+    for (program, count) in counts {
+        println!("{program}: the verifier went through {count} instructions");
+        assert!(
+            count > 0 && count < 500_000,
+            "{program}: {count} verified instructions; the kernel stops at 1,000,000 and the parser should stay well below"
+        );
+    }
 }

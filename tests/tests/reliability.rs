@@ -180,7 +180,9 @@ fn a_reload_storm_under_a_syn_flood_loses_no_allowed_connect_and_passes_no_unlis
 
 /// The policy generation and IPv4 prefixes the kernel has in force, read from the pins.
 fn kernel_policy(instance: &str) -> (u32, BTreeSet<IpNet>) {
-    let dir = Path::new("/sys/fs/bpf/smtpguard").join(instance);
+    let dir = smtpguard::instance::Instance::new(instance)
+        .expect("instance name")
+        .maps_dir(smtpguard_common::LAYOUT_STAMP);
     let open = |name: &str| {
         Map::from_map_data(MapData::from_pin(dir.join(name)).expect("pin")).expect("map")
     };

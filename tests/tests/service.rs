@@ -253,6 +253,12 @@ fn systemd_hears_ready_reloading_and_stopping() {
         smtpguard_tests::daemon::Launcher::Nsenter,
         &[("NOTIFY_SOCKET", &path.to_string_lossy())],
     );
+    // A first start: the filter is attached closed at once, before the policy is built.
+    let boot = receive();
+    assert!(
+        boot.contains("STATUS=closed until the policy is built") && !boot.contains("READY=1"),
+        "{boot}"
+    );
     let ready = receive();
     assert!(ready.contains("READY=1"), "{ready}");
     assert!(

@@ -34,6 +34,14 @@ pub struct Stats {
     pub passed_fragments: u64,
     /// Stopped SYNs left out of the table of stopped sources (a flood beyond the budget).
     pub unrecorded: u64,
+    /// Frames dropped because they could not be read far enough to rule out a guarded SYN.
+    pub opaque_dropped: u64,
+    /// Stopped SYNs dropped where a reset could not rightly be sent.
+    pub resets_withheld: u64,
+    /// Guarded SYNs found inside a tunnel (or behind PPPoE or MPLS).
+    pub tunnelled: u64,
+    /// The boot policy is in force: every guarded SYN is dropped until the policy is built.
+    pub boot: bool,
     pub prefixes: Vec<PrefixStats>,
 }
 
@@ -82,6 +90,10 @@ impl Stats {
             hidden_decided_by_source: counters.get(counter::HIDDEN_DECIDED),
             passed_fragments: counters.get(counter::PASSED_FRAGMENTS),
             unrecorded: counters.get(counter::UNRECORDED),
+            opaque_dropped: counters.get(counter::OPAQUE_DROPPED),
+            resets_withheld: counters.get(counter::RESET_WITHHELD),
+            tunnelled: counters.get(counter::TUNNELLED),
+            boot: state.boot,
             prefixes,
         }
     }
@@ -91,7 +103,17 @@ impl Stats {
         let interfaces: Vec<String> = self
             .interfaces
             .iter()
-            .map(|interface| format!("{} ({})", interface.name, interface.mode))
+            .map(|interface| {
+                let resets = if interface.resets_withheld {
+                    ", resets withheld: the NIC strips VLAN tags"
+                } else {
+                    ""
+                };
+                format!(
+                    "{} ({} mode, {}{resets})",
+                    interface.name, interface.mode, interface.kind
+                )
+            })
             .collect();
         let ports: Vec<String> = self.ports.iter().map(ToString::to_string).collect();
         let daemon = if self.daemon_running {
@@ -104,6 +126,12 @@ impl Stats {
             "instance {:?} ({daemon}), policy generation {}, config {}",
             self.instance, self.generation, self.config
         );
+        if self.boot {
+            let _ = writeln!(
+                out,
+                "BOOT: the policy is being built; every guarded SYN is dropped until it is in force"
+            );
+        }
         let _ = writeln!(
             out,
             "attached to {}; guarding TCP port {}; {} mode, unlisted sources: {}",
@@ -129,6 +157,11 @@ impl Stats {
             self.hidden_decided_by_source,
             self.passed_fragments,
             self.unrecorded
+        );
+        let _ = writeln!(
+            out,
+            "opaque frames dropped {}, resets withheld {}, tunnelled SYNs decided by inner source {}",
+            self.opaque_dropped, self.resets_withheld, self.tunnelled
         );
         let rule_width = self
             .prefixes
@@ -185,6 +218,8 @@ mod tests {
             interfaces: vec![InterfaceState {
                 name: "eth0".into(),
                 mode: AttachedMode::Native,
+                kind: crate::kernel::interface::LinkKind::Ethernet,
+                resets_withheld: false,
             }],
             ports: vec![25],
             prefixes: vec![
@@ -204,6 +239,8 @@ mod tests {
             counter_map_ids: Default::default(),
             mode: crate::source::config::Mode::Enforce,
             action: crate::source::config::Action::Drop,
+            boot: false,
+            layout: 1,
         };
         let mut counters = CounterSnapshot::default();
         counters.global[counter::SYN_ALLOWED as usize] = 7;

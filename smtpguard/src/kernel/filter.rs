@@ -1,32 +1,34 @@
 //! The XDP program in the kernel: load the embedded object (the verifier runs here), hand its
 //! maps to [`crate::kernel::maps::PolicyMaps`], and attach to or detach from interfaces.
 //!
-//! With a pin directory, the maps live in bpffs: a later daemon reuses them (policy, counters
-//! and all), and links pinned there keep the program attached after the daemon exits. Such a
-//! daemon takes over a pinned link by swapping its program in place (`bpf_link_update`), so
-//! the interface is never without a filter.
+//! The object holds two entry points over the same maps: one for frames that start with an
+//! Ethernet header, one for layer-3 interfaces (TUN, WireGuard, PPP, IP tunnels) whose
+//! packets start at the IP header. Each interface gets the one its link type calls for.
+//!
+//! With a maps folder, the maps live in bpffs: a later daemon of the same map layout (checked
+//! by the stamp the creator wrote into `SG_LAYOUT`) reuses them, policy, counters and all, and
+//! links pinned beside them keep the program attached after the daemon exits. A later daemon
+//! takes over a pinned link by swapping its program in place (`bpf_link_update`): the
+//! interface is never without a filter, and if the swap fails the old program stays.
 
-use std::{
-    mem::size_of,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Map, MapInfo},
+    maps::{Array, Map, MapData, MapInfo},
     programs::{
         ProgramError, TestRun, TestRunOptions, Xdp,
         links::{FdLink, LinkError, PinnedLink},
         xdp::{XdpLink, XdpLinkId},
     },
 };
-use smtpguard_common::{
-    MAX_OFFENDERS, MAX_PREFIX_COUNTERS, MAX_PREFIXES_PER_FAMILY, Offender, PROGRAM_NAME,
-    RecordBudget, RuleValue, SLOTS, SlotConfig, V4_COARSE_WORDS, V4_GUARD_WORDS, counter, map_name,
-};
+use smtpguard_common::{LAYOUT_STAMP, MAP_LAYOUTS, PROGRAM_NAME, PROGRAM_NAME_L3, map_name};
 
 use crate::{
-    kernel::maps::{MapsError, PolicyMaps},
+    kernel::{
+        interface::{Interface, InterfaceError, LinkKind},
+        maps::{MapsError, PolicyMaps},
+    },
     source::config::XdpMode,
 };
 
@@ -38,19 +40,18 @@ pub static PROGRAM_OBJECT: &[u8] =
 pub enum FilterError {
     #[error("cannot load the eBPF object: {0}")]
     Object(#[source] aya::EbpfError),
-    #[error("the object has no program {PROGRAM_NAME:?}")]
-    MissingProgram,
-    #[error("the kernel refused the XDP program: {0}")]
-    Verifier(#[source] ProgramError),
-    #[error("cannot pin map {name} at {path}: {source}")]
-    Pin {
-        name: &'static str,
-        path: String,
+    #[error("the object has no program {0:?}")]
+    MissingProgram(&'static str),
+    #[error("the kernel refused the XDP program {program}: {source}")]
+    Verifier {
+        program: &'static str,
         #[source]
-        source: aya::pin::PinError,
+        source: ProgramError,
     },
-    #[error("interface {interface:?} does not exist (see `ip link`)")]
-    NoSuchInterface { interface: String },
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    #[error(transparent)]
+    Interface(#[from] InterfaceError),
     #[error(
         "interface {interface:?}: native XDP attach failed: {source}; the driver may not support native XDP: set xdp_mode = \"auto\" to fall back to generic mode, or \"skb\""
     )]
@@ -58,6 +59,13 @@ pub enum FilterError {
         interface: String,
         #[source]
         source: ProgramError,
+    },
+    #[error(
+        "interface {interface:?} is a layer-3 device (link type {link_type}): only generic XDP sees its packets (a native program is accepted by TUN but never run); set xdp_mode = \"auto\" or \"skb\""
+    )]
+    NativeOnLayer3 {
+        interface: String,
+        link_type: &'static str,
     },
     #[error(
         "interface {interface:?}: {mode} XDP attach failed: {source}; is another XDP program attached? (`ip link show {interface}`)"
@@ -76,12 +84,10 @@ pub enum FilterError {
         #[source]
         source: ProgramError,
     },
-    #[error(transparent)]
-    Maps(#[from] MapsError),
     #[error("test run failed: {0}")]
     TestRun(#[source] ProgramError),
     #[error(
-        "the map pinned at {path} was made by an incompatible smtpguard (key {key} bytes, value {value}, {entries} entries; expected {expected_key}, {expected_value}, {expected_entries}): run `smtpguard detach` to remove the old filter first",
+        "the map pinned at {path} was made by an incompatible smtpguard (key {key} bytes, value {value}, {entries} entries; expected {expected_key}, {expected_value}, {expected_entries}): its folder is named for this build's layout, so it was not made by smtpguard; remove it",
         path = path.display()
     )]
     IncompatiblePin {
@@ -92,6 +98,15 @@ pub enum FilterError {
         expected_key: u32,
         expected_value: u32,
         expected_entries: u32,
+    },
+    #[error(
+        "the maps pinned in {dir} carry layout stamp {found:016x}, not this build's {expected:016x}; remove the folder",
+        dir = dir.display()
+    )]
+    WrongStamp {
+        dir: PathBuf,
+        found: u64,
+        expected: u64,
     },
     #[error("cannot pin the link of {interface} at {path}: {source}", path = path.display())]
     PinLink {
@@ -112,6 +127,26 @@ pub enum FilterError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl FilterError {
+    /// Whether a pinned link could not be taken over because its interface went away (the
+    /// kernel detached the program then): nothing runs there, so attaching afresh is safe.
+    pub fn link_is_gone(&self) -> bool {
+        let Self::Adopt { source, .. } = self else {
+            return false;
+        };
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source.as_ref());
+        while let Some(error) = cause {
+            if let Some(io) = error.downcast_ref::<std::io::Error>()
+                && io.raw_os_error() == Some(libc::ENOLINK)
+            {
+                return true;
+            }
+            cause = error.source();
+        }
+        false
+    }
 }
 
 /// The XDP mode actually in force on an interface.
@@ -135,6 +170,8 @@ impl std::fmt::Display for AttachedMode {
 #[derive(Debug)]
 pub struct Attachment {
     pub interface: String,
+    /// The interface as it was when the program was attached.
+    pub facts: Interface,
     pub mode: AttachedMode,
     link: XdpLinkId,
     /// Where the link is pinned, if it outlives this process.
@@ -148,28 +185,34 @@ pub struct Filter {
 }
 
 impl Filter {
-    /// Loads and verifies the program. With `pin_dir`, its maps are the ones pinned there, if
-    /// a previous daemon left them (checked for a compatible layout), or new ones pinned there
-    /// (so `smtpguard stats` can read them from another process). Either way they are handed
-    /// out as [`PolicyMaps`], which reads back what they hold.
-    pub fn load(pin_dir: Option<&Path>) -> Result<(Self, PolicyMaps), FilterError> {
+    /// Loads and verifies both programs. With `maps_dir`, the maps are the ones pinned there,
+    /// if a daemon of this layout left them (checked against the layout stamp and each map's
+    /// sizes), or new ones pinned there (so `smtpguard stats` can read them from another
+    /// process) and stamped. Either way they are handed out as [`PolicyMaps`], which reads
+    /// back what they hold.
+    pub fn load(maps_dir: Option<&Path>) -> Result<(Self, PolicyMaps), FilterError> {
         let mut loader = EbpfLoader::new();
-        let paths: Vec<(&'static str, PathBuf)> = match pin_dir {
-            Some(dir) => map_name::ALL
-                .iter()
-                .map(|name| (*name, dir.join(name)))
-                .collect(),
-            None => Vec::new(),
-        };
-        for (name, path) in &paths {
-            if path.exists() {
-                check_layout(name, path)?;
+        let mut adopting = false;
+        if let Some(dir) = maps_dir {
+            for layout in MAP_LAYOUTS {
+                let path = dir.join(layout.name);
+                if path.exists() {
+                    check_layout(layout.name, &path)?;
+                    adopting = true;
+                }
+                loader.map_pin_path(layout.name, path);
             }
-            loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(PROGRAM_OBJECT).map_err(FilterError::Object)?;
-        let program = xdp_program(&mut ebpf)?;
-        program.load().map_err(FilterError::Verifier)?;
+        for name in [PROGRAM_NAME, PROGRAM_NAME_L3] {
+            xdp_program(&mut ebpf, name)?
+                .load()
+                .map_err(|source| FilterError::Verifier {
+                    program: name,
+                    source,
+                })?;
+        }
+        stamp(&mut ebpf, maps_dir, adopting)?;
         let mut take = |name: &'static str| -> Result<Map, MapsError> {
             ebpf.take_map(name).ok_or(MapsError::Missing(name))
         };
@@ -184,7 +227,8 @@ impl Filter {
     }
 
     /// Takes over the link pinned at `path` on `interface`: the program behind it is replaced
-    /// by this one in a single step, and the pin stays.
+    /// by this one in a single step, and the pin stays. On failure the link, and the program
+    /// it runs, are left as they were.
     pub fn adopt(
         &mut self,
         interface: &str,
@@ -195,14 +239,16 @@ impl Filter {
             path: path.to_owned(),
             source,
         };
+        let facts = Interface::lookup(interface)?;
         let pinned = PinnedLink::from_pin(path).map_err(|error| adopt_error(Box::new(error)))?;
         let link = XdpLink::try_from(FdLink::from(pinned))
             .map_err(|error: LinkError| adopt_error(Box::new(error)))?;
-        let link = xdp_program(&mut self.ebpf)?
+        let link = xdp_program(&mut self.ebpf, program_for(facts.kind))?
             .attach_to_link(link)
             .map_err(|error| adopt_error(Box::new(error)))?;
         self.attachments.push(Attachment {
             interface: interface.to_owned(),
+            facts,
             mode,
             link,
             pin: Some(path.to_owned()),
@@ -225,7 +271,7 @@ impl Filter {
             return Ok(());
         }
         let mut attachment = self.attachments.remove(index);
-        let program = xdp_program(&mut self.ebpf)?;
+        let program = xdp_program(&mut self.ebpf, program_for(attachment.facts.kind))?;
         // The link leaves the program's hands for the pin and comes straight back: should
         // pinning fail, the link is dropped and the interface detached, and the caller's
         // attach fails as a whole.
@@ -272,19 +318,32 @@ impl Filter {
         Ok(())
     }
 
-    /// Attaches to `interface`, honouring `mode`; returns the mode in force.
+    /// Attaches to `interface` the program its link type calls for, honouring `mode`;
+    /// returns the mode in force. Layer-3 interfaces get generic mode, the only one that runs
+    /// on them.
     pub fn attach(&mut self, interface: &str, mode: XdpMode) -> Result<AttachedMode, FilterError> {
         if self.attachment(interface).is_some() {
             return Err(FilterError::AlreadyAttached {
                 interface: interface.to_owned(),
             });
         }
-        if !interface_exists(interface) {
-            return Err(FilterError::NoSuchInterface {
-                interface: interface.to_owned(),
-            });
-        }
-        let program = xdp_program(&mut self.ebpf)?;
+        let facts = Interface::lookup(interface)?;
+        let mode = match (facts.kind, mode) {
+            (LinkKind::Ethernet, mode) => mode,
+            (LinkKind::Layer3, XdpMode::Native) => {
+                return Err(FilterError::NativeOnLayer3 {
+                    interface: interface.to_owned(),
+                    link_type: facts.link_type,
+                });
+            }
+            (LinkKind::Layer3, _) => XdpMode::Skb,
+        };
+        let program = xdp_program(&mut self.ebpf, program_for(facts.kind))?;
+        let attach_error = |source| FilterError::Attach {
+            interface: interface.to_owned(),
+            mode: AttachedMode::Generic,
+            source,
+        };
         let (link, attached) = match mode {
             XdpMode::Native => program
                 .attach(interface, aya::programs::XdpMode::Driver)
@@ -296,21 +355,13 @@ impl Filter {
             XdpMode::Skb => program
                 .attach(interface, aya::programs::XdpMode::Skb)
                 .map(|link| (link, AttachedMode::Generic))
-                .map_err(|source| FilterError::Attach {
-                    interface: interface.to_owned(),
-                    mode: AttachedMode::Generic,
-                    source,
-                })?,
+                .map_err(attach_error)?,
             XdpMode::Auto => match program.attach(interface, aya::programs::XdpMode::Driver) {
                 Ok(link) => (link, AttachedMode::Native),
                 Err(native_error) => {
                     let link = program
                         .attach(interface, aya::programs::XdpMode::Skb)
-                        .map_err(|source| FilterError::Attach {
-                            interface: interface.to_owned(),
-                            mode: AttachedMode::Generic,
-                            source,
-                        })?;
+                        .map_err(attach_error)?;
                     log::warn!(
                         "interface {interface}: native XDP unavailable ({native_error}); using generic (skb) mode, which runs later in the stack and costs more per packet"
                     );
@@ -320,11 +371,32 @@ impl Filter {
         };
         self.attachments.push(Attachment {
             interface: interface.to_owned(),
+            facts,
             mode: attached,
             link,
             pin: None,
         });
         Ok(attached)
+    }
+
+    /// Asks the kernel again about every attached interface (a MAC or offload setting may have
+    /// changed since); returns those whose facts changed.
+    pub fn refresh_facts(&mut self) -> Vec<&Attachment> {
+        let mut changed = Vec::new();
+        for (index, attachment) in self.attachments.iter_mut().enumerate() {
+            match Interface::lookup(&attachment.interface) {
+                Ok(facts) if facts != attachment.facts => {
+                    attachment.facts = facts;
+                    changed.push(index);
+                }
+                Ok(_) => {}
+                Err(error) => log::warn!("{error}"),
+            }
+        }
+        changed
+            .into_iter()
+            .map(|index| &self.attachments[index])
+            .collect()
     }
 
     /// Detaches from `interface`.
@@ -336,7 +408,7 @@ impl Filter {
         if let Some(pin) = &attachment.pin {
             remove_pin(pin)?;
         }
-        xdp_program(&mut self.ebpf)?
+        xdp_program(&mut self.ebpf, program_for(attachment.facts.kind))?
             .detach(attachment.link)
             .map_err(|source| FilterError::Detach {
                 interface: interface.to_owned(),
@@ -360,7 +432,25 @@ impl Filter {
             .position(|attachment| attachment.interface == interface)
     }
 
-    /// Runs the program once on `frame` through `BPF_PROG_TEST_RUN`; returns the XDP action.
+    /// How many instructions the verifier went through for each program: the measure of how
+    /// close the parser is to the kernel's limit of a million.
+    pub fn verified_instructions(&mut self) -> Result<Vec<(&'static str, u32)>, FilterError> {
+        [PROGRAM_NAME, PROGRAM_NAME_L3]
+            .into_iter()
+            .map(|name| {
+                let info = xdp_program(&mut self.ebpf, name)?
+                    .info()
+                    .map_err(|source| FilterError::Verifier {
+                        program: name,
+                        source,
+                    })?;
+                Ok((name, info.verified_instruction_count().unwrap_or(0)))
+            })
+            .collect()
+    }
+
+    /// Runs the Ethernet program once on `frame` through `BPF_PROG_TEST_RUN`; returns the
+    /// XDP action.
     pub fn test_run(&mut self, frame: &[u8]) -> Result<u32, FilterError> {
         self.test_run_output(frame).map(|(verdict, _)| verdict)
     }
@@ -372,7 +462,7 @@ impl Filter {
         frame: &[u8],
         repeat: u32,
     ) -> Result<std::time::Duration, FilterError> {
-        let program = xdp_program(&mut self.ebpf)?;
+        let program = xdp_program(&mut self.ebpf, PROGRAM_NAME)?;
         let mut options = TestRunOptions::new();
         options.data_in = Some(frame);
         options.repeat = repeat;
@@ -385,15 +475,28 @@ impl Filter {
     /// Statistics of the loaded program (run count and time, when
     /// `kernel.bpf_stats_enabled` is on).
     pub fn program_info(&mut self) -> Result<aya::programs::ProgramInfo, FilterError> {
-        xdp_program(&mut self.ebpf)?
+        xdp_program(&mut self.ebpf, PROGRAM_NAME)?
             .info()
-            .map_err(FilterError::Verifier)
+            .map_err(|source| FilterError::Verifier {
+                program: PROGRAM_NAME,
+                source,
+            })
     }
 
     /// Runs the program once on `frame`; returns its verdict and the frame as the program
     /// left it (rewritten, for a reply sent with `XDP_TX`).
     pub fn test_run_output(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>), FilterError> {
-        let program = xdp_program(&mut self.ebpf)?;
+        self.test_run_on(LinkKind::Ethernet, frame)
+    }
+
+    /// Runs the program for interfaces of `kind` once on `frame` (arriving on `lo`); returns
+    /// its verdict and the frame as the program left it.
+    pub fn test_run_on(
+        &mut self,
+        kind: LinkKind,
+        frame: &[u8],
+    ) -> Result<(u32, Vec<u8>), FilterError> {
+        let program = xdp_program(&mut self.ebpf, program_for(kind))?;
         let mut out = vec![0u8; frame.len() + 256];
         let mut options = TestRunOptions::new();
         options.data_in = Some(frame);
@@ -404,19 +507,40 @@ impl Filter {
     }
 }
 
-fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, FilterError> {
-    ebpf.program_mut(PROGRAM_NAME)
-        .ok_or(FilterError::MissingProgram)?
+fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, FilterError> {
+    ebpf.program_mut(name)
+        .ok_or(FilterError::MissingProgram(name))?
         .try_into()
-        .map_err(|_| FilterError::MissingProgram)
+        .map_err(|_| FilterError::MissingProgram(name))
 }
 
-fn interface_exists(interface: &str) -> bool {
-    let Ok(name) = std::ffi::CString::new(interface) else {
-        return false;
-    };
-    // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
-    unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
+/// The entry point for interfaces of `kind`.
+fn program_for(kind: LinkKind) -> &'static str {
+    match kind {
+        LinkKind::Ethernet => PROGRAM_NAME,
+        LinkKind::Layer3 => PROGRAM_NAME_L3,
+    }
+}
+
+/// Stamps fresh pinned maps with this build's layout, or checks that adopted ones carry it.
+fn stamp(ebpf: &mut Ebpf, maps_dir: Option<&Path>, adopting: bool) -> Result<(), FilterError> {
+    let name = map_name::LAYOUT;
+    let map_error = |source| MapsError::Map { name, source };
+    let mut layout: Array<&mut MapData, u64> = ebpf
+        .map_mut(name)
+        .ok_or(MapsError::Missing(name))?
+        .try_into()
+        .map_err(map_error)?;
+    let found = layout.get(&0, 0).map_err(map_error)?;
+    match (maps_dir, adopting) {
+        (Some(dir), true) if found != LAYOUT_STAMP => Err(FilterError::WrongStamp {
+            dir: dir.to_owned(),
+            found,
+            expected: LAYOUT_STAMP,
+        }),
+        (_, true) => Ok(()),
+        (_, false) => Ok(layout.set(0, LAYOUT_STAMP, 0).map_err(map_error)?),
+    }
 }
 
 /// Removes a link's pin; one already gone is fine.
@@ -431,46 +555,26 @@ fn remove_pin(path: &Path) -> Result<(), FilterError> {
     }
 }
 
-/// Refuses a pinned map whose layout is not the one this program declares (a pin left by
-/// another version): reusing it would make the program misread every entry.
+/// Refuses a pinned map whose layout is not the one this program declares: reusing it would
+/// make the program misread every entry.
 fn check_layout(name: &'static str, path: &Path) -> Result<(), FilterError> {
     let info = MapInfo::from_pin(path).map_err(|source| MapsError::Map { name, source })?;
-    let (expected_key, expected_value, expected_entries) = layout(name);
+    let expected = MAP_LAYOUTS
+        .iter()
+        .find(|layout| layout.name == name)
+        .ok_or(MapsError::Missing(name))?;
     if (info.key_size(), info.value_size(), info.max_entries())
-        != (expected_key, expected_value, expected_entries)
+        != (expected.key_size, expected.value_size, expected.max_entries)
     {
         return Err(FilterError::IncompatiblePin {
             path: path.to_owned(),
             key: info.key_size(),
             value: info.value_size(),
             entries: info.max_entries(),
-            expected_key,
-            expected_value,
-            expected_entries,
+            expected_key: expected.key_size,
+            expected_value: expected.value_size,
+            expected_entries: expected.max_entries,
         });
     }
     Ok(())
-}
-
-/// Key size, value size and capacity of each map, as the program declares it.
-fn layout(name: &str) -> (u32, u32, u32) {
-    const fn size<T>() -> u32 {
-        size_of::<T>() as u32
-    }
-    match name {
-        map_name::ACTIVE_SLOT => (4, 4, 1),
-        map_name::SLOT_CONFIG => (4, size::<SlotConfig>(), SLOTS),
-        map_name::V4_SLOT0 | map_name::V4_SLOT1 => {
-            (4 + 4, size::<RuleValue>(), MAX_PREFIXES_PER_FAMILY)
-        }
-        map_name::V6_SLOT0 | map_name::V6_SLOT1 => {
-            (4 + 16, size::<RuleValue>(), MAX_PREFIXES_PER_FAMILY)
-        }
-        map_name::V4_GUARD => (4, size::<[u32; V4_GUARD_WORDS]>(), SLOTS),
-        map_name::V4_COARSE => (4, size::<[u32; V4_COARSE_WORDS]>(), SLOTS),
-        map_name::RECORD_BUDGET => (4, size::<RecordBudget>(), 1),
-        map_name::PREFIX_HITS => (4, 8, MAX_PREFIX_COUNTERS),
-        map_name::GLOBAL => (4, 8, counter::COUNT),
-        _ => (4, size::<Offender>(), MAX_OFFENDERS),
-    }
 }

@@ -19,12 +19,13 @@ use std::{
 };
 
 use aya::maps::{
-    Array, IterableMap as _, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
+    Array, HashMap as KernelHashMap, IterableMap as _, LpmTrie, Map, MapData, MapError,
+    PerCpuArray, PerCpuHashMap, PerCpuValues,
 };
 use ipnet::IpNet;
 use smtpguard_common::{
-    Offender, RuleValue, SLOTS, SlotConfig, V4_COARSE_WORDS, V4_GUARD_WORDS, action, counter,
-    map_name, mode,
+    IfaceInfo, Offender, RuleValue, SLOTS, SlotConfig, V4_COARSE_WORDS, V4_GUARD_WORDS, action,
+    counter, map_name, mode,
 };
 
 use crate::{
@@ -120,6 +121,7 @@ pub struct PolicyMaps {
     offenders: Array<MapData, Offender>,
     v4_guard: Array<MapData, V4Guard>,
     v4_coarse: Array<MapData, V4Coarse>,
+    ifaces: KernelHashMap<MapData, u32, IfaceInfo>,
     /// The entries each slot holds, as written by this process.
     slots: [BTreeMap<IpNet, RuleValue>; 2],
     active_slot: u32,
@@ -150,6 +152,7 @@ impl PolicyMaps {
             offenders: typed(map_name::OFFENDERS, take(map_name::OFFENDERS)?)?,
             v4_guard: typed(map_name::V4_GUARD, take(map_name::V4_GUARD)?)?,
             v4_coarse: typed(map_name::V4_COARSE, take(map_name::V4_COARSE)?)?,
+            ifaces: typed(map_name::IFACES, take(map_name::IFACES)?)?,
             slots: [BTreeMap::new(), BTreeMap::new()],
             active_slot: 0,
             counter_ids: HashMap::new(),
@@ -234,8 +237,70 @@ impl PolicyMaps {
             .map(|((net, list), id)| (net, *list, *id))
     }
 
-    /// Makes `policy` the one in force, atomically.
+    /// Tells the program about an interface it runs on (what a reset sent out of it needs).
+    pub fn set_interface(&mut self, index: u32, info: IfaceInfo) -> Result<(), ApplyError> {
+        self.ifaces
+            .insert(index, info, 0)
+            .map_err(|source| ApplyError::Write {
+                map: map_name::IFACES,
+                what: format!("interface {index}"),
+                source,
+            })
+    }
+
+    /// Forgets an interface the program no longer runs on.
+    pub fn remove_interface(&mut self, index: u32) {
+        if let Err(error) = self.ifaces.remove(&index)
+            && !matches!(&error, MapError::KeyNotFound)
+        {
+            log::warn!(
+                "cannot remove interface {index} from {}: {error}",
+                map_name::IFACES
+            );
+        }
+    }
+
+    /// Forgets every interface but `indices` (left by an earlier daemon, or detached).
+    pub fn retain_interfaces(&mut self, indices: &[u32]) {
+        let stale: Vec<u32> = self
+            .ifaces
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|index| !indices.contains(index))
+            .collect();
+        for index in stale {
+            self.remove_interface(index);
+        }
+    }
+
+    /// Gives the prefixes of an earlier policy their counter ids back (an upgrade, whose new
+    /// maps start empty, carries the counts over under the same ids).
+    pub fn seed_counter_ids(&mut self, ids: impl IntoIterator<Item = (IpNet, List, u32)>) {
+        for (net, list, id) in ids {
+            self.counter_ids.insert((net, list), id);
+            self.next_counter_id = self.next_counter_id.max(id.wrapping_add(1).max(1));
+        }
+    }
+
+    /// Puts the boot policy in force: `policy`'s ports and mode, no prefixes, every guarded
+    /// SYN stopped, until the real policy is built. Its generation is 0: it is not a policy
+    /// a later daemon should take for one it applied.
+    pub fn apply_closed(&mut self, policy: &Policy) -> Result<ApplyReport, ApplyError> {
+        let closed = Policy {
+            ports: policy.ports.clone(),
+            mode: policy.mode,
+            unlisted_action: crate::source::config::Action::Drop,
+            entries: BTreeMap::new(),
+        };
+        self.install(&closed, 0)
+    }
+
+    /// Makes `policy` the one in force, atomically, as the next generation.
     pub fn apply(&mut self, policy: &Policy) -> Result<ApplyReport, ApplyError> {
+        self.install(policy, self.generation.wrapping_add(1).max(1))
+    }
+
+    fn install(&mut self, policy: &Policy, generation: u32) -> Result<ApplyReport, ApplyError> {
         let started = Instant::now();
         if let Some(elapsed) = self.last_flip.map(|flip| flip.elapsed())
             && elapsed < FLIP_GRACE
@@ -261,7 +326,6 @@ impl PolicyMaps {
             })
             .collect();
 
-        let generation = self.generation.wrapping_add(1);
         // Nothing reaches the active slot unless all of it is written.
         let written = self.stage_and_flip(standby, &target, policy, generation)?;
         self.last_flip = Some(Instant::now());
@@ -479,6 +543,101 @@ impl PolicyMaps {
         })
     }
 
+    /// Adds `values` (by index) to the global counters, on the first CPU; returns how many
+    /// indices this layout has room for.
+    pub fn add_global(&mut self, values: &[u64]) -> Result<usize, ApplyError> {
+        let cpus = possible_cpus()?;
+        let mut added = 0;
+        for (index, value) in values.iter().enumerate().take(counter::COUNT as usize) {
+            let index = index as u32;
+            let mut now = self
+                .global
+                .get(&index, 0)
+                .map_err(|source| ApplyError::Read {
+                    map: map_name::GLOBAL,
+                    source,
+                })?;
+            let mut sums: Vec<u64> = now.iter().copied().collect();
+            sums.resize(cpus, 0);
+            sums[0] += value;
+            now = PerCpuValues::try_from(sums)
+                .map_err(|source| ApplyError::Cpus(source.to_string()))?;
+            self.global
+                .set(index, now, 0)
+                .map_err(|source| ApplyError::Write {
+                    map: map_name::GLOBAL,
+                    what: format!("counter {index}"),
+                    source,
+                })?;
+            added += 1;
+        }
+        Ok(added)
+    }
+
+    /// Adds `hits` (by counter id) to the per-prefix counters of the prefixes in force;
+    /// returns how many were added.
+    pub fn add_prefix_hits(&mut self, hits: &HashMap<u32, u64>) -> Result<usize, ApplyError> {
+        let cpus = possible_cpus()?;
+        let live: std::collections::HashSet<u32> = self.counter_ids.values().copied().collect();
+        let mut added = 0;
+        for (&id, &count) in hits.iter().filter(|(id, _)| live.contains(id)) {
+            let mut values = match self.prefix_hits.get(&id, 0) {
+                Ok(values) => values.iter().copied().collect(),
+                Err(MapError::KeyNotFound) => Vec::new(),
+                Err(source) => {
+                    return Err(ApplyError::Read {
+                        map: map_name::PREFIX_HITS,
+                        source,
+                    });
+                }
+            };
+            values.resize(cpus, 0);
+            values[0] += count;
+            let values = PerCpuValues::try_from(values)
+                .map_err(|source| ApplyError::Cpus(source.to_string()))?;
+            self.prefix_hits
+                .insert(id, values, 0)
+                .map_err(|source| ApplyError::Write {
+                    map: map_name::PREFIX_HITS,
+                    what: format!("counter {id}"),
+                    source,
+                })?;
+            added += 1;
+        }
+        Ok(added)
+    }
+
+    /// Puts `offenders` into the table of stopped sources, each in the slot its address
+    /// hashes to here, where that slot is free; returns how many found one.
+    pub fn add_offenders(&mut self, offenders: &[Offender]) -> Result<usize, ApplyError> {
+        let slots = self.offenders.len();
+        let mut added = 0;
+        for seen in offenders {
+            let high = u64::from_ne_bytes(seen.addr[..8].try_into().unwrap_or_default());
+            let low = u64::from_ne_bytes(seen.addr[8..].try_into().unwrap_or_default());
+            let index = smtpguard_common::offender_slot(high, low, slots);
+            let resident = self
+                .offenders
+                .get(&index, 0)
+                .map_err(|source| ApplyError::Read {
+                    map: map_name::OFFENDERS,
+                    source,
+                })?;
+            if resident.blocked + resident.would_block != 0 {
+                continue;
+            }
+            self.offenders
+                .set(index, seen, 0)
+                .map_err(|source| ApplyError::Write {
+                    map: map_name::OFFENDERS,
+                    what: format!("slot {index}"),
+                    source,
+                })?;
+            added += 1;
+        }
+        Ok(added)
+    }
+
     /// Reads the counters, summed over CPUs.
     pub fn counters(&self) -> Result<CounterSnapshot, ApplyError> {
         read_counters(&self.global, &self.prefix_hits)
@@ -488,6 +647,11 @@ impl PolicyMaps {
     pub fn offenders(&self) -> Result<Vec<(IpAddr, Offender)>, ApplyError> {
         read_offenders(&self.offenders)
     }
+}
+
+/// How many CPUs a per-CPU map holds a value for.
+fn possible_cpus() -> Result<usize, ApplyError> {
+    aya::util::nr_cpus().map_err(|(_, error)| ApplyError::Cpus(error.to_string()))
 }
 
 /// The bytes of a trie key: the prefix length (host order), then the address.
@@ -518,10 +682,15 @@ pub fn v4_blocks<'a, const WORDS: usize>(
     let shift = 32 - u32::from(block_len);
     for net in nets {
         let IpNet::V4(net) = net else { continue };
-        let first = u32::from(net.network()) >> shift;
-        let count = 1u32 << (u32::from(block_len) - u32::from(net.prefix_len().min(block_len)));
-        for block in first..first + count {
-            bits[(block >> 5) as usize] |= 1 << (block & 31);
+        let first = (u32::from(net.network()) >> shift) as usize;
+        let count = 1usize << (u32::from(block_len) - u32::from(net.prefix_len().min(block_len)));
+        if count >= 32 {
+            // Whole words: a short prefix costs a fill, not a bit per block (a /0 is 2^24 bits).
+            bits[first >> 5..(first + count) >> 5].fill(u32::MAX);
+        } else {
+            for block in first..first + count {
+                bits[block >> 5] |= 1 << (block & 31);
+            }
         }
     }
     bits

@@ -1,6 +1,10 @@
-//! The kernel side: the XDP program ([`filter`]), its maps and the atomic apply of a policy
-//! ([`maps`]), and the batch system calls that make large applies fast ([`batch`]).
+//! The kernel side: the XDP program ([`filter`]) and what it needs to know about the
+//! interfaces it runs on ([`interface`]), its maps and the atomic apply of a policy
+//! ([`maps`]), the batch system calls that make large applies fast ([`batch`]), and the move
+//! of counters from the maps of an older layout when an upgrade brings new ones ([`upgrade`]).
 
 pub mod batch;
 pub mod filter;
+pub mod interface;
 pub mod maps;
+pub mod upgrade;

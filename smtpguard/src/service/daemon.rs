@@ -17,6 +17,8 @@ use tokio::{
     time::Instant as TokioInstant,
 };
 
+use smtpguard_common::LAYOUT_STAMP;
+
 use crate::{
     instance::{Instance, InstanceError, InstanceLock, InterfaceState, PrefixState, RunState},
     kernel::{
@@ -25,11 +27,12 @@ use crate::{
             ApplyError, ApplyReport, CounterMapIds, MapsError, PolicyMaps, open_counters,
             pinned_counter_ids,
         },
+        upgrade,
     },
     policy::{List, Policy},
     service::metrics::{self, MetricsError, SharedTelemetry},
     source::{
-        config::{Config, ConfigError, OnExit, Warning},
+        config::{Action, Config, ConfigError, Mode, OnExit, Warning},
         dns::{Dns, DnsError},
         fetch::{self as sources, FetchError, Fetched},
     },
@@ -66,6 +69,9 @@ pub enum DaemonError {
     },
 }
 
+/// How often the attached interfaces are looked at again (MAC address, VLAN offload).
+const INTERFACE_CHECK: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Runs the daemon for `instance` with the configuration at `config_path` until SIGTERM,
 /// SIGINT or `shutdown` completes; then detaches and removes its pins.
 pub async fn run(
@@ -87,6 +93,8 @@ pub async fn run(
     let mut daemon = Daemon::start(config_path, instance).await?;
     notify(&[NotifyState::Ready, NotifyState::Status(&daemon.status())]);
     tokio::pin!(shutdown);
+    let mut interface_check = tokio::time::interval(INTERFACE_CHECK);
+    interface_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         // With no names to resolve, the refresh branch never fires.
         let refresh_at = daemon.fetched.next_refresh();
@@ -133,6 +141,7 @@ pub async fn run(
                 }
                 notify(&[NotifyState::Ready, NotifyState::Status(&daemon.status())]);
             }
+            _ = interface_check.tick() => daemon.check_interfaces(),
             _ = terminate.recv() => { log::info!("SIGTERM: stopping"); break; }
             _ = interrupt.recv() => { log::info!("SIGINT: stopping"); break; }
             () = &mut shutdown => { log::info!("shutdown requested: stopping"); break; }
@@ -178,44 +187,174 @@ struct Daemon {
     /// The metrics endpoint, while one is configured.
     metrics: Option<(SocketAddr, JoinHandle<()>)>,
     pins: PinsGuard,
+    /// The closed boot policy is in force while the real one is built.
+    boot: bool,
     _lock: InstanceLock,
 }
 
 impl Daemon {
+    /// Starts the instance: takes over a filter left in force (program swapped in place once
+    /// the new policy is in the maps), or, on a host where nothing filters yet (a boot),
+    /// attaches at once with a closed policy so no guarded SYN slips through while names are
+    /// resolved and a large policy is built.
     async fn start(config_path: &Path, instance: &Instance) -> Result<Self, DaemonError> {
         let config = Config::load(config_path)?;
         let dns = Dns::new(&config.dns)?;
-        let (fetched, warnings) = sources::fetch(&config, &dns, &Fetched::default())
-            .await
-            .map_err(Box::new)?;
-        log_warnings(&warnings);
-        let (policy, warnings) = Policy::build(&config, &fetched)?;
-        log_warnings(&warnings);
         let lock = instance.lock()?;
         let pin_dir = instance.prepare_pin_dir()?;
         let pinned_links = instance.pinned_links()?;
         let previous = instance.read_state().ok();
-        let (mut filter, mut maps) = Filter::load(Some(&pin_dir))?;
-        // A start that fails removes what it created, but never a filter a previous daemon
-        // left in force: that one goes on enforcing its policy.
-        let taking_over = maps.recovered() || !pinned_links.is_empty();
-        let mut pins = PinsGuard {
+        let older_layouts = instance.other_layouts(LAYOUT_STAMP)?;
+        let maps_dir = instance.prepare_maps_dir(LAYOUT_STAMP)?;
+        let (filter, maps) = Filter::load(Some(&maps_dir))?;
+        let in_force = !pinned_links.is_empty();
+        // A start that fails removes what it created, but never a filter that is in force:
+        // a previous daemon's, or the closed one this start attached.
+        let pins = PinsGuard {
             instance: instance.clone(),
-            remove: !taking_over,
+            remove: !in_force && !maps.recovered(),
         };
-        if taking_over {
+        let counter_map_ids = pinned_counter_ids(&maps_dir)?;
+        let telemetry = SharedTelemetry::default();
+        let mut daemon = Self {
+            config_path: config_path.to_owned(),
+            config,
+            dns,
+            fetched: Fetched::default(),
+            policy: Policy::default(),
+            instance: instance.clone(),
+            filter,
+            maps,
+            counter_map_ids,
+            telemetry,
+            metrics: None,
+            pins,
+            boot: false,
+            _lock: lock,
+        };
+        if in_force {
             log::info!(
-                "taking over the filter left in {} (policy generation {}, {} pinned links)",
+                "taking over the filter left in {} ({} pinned links, policy generation {}); it stays in force until the new policy is",
                 pin_dir.display(),
-                maps.generation(),
-                pinned_links.len()
+                pinned_links.len(),
+                daemon.maps.generation()
+            );
+        } else {
+            daemon.close_at_boot()?;
+        }
+        if !older_layouts.is_empty() && !daemon.maps.recovered() {
+            // An upgrade: new maps, whose counters start under the ids the old daemon used.
+            if let Some(previous) = &previous {
+                daemon.maps.seed_counter_ids(
+                    previous
+                        .prefixes
+                        .iter()
+                        .map(|prefix| (prefix.prefix, prefix.list, prefix.counter_id)),
+                );
+            }
+            log::info!(
+                "maps of another layout are in force ({}): this build brings its own and swaps its program in once its policy is in them",
+                older_layouts
+                    .iter()
+                    .map(|dir| dir.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
         }
-        let counter_map_ids = pinned_counter_ids(&pin_dir)?;
-        // The new program replaces the old one on each pinned link in one step; the maps,
-        // and so the policy in force, are the same.
-        for (interface, path) in &pinned_links {
-            if !config.interfaces.contains(interface) {
+
+        let (fetched, warnings) = sources::fetch(&daemon.config, &daemon.dns, &Fetched::default())
+            .await
+            .map_err(Box::new)?;
+        log_warnings(&warnings);
+        let (policy, warnings) = Policy::build(&daemon.config, &fetched)?;
+        log_warnings(&warnings);
+        // The policy is in the maps before any program of this build sees a packet.
+        let report = daemon.maps.apply(&policy)?;
+        daemon.fetched = fetched;
+        daemon.policy = policy;
+        daemon.boot = false;
+        let all_swapped = daemon.take_over(&pinned_links)?;
+        if !older_layouts.is_empty() {
+            daemon.retire_layouts(&older_layouts, all_swapped);
+        }
+        for interface in daemon.config.interfaces.clone() {
+            if daemon.filter.attachment(&interface).is_none()
+                && !pinned_links.iter().any(|(pinned, _)| *pinned == interface)
+            {
+                let mode = daemon.filter.attach(&interface, daemon.config.xdp_mode)?;
+                log::info!("attached to {interface} in {mode} mode");
+            }
+        }
+        daemon.sync_interfaces()?;
+        set_link_pins(&mut daemon.filter, instance, daemon.config.on_exit)?;
+        if let Some(address) = daemon.config.metrics_listen {
+            let task = start_metrics(
+                address,
+                &maps_dir,
+                daemon.counter_map_ids,
+                &daemon.telemetry,
+            )
+            .await?;
+            daemon.metrics = Some((address, task));
+        }
+        daemon.pins.remove = daemon.config.on_exit == OnExit::Detach;
+        daemon.write_state(true)?;
+        log::info!("{}: {}", daemon.policy.mode, daemon.describe(&report));
+        Ok(daemon)
+    }
+
+    /// Nothing filters the configured interfaces (a boot, or a first start): attach at once,
+    /// before any name is resolved or list read, with the policy the maps hold if they hold
+    /// one, or else, in enforce mode, a closed one (every guarded SYN dropped: senders retry).
+    /// In audit mode nothing would be stopped anyway, so the filter waits for the policy.
+    fn close_at_boot(&mut self) -> Result<(), DaemonError> {
+        let recovered = self.maps.recovered();
+        // What the state file shows until the policy is built.
+        self.policy = Policy {
+            ports: self.config.ports.iter().map(|(port, _)| *port).collect(),
+            mode: self.config.mode,
+            ..Policy::default()
+        };
+        if !recovered {
+            if self.config.mode != Mode::Enforce {
+                return Ok(());
+            }
+            self.maps.apply_closed(&self.policy)?;
+            self.boot = true;
+        }
+        for interface in self.config.interfaces.clone() {
+            let mode = self.filter.attach(&interface, self.config.xdp_mode)?;
+            log::info!("attached to {interface} in {mode} mode");
+        }
+        self.sync_interfaces()?;
+        set_link_pins(&mut self.filter, &self.instance, self.config.on_exit)?;
+        if self.config.on_exit == OnExit::Keep {
+            // Pinned: a failed start leaves this filter in force.
+            self.pins.remove = false;
+        }
+        let status = if recovered {
+            format!(
+                "enforcing the policy the maps hold (generation {}) while the new one is built",
+                self.maps.generation()
+            )
+        } else {
+            "closed until the policy is built: every guarded SYN is dropped".to_owned()
+        };
+        log::info!("boot: {status}");
+        self.write_state(true)?;
+        notify(&[NotifyState::Status(&status)]);
+        Ok(())
+    }
+
+    /// Swaps this build's program onto every pinned link of a configured interface (the old
+    /// program stays where a swap fails: the interface is never left without a filter), and
+    /// detaches from pinned interfaces no longer configured. Returns whether every swap
+    /// succeeded.
+    fn take_over(&mut self, pinned_links: &[(String, PathBuf)]) -> Result<bool, DaemonError> {
+        let previous = self.instance.read_state().ok();
+        let mut all = true;
+        for (interface, path) in pinned_links {
+            if !self.config.interfaces.contains(interface) {
                 match std::fs::remove_file(path) {
                     Ok(()) => log::info!("detached from {interface}: no longer configured"),
                     Err(error) => log::error!("cannot remove {}: {error}", path.display()),
@@ -226,52 +365,95 @@ impl Daemon {
                 .as_ref()
                 .and_then(|state| state.interfaces.iter().find(|i| &i.name == interface))
                 .map_or(AttachedMode::Native, |state| state.mode);
-            match filter.adopt(interface, mode, path) {
+            match self.filter.adopt(interface, mode, path) {
                 Ok(()) => {
                     log::info!("took over {interface} ({mode} mode): program replaced in place")
                 }
-                Err(error) => {
+                Err(error) if error.link_is_gone() => {
+                    // The interface went away under the link: nothing runs there now.
                     log::warn!("{error}; attaching afresh");
                     let _ = std::fs::remove_file(path);
+                    let mode = self.filter.attach(interface, self.config.xdp_mode)?;
+                    log::info!("attached to {interface} in {mode} mode");
+                }
+                Err(error) => {
+                    all = false;
+                    log::error!(
+                        "{error}; the previous program stays attached to {interface} and keeps enforcing"
+                    );
                 }
             }
         }
-        // The policy is in the maps before a new attachment sees its first packet.
-        let report = maps.apply(&policy)?;
-        for interface in &config.interfaces {
-            if filter.attachment(interface).is_none() {
-                let mode = filter.attach(interface, config.xdp_mode)?;
-                log::info!("attached to {interface} in {mode} mode");
+        Ok(all)
+    }
+
+    /// After an upgrade's program swap: carries the counters of the maps of older layouts
+    /// over, then removes those maps. Kept while any link may still run the old program.
+    fn retire_layouts(&mut self, older: &[PathBuf], all_swapped: bool) {
+        if !all_swapped {
+            log::warn!(
+                "the maps of the previous layout stay while its program runs on some interface"
+            );
+            return;
+        }
+        // A packet that started on the old program before the swap finishes within this.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        for dir in older {
+            let carried = upgrade::carry_over(dir, &mut self.maps);
+            log::info!("upgrade: carried over {carried} from {}", dir.display());
+            if let Err(error) = self.instance.remove_layout(dir) {
+                log::error!("upgrade: {error}");
             }
         }
-        set_link_pins(&mut filter, instance, config.on_exit)?;
-        let telemetry = SharedTelemetry::default();
-        let metrics = match config.metrics_listen {
-            Some(address) => Some((
-                address,
-                start_metrics(address, &pin_dir, counter_map_ids, &telemetry).await?,
-            )),
-            None => None,
-        };
-        pins.remove = config.on_exit == OnExit::Detach;
-        let daemon = Self {
-            config_path: config_path.to_owned(),
-            config,
-            dns,
-            fetched,
-            policy,
-            instance: instance.clone(),
-            filter,
-            maps,
-            counter_map_ids,
-            telemetry,
-            metrics,
-            pins,
-            _lock: lock,
-        };
-        daemon.write_state(true)?;
-        log::info!("{}: {}", daemon.policy.mode, daemon.describe(&report));
-        Ok(daemon)
+    }
+
+    /// Tells the program what every attached interface is (MAC address, link type, whether
+    /// resets may leave it), and forgets interfaces it no longer runs on.
+    fn sync_interfaces(&mut self) -> Result<(), DaemonError> {
+        let mut indices = Vec::new();
+        for attachment in self.filter.attachments() {
+            let facts = &attachment.facts;
+            if let Some(reason) = facts.resets_withheld_because()
+                && self.policy_may_reject()
+            {
+                log::warn!("{reason}");
+            }
+            self.maps.set_interface(facts.index, facts.info())?;
+            indices.push(facts.index);
+        }
+        self.maps.retain_interfaces(&indices);
+        Ok(())
+    }
+
+    /// Asks the kernel again about the attached interfaces: a changed MAC address or VLAN
+    /// offload setting changes what a reset may do, and is passed on to the program.
+    fn check_interfaces(&mut self) {
+        let changed: Vec<String> = self
+            .filter
+            .refresh_facts()
+            .iter()
+            .map(|attachment| attachment.interface.clone())
+            .collect();
+        if changed.is_empty() {
+            return;
+        }
+        log::info!("interface settings changed: {}", changed.join(", "));
+        if let Err(error) = self.sync_interfaces() {
+            log::error!("{error}");
+        }
+        if let Err(error) = self.write_state(true) {
+            log::error!("{error}");
+        }
+    }
+
+    /// Whether the configuration asks for resets anywhere.
+    fn policy_may_reject(&self) -> bool {
+        self.config.action == Action::Reject
+            || self
+                .config
+                .deny
+                .iter()
+                .any(|rule| rule.action == Some(Action::Reject))
     }
 
     /// Asks DNS again about the names that are due; applies the policy if an answer changed.
@@ -300,7 +482,12 @@ impl Daemon {
             Ok((policy, report)) => {
                 self.policy = policy;
                 self.fetched = fetched;
-                self.write_state(true)?;
+                if let Err(error) = self.write_state(true) {
+                    log::error!(
+                        "generation {} is in force, but the state file could not be written: {error}",
+                        report.generation
+                    );
+                }
                 Ok(Some(report))
             }
             Err(error) => {
@@ -367,7 +554,7 @@ impl Daemon {
                     address,
                     start_metrics(
                         address,
-                        &self.instance.pin_dir(),
+                        &self.instance.maps_dir(LAYOUT_STAMP),
                         self.counter_map_ids,
                         &self.telemetry,
                     )
@@ -432,8 +619,17 @@ impl Daemon {
         if let Some(dns) = dns {
             self.dns = dns;
         }
+        if let Err(error) = self.sync_interfaces() {
+            log::error!("{error}");
+        }
         let written = std::time::Instant::now();
-        self.write_state(true)?;
+        // The new policy is in force whatever happens to the record of it.
+        if let Err(error) = self.write_state(true) {
+            log::error!(
+                "generation {} is in force, but the state file could not be written: {error}",
+                report.generation
+            );
+        }
         log::info!(
             "state recorded in {:.0} ms; reload done {:.0} ms after the signal",
             written.elapsed().as_secs_f64() * 1e3,
@@ -541,6 +737,8 @@ impl Daemon {
                 .map(|attachment| InterfaceState {
                     name: attachment.interface.clone(),
                     mode: attachment.mode,
+                    kind: attachment.facts.kind,
+                    resets_withheld: !attachment.facts.resets_allowed(),
                 })
                 .collect(),
             ports: self.policy.ports.iter().copied().collect(),
@@ -548,6 +746,8 @@ impl Daemon {
             action: self.policy.unlisted_action,
             prefixes,
             counter_map_ids: self.counter_map_ids,
+            boot: self.boot,
+            layout: LAYOUT_STAMP,
         };
         self.instance.write_state(&state)?;
         self.publish(state);

@@ -226,6 +226,21 @@ impl prometheus_client::collector::Collector for Exporter {
                 "Stopped SYNs left out of the table of stopped sources: a flood beyond the per-CPU budget is sampled.",
                 counter::UNRECORDED,
             ),
+            (
+                "smtpguard_opaque_dropped",
+                "Frames dropped because the parser could not read them far enough to rule out a guarded SYN (too many VLAN tags, extension headers or tunnel levels, an inner header cut off).",
+                counter::OPAQUE_DROPPED,
+            ),
+            (
+                "smtpguard_resets_withheld",
+                "Stopped SYNs dropped instead of answered with a reset (not addressed to this host, FIN or RST in the SYN, tunnelled, VLAN tags stripped by the NIC).",
+                counter::RESET_WITHHELD,
+            ),
+            (
+                "smtpguard_tunnelled",
+                "Guarded SYNs found inside a tunnel (IPIP, 6in4, GRE, IPv6-in-IPv6) or behind PPPoE or MPLS, decided by their inner source.",
+                counter::TUNNELLED,
+            ),
         ] {
             counter_family(&mut encoder, name, help, &[(none(), global(index))])?;
         }

@@ -16,6 +16,9 @@ pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
 
+/// The interface test runs arrive on: `lo`.
+pub const LO: u32 = 1;
+
 /// The loaded program and its maps.
 pub struct Kernel {
     pub filter: Filter,
@@ -23,13 +26,33 @@ pub struct Kernel {
 }
 
 impl Kernel {
-    /// Loads the program and applies the policy written in `toml`.
+    /// Loads the program and applies the policy written in `toml`. Test runs arrive on `lo`
+    /// (index 1), which the program is told about as the daemon tells it about an interface
+    /// it attaches to: MAC address [`crate::frames::DST_MAC`], resets allowed.
     pub fn with_policy(toml: &str) -> Self {
         let (filter, maps) = Filter::load(None)
             .unwrap_or_else(|error| panic!("loading the program failed: {error}"));
         let mut kernel = Self { filter, maps };
+        kernel.set_lo(crate::frames::DST_MAC, smtpguard_common::iface::REPLIES);
         kernel.apply(toml);
         kernel
+    }
+
+    /// What the program believes about `lo`, where test runs arrive.
+    pub fn set_lo(&mut self, mac: [u8; 6], flags: u32) {
+        let info = smtpguard_common::IfaceInfo {
+            mac,
+            flags,
+            ..Default::default()
+        };
+        self.maps
+            .set_interface(LO, info)
+            .unwrap_or_else(|error| panic!("writing the interface entry failed: {error}"));
+    }
+
+    /// Forgets `lo`: as for a frame from an interface the daemon never attached to.
+    pub fn forget_lo(&mut self) {
+        self.maps.remove_interface(LO);
     }
 
     pub fn apply(&mut self, toml: &str) -> ApplyReport {
@@ -54,6 +77,14 @@ impl Kernel {
     pub fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
         self.filter
             .test_run_output(frame)
+            .unwrap_or_else(|error| panic!("test run failed: {error}"))
+    }
+
+    /// The layer-3 program's verdict on `packet` (an IP packet, no Ethernet header), and the
+    /// packet as the program left it.
+    pub fn run_l3(&mut self, packet: &[u8]) -> (u32, Vec<u8>) {
+        self.filter
+            .test_run_on(smtpguard::kernel::interface::LinkKind::Layer3, packet)
             .unwrap_or_else(|error| panic!("test run failed: {error}"))
     }
 

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod corpus;
 pub mod daemon;
 pub mod dns;
+pub mod encap;
 pub mod frames;
 pub mod fuzz;
 pub mod kernel;

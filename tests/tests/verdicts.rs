@@ -220,14 +220,6 @@ fn reject_answers_with_a_reset_over_ipv4_ipv6_and_vlans() {
             101,
         ),
         (
-            "IPv4 SYN+FIN",
-            vec![],
-            syn4(&[], UNLISTED4, &[], &[], SYN | FIN),
-            src4,
-            dst4,
-            2,
-        ),
-        (
             "plain IPv6",
             vec![],
             syn6(&[], UNLISTED6, &[], &[]),

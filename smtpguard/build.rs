@@ -16,10 +16,18 @@ fn main() -> anyhow::Result<()> {
         .manifest_path
         .parent()
         .ok_or_else(|| anyhow!("{} has no parent directory", ebpf.manifest_path))?;
+    // The test-only upgrade build gives the program the other map layout too.
+    println!("cargo:rerun-if-env-changed=CARGO_FEATURE_UPGRADE_TEST");
+    let features: &[&str] = if std::env::var_os("CARGO_FEATURE_UPGRADE_TEST").is_some() {
+        &["layout-bump"]
+    } else {
+        &[]
+    };
     aya_build::build_ebpf(
         [Package {
             name: ebpf.name.as_str(),
             root_dir: root_dir.as_str(),
+            features,
             ..Default::default()
         }],
         Toolchain::default(),

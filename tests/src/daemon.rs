@@ -34,6 +34,22 @@ pub fn binary() -> PathBuf {
     path
 }
 
+/// A build of the daemon whose map layout differs from [`binary`]'s and that fails its link
+/// swaps on request (`SMTPGUARD_FAIL_LINK_UPDATE=1`): `$SMTPGUARD_UPGRADE_BIN`, or what
+/// `cargo xtask test` builds into `target/upgrade-test/smtpguard`.
+pub fn upgrade_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("SMTPGUARD_UPGRADE_BIN") {
+        return PathBuf::from(path);
+    }
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/upgrade-test/smtpguard");
+    assert!(
+        path.exists(),
+        "{} is missing: `cargo xtask test` builds it (cargo build --release -p smtpguard --features upgrade-test, copied there), or set SMTPGUARD_UPGRADE_BIN",
+        path.display()
+    );
+    path
+}
+
 /// How the daemon enters the test namespace.
 #[derive(Clone, Copy, Debug)]
 pub enum Launcher {
@@ -92,6 +108,8 @@ impl Launcher {
 /// A running daemon; stopped with SIGTERM on drop.
 pub struct Daemon {
     child: Option<Child>,
+    /// The build that runs: [`binary`] unless switched for an upgrade.
+    program: PathBuf,
     /// Extra environment for the daemon process (e.g. `NOTIFY_SOCKET`).
     env: Vec<(String, String)>,
     pub instance: String,
@@ -128,6 +146,7 @@ impl Daemon {
         std::fs::write(&config_path, config).expect("write config");
         Self {
             child: None,
+            program: binary(),
             env: env
                 .iter()
                 .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
@@ -160,7 +179,7 @@ impl Daemon {
             .expect("log file");
         let mut command = launcher.command(netns);
         let child = command
-            .arg(binary())
+            .arg(&self.program)
             .args(["--instance", &self.instance, "run", "--config"])
             .arg(&self.config_path)
             .envs(self.env.iter().map(|(key, value)| (key, value)))
@@ -195,6 +214,34 @@ impl Daemon {
                 "the restarted daemon wrote no state:\n{}",
                 self.log()
             );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The next (re)start runs `program` with `env` added: an upgrade, or a fault injected.
+    pub fn switch_binary(&mut self, program: PathBuf, env: &[(&str, &str)]) {
+        self.program = program;
+        self.env = env
+            .iter()
+            .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
+            .collect();
+    }
+
+    /// Starts the (stopped) daemon and waits until it exits, as a start that must fail does;
+    /// returns its exit status.
+    pub fn start_expecting_exit(&mut self, netns: &Netns, timeout: Duration) -> ExitStatus {
+        assert!(self.child.is_none(), "needs a stopped daemon");
+        self.spawn(netns, Launcher::Nsenter);
+        let mut child = self.child.take().expect("spawned");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("smtpguard did not exit within {timeout:?}:\n{}", self.log());
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -296,7 +343,7 @@ impl Daemon {
 
     /// Runs `smtpguard ARGS` for this instance from the host; panics unless it succeeds.
     pub fn cli(&self, args: &[&str]) -> String {
-        let output = Command::new(binary())
+        let output = Command::new(&self.program)
             .args(["--instance", &self.instance])
             .args(args)
             .output()
@@ -318,7 +365,7 @@ impl Daemon {
 
     /// Runs `smtpguard stats --json` for this instance, from the host.
     pub fn stats(&self) -> serde_json::Value {
-        self.stats_from(&mut Command::new(binary()))
+        self.stats_from(&mut Command::new(&self.program))
     }
 
     /// Runs `smtpguard stats --json` for this instance with `command` (the binary, perhaps
@@ -375,7 +422,7 @@ impl Drop for Daemon {
             let _ = child.wait();
         }
         // With on_exit = "keep" the filter outlives the daemon: remove it, and its pins.
-        let _ = Command::new(binary())
+        let _ = Command::new(&self.program)
             .args(["--instance", &self.instance, "detach"])
             .output();
         let _ = std::fs::remove_dir_all(&self.dir);

@@ -240,6 +240,13 @@ impl Filter {
             source,
         };
         let facts = Interface::lookup(interface)?;
+        #[cfg(feature = "upgrade-test")]
+        if std::env::var_os("SMTPGUARD_FAIL_LINK_UPDATE").is_some() {
+            return Err(adopt_error(
+                "link update failed on purpose (SMTPGUARD_FAIL_LINK_UPDATE, upgrade-test build)"
+                    .into(),
+            ));
+        }
         let pinned = PinnedLink::from_pin(path).map_err(|error| adopt_error(Box::new(error)))?;
         let link = XdpLink::try_from(FdLink::from(pinned))
             .map_err(|error: LinkError| adopt_error(Box::new(error)))?;

@@ -282,6 +282,12 @@ impl PolicyMaps {
         }
     }
 
+    /// Continues the generation count of an earlier daemon's maps (an upgrade's new maps
+    /// start from zero): the next apply is `generation + 1`.
+    pub fn seed_generation(&mut self, generation: u32) {
+        self.generation = self.generation.max(generation);
+    }
+
     /// Puts the boot policy in force: `policy`'s ports and mode, no prefixes, every guarded
     /// SYN stopped, until the real policy is built. Its generation is 0: it is not a policy
     /// a later daemon should take for one it applied.

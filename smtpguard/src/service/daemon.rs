@@ -61,6 +61,11 @@ pub enum DaemonError {
         signal: &'static str,
         source: std::io::Error,
     },
+    #[error(
+        "upgrade incomplete: the previous program, with the previous build's maps and policy, stays on {}; this build's policy is not in force there, so it stops; the previous filter keeps enforcing",
+        interfaces.join(", ")
+    )]
+    UpgradeIncomplete { interfaces: Vec<String> },
     #[error("{what} changed from {from} to {to}: restart smtpguard to change it")]
     NeedsRestart {
         what: &'static str,
@@ -245,6 +250,7 @@ impl Daemon {
         if !older_layouts.is_empty() && !daemon.maps.recovered() {
             // An upgrade: new maps, whose counters start under the ids the old daemon used.
             if let Some(previous) = &previous {
+                daemon.maps.seed_generation(previous.generation);
                 daemon.maps.seed_counter_ids(
                     previous
                         .prefixes
@@ -273,9 +279,14 @@ impl Daemon {
         daemon.fetched = fetched;
         daemon.policy = policy;
         daemon.boot = false;
-        let all_swapped = daemon.take_over(&pinned_links)?;
+        let kept = daemon.take_over(&pinned_links)?;
         if !older_layouts.is_empty() {
-            daemon.retire_layouts(&older_layouts, all_swapped);
+            // The old program reads the old maps: where it stays, this daemon's policy is not
+            // in force, and running on would pretend it is.
+            if !kept.is_empty() {
+                return Err(DaemonError::UpgradeIncomplete { interfaces: kept });
+            }
+            daemon.retire_layouts(&older_layouts);
         }
         for interface in daemon.config.interfaces.clone() {
             if daemon.filter.attachment(&interface).is_none()
@@ -348,11 +359,14 @@ impl Daemon {
 
     /// Swaps this build's program onto every pinned link of a configured interface (the old
     /// program stays where a swap fails: the interface is never left without a filter), and
-    /// detaches from pinned interfaces no longer configured. Returns whether every swap
-    /// succeeded.
-    fn take_over(&mut self, pinned_links: &[(String, PathBuf)]) -> Result<bool, DaemonError> {
+    /// detaches from pinned interfaces no longer configured. Returns the interfaces where the
+    /// old program stays.
+    fn take_over(
+        &mut self,
+        pinned_links: &[(String, PathBuf)],
+    ) -> Result<Vec<String>, DaemonError> {
         let previous = self.instance.read_state().ok();
-        let mut all = true;
+        let mut kept = Vec::new();
         for (interface, path) in pinned_links {
             if !self.config.interfaces.contains(interface) {
                 match std::fs::remove_file(path) {
@@ -377,25 +391,19 @@ impl Daemon {
                     log::info!("attached to {interface} in {mode} mode");
                 }
                 Err(error) => {
-                    all = false;
+                    kept.push(interface.clone());
                     log::error!(
                         "{error}; the previous program stays attached to {interface} and keeps enforcing"
                     );
                 }
             }
         }
-        Ok(all)
+        Ok(kept)
     }
 
     /// After an upgrade's program swap: carries the counters of the maps of older layouts
     /// over, then removes those maps. Kept while any link may still run the old program.
-    fn retire_layouts(&mut self, older: &[PathBuf], all_swapped: bool) {
-        if !all_swapped {
-            log::warn!(
-                "the maps of the previous layout stay while its program runs on some interface"
-            );
-            return;
-        }
+    fn retire_layouts(&mut self, older: &[PathBuf]) {
         // A packet that started on the old program before the swap finishes within this.
         std::thread::sleep(std::time::Duration::from_millis(20));
         for dir in older {

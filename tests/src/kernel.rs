@@ -16,6 +16,15 @@ pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
 
+/// `SG_IFACES` flags (`smtpguard_common::IfaceInfo`, once it lands): the interface carries no
+/// Ethernet header, and the interface may send replies.
+pub const IFACE_LAYER3: u32 = 1;
+pub const IFACE_REPLIES: u32 = 2;
+/// Test runs come in on the loopback device of the caller's namespace.
+pub const LO_IFINDEX: u32 = 1;
+/// Name of the map the program reads an interface's MAC and flags from.
+pub const IFACES_MAP: &str = "SG_IFACES";
+
 /// The loaded program and its maps.
 pub struct Kernel {
     pub filter: Filter,
@@ -55,6 +64,52 @@ impl Kernel {
         self.filter
             .test_run_output(frame)
             .unwrap_or_else(|error| panic!("test run failed: {error}"))
+    }
+
+    /// Writes the `SG_IFACES` entry of `ifindex` (for test runs: `lo`, [`LO_IFINDEX`]), which
+    /// the daemon writes at attach: the MAC a reset is sent from and [`IFACE_REPLIES`] /
+    /// [`IFACE_LAYER3`]. The value is laid out as `IfaceInfo { mac: [u8; 6], _pad: [u8; 2],
+    /// flags: u32 }`. Says why not where the program has no such map (it predates the reset
+    /// contract) or the map's layout is another.
+    pub fn set_iface(&mut self, ifindex: u32, mac: [u8; 6], flags: u32) -> Result<(), String> {
+        use aya::maps::{Array, HashMap, Map, MapData, MapInfo};
+        let info = self
+            .filter
+            .program_info()
+            .map_err(|error| format!("program info: {error}"))?;
+        let ids = info
+            .map_ids()
+            .map_err(|error| format!("the program's maps: {error}"))?
+            .unwrap_or_default();
+        for id in ids {
+            let map = MapInfo::from_id(id).map_err(|error| format!("map {id}: {error}"))?;
+            if map.name_as_str() != Some(IFACES_MAP) {
+                continue;
+            }
+            if (map.key_size(), map.value_size()) != (4, 12) {
+                return Err(format!(
+                    "{IFACES_MAP} has {}-byte keys and {}-byte values, not 4 and 12",
+                    map.key_size(),
+                    map.value_size()
+                ));
+            }
+            let mut value = [0u8; 12];
+            value[..6].copy_from_slice(&mac);
+            value[8..].copy_from_slice(&flags.to_ne_bytes());
+            let data = MapData::from_id(id).map_err(|error| format!("map {id}: {error}"))?;
+            let map = Map::from_map_data(data).map_err(|error| format!("map {id}: {error}"))?;
+            let written = match map {
+                Map::HashMap(_) => HashMap::<MapData, u32, [u8; 12]>::try_from(map)
+                    .and_then(|mut map| map.insert(ifindex, value, 0)),
+                Map::Array(_) => Array::<MapData, [u8; 12]>::try_from(map)
+                    .and_then(|mut map| map.set(ifindex, value, 0)),
+                _ => return Err(format!("{IFACES_MAP} is neither a hash map nor an array")),
+            };
+            return written.map_err(|error| format!("writing {IFACES_MAP}[{ifindex}]: {error}"));
+        }
+        Err(format!(
+            "the program has no {IFACES_MAP} map (it predates the reset contract)"
+        ))
     }
 
     /// What the table of stopped sources holds.

@@ -1,0 +1,1 @@
+//! The kernel oracle (in progress).

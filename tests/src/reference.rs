@@ -209,22 +209,41 @@ fn decide(policy: &Policy, src: IpAddr, port: Option<u16>, reply: Option<Reply>)
 
 /// The RST a reset of `segment` must send, or `None` where no reset may be sent.
 pub fn reply(frame: &[u8], segment: &Segment, iface: &Iface) -> Option<Reply> {
-    let link = outer_link(frame)?;
-    let eligible = segment.outermost
-        && !segment.first_fragment
-        && segment.flags & (TCP_FIN | TCP_RST) == 0
-        && unicast_ip(segment.src)
-        && unicast_ip(segment.dst)
-        && link.dst == iface.mac
-        && link.src[0] & 1 == 0
-        && iface.replies
-        && segment.data_offset >= 20
-        && segment.data_offset <= segment.l4_len
+    reply_or_why(frame, segment, iface).ok()
+}
+
+/// The RST a reset of `segment` must send, or why no reset may be sent.
+pub fn reply_or_why(frame: &[u8], segment: &Segment, iface: &Iface) -> Result<Reply, &'static str> {
+    let link = outer_link(frame).ok_or("no outer link header")?;
+    let checks = [
+        (segment.outermost, "tunnelled or behind PPPoE/MPLS"),
+        (!segment.first_fragment, "a first fragment"),
+        (
+            segment.flags & (TCP_FIN | TCP_RST) == 0,
+            "a SYN with FIN or RST",
+        ),
+        (unicast_ip(segment.src), "from a non-unicast address"),
+        (unicast_ip(segment.dst), "to a non-unicast address"),
+        (link.dst == iface.mac, "not to the interface's MAC"),
+        (link.src[0] & 1 == 0, "from a non-unicast MAC"),
+        (iface.replies, "the interface allows no replies"),
+        (segment.data_offset >= 20, "data offset under 20"),
+        (
+            segment.data_offset <= segment.l4_len,
+            "data offset past the IP length",
+        ),
         // A jumbogram's length is out of the filter's sight.
-        && segment.l4_len <= 0xffff
+        (segment.l4_len <= 0xffff, "a jumbogram"),
         // The reply is written over the SYN: its 20-byte TCP header must be in the frame.
-        && segment.l4 + 20 <= frame.len();
-    eligible.then(|| Reply {
+        (
+            segment.l4 + 20 <= frame.len(),
+            "TCP header cut off by the frame",
+        ),
+    ];
+    if let Some((_, why)) = checks.iter().find(|(ok, _)| !ok) {
+        return Err(why);
+    }
+    Ok(Reply {
         eth_dst: link.src,
         eth_src: iface.mac,
         tags: link.tags,

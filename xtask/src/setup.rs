@@ -19,13 +19,15 @@ use anyhow::{Context as _, bail};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// What the tests, demo and benchmark run beside the daemon: `ip` and `nsenter` for
 /// namespaces, `dnsmasq` as the DNS server the resolver tests query, Prometheus to scrape the
-/// metrics endpoint, `nft` for the benchmark's nftables comparison.
-const DEBIAN_PACKAGES: [&str; 5] = [
+/// metrics endpoint, `nft` for the benchmark's nftables comparison, `ethtool` for the oracle
+/// (it turns VLAN offload off on its veth, as the filter's resets need).
+const DEBIAN_PACKAGES: [&str; 6] = [
     "iproute2",
     "util-linux",
     "dnsmasq-base",
     "prometheus",
     "nftables",
+    "ethtool",
 ];
 
 pub fn run(root: &Path) -> anyhow::Result<()> {

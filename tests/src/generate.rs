@@ -548,16 +548,18 @@ impl Generator {
     /// A VLAN stack: mostly none, sometimes a few, now and then more than the filter follows.
     fn tags(&mut self) -> Vec<(u16, u16)> {
         let count = match self.below(100) {
-            0..70 => 0,
-            70..82 => 1,
-            82..88 => 2,
-            88..97 => 3 + self.below(8),
+            0..66 => 0,
+            66..78 => 1,
+            78..84 => 2,
+            84..96 => 3 + self.below(8),
             _ => 11 + self.below(10),
         };
         (0..count)
             .map(|_| {
-                let tpid = self.pick(&TPIDS);
-                let vid = if self.chance(85) {
+                // 0x9100 less often: Linux strips only the other two, and a stack the kernel
+                // takes is where a bypass would be.
+                let tpid = self.pick(&[TPIDS[0], TPIDS[0], TPIDS[1], TPIDS[1], TPIDS[2]]);
+                let vid = if self.chance(90) {
                     0
                 } else {
                     1 + self.below(4094) as u16

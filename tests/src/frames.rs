@@ -1,6 +1,6 @@
-//! Crafted frames, byte by byte: Ethernet with any VLAN stack, IPv4 with options and
-//! fragments, IPv6 with extension-header chains, TCP with any flags. Checksums are correct
-//! so the same frames can be injected onto a real link.
+//! Crafted frames, byte by byte: Ethernet with any VLAN stack, PPPoE and MPLS, IPv4 with
+//! options and fragments, IPv6 with extension-header chains, tunnels (IP in IP, GRE), TCP with
+//! any flags. Checksums are correct so the same frames can be injected onto a real link.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -9,12 +9,26 @@ pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const ETH_P_ARP: u16 = 0x0806;
 pub const ETH_P_8021Q: u16 = 0x8100;
 pub const ETH_P_8021AD: u16 = 0x88a8;
+/// The pre-standard QinQ TPID some switches still use.
+pub const ETH_P_QINQ: u16 = 0x9100;
+pub const ETH_P_PPPOE_SESSION: u16 = 0x8864;
+pub const ETH_P_MPLS_UC: u16 = 0x8847;
+pub const ETH_P_MPLS_MC: u16 = 0x8848;
+/// Transparent Ethernet bridging: GRE carrying Ethernet frames.
+pub const ETH_P_TEB: u16 = 0x6558;
+/// PPP over GRE version 1 (PPTP).
+pub const ETH_P_PPP_GRE: u16 = 0x880b;
+pub const PPP_IPV4: u16 = 0x0021;
+pub const PPP_IPV6: u16 = 0x0057;
 
 pub const IPPROTO_HOPOPTS: u8 = 0;
+pub const IPPROTO_IPIP: u8 = 4;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_IPV6: u8 = 41;
 pub const IPPROTO_ROUTING: u8 = 43;
 pub const IPPROTO_FRAGMENT: u8 = 44;
+pub const IPPROTO_GRE: u8 = 47;
 pub const IPPROTO_AH: u8 = 51;
 pub const IPPROTO_ICMPV6: u8 = 58;
 pub const IPPROTO_NONE: u8 = 59;
@@ -87,6 +101,20 @@ pub fn tcp(
     data: &[u8],
     pseudo: &Pseudo,
 ) -> Vec<u8> {
+    tcp_seq(sport, dport, 0x1000_0000, flags, options, data, pseudo)
+}
+
+/// As [`tcp`], with the sequence number `seq` (a reply acknowledges it: the oracle matches
+/// answers to the frames they answer by it).
+pub fn tcp_seq(
+    sport: u16,
+    dport: u16,
+    seq: u32,
+    flags: u8,
+    options: &[u8],
+    data: &[u8],
+    pseudo: &Pseudo,
+) -> Vec<u8> {
     let mut options = options.to_vec();
     while !options.len().is_multiple_of(4) {
         options.push(0);
@@ -95,7 +123,7 @@ pub fn tcp(
     let mut segment = Vec::with_capacity(header_len + data.len());
     segment.extend_from_slice(&sport.to_be_bytes());
     segment.extend_from_slice(&dport.to_be_bytes());
-    segment.extend_from_slice(&0x1000_0000u32.to_be_bytes());
+    segment.extend_from_slice(&seq.to_be_bytes());
     let ack = if flags & ACK != 0 { 0x2000_0000u32 } else { 0 };
     segment.extend_from_slice(&ack.to_be_bytes());
     segment.push(((header_len / 4) as u8) << 4);
@@ -116,7 +144,7 @@ pub enum Pseudo {
 }
 
 impl Pseudo {
-    fn checksum(&self, protocol: u8, segment: &[u8]) -> u16 {
+    pub fn checksum(&self, protocol: u8, segment: &[u8]) -> u16 {
         let mut header = Vec::new();
         match self {
             Self::V4(src, dst) => {
@@ -159,6 +187,20 @@ pub fn ipv4(
     frag: u16,
     payload: &[u8],
 ) -> Vec<u8> {
+    ipv4_id(src, dst, protocol, options, frag, 0x1234, payload)
+}
+
+/// As [`ipv4`], with the identification field `id`: fragments of one datagram share it, and
+/// the receiving kernel reassembles by it.
+pub fn ipv4_id(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    protocol: u8,
+    options: &[u8],
+    frag: u16,
+    id: u16,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut options = options.to_vec();
     while !options.len().is_multiple_of(4) {
         options.push(0);
@@ -169,7 +211,7 @@ pub fn ipv4(
     packet.push(0x40 | (header_len / 4) as u8);
     packet.push(0);
     packet.extend_from_slice(&(total as u16).to_be_bytes());
-    packet.extend_from_slice(&0x1234u16.to_be_bytes());
+    packet.extend_from_slice(&id.to_be_bytes());
     packet.extend_from_slice(&frag.to_be_bytes());
     packet.push(64);
     packet.push(protocol);
@@ -229,10 +271,104 @@ pub fn ah_header(next_header: u8, units: u8) -> Vec<u8> {
 
 /// A fragment header: `offset` in 8-byte units, `more` fragments flag.
 pub fn fragment_header(next_header: u8, offset: u16, more: bool) -> Vec<u8> {
+    fragment_header_id(next_header, offset, more, 0xdead_beef)
+}
+
+/// As [`fragment_header`], with the identification `id` the receiver reassembles by.
+pub fn fragment_header_id(next_header: u8, offset: u16, more: bool, id: u32) -> Vec<u8> {
     let mut header = vec![next_header, 0];
     header.extend_from_slice(&((offset << 3) | u16::from(more)).to_be_bytes());
-    header.extend_from_slice(&0xdead_beefu32.to_be_bytes());
+    header.extend_from_slice(&id.to_be_bytes());
     header
+}
+
+/// A routing header of `8 * (units + 1)` bytes with no segments left, which a receiver skips
+/// whatever its type (253: reserved for experiments, so no router acts on it).
+pub fn routing_header(next_header: u8, units: u8) -> Vec<u8> {
+    let mut header = vec![0; 8 * (usize::from(units) + 1)];
+    header[0] = next_header;
+    header[1] = units;
+    header[2] = 253;
+    header
+}
+
+/// A PPPoE session header (RFC 2516) and the PPP protocol field before `payload`.
+pub fn pppoe(ppp_protocol: u16, payload: &[u8]) -> Vec<u8> {
+    let mut frame = vec![0x11, 0x00, 0x12, 0x34];
+    frame.extend_from_slice(&((payload.len() + 2) as u16).to_be_bytes());
+    frame.extend_from_slice(&ppp_protocol.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// An MPLS label stack (bottom-of-stack set on the last of `labels`, or on none when
+/// `bottom` is false) before `payload`.
+pub fn mpls(labels: &[u32], bottom: bool, payload: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(4 * labels.len() + payload.len());
+    for (index, label) in labels.iter().enumerate() {
+        let last = bottom && index + 1 == labels.len();
+        let entry = ((label & 0xf_ffff) << 12) | (u32::from(last) << 8) | 64;
+        frame.extend_from_slice(&entry.to_be_bytes());
+    }
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// Optional GRE version 0 fields (RFC 2890): each present one adds 4 bytes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GreFields {
+    pub checksum: bool,
+    pub key: bool,
+    pub sequence: bool,
+    /// The routing-present bit of RFC 1701, which Linux refuses.
+    pub routing: bool,
+}
+
+/// A GRE version 0 header carrying `protocol` (an ethertype), then `payload`; the checksum,
+/// when present, covers header and payload.
+pub fn gre(fields: GreFields, protocol: u16, payload: &[u8]) -> Vec<u8> {
+    let flags = (u16::from(fields.checksum) << 15)
+        | (u16::from(fields.routing) << 14)
+        | (u16::from(fields.key) << 13)
+        | (u16::from(fields.sequence) << 12);
+    let mut packet = Vec::with_capacity(16 + payload.len());
+    packet.extend_from_slice(&flags.to_be_bytes());
+    packet.extend_from_slice(&protocol.to_be_bytes());
+    if fields.checksum || fields.routing {
+        packet.extend_from_slice(&[0, 0, 0, 0]);
+    }
+    if fields.key {
+        packet.extend_from_slice(&0x0000_2525u32.to_be_bytes());
+    }
+    if fields.sequence {
+        packet.extend_from_slice(&7u32.to_be_bytes());
+    }
+    packet.extend_from_slice(payload);
+    if fields.checksum {
+        let sum = internet_checksum(&packet);
+        packet[4..6].copy_from_slice(&sum.to_be_bytes());
+    }
+    packet
+}
+
+/// An enhanced GRE (version 1, PPTP) header carrying a PPP frame of `ppp_protocol`, with the
+/// sequence and acknowledgment numbers when asked for.
+pub fn gre_ppp(sequence: bool, ack: bool, ppp_protocol: u16, payload: &[u8]) -> Vec<u8> {
+    let flags: u16 = 0x2001 | (u16::from(sequence) << 12) | (u16::from(ack) << 7);
+    let mut packet = Vec::with_capacity(20 + payload.len());
+    packet.extend_from_slice(&flags.to_be_bytes());
+    packet.extend_from_slice(&ETH_P_PPP_GRE.to_be_bytes());
+    packet.extend_from_slice(&((payload.len() + 2) as u16).to_be_bytes());
+    packet.extend_from_slice(&0x0025u16.to_be_bytes());
+    if sequence {
+        packet.extend_from_slice(&1u32.to_be_bytes());
+    }
+    if ack {
+        packet.extend_from_slice(&0u32.to_be_bytes());
+    }
+    packet.extend_from_slice(&ppp_protocol.to_be_bytes());
+    packet.extend_from_slice(payload);
+    packet
 }
 
 /// Links `headers` (type, bytes) into one chain: each header's first byte is set to the type

@@ -1,32 +1,69 @@
-//! Differential fuzzing: random and mutated frames through the real program
+//! Differential fuzzing: frames from [`crate::generate`] through the real program
 //! (BPF_PROG_TEST_RUN), each verdict compared with [`crate::reference`]'s under the same
-//! policy. Frames are built from parts (VLAN stacks, IPv4 options and fragments, IPv6
-//! extension chains, any TCP flags and offsets, ports guarded or not, sources inside and
-//! around nested allow and deny prefixes), then often mutated: cut at any offset, bytes
-//! flipped, padding added, length fields rewritten.
+//! policy, once with `action = "drop"` and once with `action = "reject"`. Under reject, a reset
+//! the reference expects must come back as `XDP_TX` with exactly the RST it describes
+//! (checked with etherparse on the program's output frame).
 
-use std::net::{Ipv4Addr, Ipv6Addr};
-
-use crate::{
-    bench::Rng,
-    frames::{self, Tag},
-    kernel::{Kernel, XDP_DROP, XDP_PASS},
-    reference::{self, Expected},
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr},
+    path::Path,
 };
 
-/// Nested allow and deny prefixes in both families, two guarded ports.
-pub const POLICY: &str = r#"
-interfaces = ["lo"]
-ports = [25, 2525]
+use smtpguard::{policy::Policy, source::config::Config};
 
+use crate::{
+    frames,
+    generate::{Generator, Target},
+    kernel::{Kernel, XDP_DROP, XDP_PASS, XDP_TX, verdict_name},
+    reference::{self, Expected, Iface, Sight},
+};
+
+/// Nested allow and deny prefixes in both families: a deny /32 inside an allowed /24, an
+/// allowed /24 inside a denied /16 inside an allowed /8, an allowed /128 inside a denied /64
+/// inside an allowed /48.
+pub const RULES: &str = r#"
 [[allow]]
 name = "provider"
-prefixes = ["192.0.2.0/24", "198.51.100.0/25", "10.0.0.0/8", "2001:db8:25::/48", "10.1.2.0/24"]
+prefixes = ["192.0.2.0/24", "198.51.100.0/25", "10.0.0.0/8", "10.1.2.0/24", "2001:db8:25::/48", "2001:db8:25:bad::25"]
 
 [[deny]]
 name = "abuser"
 prefixes = ["192.0.2.128/26", "10.1.0.0/16", "2001:db8:25:bad::/64", "192.0.2.77"]
 "#;
+
+/// The guarded ports of [`policy_toml`].
+pub const PORTS: [u16; 2] = [25, 2525];
+
+/// The fuzzing policy on `interface`, with `action` ("drop" or "reject") for unlisted and
+/// denied sources.
+pub fn policy_toml(interface: &str, action: &str) -> String {
+    format!(
+        "interfaces = [\"{interface}\"]\nports = [{}, {}]\naction = \"{action}\"\n{RULES}",
+        PORTS[0], PORTS[1]
+    )
+}
+
+/// The policy `toml` builds, as the daemon builds it.
+pub fn policy(toml: &str) -> Policy {
+    let config = Config::parse(Path::new("fuzz.toml"), toml).expect("fuzz policy");
+    Policy::build(&config, &smtpguard::source::fetch::Fetched::default())
+        .expect("fuzz policy")
+        .0
+}
+
+/// The MAC test runs' frames are sent to: the `lo` entry of `SG_IFACES` says it is ours.
+pub const LO_MAC: [u8; 6] = frames::DST_MAC;
+
+/// Who the fuzzer's frames are for.
+pub fn target() -> Target {
+    Target {
+        server_mac: LO_MAC,
+        client_mac: frames::SRC_MAC,
+        v4: Ipv4Addr::new(198, 51, 100, 1),
+        v6: Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 1),
+    }
+}
 
 /// What a run found.
 #[derive(Debug, Default)]
@@ -35,273 +72,140 @@ pub struct Outcome {
     /// Frames the kernel's test run refuses (shorter than an Ethernet header, longer than a
     /// page): no NIC delivers them to XDP either.
     pub not_runnable: u64,
+    /// Under the drop policy.
     pub dropped: u64,
+    /// Under the reject policy.
+    pub reset: u64,
     pub disagreements: u64,
-    /// The first few disagreements: (expected, got, frame as hex).
-    pub examples: Vec<(Expected, u32, String)>,
+    /// Disagreements by kind (policy, reference, program, what the frame is).
+    pub kinds: BTreeMap<String, u64>,
+    /// The first few disagreements: what differs, and the frame as hex.
+    pub examples: Vec<String>,
 }
 
 /// Runs frames from `seed` until `count` of them went through the program.
 pub fn run(seed: u64, count: u64) -> Outcome {
-    let mut kernel = Kernel::with_policy(POLICY);
-    let config =
-        smtpguard::source::config::Config::parse(std::path::Path::new("fuzz.toml"), POLICY)
-            .expect("fuzz policy");
-    let (policy, _) =
-        smtpguard::policy::Policy::build(&config, &smtpguard::source::fetch::Fetched::default())
-            .expect("fuzz policy");
-    let mut rng = Rng::new(seed);
     let mut outcome = Outcome::default();
+    let mut runs = [("drop", "drop"), ("reject", "reject")].map(|(name, action)| {
+        let toml = policy_toml("lo", action);
+        let mut kernel = Kernel::with_policy(&toml);
+        kernel.set_lo(LO_MAC, smtpguard_common::iface::REPLIES);
+        (name, kernel, policy(&toml))
+    });
+    let iface = Iface {
+        mac: LO_MAC,
+        replies: true,
+    };
+    let mut generator = Generator::new(seed, target());
     while outcome.frames < count {
-        let frame = generate(&mut rng);
-        let frame = mutate(&mut rng, frame);
-        let expected = reference::classify(&frame, &policy);
-        let Ok(got) = kernel.filter.test_run(&frame) else {
+        let frame = generator.next_frame();
+        let mut verdicts = Vec::with_capacity(2);
+        for (name, kernel, policy) in &mut runs {
+            let Ok(got) = kernel.filter.test_run_output(&frame) else {
+                break;
+            };
+            verdicts.push((*name, reference::classify(&frame, policy, &iface), got));
+        }
+        if verdicts.len() < 2 {
             outcome.not_runnable += 1;
             continue;
-        };
+        }
         outcome.frames += 1;
-        outcome.dropped += u64::from(got == XDP_DROP);
-        let agree = matches!(
-            (expected, got),
-            (Expected::Pass, XDP_PASS) | (Expected::Drop, XDP_DROP)
-        );
-        if !agree {
-            outcome.disagreements += 1;
-            if outcome.examples.len() < 10 {
-                let hex: String = frame.iter().map(|byte| format!("{byte:02x}")).collect();
-                outcome.examples.push((expected, got, hex));
+        for (name, expected, (got, out)) in verdicts {
+            outcome.dropped += u64::from(name == "drop" && got == XDP_DROP);
+            outcome.reset += u64::from(name == "reject" && got == XDP_TX);
+            if let Err(problem) = agree(&expected, got, &out) {
+                outcome.disagreements += 1;
+                let kind = format!(
+                    "{name}: reference {}, program {}: {} ({})",
+                    expected.name(),
+                    verdict_name(got),
+                    describe_sight(&reference::sight(&frame)),
+                    describe_link(&frame)
+                );
+                *outcome.kinds.entry(kind.clone()).or_default() += 1;
+                if outcome.examples.len() < 12 {
+                    outcome
+                        .examples
+                        .push(format!("{kind}: {problem}\n    {}", hex(&frame)));
+                }
             }
         }
     }
     outcome
 }
 
-fn pick<T: Copy>(rng: &mut Rng, items: &[T]) -> T {
-    items[rng.below(items.len() as u64) as usize]
-}
-
-fn source_v4(rng: &mut Rng) -> Ipv4Addr {
-    let interesting = [
-        [192, 0, 2, 10],
-        [192, 0, 2, 77],
-        [192, 0, 2, 130],
-        [192, 0, 2, 191],
-        [192, 0, 2, 192],
-        [198, 51, 100, 127],
-        [198, 51, 100, 128],
-        [10, 1, 2, 3],
-        [10, 1, 3, 3],
-        [10, 9, 9, 9],
-        [203, 0, 113, 7],
-    ];
-    if rng.below(4) == 0 {
-        Ipv4Addr::from(rng.next_u64() as u32)
-    } else {
-        Ipv4Addr::from(pick(rng, &interesting))
+/// Whether the program's verdict `got` (and output frame `out`) is what `expected` says.
+fn agree(expected: &Expected, got: u32, out: &[u8]) -> Result<(), String> {
+    match (expected, got) {
+        (Expected::Pass, XDP_PASS) | (Expected::Drop, XDP_DROP) => Ok(()),
+        (Expected::Reset(reply), XDP_TX) => {
+            reference::check_reply(reply, out).map_err(|error| format!("wrong RST: {error}"))
+        }
+        _ => Err(format!(
+            "expected {}, got {}",
+            expected.name(),
+            verdict_name(got)
+        )),
     }
 }
 
-fn source_v6(rng: &mut Rng) -> Ipv6Addr {
-    let interesting: [u128; 4] = [
-        0x2001_0db8_0025_0001_0000_0000_0000_0001,
-        0x2001_0db8_0025_0bad_0000_0000_0000_0001,
-        0x2001_0db8_0026_0000_0000_0000_0000_0001,
-        0x2001_0db8_0024_ffff_ffff_ffff_ffff_ffff,
-    ];
-    if rng.below(4) == 0 {
-        Ipv6Addr::from((u128::from(rng.next_u64()) << 64) | u128::from(rng.next_u64()))
-    } else {
-        Ipv6Addr::from(pick(rng, &interesting))
-    }
-}
-
-fn tags(rng: &mut Rng) -> Vec<Tag> {
-    let count = pick(rng, &[0, 0, 0, 0, 1, 1, 2, 2, 3]);
-    (0..count)
-        .map(|_| {
-            let vid = rng.below(4096) as u16;
-            if rng.below(2) == 0 {
-                frames::dot1q(vid)
+/// What the reference makes of a frame, in a few words: coarse enough to count by.
+pub fn describe_sight(sight: &Sight) -> String {
+    match sight {
+        Sight::Other => "not guarded traffic".into(),
+        Sight::LaterFragment => "later fragment".into(),
+        Sight::Malformed(why) => format!("malformed: {why}"),
+        Sight::Opaque(why) => format!("opaque: {why}"),
+        Sight::Hidden { dport: None, .. } => "hidden, port unknown".into(),
+        Sight::Hidden { .. } => "hidden, port in sight".into(),
+        Sight::Segment(segment) => {
+            let flags = if !segment.is_syn() {
+                "not a SYN"
+            } else if segment.flags & (frames::FIN | frames::RST) != 0 {
+                "SYN with FIN or RST"
             } else {
-                frames::dot1ad(vid)
-            }
-        })
-        .collect()
-}
-
-fn segment(rng: &mut Rng, pseudo: &frames::Pseudo) -> Vec<u8> {
-    let any = rng.below(65536) as u16;
-    let dport = pick(rng, &[25, 25, 2525, 587, any]);
-    let flags = match rng.below(3) {
-        0 => frames::SYN,
-        1 => {
-            frames::SYN
-                | pick(
-                    rng,
-                    &[
-                        frames::ECE,
-                        frames::CWR,
-                        frames::ACK,
-                        frames::FIN,
-                        frames::RST,
-                    ],
-                )
-        }
-        _ => rng.below(256) as u8,
-    };
-    let options: Vec<u8> = (0..pick(rng, &[0, 0, 4, 8, 12, 40]))
-        .map(|_| rng.below(256) as u8)
-        .collect();
-    let data: Vec<u8> = (0..pick(rng, &[0, 0, 1, 20])).map(|_| 0x55).collect();
-    let mut segment = frames::tcp(
-        rng.below(65536) as u16,
-        dport,
-        flags,
-        &options,
-        &data,
-        pseudo,
-    );
-    if rng.below(10) == 0 {
-        // Any data offset, valid or not.
-        segment[12] = (rng.below(16) as u8) << 4;
-    }
-    segment
-}
-
-fn generate(rng: &mut Rng) -> Vec<u8> {
-    let tags = tags(rng);
-    let protocol = if rng.below(10) == 0 {
-        frames::IPPROTO_UDP
-    } else {
-        frames::IPPROTO_TCP
-    };
-    if rng.below(10) < 6 {
-        let (src, dst) = (source_v4(rng), Ipv4Addr::new(198, 51, 100, 1));
-        let payload = segment(rng, &frames::Pseudo::V4(src, dst));
-        let options: Vec<u8> = (0..pick(rng, &[0, 0, 0, 4, 8, 40])).map(|_| 1).collect();
-        let mut frag = pick(rng, &[0, frames::IPV4_DF, frames::IPV4_DF, frames::IPV4_MF]);
-        if rng.below(8) == 0 {
-            frag |= rng.below(0x2000) as u16;
-        }
-        // A first fragment may stop anywhere in the TCP header.
-        let payload = if frag & frames::IPV4_MF != 0 && rng.below(2) == 0 {
-            payload[..rng.below(payload.len() as u64 + 1) as usize].to_vec()
-        } else {
-            payload
-        };
-        let packet = frames::ipv4(src, dst, protocol, &options, frag, &payload);
-        frames::ethernet(
-            frames::DST_MAC,
-            frames::SRC_MAC,
-            &tags,
-            frames::ETH_P_IPV4,
-            &packet,
-        )
-    } else {
-        let (src, dst) = (
-            source_v6(rng),
-            Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 1),
-        );
-        let payload = segment(rng, &frames::Pseudo::V6(src, dst));
-        let count = pick(rng, &[0, 0, 0, 1, 2, 3, 7, 8, 9, 12]);
-        let headers: Vec<(u8, Vec<u8>)> = (0..count)
-            .map(|_| match rng.below(5) {
-                0 => (
-                    frames::IPPROTO_HOPOPTS,
-                    frames::ext_header(0, rng.below(3) as u8),
-                ),
-                1 => (
-                    frames::IPPROTO_ROUTING,
-                    frames::ext_header(0, rng.below(3) as u8),
-                ),
-                2 => (
-                    frames::IPPROTO_DSTOPTS,
-                    frames::ext_header(0, pick(rng, &[0, 1, 40])),
-                ),
-                3 => (
-                    frames::IPPROTO_AH,
-                    frames::ah_header(0, 1 + rng.below(3) as u8),
-                ),
-                _ => {
-                    let offset = if rng.below(6) == 0 {
-                        rng.below(8192) as u16
-                    } else {
-                        0
-                    };
-                    (
-                        frames::IPPROTO_FRAGMENT,
-                        frames::fragment_header(0, offset, rng.below(2) == 0),
-                    )
-                }
-            })
-            .collect();
-        let (first, chain) = frames::chain(&headers, protocol);
-        let packet = frames::ipv6(src, dst, first, &chain, &payload);
-        frames::ethernet(
-            frames::DST_MAC,
-            frames::SRC_MAC,
-            &tags,
-            frames::ETH_P_IPV6,
-            &packet,
-        )
-    }
-}
-
-fn mutate(rng: &mut Rng, mut frame: Vec<u8>) -> Vec<u8> {
-    match rng.below(10) {
-        // Cut anywhere.
-        0 | 1 => frame.truncate(rng.below(frame.len() as u64 + 1) as usize),
-        // Flip bytes.
-        2 => {
-            for _ in 0..=rng.below(4) {
-                let at = rng.below(frame.len() as u64) as usize;
-                frame[at] = rng.below(256) as u8;
-            }
-        }
-        // Ethernet padding after the packet.
-        3 => frame.extend(std::iter::repeat_n(0u8, rng.below(24) as usize)),
-        // Rewrite a length field: IPv4 total length or IPv6 payload length, wherever the
-        // IP header sits after the tags.
-        4 => {
-            let l3 = l3_offset(&frame);
-            let field = match frame.get(l3).map(|byte| byte >> 4) {
-                Some(4) => l3 + 2,
-                Some(6) => l3 + 4,
-                _ => return frame,
+                "SYN"
             };
-            if field + 2 <= frame.len() {
-                let any = rng.below(65536) as u16;
-                let value = pick(rng, &[0u16, 1, 20, 40, any]);
-                frame[field..field + 2].copy_from_slice(&value.to_be_bytes());
-            }
+            let fragment = if segment.first_fragment {
+                ", first fragment"
+            } else {
+                ""
+            };
+            let outer = if segment.outermost {
+                ""
+            } else {
+                ", tunnelled or behind PPPoE/MPLS"
+            };
+            format!("{flags}{fragment}{outer}")
         }
-        _ => {}
     }
-    frame
 }
 
-/// Where the IP header starts: after the Ethernet header and any VLAN tags.
-fn l3_offset(frame: &[u8]) -> usize {
-    let mut offset = 12;
-    while let Some(&[high, low]) = frame
-        .get(offset..offset + 2)
-        .map(|bytes| <&[u8; 2]>::try_from(bytes).expect("two bytes"))
-    {
-        if !matches!(u16::from_be_bytes([high, low]), 0x8100 | 0x88a8) {
-            break;
-        }
-        offset += 4;
-    }
-    offset + 2
-}
-
-/// A disagreement, in words.
-pub fn describe(expected: Expected, got: u32) -> String {
-    let got = match got {
-        XDP_DROP => "DROP",
-        XDP_PASS => "PASS",
-        _ => "other",
+/// The frame's outer link in a few words: VLAN tags and what follows them.
+pub fn describe_link(frame: &[u8]) -> String {
+    let l3 = crate::generate::l3_offset(frame);
+    let tags = (l3.saturating_sub(14)) / 4;
+    let ether_type = frame
+        .get(l3 - 2..l3)
+        .map_or(0, |bytes| u16::from_be_bytes([bytes[0], bytes[1]]));
+    let next = match ether_type {
+        frames::ETH_P_IPV4 => "IPv4".to_owned(),
+        frames::ETH_P_IPV6 => "IPv6".to_owned(),
+        frames::ETH_P_PPPOE_SESSION => "PPPoE".to_owned(),
+        frames::ETH_P_MPLS_UC | frames::ETH_P_MPLS_MC => "MPLS".to_owned(),
+        other => format!("{other:#06x}"),
     };
-    format!("reference {expected:?}, program {got}")
+    let tags = match tags {
+        0 => String::new(),
+        1..=2 => format!("{tags} tags, "),
+        3..=16 => "3-16 tags, ".to_owned(),
+        _ => "17+ tags, ".to_owned(),
+    };
+    format!("{tags}{next}")
+}
+
+/// A frame as hex, as the examples print it.
+pub fn hex(frame: &[u8]) -> String {
+    frame.iter().map(|byte| format!("{byte:02x}")).collect()
 }

@@ -42,6 +42,13 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The Linux kernel as the oracle: the same frames into a real kernel without a filter,
+    /// behind the daemon dropping and behind it rejecting; its answers judge the filter:
+    /// `cargo xtask oracle [FRAMES] [SEED]` (default 100,000 frames).
+    Oracle {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Build the Debian package (release binary, systemd unit, default config, man page)
     /// into target/package/.
     Package,
@@ -56,6 +63,7 @@ fn main() -> anyhow::Result<()> {
         Task::Demo => demo(&root),
         Task::Bench { args } => release_tool(&root, "bench", &args),
         Task::Fuzz { args } => release_tool(&root, "fuzz", &args),
+        Task::Oracle { args } => release_tool(&root, "oracle", &args),
         Task::Package => {
             setup::run(&root)?;
             let deb = package(&root)?;

@@ -1,5 +1,6 @@
 //! `cargo xtask fuzz [FRAMES] [SEED]`: differential fuzzing of the real program against the
-//! independent reference classifier; exits non-zero on any disagreement.
+//! independent reference, under a drop and a reject policy; exits non-zero on any
+//! disagreement.
 
 use std::time::Instant;
 
@@ -16,15 +17,19 @@ fn main() {
     let outcome = fuzz::run(seed, frames);
     let elapsed = started.elapsed().as_secs_f64();
     println!(
-        "{} frames (seed {seed:#x}) in {elapsed:.1} s ({:.0} frames/s; {} more not runnable: under 14 bytes or over a page): {} dropped by the program, {} disagreements with the reference",
+        "{} frames (seed {seed:#x}) in {elapsed:.1} s ({:.0} frames/s; {} more not runnable: under 14 bytes or over a page), each under a drop and a reject policy: {} dropped, {} reset by the program, {} disagreements with the reference",
         outcome.frames,
         outcome.frames as f64 / elapsed,
         outcome.not_runnable,
         outcome.dropped,
+        outcome.reset,
         outcome.disagreements
     );
-    for (expected, got, hex) in &outcome.examples {
-        println!("  {}: {hex}", fuzz::describe(*expected, *got));
+    for (kind, count) in &outcome.kinds {
+        println!("  {count:>8}  {kind}");
+    }
+    for example in &outcome.examples {
+        println!("  {example}");
     }
     if outcome.disagreements > 0 {
         std::process::exit(1);

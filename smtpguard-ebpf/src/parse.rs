@@ -253,9 +253,13 @@ enum Step {
     Done(Sighting),
     /// The next header of the same packet (IP after Ethernet and VLAN tags).
     Next(Layer),
-    /// A packet carried inside this one: tunnelled (IPIP, 6in4, GRE), or behind PPPoE or
-    /// MPLS. A reply can no longer be built by rewriting the frame in place.
+    /// A packet tunnelled inside this one (IPIP, 6in4, GRE). A reply can no longer be built
+    /// by rewriting the frame in place, and an inner header the frame cuts off may be in a
+    /// later fragment of the outer packet.
     Inner(Layer),
+    /// A packet behind link-layer headers a reply cannot simply mirror (PPPoE, MPLS): no
+    /// reset, but a header cut off is a truncated frame, as on the interface itself.
+    Carried(Layer),
 }
 
 /// The one bounds-checked accessor: a pointer to a `T` at `off`, if the frame holds all of it.
@@ -299,35 +303,57 @@ pub fn parse_packet(ctx: &XdpContext) -> Sighting {
 #[inline(always)]
 fn follow(ctx: &XdpContext, first: Layer, ethernet: bool) -> Sighting {
     let mut layer = first;
-    let mut tunnelled = false;
+    let mut at = Carrier {
+        ethernet,
+        in_tunnel: false,
+        no_reply: false,
+    };
     for _ in 0..MAX_LAYERS {
         let step = match layer {
-            Layer::Ethernet(off) => parse_link(ctx, off, tunnelled),
-            Layer::Ipv4(off) => parse_ipv4(ctx, off, tunnelled, ethernet),
-            Layer::Ipv6(off) => parse_ipv6(ctx, off, tunnelled, ethernet),
+            Layer::Ethernet(off) => parse_link(ctx, off, at),
+            Layer::Ipv4(off) => parse_ipv4(ctx, off, at),
+            Layer::Ipv6(off) => parse_ipv6(ctx, off, at),
         };
-        match step {
+        let inner = match step {
             Step::Done(sighting) => return sighting,
-            Step::Next(next) => layer = next,
-            Step::Inner(inner) => {
-                tunnelled = true;
-                let Some(inner) = inner.widened() else {
-                    return Sighting::Opaque;
-                };
-                layer = inner;
+            Step::Next(next) => {
+                layer = next;
+                continue;
             }
-        }
+            Step::Inner(inner) => {
+                at.in_tunnel = true;
+                inner
+            }
+            Step::Carried(inner) => inner,
+        };
+        at.no_reply = true;
+        let Some(inner) = inner.widened() else {
+            return Sighting::Opaque;
+        };
+        layer = inner;
     }
     Sighting::Opaque
+}
+
+/// How the packet being parsed reached the program.
+#[derive(Clone, Copy)]
+struct Carrier {
+    /// The frame started with an Ethernet header (not a layer-3 interface).
+    ethernet: bool,
+    /// Inside an IP tunnel: an inner header the frame cuts off may come in a later fragment
+    /// of the outer packet, so it is opaque rather than malformed.
+    in_tunnel: bool,
+    /// Behind a tunnel, PPPoE or MPLS: a reset cannot be built by rewriting the frame.
+    no_reply: bool,
 }
 
 /// An Ethernet header at `off` and whatever link-layer headers follow it: VLAN tags, a
 /// PPPoE session header, MPLS labels. Leads to the IP header.
 #[inline(always)]
-fn parse_link(ctx: &XdpContext, base: usize, tunnelled: bool) -> Step {
+fn parse_link(ctx: &XdpContext, base: usize, at: Carrier) -> Step {
     let off = base;
     let Some(eth) = ptr_at::<EthHdr>(ctx, off) else {
-        return Step::Done(cut_short(tunnelled));
+        return Step::Done(cut_short(at));
     };
     let mut ethertype = be16(unsafe { (*eth).proto });
     let mut off = off + ETH_HLEN;
@@ -336,7 +362,7 @@ fn parse_link(ctx: &XdpContext, base: usize, tunnelled: bool) -> Step {
             break;
         }
         let Some(tag) = ptr_at::<VlanTag>(ctx, off) else {
-            return Step::Done(cut_short(tunnelled));
+            return Step::Done(cut_short(at));
         };
         ethertype = be16(unsafe { (*tag).proto });
         off += size_of::<VlanTag>();
@@ -350,7 +376,7 @@ fn parse_link(ctx: &XdpContext, base: usize, tunnelled: bool) -> Step {
     match ethertype {
         ETH_P_IPV4 => Step::Next(Layer::Ipv4(off)),
         ETH_P_IPV6 => Step::Next(Layer::Ipv6(off)),
-        ETH_P_PPPOE_SESSION => parse_ppp(ctx, off + 6),
+        ETH_P_PPPOE_SESSION => parse_ppp(ctx, off + 6, at),
         ETH_P_MPLS_UC | ETH_P_MPLS_MC => parse_mpls(ctx, off),
         // More tags than followed.
         _ if is_vlan(ethertype) => Step::Done(Sighting::Opaque),
@@ -367,8 +393,8 @@ fn is_vlan(ethertype: u16) -> bool {
 /// a truncated frame too), opaque inside a tunnel, where the outer packet may be a fragment
 /// whose rest the kernel reassembles.
 #[inline(always)]
-fn cut_short(tunnelled: bool) -> Sighting {
-    if tunnelled {
+fn cut_short(at: Carrier) -> Sighting {
+    if at.in_tunnel {
         Sighting::Opaque
     } else {
         Sighting::Malformed
@@ -391,8 +417,8 @@ fn parse_mpls(ctx: &XdpContext, off: usize) -> Step {
                 return Step::Done(Sighting::Malformed);
             };
             return match unsafe { (*first)[0] } >> 4 {
-                4 => Step::Inner(Layer::Ipv4(off)),
-                6 => Step::Inner(Layer::Ipv6(off)),
+                4 => Step::Carried(Layer::Ipv4(off)),
+                6 => Step::Carried(Layer::Ipv6(off)),
                 _ => Step::Done(Sighting::Other),
             };
         }
@@ -403,15 +429,15 @@ fn parse_mpls(ctx: &XdpContext, off: usize) -> Step {
 /// A PPP frame at `off` (inside PPPoE or PPTP's GRE): address and control bytes are optional,
 /// the protocol field may be compressed to one byte.
 #[inline(always)]
-fn parse_ppp(ctx: &XdpContext, off: usize) -> Step {
+fn parse_ppp(ctx: &XdpContext, off: usize, at: Carrier) -> Step {
     let Some(head) = ptr_at::<[u8; 2]>(ctx, off) else {
-        return Step::Done(Sighting::Opaque);
+        return Step::Done(cut_short(at));
     };
     let head = unsafe { *head };
     let off = if head == [0xff, 0x03] { off + 2 } else { off };
     // Both bytes: with a one-byte protocol field the second is the IP header's first.
     let Some(field) = ptr_at::<[u8; 2]>(ctx, off) else {
-        return Step::Done(Sighting::Opaque);
+        return Step::Done(cut_short(at));
     };
     let field = unsafe { *field };
     let (protocol, len) = if field[0] & 1 != 0 {
@@ -419,19 +445,25 @@ fn parse_ppp(ctx: &XdpContext, off: usize) -> Step {
     } else {
         (be16(field), 2)
     };
-    match protocol {
-        PPP_IPV4 => Step::Inner(Layer::Ipv4(off + len)),
-        PPP_IPV6 => Step::Inner(Layer::Ipv6(off + len)),
+    let inner = match protocol {
+        PPP_IPV4 => Layer::Ipv4(off + len),
+        PPP_IPV6 => Layer::Ipv6(off + len),
         // Control protocols, and compressed or encrypted data: the PPP device reads those
         // (attach smtpguard to it).
-        _ => Step::Done(Sighting::Other),
+        _ => return Step::Done(Sighting::Other),
+    };
+    // Inside PPTP the packet is tunnelled; behind PPPoE it is carried on this link.
+    if at.in_tunnel {
+        Step::Inner(inner)
+    } else {
+        Step::Carried(inner)
     }
 }
 
 /// A GRE header at `off`: version 0 with any of checksum, key and sequence number, carrying
 /// IPv4, IPv6 or Ethernet; version 1 (PPTP) carrying PPP.
 #[inline(always)]
-fn parse_gre(ctx: &XdpContext, off: usize) -> Step {
+fn parse_gre(ctx: &XdpContext, off: usize, at: Carrier) -> Step {
     let Some(gre) = ptr_at::<GreHdr>(ctx, off) else {
         return Step::Done(Sighting::Opaque);
     };
@@ -453,7 +485,13 @@ fn parse_gre(ctx: &XdpContext, off: usize) -> Step {
             }
         }
         // PPTP: the key field is always there (payload length and call id).
-        1 if proto == ETH_P_PPP => parse_ppp(ctx, off + 8 + word(GRE_SEQ) + word(GRE_ACK)),
+        1 if proto == ETH_P_PPP => {
+            let tunnel = Carrier {
+                in_tunnel: true,
+                ..at
+            };
+            parse_ppp(ctx, off + 8 + word(GRE_SEQ) + word(GRE_ACK), tunnel)
+        }
         1 => Step::Done(Sighting::Opaque),
         // Linux drops other versions (gre_rcv).
         _ => Step::Done(Sighting::Malformed),
@@ -461,9 +499,9 @@ fn parse_gre(ctx: &XdpContext, off: usize) -> Step {
 }
 
 #[inline(always)]
-fn parse_ipv4(ctx: &XdpContext, off: usize, tunnelled: bool, ethernet: bool) -> Step {
+fn parse_ipv4(ctx: &XdpContext, off: usize, at: Carrier) -> Step {
     let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, off) else {
-        return Step::Done(cut_short(tunnelled));
+        return Step::Done(cut_short(at));
     };
     let (version_ihl, total_len, frag_off, protocol) = unsafe {
         (
@@ -490,21 +528,21 @@ fn parse_ipv4(ctx: &XdpContext, off: usize, tunnelled: bool, ethernet: bool) -> 
                 l4: payload,
                 l4_len: total_len - ihl,
                 fragment: frag_off & 0x2000 != 0,
-                tunnelled,
-                ethernet,
+                tunnelled: at.no_reply,
+                ethernet: at.ethernet,
             },
         )),
         IPPROTO_IPIP => Step::Inner(Layer::Ipv4(payload)),
         IPPROTO_IPV6 => Step::Inner(Layer::Ipv6(payload)),
-        IPPROTO_GRE => parse_gre(ctx, payload),
+        IPPROTO_GRE => parse_gre(ctx, payload, at),
         _ => Step::Done(Sighting::Other),
     }
 }
 
 #[inline(always)]
-fn parse_ipv6(ctx: &XdpContext, off: usize, tunnelled: bool, ethernet: bool) -> Step {
+fn parse_ipv6(ctx: &XdpContext, off: usize, at: Carrier) -> Step {
     let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, off) else {
-        return Step::Done(cut_short(tunnelled));
+        return Step::Done(cut_short(at));
     };
     let (version, payload_len, mut next) = unsafe {
         (
@@ -529,7 +567,7 @@ fn parse_ipv6(ctx: &XdpContext, off: usize, tunnelled: bool, ethernet: bool) -> 
         let len = match next {
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH => {
                 let Some(ext) = ptr_at::<ExtHdr>(ctx, cur) else {
-                    return Step::Done(chain_cut(cur, payload_end, fragmented));
+                    return Step::Done(chain_cut(ctx, payload_end, fragmented, at));
                 };
                 let (next_header, len) = unsafe { ((*ext).next_header, (*ext).len as usize) };
                 // AH counts its length in 4-byte units less two, the others in 8-byte units less one.
@@ -543,7 +581,7 @@ fn parse_ipv6(ctx: &XdpContext, off: usize, tunnelled: bool, ethernet: bool) -> 
             }
             IPPROTO_FRAGMENT => {
                 let Some(frag) = ptr_at::<FragHdr>(ctx, cur) else {
-                    return Step::Done(chain_cut(cur, payload_end, fragmented));
+                    return Step::Done(chain_cut(ctx, payload_end, fragmented, at));
                 };
                 let (next_header, offset_flags) =
                     unsafe { ((*frag).next_header, be16((*frag).offset_flags)) };
@@ -558,6 +596,11 @@ fn parse_ipv6(ctx: &XdpContext, off: usize, tunnelled: bool, ethernet: bool) -> 
             }
             _ => break,
         };
+        // A header the frame does not hold whole: Linux reads all of it, so what it says
+        // (and where the chain goes on) is out of sight.
+        if cur + len > ctx.data_end() - ctx.data() {
+            return Step::Done(chain_cut(ctx, payload_end, fragmented, at));
+        }
         cur += len;
         if cur > MAX_HEADER_OFFSET {
             return Step::Done(Sighting::Opaque);
@@ -576,12 +619,11 @@ fn parse_ipv6(ctx: &XdpContext, off: usize, tunnelled: bool, ethernet: bool) -> 
             cur,
             payload_end,
             fragmented,
-            tunnelled,
-            ethernet,
+            at,
         )),
         IPPROTO_IPIP => Step::Inner(Layer::Ipv4(cur)),
         IPPROTO_IPV6 => Step::Inner(Layer::Ipv6(cur)),
-        IPPROTO_GRE => parse_gre(ctx, cur),
+        IPPROTO_GRE => parse_gre(ctx, cur, at),
         // A chain longer than followed: Linux accepts it, and what follows may be TCP or a
         // tunnel whose inner source is out of sight.
         _ if is_ipv6_extension(next) => Step::Done(Sighting::Opaque),
@@ -597,11 +639,13 @@ fn is_ipv6_extension(next: u8) -> bool {
     )
 }
 
-/// An extension header the frame does not hold: opaque if the IP header says it is there (a
-/// non-linear frame) or a later fragment brings it, malformed if neither can.
+/// An extension header the frame does not hold whole: opaque if the rest may exist beyond
+/// the frame (the IP payload runs past it, a later fragment brings more, the outer packet of
+/// a tunnel is a fragment), malformed if it cannot (the header runs past the payload too, and
+/// Linux drops the packet).
 #[inline(always)]
-fn chain_cut(cur: usize, payload_end: usize, fragmented: bool) -> Sighting {
-    if cur < payload_end || fragmented {
+fn chain_cut(ctx: &XdpContext, payload_end: usize, fragmented: bool, at: Carrier) -> Sighting {
+    if at.in_tunnel || fragmented || payload_end > ctx.data_end() - ctx.data() {
         Sighting::Opaque
     } else {
         Sighting::Malformed
@@ -615,9 +659,9 @@ fn parse_tcp6(
     cur: usize,
     payload_end: usize,
     fragmented: bool,
-    tunnelled: bool,
-    ethernet: bool,
+    at: Carrier,
 ) -> Sighting {
+    let tunnelled = at.no_reply;
     match payload_end.checked_sub(cur) {
         Some(l4_len) => parse_tcp(
             ctx,
@@ -627,7 +671,7 @@ fn parse_tcp6(
                 l4_len,
                 fragment: fragmented,
                 tunnelled,
-                ethernet,
+                ethernet: at.ethernet,
             },
         ),
         // The chain runs past the payload: a header out of the frame, as above.

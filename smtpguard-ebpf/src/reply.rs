@@ -32,6 +32,10 @@ pub fn tcp_reset(ctx: &XdpContext, at: &Layers) -> bool {
     if at.fragment || at.tunnelled || at.l4_len > 0xffff {
         return false;
     }
+    // The whole fixed TCP header must be in the frame: a truncated one the kernel drops.
+    if ptr_at::<[u8; TCP_HEADER]>(ctx, at.l4).is_none() {
+        return false;
+    }
     let Some(tcp) = ptr_at::<TcpHead>(ctx, at.l4) else {
         return false;
     };

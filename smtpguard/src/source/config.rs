@@ -14,13 +14,33 @@ use toml::Spanned;
 /// A configuration larger than this is refused unread (prefix lists belong in `files`).
 pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
 
-/// The text of the file at `path`, refused if larger than `limit` bytes or not UTF-8.
+/// The text of the file at `path`, refused if it is not a regular file, is larger than
+/// `limit` bytes, or is not UTF-8.
+///
+/// The file is opened once and everything is decided on that descriptor: `O_NONBLOCK` so a
+/// FIFO cannot block the daemon at open, `fstat` of the opened file (not of the path, which may
+/// be replaced in between) so only regular files are read, and at most `limit + 1` bytes read
+/// so a file that grows while it is read cannot exhaust memory.
 pub fn read_text(path: &Path, limit: u64) -> Result<String, ConfigError> {
+    use std::{io::Read as _, os::unix::fs::OpenOptionsExt as _};
+
     let read_error = |source| ConfigError::Read {
         path: path.to_owned(),
         source,
     };
-    let size = std::fs::metadata(path).map_err(read_error)?.len();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+        .open(path)
+        .map_err(read_error)?;
+    let metadata = file.metadata().map_err(read_error)?;
+    if let Some(kind) = not_regular(&metadata.file_type()) {
+        return Err(ConfigError::NotRegular {
+            path: path.to_owned(),
+            kind,
+        });
+    }
+    let size = metadata.len();
     if size > limit {
         return Err(ConfigError::TooLarge {
             path: path.to_owned(),
@@ -28,11 +48,41 @@ pub fn read_text(path: &Path, limit: u64) -> Result<String, ConfigError> {
             limit,
         });
     }
-    let bytes = std::fs::read(path).map_err(read_error)?;
+    let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0).saturating_add(1));
+    file.take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(read_error)?;
+    if bytes.len() as u64 > limit {
+        return Err(ConfigError::GrewTooLarge {
+            path: path.to_owned(),
+            limit,
+        });
+    }
     String::from_utf8(bytes).map_err(|source| ConfigError::NotUtf8 {
         path: path.to_owned(),
         source,
     })
+}
+
+/// What a file that is not a regular file is, in words; `None` for a regular file.
+fn not_regular(file_type: &std::fs::FileType) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt as _;
+
+    if file_type.is_file() {
+        None
+    } else if file_type.is_dir() {
+        Some("a directory")
+    } else if file_type.is_fifo() {
+        Some("a FIFO")
+    } else if file_type.is_char_device() {
+        Some("a character device")
+    } else if file_type.is_block_device() {
+        Some("a block device")
+    } else if file_type.is_socket() {
+        Some("a socket")
+    } else {
+        Some("not a regular file")
+    }
 }
 
 /// The guarded port when the file does not say: SMTP.
@@ -77,12 +127,16 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::string::FromUtf8Error,
     },
+    #[error("{path}: {kind}, not a regular file", path = path.display())]
+    NotRegular { path: PathBuf, kind: &'static str },
     #[error("{path}: {size} bytes, more than the {limit} such a file may have", path = path.display())]
     TooLarge {
         path: PathBuf,
         size: u64,
         limit: u64,
     },
+    #[error("{path}: grew past the {limit} bytes such a file may have while it was read", path = path.display())]
+    GrewTooLarge { path: PathBuf, limit: u64 },
     #[error("{at}: {message}")]
     Syntax { at: Location, message: String },
     #[error("{at}: bad prefix {value:?}: {reason}")]
@@ -842,6 +896,61 @@ prefixes = ["89.16.184.150"]
         std::fs::write(&path, b"interfaces = [\"eth\xe9\"]\n").unwrap();
         let message = Config::load(&path).unwrap_err().to_string();
         assert!(message.contains("not UTF-8"), "{message}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// `read_text` on `path` in a thread, failing the test rather than hanging if it blocks.
+    fn read_within_a_second(path: &Path) -> Result<String, ConfigError> {
+        let (sender, receiver) = std::sync::mpsc::channel();
+        let owned = path.to_owned();
+        std::thread::spawn(move || {
+            let _ = sender.send(read_text(&owned, MAX_CONFIG_BYTES));
+        });
+        receiver
+            .recv_timeout(std::time::Duration::from_secs(1))
+            .unwrap_or_else(|_| panic!("reading {} blocked", path.display()))
+    }
+
+    #[test]
+    fn only_regular_files_are_read() {
+        let dir = std::env::temp_dir().join(format!("sg-special-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo.toml");
+        let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        // Nobody writes to it: a plain open would block forever.
+        let message = read_within_a_second(&fifo).unwrap_err().to_string();
+        assert_eq!(
+            message,
+            format!("{}: a FIFO, not a regular file", fifo.display())
+        );
+        let message = read_within_a_second(Path::new("/dev/zero"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(message, "/dev/zero: a character device, not a regular file");
+        let message = read_within_a_second(&dir).unwrap_err().to_string();
+        assert_eq!(
+            message,
+            format!("{}: a directory, not a regular file", dir.display())
+        );
+        let message = Config::load(&fifo).unwrap_err().to_string();
+        assert!(message.ends_with("a FIFO, not a regular file"), "{message}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_file_over_the_limit_is_refused_unread() {
+        let dir = std::env::temp_dir().join(format!("sg-limit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("big.txt");
+        std::fs::write(&path, "0123456789").unwrap();
+        assert_eq!(read_text(&path, 10).unwrap(), "0123456789");
+        let message = read_text(&path, 9).unwrap_err().to_string();
+        assert!(
+            message.ends_with("big.txt: 10 bytes, more than the 9 such a file may have"),
+            "{message}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

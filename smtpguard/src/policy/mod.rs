@@ -169,7 +169,15 @@ fn add_rule(
             value: text.to_owned(),
             reason,
         })?;
-        if parsed.had_host_bits {
+        if parsed.mapped {
+            warnings.push(Warning {
+                at: entry.at.clone(),
+                message: format!(
+                    "{text:?} is an IPv4-mapped IPv6 prefix, which IPv4 sources never match as such; using the IPv4 prefix {}",
+                    parsed.net
+                ),
+            });
+        } else if parsed.had_host_bits {
             warnings.push(Warning {
                 at: entry.at.clone(),
                 message: format!("{text:?} has host bits set; using {}", parsed.net),
@@ -354,6 +362,34 @@ prefixes = ["89.16.184.150"]
         assert_eq!(
             policy.verdict("192.0.2.1".parse().unwrap(), 25),
             Verdict::Unlisted
+        );
+    }
+
+    #[test]
+    fn ipv4_mapped_prefixes_become_ipv4_with_a_warning() {
+        let (policy, warnings) = build("interfaces = [\"eth0\"]\n[[allow]]\nname = \"p\"\nprefixes = [\"192.0.2.0/24\"]\n[[deny]]\nname = \"bad\"\nprefixes = [\"::ffff:192.0.2.9\"]\n").unwrap();
+        assert_eq!(
+            policy.verdict("192.0.2.9".parse().unwrap(), 25),
+            Verdict::Denied(
+                "192.0.2.9/32".parse().unwrap(),
+                &policy.entries[&"192.0.2.9/32".parse().unwrap()]
+            ),
+            "the deny applies to the IPv4 source"
+        );
+        assert_eq!(
+            warnings[0].to_string(),
+            "/etc/smtpguard/test.toml:7: \"::ffff:192.0.2.9\" is an IPv4-mapped IPv6 prefix, which IPv4 sources never match as such; using the IPv4 prefix 192.0.2.9/32"
+        );
+        let error = build(
+            "interfaces = [\"eth0\"]\n[[allow]]\nname = \"p\"\nprefixes = [\"::ffff:0:0/64\"]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.starts_with(
+                "/etc/smtpguard/test.toml:4: bad prefix \"::ffff:0:0/64\": an IPv4-mapped prefix"
+            ),
+            "{error}"
         );
     }
 

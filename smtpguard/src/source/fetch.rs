@@ -10,6 +10,7 @@
 use std::{
     collections::BTreeMap,
     fmt,
+    net::IpAddr,
     path::PathBuf,
     time::{Instant, SystemTime},
 };
@@ -238,12 +239,28 @@ async fn refresh(
             .addresses(host)
             .await
             .map(|answer| {
-                let nets = answer
+                let mut notes = Vec::new();
+                let mut nets: Vec<IpNet> = answer
                     .records
                     .iter()
-                    .map(|&address| IpNet::from(address))
+                    .map(|&address| {
+                        let mapped = match address {
+                            IpAddr::V6(v6) => v6.to_ipv4_mapped(),
+                            IpAddr::V4(_) => None,
+                        };
+                        let Some(v4) = mapped else {
+                            return IpNet::from(address);
+                        };
+                        let net = IpNet::from(IpAddr::V4(v4));
+                        notes.push(format!(
+                            "host {host}: AAAA record {address} is an IPv4-mapped address; using the IPv4 prefix {net}"
+                        ));
+                        net
+                    })
                     .collect();
-                (nets, Some(answer.ttl), Vec::new())
+                nets.sort();
+                nets.dedup();
+                (nets, Some(answer.ttl), notes)
             })
             .map_err(|source| FetchError::Host {
                 at: at.clone(),

@@ -1,6 +1,8 @@
 //! Where a running instance keeps its state: pinned maps under bpffs
-//! (`/sys/fs/bpf/smtpguard/NAME`), and a lock and a state file under `/run/smtpguard/NAME`.
-//! Several instances (one per name) can run side by side, e.g. one per network namespace.
+//! (`/sys/fs/bpf/smtpguard/NAME`), a lock and a state file under `/run/smtpguard/NAME`, and
+//! the last-good store of its automatic sources under `/var/lib/smtpguard/NAME` (which outlives
+//! a reboot and `smtpguard detach`). Several instances (one per name) can run side by side,
+//! e.g. one per network namespace.
 
 use std::{
     fs::File,
@@ -18,6 +20,7 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const BPFFS_ROOT: &str = "/sys/fs/bpf";
 const PIN_ROOT: &str = "/sys/fs/bpf/smtpguard";
 const RUN_ROOT: &str = "/run/smtpguard";
+const STATE_ROOT: &str = "/var/lib/smtpguard";
 /// Pinned links are named `link_IFNAME` beside the maps (map names are upper case).
 const LINK_PREFIX: &str = "link_";
 
@@ -79,6 +82,12 @@ impl Instance {
 
     pub fn state_path(&self) -> PathBuf {
         self.run_dir().join("state.json")
+    }
+
+    /// Where the last-good store of the instance's names and list files lives
+    /// ([`crate::source::store`]): persistent, unlike the run directory.
+    pub fn state_dir(&self) -> PathBuf {
+        Path::new(STATE_ROOT).join(&self.name)
     }
 
     /// Takes the instance lock; held until the returned guard is dropped.
@@ -230,6 +239,9 @@ pub struct RunState {
     /// Kernel ids of the global and per-prefix counter maps, for readers that cannot see the
     /// pins.
     pub counter_map_ids: crate::kernel::maps::CounterMapIds,
+    /// Names and list files whose last good answer is in force instead of a fresh one.
+    #[serde(default)]
+    pub sources: Vec<crate::source::fetch::SourceNote>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -315,5 +327,6 @@ mod tests {
             instance.state_path(),
             Path::new("/run/smtpguard/mail/state.json")
         );
+        assert_eq!(instance.state_dir(), Path::new("/var/lib/smtpguard/mail"));
     }
 }

@@ -198,6 +198,7 @@ mod tests {
                 prefix: "192.0.2.0/24".parse().unwrap(),
             }],
             counter_map_ids: Default::default(),
+            sources: Vec::new(),
         };
         let boot = BootClock::now().boot.as_nanos() as u64;
         let seen = |would_block, ago_s: u64| Offender {

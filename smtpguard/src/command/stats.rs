@@ -9,6 +9,7 @@ use crate::{
     instance::{InterfaceState, RunState},
     kernel::maps::CounterSnapshot,
     policy::List,
+    source::fetch::SourceNote,
 };
 
 #[derive(Clone, Debug, Serialize)]
@@ -34,6 +35,9 @@ pub struct Stats {
     pub passed_fragments: u64,
     /// Stopped SYNs left out of the table of stopped sources (a flood beyond the budget).
     pub unrecorded: u64,
+    /// Names and list files whose last good answer stands in for a fresh one (stale, or held
+    /// back by the growth guard).
+    pub sources: Vec<SourceNote>,
     pub prefixes: Vec<PrefixStats>,
 }
 
@@ -82,6 +86,7 @@ impl Stats {
             hidden_decided_by_source: counters.get(counter::HIDDEN_DECIDED),
             passed_fragments: counters.get(counter::PASSED_FRAGMENTS),
             unrecorded: counters.get(counter::UNRECORDED),
+            sources: state.sources.clone(),
             prefixes,
         }
     }
@@ -130,6 +135,9 @@ impl Stats {
             self.passed_fragments,
             self.unrecorded
         );
+        for note in &self.sources {
+            let _ = writeln!(out, "{}: {}: {}", note.status, note.source, note.detail);
+        }
         let rule_width = self
             .prefixes
             .iter()
@@ -204,6 +212,11 @@ mod tests {
             counter_map_ids: Default::default(),
             mode: crate::source::config::Mode::Enforce,
             action: crate::source::config::Action::Drop,
+            sources: vec![SourceNote {
+                source: "host relay.provider.test".into(),
+                status: crate::source::fetch::SourceStatus::Stale,
+                detail: "cannot refresh host relay.provider.test: timed out".into(),
+            }],
         };
         let mut counters = CounterSnapshot::default();
         counters.global[counter::SYN_ALLOWED as usize] = 7;
@@ -224,10 +237,15 @@ mod tests {
             text.contains("allow  provider  89.16.184.144/28           7"),
             "{text}"
         );
+        assert!(
+            text.contains("stale: host relay.provider.test: cannot refresh"),
+            "{text}"
+        );
         let json: serde_json::Value = serde_json::to_value(&stats).unwrap();
         assert_eq!(json["syn_allowed"], 7);
         assert_eq!(json["prefixes"][0]["prefix"], "89.16.184.144/28");
         assert_eq!(json["prefixes"][0]["syns"], 7);
         assert_eq!(json["prefixes"][1]["list"], "deny");
+        assert_eq!(json["sources"][0]["status"], "stale");
     }
 }

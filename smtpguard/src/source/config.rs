@@ -175,6 +175,10 @@ pub enum ConfigError {
         reason: &'static str,
     },
     #[error(
+        "{at}: {value:?} on an allow rule lets every source connect; set allow_any_source = true in [safety] if that is what you mean"
+    )]
+    AnySource { at: Location, value: String },
+    #[error(
         "{path}: no allow prefix at all: every source would be blocked; add [[allow]] entries, or set allow_none = true if that is what you mean",
         path = path.display()
     )]
@@ -302,6 +306,32 @@ impl Default for DnsSettings {
     }
 }
 
+/// Limits on what automatic sources (list files, host names, SPF records) may put on the allow
+/// list, so that an input nobody reviews cannot open the lock-down.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Safety {
+    /// Allow prefixes from automatic sources shorter than this are refused (IPv4)...
+    pub min_prefix_v4: u8,
+    /// ...and shorter than this (IPv6). Providers publish /14 to /19 and /32 to /48.
+    pub min_prefix_v6: u8,
+    /// A DNS refresh that makes a name cover more than this many times the addresses it
+    /// covered is held back until an explicit reload.
+    pub max_growth: f64,
+    /// Whether `0.0.0.0/0` or `::/0` may be written in an allow rule's `prefixes`.
+    pub allow_any_source: bool,
+}
+
+impl Default for Safety {
+    fn default() -> Self {
+        Self {
+            min_prefix_v4: 12,
+            min_prefix_v6: 32,
+            max_growth: 4.0,
+            allow_any_source: false,
+        }
+    }
+}
+
 /// The file as written, before any validation beyond TOML types.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -320,6 +350,7 @@ struct File {
     on_exit: OnExit,
     metrics: Option<MetricsTable>,
     dns: Option<DnsTable>,
+    safety: Option<SafetyTable>,
     #[serde(default)]
     allow: Vec<RuleTable>,
     #[serde(default)]
@@ -339,6 +370,16 @@ struct DnsTable {
     min_refresh_secs: Option<Spanned<i64>>,
     max_refresh_secs: Option<Spanned<i64>>,
     timeout_secs: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SafetyTable {
+    min_prefix_v4: Option<Spanned<i64>>,
+    min_prefix_v6: Option<Spanned<i64>>,
+    max_growth: Option<Spanned<f64>>,
+    #[serde(default)]
+    allow_any_source: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -389,6 +430,7 @@ pub struct Config {
     /// Where the Prometheus endpoint listens, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
     pub dns: DnsSettings,
+    pub safety: Safety,
     pub allow: Vec<RuleSpec>,
     pub deny: Vec<RuleSpec>,
 }
@@ -412,6 +454,7 @@ impl Config {
         let allow = rule_specs(&file.allow, None, &lines)?;
         let deny = rule_specs(&file.deny, Some(file.action), &lines)?;
         let dns = dns_settings(file.dns.as_ref(), &lines)?;
+        let safety = safety(file.safety.as_ref(), &lines)?;
         let metrics_listen =
             file.metrics
                 .as_ref()
@@ -437,6 +480,7 @@ impl Config {
             on_exit: file.on_exit,
             metrics_listen,
             dns,
+            safety,
             allow,
             deny,
         })
@@ -577,6 +621,57 @@ fn dns_settings(
     }
     settings.max_refresh = settings.max_refresh.max(settings.min_refresh);
     Ok(settings)
+}
+
+fn safety(table: Option<&SafetyTable>, lines: &LineIndex<'_>) -> Result<Safety, ConfigError> {
+    let mut safety = Safety::default();
+    let Some(table) = table else {
+        return Ok(safety);
+    };
+    let length = |value: &Option<Spanned<i64>>, key: &'static str, max: u8, default: u8| {
+        let Some(value) = value else {
+            return Ok(default);
+        };
+        u8::try_from(*value.get_ref())
+            .ok()
+            .filter(|&len| len <= max)
+            .ok_or_else(|| ConfigError::BadValue {
+                at: lines.at(value.span().start),
+                key,
+                value: value.get_ref().to_string(),
+                reason: if max == 32 {
+                    "a prefix length from 0 to 32"
+                } else {
+                    "a prefix length from 0 to 128"
+                },
+            })
+    };
+    safety.min_prefix_v4 = length(
+        &table.min_prefix_v4,
+        "min_prefix_v4",
+        32,
+        safety.min_prefix_v4,
+    )?;
+    safety.min_prefix_v6 = length(
+        &table.min_prefix_v6,
+        "min_prefix_v6",
+        128,
+        safety.min_prefix_v6,
+    )?;
+    if let Some(growth) = &table.max_growth {
+        let value = *growth.get_ref();
+        if !(value.is_finite() && value >= 1.0) {
+            return Err(ConfigError::BadValue {
+                at: lines.at(growth.span().start),
+                key: "max_growth",
+                value: value.to_string(),
+                reason: "a factor of at least 1 (1 holds back any growth)",
+            });
+        }
+        safety.max_growth = value;
+    }
+    safety.allow_any_source = table.allow_any_source;
+    Ok(safety)
 }
 
 fn rule_specs(
@@ -897,6 +992,58 @@ prefixes = ["89.16.184.150"]
         let message = Config::load(&path).unwrap_err().to_string();
         assert!(message.contains("not UTF-8"), "{message}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn safety_defaults_and_settings() {
+        let config = parse("interfaces = [\"eth0\"]\n").unwrap();
+        assert_eq!(config.safety, Safety::default());
+        assert_eq!(
+            (config.safety.min_prefix_v4, config.safety.min_prefix_v6),
+            (12, 32)
+        );
+        assert!(config.safety.max_growth == 4.0 && !config.safety.allow_any_source);
+        let config = parse("interfaces = [\"eth0\"]\n[safety]\nmin_prefix_v4 = 16\nmin_prefix_v6 = 0\nmax_growth = 2\nallow_any_source = true\n").unwrap();
+        assert_eq!(
+            config.safety,
+            Safety {
+                min_prefix_v4: 16,
+                min_prefix_v6: 0,
+                max_growth: 2.0,
+                allow_any_source: true
+            }
+        );
+    }
+
+    #[test]
+    fn bad_safety_values_are_refused_with_line_and_value() {
+        let head = "interfaces = [\"eth0\"]\n[safety]\n";
+        let message = refusal(&format!("{head}min_prefix_v4 = 33\n"));
+        assert_eq!(
+            message,
+            "/etc/smtpguard/test.toml:3: bad min_prefix_v4 \"33\": a prefix length from 0 to 32"
+        );
+        let message = refusal(&format!("{head}\nmin_prefix_v6 = -1\n"));
+        assert_eq!(
+            message,
+            "/etc/smtpguard/test.toml:4: bad min_prefix_v6 \"-1\": a prefix length from 0 to 128"
+        );
+        let message = refusal(&format!("{head}max_growth = 0.5\n"));
+        assert!(
+            message.starts_with(
+                "/etc/smtpguard/test.toml:3: bad max_growth \"0.5\": a factor of at least 1"
+            ),
+            "{message}"
+        );
+        let message = refusal(&format!("{head}max_growth = nan\n"));
+        assert!(message.contains(":3: bad max_growth \"NaN\""), "{message}");
+        let message = refusal(&format!("{head}min_prefix = 8\n"));
+        assert!(
+            message.starts_with("/etc/smtpguard/test.toml:3: unknown field `min_prefix`"),
+            "{message}"
+        );
+        let message = refusal(&format!("{head}allow_any_source = \"yes\"\n"));
+        assert!(message.contains(":3: invalid type"), "{message}");
     }
 
     /// `read_text` on `path` in a thread, failing the test rather than hanging if it blocks.

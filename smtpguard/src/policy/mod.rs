@@ -568,6 +568,35 @@ prefixes = ["89.16.184.150"]
     }
 
     #[test]
+    fn ipv4_mapped_list_file_lines_become_ipv4_and_meet_the_floor_as_such() {
+        let (config, mut fetched) = automatic(&["192.0.2.0/24"], &[], "");
+        let list = Path::new("/etc/smtpguard/provider.txt");
+        fetched.files.insert(
+            list.into(),
+            crate::source::listfile::entries(list, "::ffff:198.51.100.0/120\n::ffff:0.0.0.0/97\n"),
+        );
+        let (policy, warnings) = Policy::build(&config, &fetched).unwrap();
+        assert!(
+            policy
+                .entries
+                .contains_key(&"198.51.100.0/24".parse().unwrap())
+        );
+        assert_eq!(
+            warnings[0].to_string(),
+            "/etc/smtpguard/provider.txt:1: \"::ffff:198.51.100.0/120\" is an IPv4-mapped IPv6 prefix, which IPv4 sources never match as such; using the IPv4 prefix 198.51.100.0/24"
+        );
+        // ::ffff:0.0.0.0/97 is 0.0.0.0/1: refused by the IPv4 floor.
+        assert_eq!(
+            policy
+                .refused
+                .iter()
+                .map(|refusal| refusal.net.to_string())
+                .collect::<Vec<_>>(),
+            ["0.0.0.0/1"]
+        );
+    }
+
+    #[test]
     fn an_allow_list_emptied_by_the_floor_is_no_allow_list() {
         let (config, fetched) = automatic(&["0.0.0.0/0"], &[], "");
         let error = Policy::build(&config, &fetched).unwrap_err().to_string();

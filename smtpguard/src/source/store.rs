@@ -52,6 +52,12 @@ pub enum StoreError {
     Format { path: PathBuf, found: u32 },
     #[error("last-good store: {0}")]
     Read(#[source] ConfigError),
+    #[error("last-good store: {path}: cannot encode: {source}", path = path.display())]
+    Encode {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 /// What the store holds, as `store.json` says.
@@ -211,7 +217,7 @@ impl Store {
         }
         if manifest != self.manifest || !self.dir.join(MANIFEST).is_file() {
             let json =
-                serde_json::to_vec_pretty(&manifest).map_err(|source| StoreError::Corrupt {
+                serde_json::to_vec_pretty(&manifest).map_err(|source| StoreError::Encode {
                     path: self.dir.join(MANIFEST),
                     source,
                 })?;

@@ -1,7 +1,8 @@
 //! Where a running instance keeps its state: pinned links and maps under bpffs
-//! (`/sys/fs/bpf/smtpguard/NAME`, the maps in a folder named by their layout stamp), and a
-//! lock and a state file under `/run/smtpguard/NAME`. Several instances (one per name) can
-//! run side by side, e.g. one per network namespace.
+//! (`/sys/fs/bpf/smtpguard/NAME`, the maps in a folder named by their layout stamp), a lock
+//! and a state file under `/run/smtpguard/NAME`, and the last-good store of its automatic
+//! sources under `/var/lib/smtpguard/NAME` (which outlives a reboot and `smtpguard detach`).
+//! Several instances (one per name) can run side by side, e.g. one per network namespace.
 //!
 //! Whoever can write these folders can unpin the filter or feed it maps, so they are created
 //! 0700, and one that is a symbolic link, is not owned by root (or this user), or is writable
@@ -26,6 +27,7 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const BPFFS_ROOT: &str = "/sys/fs/bpf";
 const PIN_ROOT: &str = "/sys/fs/bpf/smtpguard";
 const RUN_ROOT: &str = "/run/smtpguard";
+const STATE_ROOT: &str = "/var/lib/smtpguard";
 /// Pinned links are named `link_IFNAME` beside the folders of maps.
 const LINK_PREFIX: &str = "link_";
 /// Folders of maps are named `maps-STAMP` (the layout stamp in hex).
@@ -133,6 +135,12 @@ impl Instance {
 
     pub fn state_path(&self) -> PathBuf {
         self.run_dir().join("state.json")
+    }
+
+    /// Where the last-good store of the instance's names and list files lives
+    /// ([`crate::source::store`]): persistent, unlike the run directory.
+    pub fn state_dir(&self) -> PathBuf {
+        Path::new(STATE_ROOT).join(&self.name)
     }
 
     /// Takes the instance lock; held until the returned guard is dropped.
@@ -306,6 +314,9 @@ pub struct RunState {
     /// The layout stamp of the maps in force (where the counters are pinned).
     #[serde(default)]
     pub layout: u64,
+    /// Names and list files whose last good answer is in force instead of a fresh one.
+    #[serde(default)]
+    pub sources: Vec<crate::source::fetch::SourceNote>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -458,5 +469,6 @@ mod tests {
             instance.state_path(),
             Path::new("/run/smtpguard/mail/state.json")
         );
+        assert_eq!(instance.state_dir(), Path::new("/var/lib/smtpguard/mail"));
     }
 }

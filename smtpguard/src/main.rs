@@ -13,7 +13,8 @@ use smtpguard::{
     source::{
         config::Config,
         dns::Dns,
-        fetch::{self as sources, Fetched},
+        fetch::{self as sources, Fetched, Previous},
+        store::Store,
     },
 };
 
@@ -45,9 +46,12 @@ SIGNALS:
 
 FILES:
   /etc/smtpguard/smtpguard.toml   configuration (see README: interfaces, ports, mode, action,
-                                  xdp_mode, on_exit, [metrics], [dns], [[allow]], [[deny]])
+                                  xdp_mode, on_exit, [metrics], [dns], [safety], [[allow]],
+                                  [[deny]])
   /sys/fs/bpf/smtpguard/NAME/     pinned maps and links of instance NAME
   /run/smtpguard/NAME/state.json  what the running (or last) daemon applied
+  /var/lib/smtpguard/NAME/        last good DNS answers and list files of instance NAME, used
+                                  when they cannot be had at start or reload
 
 EXIT STATUS:
   0 on success; 1 with a message naming the file, line and value on any error."
@@ -152,20 +156,32 @@ fn main() -> ExitCode {
     }
 }
 
-/// Reads the list files and resolves the names `config` refers to, as the daemon would.
-fn fetch(config: &Config) -> anyhow::Result<Fetched> {
+/// Reads the list files and resolves the names `config` refers to, as a starting daemon of
+/// `instance` would: with its last-good store to fall back on (read, never written) and
+/// growth beyond `max_growth` held back. Builds the policy from them; prints the warnings.
+fn build(config: &Config, instance: &Instance) -> anyhow::Result<Policy> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let (fetched, warnings) = runtime.block_on(async {
+    let (store, problem) = Store::read_only(&instance.state_dir());
+    if let Some(problem) = problem {
+        eprintln!("warning: {problem}; going without it");
+    }
+    let previous = Previous {
+        fetched: &Fetched::default(),
+        store: Some(&store),
+        hold_growth: true,
+    };
+    let (fetched, notes) = runtime.block_on(async {
         let dns = Dns::new(&config.dns)?;
-        anyhow::Ok(sources::fetch(config, &dns, &Fetched::default()).await?)
+        anyhow::Ok(sources::fetch(config, &dns, &previous).await?)
     })?;
-    for warning in warnings {
+    let (policy, warnings) = Policy::build(config, &fetched)?;
+    for warning in notes.warnings.iter().chain(&warnings) {
         eprintln!("warning: {warning}");
     }
-    Ok(fetched)
+    Ok(policy)
 }
 
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
@@ -181,11 +197,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Check { config } => {
             let config = Config::load(&config)?;
-            let fetched = fetch(&config)?;
-            let (policy, warnings) = Policy::build(&config, &fetched)?;
-            for warning in warnings {
-                eprintln!("warning: {warning}");
-            }
+            let policy = build(&config, &instance)?;
             print!("{}", check::render(&config, &policy));
             Ok(())
         }
@@ -254,8 +266,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Explain { addr, port, config } => {
             let config = Config::load(&config)?;
-            let fetched = fetch(&config)?;
-            let (policy, _) = Policy::build(&config, &fetched)?;
+            let policy = build(&config, &instance)?;
             print!("{}", explain::explain(&policy, addr, port));
             Ok(())
         }

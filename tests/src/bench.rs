@@ -105,6 +105,7 @@ pub fn allow_policy(nets: impl IntoIterator<Item = IpNet>) -> Policy {
         mode: Mode::Enforce,
         unlisted_action: Action::Drop,
         entries,
+        refused: Vec::new(),
     }
 }
 

@@ -151,6 +151,14 @@ pub fn file_cases(head: &str, dir: &Path) -> Vec<(Vec<u8>, String)> {
     )
     .expect("write list");
     std::fs::create_dir_all(dir.join("a-directory.txt")).expect("dir");
+    // A FIFO nobody writes to: reading it the plain way blocks the daemon for good.
+    let fifo = dir.join("a-fifo.txt");
+    if !fifo.exists() {
+        let path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).expect("path");
+        // SAFETY: mkfifo with a valid NUL-terminated path.
+        let rc = unsafe { libc::mkfifo(path.as_ptr(), 0o600) };
+        assert_eq!(rc, 0, "mkfifo: {}", std::io::Error::last_os_error());
+    }
     let huge = std::fs::File::create(dir.join("huge.txt")).expect("huge list");
     // Sparse: the size is real, the disk blocks are not.
     huge.set_len(300 << 20).expect("size the huge list");
@@ -170,7 +178,19 @@ pub fn file_cases(head: &str, dir: &Path) -> Vec<(Vec<u8>, String)> {
         ),
         (
             config("a-directory.txt"),
-            format!("{}: cannot read", list("a-directory.txt")),
+            format!(
+                "{}: a directory, not a regular file",
+                list("a-directory.txt")
+            ),
+        ),
+        (
+            config("a-fifo.txt"),
+            format!("{}: a FIFO, not a regular file", list("a-fifo.txt")),
+        ),
+        (
+            // Endless: refused for what it is, before a byte is read.
+            format!("{head}[[allow]]\nname = \"p\"\nfiles = [\"/dev/zero\"]\n").into_bytes(),
+            "/dev/zero: a character device, not a regular file".to_owned(),
         ),
         (
             config("latin1.txt"),

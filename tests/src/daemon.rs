@@ -1,7 +1,10 @@
 //! The real `smtpguard` binary as a child process inside a test namespace, entered with
-//! `nsenter --net` so it keeps the host's bpffs for its pins.
+//! `nsenter --net` so it keeps the host's bpffs for its pins; optionally in the file-system
+//! view the shipped systemd unit gives it ([`Launcher::UnitSandbox`]).
 
 use std::{
+    ffi::CString,
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     time::{Duration, Instant},
@@ -60,14 +63,143 @@ pub enum Launcher {
     /// `nsenter`, then `setpriv` keeping only the capabilities the shipped systemd unit
     /// grants (its `CapabilityBoundingSet`).
     UnitCapabilities,
+    /// As [`Launcher::UnitCapabilities`], in a private mount namespace where everything is
+    /// read-only but the paths the unit makes writable ([`unit_writable_paths`]), as
+    /// `ProtectSystem=strict` does: a path the unit forbids fails here, not on a gateway.
+    UnitSandbox,
+}
+
+/// The shipped systemd unit, as text.
+fn unit() -> String {
+    let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/smtpguard.service");
+    std::fs::read_to_string(&unit).expect("read the systemd unit")
+}
+
+/// The paths `packaging/smtpguard.service` leaves writable under `ProtectSystem=strict`:
+/// its `ReadWritePaths=`, and `/run/X` and `/var/lib/X` for `RuntimeDirectory=X` and
+/// `StateDirectory=X`.
+pub fn unit_writable_paths() -> Vec<PathBuf> {
+    let unit = unit();
+    assert!(
+        unit.lines().any(|line| line == "ProtectSystem=strict"),
+        "the unit should say ProtectSystem=strict:\n{unit}"
+    );
+    let mut paths = Vec::new();
+    for line in unit.lines() {
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
+        let root = match key {
+            "ReadWritePaths" => "",
+            "RuntimeDirectory" => "/run",
+            "StateDirectory" => "/var/lib",
+            _ => continue,
+        };
+        for path in value.split_whitespace() {
+            paths.push(Path::new(root).join(path.trim_start_matches(['-', '+'])));
+        }
+    }
+    paths
+}
+
+/// What systemd does before it starts the unit: mounts bpffs (every distribution does at
+/// boot; these test machines do not), creates the runtime and state directories (0700).
+fn prepare_unit_paths(paths: &[PathBuf]) {
+    let bpffs = Path::new("/sys/fs/bpf");
+    let mounted = std::fs::read_to_string("/proc/self/mounts")
+        .expect("mounts")
+        .lines()
+        .any(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.get(1) == Some(&"/sys/fs/bpf") && fields.get(2) == Some(&"bpf")
+        });
+    if !mounted {
+        let status = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(bpffs)
+            .status()
+            .expect("mount bpffs");
+        assert!(status.success(), "mount -t bpf bpf /sys/fs/bpf failed");
+    }
+    for path in paths {
+        if !path.starts_with(bpffs) {
+            std::fs::create_dir_all(path).expect("unit directory");
+            std::os::unix::fs::chown(path, Some(0), Some(0)).expect("chown");
+            let mode = std::os::unix::fs::PermissionsExt::from_mode(0o700);
+            std::fs::set_permissions(path, mode).expect("chmod");
+        }
+    }
+}
+
+/// Turns the calling process into one that sees the unit's file system: a private mount
+/// namespace, each of `writable` its own mount, then everything read-only recursively but
+/// those. Runs between fork and exec: system calls only, on strings made beforehand.
+fn enter_unit_sandbox(writable: &[CString]) -> std::io::Result<()> {
+    let check = |rc: libc::c_long| {
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    let setattr = |path: &CString, set: u64, clear: u64| {
+        let attr = libc::mount_attr {
+            attr_set: set,
+            attr_clr: clear,
+            propagation: 0,
+            userns_fd: 0,
+        };
+        // SAFETY: mount_setattr(2) with a NUL-terminated path and a mount_attr we own.
+        check(unsafe {
+            libc::syscall(
+                libc::SYS_mount_setattr,
+                libc::AT_FDCWD,
+                path.as_ptr(),
+                libc::AT_RECURSIVE as libc::c_uint,
+                &raw const attr,
+                size_of::<libc::mount_attr>(),
+            )
+        })
+    };
+    // SAFETY: unshare and mount with NUL-terminated strings; no memory is shared.
+    unsafe {
+        check(libc::unshare(libc::CLONE_NEWNS).into())?;
+        // Nothing done here propagates back to the host.
+        check(
+            libc::mount(
+                c"none".as_ptr(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            )
+            .into(),
+        )?;
+        for path in writable {
+            check(
+                libc::mount(
+                    path.as_ptr(),
+                    path.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND | libc::MS_REC,
+                    std::ptr::null(),
+                )
+                .into(),
+            )?;
+        }
+    }
+    setattr(&CString::from(c"/"), libc::MOUNT_ATTR_RDONLY, 0)?;
+    for path in writable {
+        setattr(path, 0, libc::MOUNT_ATTR_RDONLY)?;
+    }
+    Ok(())
 }
 
 /// The capabilities `packaging/smtpguard.service` grants, in setpriv's spelling
 /// (`bpf,net_admin,perfmon`).
 pub fn unit_capabilities() -> Vec<String> {
-    let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/smtpguard.service");
-    let text = std::fs::read_to_string(&unit).expect("read the systemd unit");
-    text.lines()
+    unit()
+        .lines()
         .find_map(|line| line.strip_prefix("CapabilityBoundingSet="))
         .expect("CapabilityBoundingSet in the unit")
         .split_whitespace()
@@ -101,7 +233,27 @@ impl Launcher {
                     .arg("--");
                 command
             }
+            Self::UnitSandbox => {
+                let mut command = Self::UnitCapabilities.command(netns);
+                sandbox(&mut command);
+                command
+            }
         }
+    }
+}
+
+/// Makes `command` run in the file-system view the unit gives the daemon (see
+/// [`Launcher::UnitSandbox`]).
+pub fn sandbox(command: &mut Command) {
+    let paths = unit_writable_paths();
+    prepare_unit_paths(&paths);
+    let writable: Vec<CString> = paths
+        .iter()
+        .map(|path| CString::new(path.as_os_str().as_encoded_bytes()).expect("path"))
+        .collect();
+    // SAFETY: the closure only makes system calls on memory prepared before the fork.
+    unsafe {
+        command.pre_exec(move || enter_unit_sandbox(&writable));
     }
 }
 
@@ -252,6 +404,27 @@ impl Daemon {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Where the instance keeps its last-good store.
+    pub fn state_dir(&self) -> PathBuf {
+        Path::new("/var/lib/smtpguard").join(&self.instance)
+    }
+
+    /// Waits until the log holds `needle` `count` times or more; returns the log.
+    pub fn wait_for_log(&self, needle: &str, count: usize, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.log();
+            if log.matches(needle).count() >= count {
+                return log;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "expected {needle:?} {count} times in the log within {timeout:?}:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// The daemon's state file, if it has written one.
@@ -426,6 +599,8 @@ impl Drop for Daemon {
             .args(["--instance", &self.instance, "detach"])
             .output();
         let _ = std::fs::remove_dir_all(&self.dir);
+        // The last-good store outlives detach, by design; not a test's.
+        let _ = std::fs::remove_dir_all(self.state_dir());
     }
 }
 

@@ -1,7 +1,7 @@
 //! A real DNS server for the resolver tests: dnsmasq (Debian's `dnsmasq-base`), listening on
 //! the loopback of a test namespace, answering from a zone the test writes. Addresses come
 //! from a hosts file with a 1 s TTL, so a test can change them and send SIGHUP; TXT and MX
-//! records come from its configuration.
+//! records come from its configuration, so changing them restarts it ([`DnsServer::serve`]).
 
 use std::{
     net::SocketAddr,
@@ -44,13 +44,21 @@ impl DnsServer {
             dir,
             hosts,
         };
-        server.set_addresses(&zone.addresses);
+        server.serve(netns, zone);
+        server
+    }
+
+    /// (Re)starts the server with `zone`: TXT and MX records change this way. The resolver
+    /// is dead for the moment in between.
+    pub fn serve(&mut self, netns: &Netns, zone: &Zone) {
+        self.kill();
+        self.set_addresses(&zone.addresses);
         let address: SocketAddr = RESOLVER.parse().expect("resolver address");
         let mut config = format!(
             "port={}\nlisten-address={}\nbind-interfaces\nno-resolv\nno-hosts\nlocal=/test/\nlocal-ttl=1\naddn-hosts={}\npid-file=\nuser=root\n",
             address.port(),
             address.ip(),
-            server.hosts.display()
+            self.hosts.display()
         );
         for (name, text) in &zone.txt {
             config.push_str(&format!("txt-record={name},\"{text}\"\n"));
@@ -58,9 +66,9 @@ impl DnsServer {
         for (name, exchange) in &zone.mx {
             config.push_str(&format!("mx-host={name},{exchange},10\n"));
         }
-        let config_path = server.dir.join("dnsmasq.conf");
+        let config_path = self.dir.join("dnsmasq.conf");
         std::fs::write(&config_path, config).expect("dnsmasq config");
-        let log = std::fs::File::create(server.dir.join("dnsmasq.log")).expect("log");
+        let log = std::fs::File::create(self.dir.join("dnsmasq.log")).expect("log");
         let child = Command::new("nsenter")
             .arg(format!("--net={}", netns.path()))
             .args(["dnsmasq", "--keep-in-foreground", "--log-facility=-"])
@@ -70,9 +78,8 @@ impl DnsServer {
             .stderr(log)
             .spawn()
             .expect("spawn dnsmasq (install dnsmasq-base: cargo xtask setup)");
-        server.child = Some(child);
-        server.wait_until_listening(netns);
-        server
+        self.child = Some(child);
+        self.wait_until_listening(netns);
     }
 
     fn wait_until_listening(&mut self, netns: &Netns) {

@@ -148,7 +148,7 @@ fn carriers() -> Vec<(&'static str, Wrap)> {
                     SRC_MAC,
                     &[],
                     ETH_P_MPLS_UC,
-                    &mpls(&[16, 17, 18], i),
+                    &mpls(&[16, 17, 18], true, i),
                 )
             }),
         ),
@@ -192,6 +192,7 @@ fn carriers() -> Vec<(&'static str, Wrap)> {
                 checksum: true,
                 key: true,
                 sequence: true,
+                ..Default::default()
             },
         ),
     ] {
@@ -266,7 +267,7 @@ fn what_the_parser_cannot_read_is_dropped_not_passed() {
         ("an inner header the frame cuts off", frame(&cut)),
         (
             "MPLS inside GRE",
-            in_gre(ETH_P_MPLS_UC, &mpls(&[16], &allowed)),
+            in_gre(ETH_P_MPLS_UC, &mpls(&[16], true, &allowed)),
         ),
         ("ERSPAN inside GRE", in_gre(0x88be, &allowed)),
         (
@@ -283,7 +284,7 @@ fn what_the_parser_cannot_read_is_dropped_not_passed() {
                 SRC_MAC,
                 &[],
                 ETH_P_MPLS_UC,
-                &mpls(&[16; 9], &allowed),
+                &mpls(&[16; 9], true, &allowed),
             ),
         ),
     ] {

@@ -200,6 +200,7 @@ mod tests {
             counter_map_ids: Default::default(),
             boot: false,
             layout: 1,
+            sources: Vec::new(),
         };
         let boot = BootClock::now().boot.as_nanos() as u64;
         let seen = |would_block, ago_s: u64| Offender {

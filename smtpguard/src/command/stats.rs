@@ -9,6 +9,7 @@ use crate::{
     instance::{InterfaceState, RunState},
     kernel::maps::CounterSnapshot,
     policy::List,
+    source::fetch::SourceNote,
 };
 
 #[derive(Clone, Debug, Serialize)]
@@ -42,6 +43,9 @@ pub struct Stats {
     pub tunnelled: u64,
     /// The boot policy is in force: every guarded SYN is dropped until the policy is built.
     pub boot: bool,
+    /// Names and list files whose last good answer stands in for a fresh one (stale, or held
+    /// back by the growth guard).
+    pub sources: Vec<SourceNote>,
     pub prefixes: Vec<PrefixStats>,
 }
 
@@ -94,6 +98,7 @@ impl Stats {
             resets_withheld: counters.get(counter::RESET_WITHHELD),
             tunnelled: counters.get(counter::TUNNELLED),
             boot: state.boot,
+            sources: state.sources.clone(),
             prefixes,
         }
     }
@@ -163,6 +168,9 @@ impl Stats {
             "opaque frames dropped {}, resets withheld {}, tunnelled SYNs decided by inner source {}",
             self.opaque_dropped, self.resets_withheld, self.tunnelled
         );
+        for note in &self.sources {
+            let _ = writeln!(out, "{}: {}: {}", note.status, note.source, note.detail);
+        }
         let rule_width = self
             .prefixes
             .iter()
@@ -241,6 +249,11 @@ mod tests {
             action: crate::source::config::Action::Drop,
             boot: false,
             layout: 1,
+            sources: vec![SourceNote {
+                source: "host relay.provider.test".into(),
+                status: crate::source::fetch::SourceStatus::Stale,
+                detail: "cannot refresh host relay.provider.test: timed out".into(),
+            }],
         };
         let mut counters = CounterSnapshot::default();
         counters.global[counter::SYN_ALLOWED as usize] = 7;
@@ -250,7 +263,7 @@ mod tests {
         let stats = Stats::new("default", &state, &counters);
         let text = stats.to_text();
         assert!(
-            text.contains("attached to eth0 (native); guarding TCP port 25; enforce mode, unlisted sources: drop"),
+            text.contains("attached to eth0 (native mode, Ethernet); guarding TCP port 25; enforce mode, unlisted sources: drop"),
             "{text}"
         );
         assert!(
@@ -261,10 +274,15 @@ mod tests {
             text.contains("allow  provider  89.16.184.144/28           7"),
             "{text}"
         );
+        assert!(
+            text.contains("stale: host relay.provider.test: cannot refresh"),
+            "{text}"
+        );
         let json: serde_json::Value = serde_json::to_value(&stats).unwrap();
         assert_eq!(json["syn_allowed"], 7);
         assert_eq!(json["prefixes"][0]["prefix"], "89.16.184.144/28");
         assert_eq!(json["prefixes"][0]["syns"], 7);
         assert_eq!(json["prefixes"][1]["list"], "deny");
+        assert_eq!(json["sources"][0]["status"], "stale");
     }
 }

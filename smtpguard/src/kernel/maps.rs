@@ -296,7 +296,7 @@ impl PolicyMaps {
             ports: policy.ports.clone(),
             mode: policy.mode,
             unlisted_action: crate::source::config::Action::Drop,
-            entries: BTreeMap::new(),
+            ..Policy::default()
         };
         self.install(&closed, 0)
     }

@@ -1,6 +1,12 @@
 //! The policy: validated, normalised prefixes with the list and rule they belong to, and the
 //! guarded ports. Built from a [`Config`]; conflicts are refused here, before anything reaches
 //! the kernel.
+//!
+//! Allow prefixes from automatic sources (list files, host names, SPF records) shorter than
+//! the `[safety]` floor are left out and recorded in [`Policy::refused`]; literal prefixes are
+//! the admin's own words and keep their meaning, but `0.0.0.0/0` or `::/0` on an allow rule
+//! needs `allow_any_source = true`. Deny prefixes are never floored: a deny entry only matters
+//! inside an allow range, and unlisted sources are stopped anyway.
 
 use std::{
     collections::{BTreeMap, BTreeSet, btree_map},
@@ -11,9 +17,10 @@ use std::{
 use ipnet::IpNet;
 
 use crate::source::{
-    config::{Action, Config, ConfigError, Conflict, Location, Mode, RuleSpec, Warning},
+    config::{Action, Config, ConfigError, Conflict, Location, Mode, RuleSpec, Safety, Warning},
     fetch::{Fetched, Name, Origin, normalise},
     prefix,
+    safety::{self, Reason, Refusal},
 };
 
 /// Which list a prefix is on.
@@ -62,6 +69,8 @@ pub struct Policy {
     /// What happens to SYNs from sources no prefix matches.
     pub unlisted_action: Action,
     pub entries: BTreeMap<IpNet, Entry>,
+    /// Allow prefixes from automatic sources left out, and why (each also a warning).
+    pub refused: Vec<Refusal>,
 }
 
 /// The decision for one source and port, as the XDP program takes it.
@@ -81,18 +90,33 @@ impl Policy {
     /// Builds the policy from `config` and what was fetched for it (list files, DNS
     /// answers), refusing conflicts and bad prefixes.
     pub fn build(config: &Config, fetched: &Fetched) -> Result<(Self, Vec<Warning>), ConfigError> {
-        let mut warnings = Vec::new();
-        let mut entries: BTreeMap<IpNet, Entry> = BTreeMap::new();
+        let mut building = Building {
+            safety: &config.safety,
+            entries: BTreeMap::new(),
+            warnings: Vec::new(),
+            refused: Vec::new(),
+        };
         for (list, specs) in [(List::Allow, &config.allow), (List::Deny, &config.deny)] {
             for spec in specs {
-                add_rule(&mut entries, &mut warnings, list, spec, fetched)?;
+                building.add_rule(list, spec, fetched)?;
             }
         }
+        let Building {
+            entries,
+            mut warnings,
+            refused,
+            ..
+        } = building;
+        warnings.extend(refused.iter().map(|refusal| Warning {
+            at: refusal.at.clone(),
+            message: refusal.message(),
+        }));
         let policy = Self {
             ports: config.ports.iter().map(|(port, _)| *port).collect(),
             mode: config.mode,
             unlisted_action: config.action,
             entries,
+            refused,
         };
         if !config.allow_none && policy.count(List::Allow) == 0 {
             return Err(ConfigError::NoAllow {
@@ -132,66 +156,112 @@ impl Policy {
     }
 }
 
-fn add_rule(
-    entries: &mut BTreeMap<IpNet, Entry>,
-    warnings: &mut Vec<Warning>,
-    list: List,
-    spec: &RuleSpec,
-    fetched: &Fetched,
-) -> Result<(), ConfigError> {
-    let entry = |origin: Origin, at: &Location| Entry {
-        list,
-        rule: spec.name.clone(),
-        action: spec.action,
-        origin,
-        at: at.clone(),
-    };
-    let mut written: Vec<(&str, Entry)> = spec
-        .prefixes
-        .iter()
-        .map(|(text, at)| (text.as_str(), entry(Origin::Literal, at)))
-        .collect();
-    for (path, _) in &spec.files {
-        let lines = fetched
-            .files
-            .get(path)
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        written.extend(
-            lines
-                .iter()
-                .map(|(text, at)| (text.as_str(), entry(Origin::File(path.clone()), at))),
-        );
-    }
-    for (text, entry) in written {
-        let parsed = prefix::parse(text).map_err(|reason| ConfigError::BadPrefix {
-            at: entry.at.clone(),
-            value: text.to_owned(),
-            reason,
-        })?;
-        if parsed.had_host_bits {
-            warnings.push(Warning {
+/// A policy being built: the entries so far, and what was said or left out on the way.
+struct Building<'a> {
+    safety: &'a Safety,
+    entries: BTreeMap<IpNet, Entry>,
+    warnings: Vec<Warning>,
+    refused: Vec<Refusal>,
+}
+
+impl Building<'_> {
+    fn add_rule(
+        &mut self,
+        list: List,
+        spec: &RuleSpec,
+        fetched: &Fetched,
+    ) -> Result<(), ConfigError> {
+        let entry = |origin: Origin, at: &Location| Entry {
+            list,
+            rule: spec.name.clone(),
+            action: spec.action,
+            origin,
+            at: at.clone(),
+        };
+        let mut written: Vec<(&str, Entry)> = spec
+            .prefixes
+            .iter()
+            .map(|(text, at)| (text.as_str(), entry(Origin::Literal, at)))
+            .collect();
+        for (path, _) in &spec.files {
+            let lines = fetched
+                .files
+                .get(path)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            written.extend(
+                lines
+                    .iter()
+                    .map(|(text, at)| (text.as_str(), entry(Origin::File(path.clone()), at))),
+            );
+        }
+        for (text, entry) in written {
+            let parsed = prefix::parse(text).map_err(|reason| ConfigError::BadPrefix {
                 at: entry.at.clone(),
-                message: format!("{text:?} has host bits set; using {}", parsed.net),
+                value: text.to_owned(),
+                reason,
+            })?;
+            if parsed.mapped {
+                self.warnings.push(Warning {
+                    at: entry.at.clone(),
+                    message: format!(
+                        "{text:?} is an IPv4-mapped IPv6 prefix, which IPv4 sources never match as such; using the IPv4 prefix {}",
+                        parsed.net
+                    ),
+                });
+            } else if parsed.had_host_bits {
+                self.warnings.push(Warning {
+                    at: entry.at.clone(),
+                    message: format!("{text:?} has host bits set; using {}", parsed.net),
+                });
+            }
+            if entry.origin == Origin::Literal
+                && list == List::Allow
+                && parsed.net.prefix_len() == 0
+                && !self.safety.allow_any_source
+            {
+                return Err(ConfigError::AnySource {
+                    at: entry.at,
+                    value: text.to_owned(),
+                });
+            }
+            self.add(parsed.net, entry)?;
+        }
+        let names = spec
+            .hosts
+            .iter()
+            .map(|(host, at)| (Name::Host(normalise(host)), at))
+            .chain(
+                spec.spf
+                    .iter()
+                    .map(|(domain, at)| (Name::Spf(normalise(domain)), at)),
+            );
+        for (name, at) in names {
+            for net in fetched.nets(&name).unwrap_or_default() {
+                self.add(*net, entry(name.origin(), at))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds one prefix, unless it reaches the allow list from an automatic source below the
+    /// floor.
+    fn add(&mut self, net: IpNet, entry: Entry) -> Result<(), ConfigError> {
+        if entry.list == List::Allow
+            && entry.origin != Origin::Literal
+            && let Some(floor) = safety::below_floor(&net, self.safety)
+        {
+            self.refused.push(Refusal {
+                net,
+                rule: entry.rule,
+                origin: entry.origin,
+                at: entry.at,
+                reason: Reason::Floor { floor },
             });
+            return Ok(());
         }
-        insert(entries, warnings, parsed.net, entry)?;
+        insert(&mut self.entries, &mut self.warnings, net, entry)
     }
-    let names = spec
-        .hosts
-        .iter()
-        .map(|(host, at)| (Name::Host(normalise(host)), at))
-        .chain(
-            spec.spf
-                .iter()
-                .map(|(domain, at)| (Name::Spf(normalise(domain)), at)),
-        );
-    for (name, at) in names {
-        for net in fetched.nets(&name).unwrap_or_default() {
-            insert(entries, warnings, *net, entry(name.origin(), at))?;
-        }
-    }
-    Ok(())
 }
 
 /// Adds one prefix, refusing it on both lists and folding repeats on one.
@@ -355,6 +425,211 @@ prefixes = ["89.16.184.150"]
             policy.verdict("192.0.2.1".parse().unwrap(), 25),
             Verdict::Unlisted
         );
+    }
+
+    #[test]
+    fn ipv4_mapped_prefixes_become_ipv4_with_a_warning() {
+        let (policy, warnings) = build("interfaces = [\"eth0\"]\n[[allow]]\nname = \"p\"\nprefixes = [\"192.0.2.0/24\"]\n[[deny]]\nname = \"bad\"\nprefixes = [\"::ffff:192.0.2.9\"]\n").unwrap();
+        assert_eq!(
+            policy.verdict("192.0.2.9".parse().unwrap(), 25),
+            Verdict::Denied(
+                "192.0.2.9/32".parse().unwrap(),
+                &policy.entries[&"192.0.2.9/32".parse().unwrap()]
+            ),
+            "the deny applies to the IPv4 source"
+        );
+        assert_eq!(
+            warnings[0].to_string(),
+            "/etc/smtpguard/test.toml:7: \"::ffff:192.0.2.9\" is an IPv4-mapped IPv6 prefix, which IPv4 sources never match as such; using the IPv4 prefix 192.0.2.9/32"
+        );
+        let error = build(
+            "interfaces = [\"eth0\"]\n[[allow]]\nname = \"p\"\nprefixes = [\"::ffff:0:0/64\"]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.starts_with(
+                "/etc/smtpguard/test.toml:4: bad prefix \"::ffff:0:0/64\": an IPv4-mapped prefix"
+            ),
+            "{error}"
+        );
+    }
+
+    /// A configuration with a list file and an SPF domain on the allow list, and the same on
+    /// the deny list, as fetched.
+    fn automatic(allow_nets: &[&str], deny_nets: &[&str], safety: &str) -> (Config, Fetched) {
+        let text = format!(
+            "interfaces = [\"eth0\"]\n{safety}\n[[allow]]\nname = \"provider\"\nspf = [\"provider.test\"]\nfiles = [\"/etc/smtpguard/provider.txt\"]\n[[deny]]\nname = \"drop\"\nspf = [\"drop.test\"]\nfiles = [\"/etc/smtpguard/drop.txt\"]\n"
+        );
+        let config = Config::parse(Path::new("/etc/smtpguard/test.toml"), &text).unwrap();
+        let mut fetched = Fetched::default();
+        for (path, nets) in [
+            ("/etc/smtpguard/provider.txt", allow_nets),
+            ("/etc/smtpguard/drop.txt", deny_nets),
+        ] {
+            let text: String = nets.iter().map(|net| format!("{net}\n")).collect();
+            fetched.files.insert(
+                path.into(),
+                crate::source::listfile::entries(Path::new(path), &text),
+            );
+        }
+        for (name, nets) in [("provider.test", allow_nets), ("drop.test", deny_nets)] {
+            // The same prefixes from DNS, moved out of the way of the file's.
+            let nets = nets
+                .iter()
+                .map(|net| {
+                    let net: IpNet = net.parse().unwrap();
+                    match net {
+                        IpNet::V4(v4) => IpNet::new(
+                            std::net::Ipv4Addr::from(u32::from(v4.addr()) ^ 0x0100_0000).into(),
+                            v4.prefix_len(),
+                        )
+                        .unwrap()
+                        .trunc(),
+                        IpNet::V6(_) => net,
+                    }
+                })
+                .collect();
+            fetched.names.insert(
+                Name::Spf(name.into()),
+                crate::source::fetch::Resolution::last_good(nets, std::time::SystemTime::now()),
+            );
+        }
+        (config, fetched)
+    }
+
+    #[test]
+    fn automatic_allow_prefixes_below_the_floor_are_refused() {
+        let (config, fetched) = automatic(
+            &[
+                "0.0.0.0/0",
+                "128.0.0.0/1",
+                "64.0.0.0/11",
+                "40.92.0.0/15",
+                "::/0",
+                "2001:db8::/32",
+            ],
+            &["0.0.0.0/0", "::/0"],
+            "",
+        );
+        let (policy, warnings) = Policy::build(&config, &fetched).unwrap();
+        let allowed: Vec<String> = policy
+            .entries
+            .iter()
+            .filter(|(_, entry)| entry.list == List::Allow)
+            .map(|(net, entry)| format!("{net} {}", entry.origin))
+            .collect();
+        assert_eq!(
+            allowed,
+            [
+                "40.92.0.0/15 file /etc/smtpguard/provider.txt",
+                "41.92.0.0/15 SPF of provider.test",
+                "2001:db8::/32 file /etc/smtpguard/provider.txt"
+            ]
+        );
+        // Deny prefixes are not floored (both origins gave 0.0.0.0/0 and ::/0: kept once).
+        assert_eq!(policy.count(List::Deny), 2, "{:?}", policy.entries);
+        assert_eq!(
+            policy.verdict("203.0.113.9".parse().unwrap(), 25),
+            Verdict::Denied(
+                "0.0.0.0/0".parse().unwrap(),
+                &policy.entries[&"0.0.0.0/0".parse().unwrap()]
+            ),
+        );
+        let refused: Vec<String> = policy
+            .refused
+            .iter()
+            .map(|refusal| {
+                format!(
+                    "{} {} {}",
+                    refusal.net,
+                    refusal.rule,
+                    refusal.reason.label()
+                )
+            })
+            .collect();
+        assert_eq!(refused.len(), 8, "{refused:?}");
+        assert!(refused.contains(&"0.0.0.0/0 provider floor".to_owned()));
+        let text: Vec<String> = warnings.iter().map(ToString::to_string).collect();
+        assert!(
+            text.contains(&"/etc/smtpguard/provider.txt:1: 0.0.0.0/0 from file /etc/smtpguard/provider.txt refused for allow rule \"provider\": shorter than /12, the floor for IPv4 prefixes from list files and DNS ([safety] min_prefix_v4)".to_owned()),
+            "{text:#?}"
+        );
+        assert!(
+            text.contains(&"/etc/smtpguard/test.toml:5: ::/0 from SPF of provider.test refused for allow rule \"provider\": shorter than /32, the floor for IPv6 prefixes from list files and DNS ([safety] min_prefix_v6)".to_owned()),
+            "{text:#?}"
+        );
+
+        // The floor is a setting.
+        let (config, fetched) = automatic(&["64.0.0.0/11"], &[], "[safety]\nmin_prefix_v4 = 8\n");
+        let (policy, _) = Policy::build(&config, &fetched).unwrap();
+        assert_eq!(policy.count(List::Allow), 2);
+        assert!(policy.refused.is_empty());
+    }
+
+    #[test]
+    fn ipv4_mapped_list_file_lines_become_ipv4_and_meet_the_floor_as_such() {
+        let (config, mut fetched) = automatic(&["192.0.2.0/24"], &[], "");
+        let list = Path::new("/etc/smtpguard/provider.txt");
+        fetched.files.insert(
+            list.into(),
+            crate::source::listfile::entries(list, "::ffff:198.51.100.0/120\n::ffff:0.0.0.0/97\n"),
+        );
+        let (policy, warnings) = Policy::build(&config, &fetched).unwrap();
+        assert!(
+            policy
+                .entries
+                .contains_key(&"198.51.100.0/24".parse().unwrap())
+        );
+        assert_eq!(
+            warnings[0].to_string(),
+            "/etc/smtpguard/provider.txt:1: \"::ffff:198.51.100.0/120\" is an IPv4-mapped IPv6 prefix, which IPv4 sources never match as such; using the IPv4 prefix 198.51.100.0/24"
+        );
+        // ::ffff:0.0.0.0/97 is 0.0.0.0/1: refused by the IPv4 floor.
+        assert_eq!(
+            policy
+                .refused
+                .iter()
+                .map(|refusal| refusal.net.to_string())
+                .collect::<Vec<_>>(),
+            ["0.0.0.0/1"]
+        );
+    }
+
+    #[test]
+    fn an_allow_list_emptied_by_the_floor_is_no_allow_list() {
+        let (config, fetched) = automatic(&["0.0.0.0/0"], &[], "");
+        let error = Policy::build(&config, &fetched).unwrap_err().to_string();
+        assert!(error.contains("no allow prefix at all"), "{error}");
+    }
+
+    #[test]
+    fn literal_any_source_needs_allow_any_source() {
+        for any in [
+            "0.0.0.0/0",
+            "::/0",
+            "0.0.0.0 mask 0.0.0.0",
+            "::ffff:0.0.0.0/96",
+        ] {
+            let text = format!(
+                "interfaces = [\"eth0\"]\n[[allow]]\nname = \"all\"\nprefixes = [\n  \"{any}\",\n]\n"
+            );
+            let error = build(&text).unwrap_err().to_string();
+            assert_eq!(
+                error,
+                format!(
+                    "/etc/smtpguard/test.toml:5: {any:?} on an allow rule lets every source connect; set allow_any_source = true in [safety] if that is what you mean"
+                )
+            );
+            let (policy, _) =
+                build(&text.replace("[[allow]]", "[safety]\nallow_any_source = true\n[[allow]]"))
+                    .unwrap();
+            assert_eq!(policy.count(List::Allow), 1, "{any}");
+        }
+        // Other literal prefixes keep their meaning, however short; deny /0 needs nothing.
+        let (policy, _) = build("interfaces = [\"eth0\"]\n[[allow]]\nname = \"half\"\nprefixes = [\"0.0.0.0/1\"]\n[[deny]]\nname = \"rest\"\nprefixes = [\"::/0\"]\n").unwrap();
+        assert_eq!(policy.entries.len(), 2);
+        assert!(policy.refused.is_empty());
     }
 
     #[test]

@@ -34,7 +34,9 @@ use crate::{
     source::{
         config::{Action, Config, ConfigError, Mode, OnExit, Warning},
         dns::{Dns, DnsError},
-        fetch::{self as sources, FetchError, Fetched},
+        fetch::{self as sources, FetchError, Fetched, Previous},
+        safety::Refusal,
+        store::Store,
     },
 };
 
@@ -182,6 +184,8 @@ struct Daemon {
     dns: Dns,
     /// List files and DNS answers the policy was built from.
     fetched: Fetched,
+    /// The last-good copy of `fetched` on disk, for a restart without DNS.
+    store: Store,
     policy: Policy,
     instance: Instance,
     // Field order is drop order: detach first, then remove the pins, then release the lock.
@@ -221,11 +225,13 @@ impl Daemon {
         };
         let counter_map_ids = pinned_counter_ids(&maps_dir)?;
         let telemetry = SharedTelemetry::default();
+        let store = open_store(instance);
         let mut daemon = Self {
             config_path: config_path.to_owned(),
             config,
             dns,
             fetched: Fetched::default(),
+            store,
             policy: Policy::default(),
             instance: instance.clone(),
             filter,
@@ -268,12 +274,21 @@ impl Daemon {
             );
         }
 
-        let (fetched, warnings) = sources::fetch(&daemon.config, &daemon.dns, &Fetched::default())
+        // Names that do not resolve now are taken from the last-good store; growth past the
+        // guard waits for an admin, as on a refresh: a reboot must not open the policy.
+        let previous_sources = Previous {
+            fetched: &Fetched::default(),
+            store: Some(&daemon.store),
+            hold_growth: true,
+        };
+        let (fetched, notes) = sources::fetch(&daemon.config, &daemon.dns, &previous_sources)
             .await
             .map_err(Box::new)?;
-        log_warnings(&warnings);
+        log_warnings(&notes.warnings);
+        count_refused(&daemon.telemetry, &notes.refused);
         let (policy, warnings) = Policy::build(&daemon.config, &fetched)?;
         log_warnings(&warnings);
+        count_refused(&daemon.telemetry, &policy.refused);
         // The policy is in the maps before any program of this build sees a packet.
         let report = daemon.maps.apply(&policy)?;
         daemon.fetched = fetched;
@@ -310,6 +325,7 @@ impl Daemon {
         }
         daemon.pins.remove = daemon.config.on_exit == OnExit::Detach;
         daemon.write_state(true)?;
+        daemon.save_store();
         log::info!("{}: {}", daemon.policy.mode, daemon.describe(&report));
         Ok(daemon)
     }
@@ -467,16 +483,22 @@ impl Daemon {
     /// Asks DNS again about the names that are due; applies the policy if an answer changed.
     async fn refresh_names(&mut self) -> Result<Option<ApplyReport>, DaemonError> {
         let mut fetched = self.fetched.clone();
-        let (changed, warnings) = sources::refresh_due(
+        let (changed, notes) = sources::refresh_due(
             &self.config,
             &self.dns,
             &mut fetched,
             std::time::Instant::now(),
         )
         .await;
-        log_warnings(&warnings);
+        log_warnings(&notes.warnings);
+        count_refused(&self.telemetry, &notes.refused);
         if !changed {
+            // A name that went stale, or is held back, is news for `stats` without a new policy.
+            let news = !sources::same_status(&self.fetched, &fetched);
             self.fetched = fetched;
+            if news {
+                self.write_state(true)?;
+            }
             return Ok(None);
         }
         let outcome = Policy::build(&self.config, &fetched)
@@ -488,6 +510,7 @@ impl Daemon {
             });
         match outcome {
             Ok((policy, report)) => {
+                count_refused(&self.telemetry, &policy.refused);
                 self.policy = policy;
                 self.fetched = fetched;
                 if let Err(error) = self.write_state(true) {
@@ -496,6 +519,7 @@ impl Daemon {
                         report.generation
                     );
                 }
+                self.save_store();
                 Ok(Some(report))
             }
             Err(error) => {
@@ -520,11 +544,18 @@ impl Daemon {
         } else {
             Some(Dns::new(&config.dns)?)
         };
-        let (fetched, warnings) =
-            sources::fetch(&config, dns.as_ref().unwrap_or(&self.dns), &self.fetched)
+        // An explicit reload takes what DNS says now, grown or not.
+        let previous = Previous {
+            fetched: &self.fetched,
+            store: Some(&self.store),
+            hold_growth: false,
+        };
+        let (fetched, notes) =
+            sources::fetch(&config, dns.as_ref().unwrap_or(&self.dns), &previous)
                 .await
                 .map_err(Box::new)?;
-        log_warnings(&warnings);
+        log_warnings(&notes.warnings);
+        count_refused(&self.telemetry, &notes.refused);
         let (policy, warnings) = Policy::build(&config, &fetched)?;
         log_warnings(&warnings);
         log::info!(
@@ -621,6 +652,7 @@ impl Daemon {
             old.abort();
             log::info!("metrics: no longer serving on {address}");
         }
+        count_refused(&self.telemetry, &policy.refused);
         self.config = config;
         self.policy = policy;
         self.fetched = fetched;
@@ -638,6 +670,7 @@ impl Daemon {
                 report.generation
             );
         }
+        self.save_store();
         log::info!(
             "state recorded in {:.0} ms; reload done {:.0} ms after the signal",
             written.elapsed().as_secs_f64() * 1e3,
@@ -678,20 +711,24 @@ impl Daemon {
         self.publish_dns();
     }
 
-    /// Shares what DNS last said (failures, stale answers) with the metrics endpoint.
+    /// Shares what DNS last said (failures, stale or held-back answers) and which list files
+    /// are stale with the metrics endpoint.
     fn publish_dns(&self) {
         if let Ok(mut telemetry) = self.telemetry.lock() {
-            telemetry.dns = self
-                .fetched
-                .names
-                .iter()
-                .map(|(name, resolution)| {
-                    (
-                        name.to_string(),
-                        (resolution.failures, resolution.stale.is_some()),
-                    )
-                })
-                .collect();
+            telemetry.set_sources(&self.fetched);
+        }
+    }
+
+    /// Records the answers and list files the policy in force was built from, for a restart
+    /// without DNS. A failure is logged: the policy is in force all the same.
+    fn save_store(&mut self) {
+        match self.store.save(&self.fetched) {
+            Ok(true) => log::info!(
+                "last good answers recorded in {}",
+                self.store.dir().display()
+            ),
+            Ok(false) => {}
+            Err(error) => log::error!("{error}; a restart while DNS is down cannot use it"),
         }
     }
 
@@ -756,6 +793,7 @@ impl Daemon {
             counter_map_ids: self.counter_map_ids,
             boot: self.boot,
             layout: LAYOUT_STAMP,
+            sources: self.fetched.not_current(),
         };
         self.instance.write_state(&state)?;
         self.publish(state);
@@ -810,6 +848,26 @@ fn set_link_pins(
         }
     }
     Ok(())
+}
+
+/// The instance's last-good store; without one (it cannot be created or read) the daemon runs
+/// all the same, and says what that costs.
+fn open_store(instance: &Instance) -> Store {
+    let (store, problem) = Store::open(&instance.state_dir());
+    if let Some(problem) = problem {
+        log::error!(
+            "{problem}; running without last good answers: a restart while DNS is down cannot use them"
+        );
+    }
+    store
+}
+
+fn count_refused(telemetry: &SharedTelemetry, refused: &[Refusal]) {
+    if !refused.is_empty()
+        && let Ok(mut telemetry) = telemetry.lock()
+    {
+        telemetry.count_refused(refused);
+    }
 }
 
 fn log_warnings(warnings: &[Warning]) {

@@ -12,7 +12,12 @@
 //! - `smtpguard_info{version,xdp_mode,interface}` = 1, `smtpguard_enforcing` = 1 or 0 (audit)
 //! - `smtpguard_unrecorded_total`: stopped SYNs a flood kept out of the sources table
 //! - `smtpguard_dns_refresh_failures_total{name}`, `smtpguard_dns_stale{name}` = 1 while a
-//!   name's last good answer is kept after a failure
+//!   name's last good answer is kept after a failure (or taken from the last-good store)
+//! - `smtpguard_dns_held_back{name}` = 1 while a refresh that grew the name past
+//!   `max_growth` is held back
+//! - `smtpguard_file_stale{path}` = 1 while a list file's last good entries stand in for it
+//! - `smtpguard_prefixes_refused_total{rule,reason}`: allow prefixes from automatic sources
+//!   left out (`reason="floor"`)
 
 use std::{
     collections::BTreeMap,
@@ -39,7 +44,7 @@ use crate::{
     instance::{InterfaceState, PrefixState},
     kernel::maps::CounterMaps,
     policy::List,
-    source::config::Mode,
+    source::{config::Mode, fetch::Fetched, safety::Refusal},
 };
 
 /// What the daemon knows that the kernel maps do not: shared with the scrape handler.
@@ -52,8 +57,61 @@ pub struct Telemetry {
     pub prefixes: Vec<PrefixState>,
     pub reloads_ok: u64,
     pub reloads_error: u64,
-    /// Per DNS name: refreshes that failed, and whether its last good answer is in use.
-    pub dns: BTreeMap<String, (u64, bool)>,
+    /// Per DNS name: refreshes that failed, whether its last good answer is in use, and
+    /// whether a grown answer is held back.
+    pub dns: BTreeMap<String, NameTelemetry>,
+    /// Per list file: whether its last good entries stand in for it.
+    pub files: BTreeMap<String, bool>,
+    /// Allow prefixes refused, per rule and reason.
+    pub refused: BTreeMap<(String, &'static str), u64>,
+}
+
+/// What the metrics say about one DNS name.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NameTelemetry {
+    pub failures: u64,
+    pub stale: bool,
+    pub held_back: bool,
+}
+
+impl Telemetry {
+    /// Takes what `fetched` says about names and list files.
+    pub fn set_sources(&mut self, fetched: &Fetched) {
+        self.dns = fetched
+            .names
+            .iter()
+            .map(|(name, resolution)| {
+                (
+                    name.to_string(),
+                    NameTelemetry {
+                        failures: resolution.failures,
+                        stale: resolution.stale.is_some(),
+                        held_back: resolution.held.is_some(),
+                    },
+                )
+            })
+            .collect();
+        self.files = fetched
+            .files
+            .keys()
+            .map(|path| {
+                (
+                    path.display().to_string(),
+                    fetched.stale_files.contains_key(path),
+                )
+            })
+            .collect();
+    }
+
+    /// Counts prefixes refused.
+    pub fn count_refused(&mut self, refused: &[Refusal]) {
+        for refusal in refused {
+            *self
+                .refused
+                .entry((refusal.rule.clone(), refusal.reason.label()))
+                .or_default() += 1;
+        }
+    }
 }
 
 pub type SharedTelemetry = Arc<Mutex<Telemetry>>;
@@ -304,7 +362,7 @@ impl prometheus_client::collector::Collector for Exporter {
         let failures: Vec<(Labels, u64)> = telemetry
             .dns
             .iter()
-            .map(|(name, (failures, _))| (vec![("name", name.clone())], *failures))
+            .map(|(name, state)| (vec![("name", name.clone())], state.failures))
             .collect();
         counter_family(
             &mut encoder,
@@ -315,13 +373,51 @@ impl prometheus_client::collector::Collector for Exporter {
         let stale: Vec<(Labels, i64)> = telemetry
             .dns
             .iter()
-            .map(|(name, (_, stale))| (vec![("name", name.clone())], i64::from(*stale)))
+            .map(|(name, state)| (vec![("name", name.clone())], i64::from(state.stale)))
             .collect();
         gauge_family(
             &mut encoder,
             "smtpguard_dns_stale",
-            "1 while this name's last good answer is in use because a refresh failed.",
+            "1 while this name's last good answer is in use because it cannot be resolved.",
             &stale,
+        )?;
+        let held: Vec<(Labels, i64)> = telemetry
+            .dns
+            .iter()
+            .map(|(name, state)| (vec![("name", name.clone())], i64::from(state.held_back)))
+            .collect();
+        gauge_family(
+            &mut encoder,
+            "smtpguard_dns_held_back",
+            "1 while an answer that grew this name past max_growth is held back (SIGHUP accepts it).",
+            &held,
+        )?;
+        let files: Vec<(Labels, i64)> = telemetry
+            .files
+            .iter()
+            .map(|(path, stale)| (vec![("path", path.clone())], i64::from(*stale)))
+            .collect();
+        gauge_family(
+            &mut encoder,
+            "smtpguard_file_stale",
+            "1 while this list file cannot be read and its last good entries are in use.",
+            &files,
+        )?;
+        let refused: Vec<(Labels, u64)> = telemetry
+            .refused
+            .iter()
+            .map(|((rule, reason), count)| {
+                (
+                    vec![("rule", rule.clone()), ("reason", (*reason).to_owned())],
+                    *count,
+                )
+            })
+            .collect();
+        counter_family(
+            &mut encoder,
+            "smtpguard_prefixes_refused",
+            "Allow prefixes from list files and DNS left out of the policy (reason=floor: shorter than [safety] min_prefix_v4/v6).",
+            &refused,
         )
     }
 }

@@ -14,13 +14,33 @@ use toml::Spanned;
 /// A configuration larger than this is refused unread (prefix lists belong in `files`).
 pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
 
-/// The text of the file at `path`, refused if larger than `limit` bytes or not UTF-8.
+/// The text of the file at `path`, refused if it is not a regular file, is larger than
+/// `limit` bytes, or is not UTF-8.
+///
+/// The file is opened once and everything is decided on that descriptor: `O_NONBLOCK` so a
+/// FIFO cannot block the daemon at open, `fstat` of the opened file (not of the path, which may
+/// be replaced in between) so only regular files are read, and at most `limit + 1` bytes read
+/// so a file that grows while it is read cannot exhaust memory.
 pub fn read_text(path: &Path, limit: u64) -> Result<String, ConfigError> {
+    use std::{io::Read as _, os::unix::fs::OpenOptionsExt as _};
+
     let read_error = |source| ConfigError::Read {
         path: path.to_owned(),
         source,
     };
-    let size = std::fs::metadata(path).map_err(read_error)?.len();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+        .open(path)
+        .map_err(read_error)?;
+    let metadata = file.metadata().map_err(read_error)?;
+    if let Some(kind) = not_regular(&metadata.file_type()) {
+        return Err(ConfigError::NotRegular {
+            path: path.to_owned(),
+            kind,
+        });
+    }
+    let size = metadata.len();
     if size > limit {
         return Err(ConfigError::TooLarge {
             path: path.to_owned(),
@@ -28,11 +48,41 @@ pub fn read_text(path: &Path, limit: u64) -> Result<String, ConfigError> {
             limit,
         });
     }
-    let bytes = std::fs::read(path).map_err(read_error)?;
+    let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0).saturating_add(1));
+    file.take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(read_error)?;
+    if bytes.len() as u64 > limit {
+        return Err(ConfigError::GrewTooLarge {
+            path: path.to_owned(),
+            limit,
+        });
+    }
     String::from_utf8(bytes).map_err(|source| ConfigError::NotUtf8 {
         path: path.to_owned(),
         source,
     })
+}
+
+/// What a file that is not a regular file is, in words; `None` for a regular file.
+fn not_regular(file_type: &std::fs::FileType) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt as _;
+
+    if file_type.is_file() {
+        None
+    } else if file_type.is_dir() {
+        Some("a directory")
+    } else if file_type.is_fifo() {
+        Some("a FIFO")
+    } else if file_type.is_char_device() {
+        Some("a character device")
+    } else if file_type.is_block_device() {
+        Some("a block device")
+    } else if file_type.is_socket() {
+        Some("a socket")
+    } else {
+        Some("not a regular file")
+    }
 }
 
 /// The guarded port when the file does not say: SMTP.
@@ -77,12 +127,16 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::string::FromUtf8Error,
     },
+    #[error("{path}: {kind}, not a regular file", path = path.display())]
+    NotRegular { path: PathBuf, kind: &'static str },
     #[error("{path}: {size} bytes, more than the {limit} such a file may have", path = path.display())]
     TooLarge {
         path: PathBuf,
         size: u64,
         limit: u64,
     },
+    #[error("{path}: grew past the {limit} bytes such a file may have while it was read", path = path.display())]
+    GrewTooLarge { path: PathBuf, limit: u64 },
     #[error("{at}: {message}")]
     Syntax { at: Location, message: String },
     #[error("{at}: bad prefix {value:?}: {reason}")]
@@ -120,6 +174,10 @@ pub enum ConfigError {
         value: String,
         reason: &'static str,
     },
+    #[error(
+        "{at}: {value:?} on an allow rule lets every source connect; set allow_any_source = true in [safety] if that is what you mean"
+    )]
+    AnySource { at: Location, value: String },
     #[error(
         "{path}: no allow prefix at all: every source would be blocked; add [[allow]] entries, or set allow_none = true if that is what you mean",
         path = path.display()
@@ -248,6 +306,32 @@ impl Default for DnsSettings {
     }
 }
 
+/// Limits on what automatic sources (list files, host names, SPF records) may put on the allow
+/// list, so that an input nobody reviews cannot open the lock-down.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Safety {
+    /// Allow prefixes from automatic sources shorter than this are refused (IPv4)...
+    pub min_prefix_v4: u8,
+    /// ...and shorter than this (IPv6). Providers publish /14 to /19 and /32 to /48.
+    pub min_prefix_v6: u8,
+    /// A DNS refresh that makes a name cover more than this many times the addresses it
+    /// covered is held back until an explicit reload.
+    pub max_growth: f64,
+    /// Whether `0.0.0.0/0` or `::/0` may be written in an allow rule's `prefixes`.
+    pub allow_any_source: bool,
+}
+
+impl Default for Safety {
+    fn default() -> Self {
+        Self {
+            min_prefix_v4: 12,
+            min_prefix_v6: 32,
+            max_growth: 4.0,
+            allow_any_source: false,
+        }
+    }
+}
+
 /// The file as written, before any validation beyond TOML types.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -266,6 +350,7 @@ struct File {
     on_exit: OnExit,
     metrics: Option<MetricsTable>,
     dns: Option<DnsTable>,
+    safety: Option<SafetyTable>,
     #[serde(default)]
     allow: Vec<RuleTable>,
     #[serde(default)]
@@ -285,6 +370,16 @@ struct DnsTable {
     min_refresh_secs: Option<Spanned<i64>>,
     max_refresh_secs: Option<Spanned<i64>>,
     timeout_secs: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SafetyTable {
+    min_prefix_v4: Option<Spanned<i64>>,
+    min_prefix_v6: Option<Spanned<i64>>,
+    max_growth: Option<Spanned<f64>>,
+    #[serde(default)]
+    allow_any_source: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -335,6 +430,7 @@ pub struct Config {
     /// Where the Prometheus endpoint listens, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
     pub dns: DnsSettings,
+    pub safety: Safety,
     pub allow: Vec<RuleSpec>,
     pub deny: Vec<RuleSpec>,
 }
@@ -358,6 +454,7 @@ impl Config {
         let allow = rule_specs(&file.allow, None, &lines)?;
         let deny = rule_specs(&file.deny, Some(file.action), &lines)?;
         let dns = dns_settings(file.dns.as_ref(), &lines)?;
+        let safety = safety(file.safety.as_ref(), &lines)?;
         let metrics_listen =
             file.metrics
                 .as_ref()
@@ -383,6 +480,7 @@ impl Config {
             on_exit: file.on_exit,
             metrics_listen,
             dns,
+            safety,
             allow,
             deny,
         })
@@ -523,6 +621,57 @@ fn dns_settings(
     }
     settings.max_refresh = settings.max_refresh.max(settings.min_refresh);
     Ok(settings)
+}
+
+fn safety(table: Option<&SafetyTable>, lines: &LineIndex<'_>) -> Result<Safety, ConfigError> {
+    let mut safety = Safety::default();
+    let Some(table) = table else {
+        return Ok(safety);
+    };
+    let length = |value: &Option<Spanned<i64>>, key: &'static str, max: u8, default: u8| {
+        let Some(value) = value else {
+            return Ok(default);
+        };
+        u8::try_from(*value.get_ref())
+            .ok()
+            .filter(|&len| len <= max)
+            .ok_or_else(|| ConfigError::BadValue {
+                at: lines.at(value.span().start),
+                key,
+                value: value.get_ref().to_string(),
+                reason: if max == 32 {
+                    "a prefix length from 0 to 32"
+                } else {
+                    "a prefix length from 0 to 128"
+                },
+            })
+    };
+    safety.min_prefix_v4 = length(
+        &table.min_prefix_v4,
+        "min_prefix_v4",
+        32,
+        safety.min_prefix_v4,
+    )?;
+    safety.min_prefix_v6 = length(
+        &table.min_prefix_v6,
+        "min_prefix_v6",
+        128,
+        safety.min_prefix_v6,
+    )?;
+    if let Some(growth) = &table.max_growth {
+        let value = *growth.get_ref();
+        if !(value.is_finite() && value >= 1.0) {
+            return Err(ConfigError::BadValue {
+                at: lines.at(growth.span().start),
+                key: "max_growth",
+                value: value.to_string(),
+                reason: "a factor of at least 1 (1 holds back any growth)",
+            });
+        }
+        safety.max_growth = value;
+    }
+    safety.allow_any_source = table.allow_any_source;
+    Ok(safety)
 }
 
 fn rule_specs(
@@ -842,6 +991,113 @@ prefixes = ["89.16.184.150"]
         std::fs::write(&path, b"interfaces = [\"eth\xe9\"]\n").unwrap();
         let message = Config::load(&path).unwrap_err().to_string();
         assert!(message.contains("not UTF-8"), "{message}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn safety_defaults_and_settings() {
+        let config = parse("interfaces = [\"eth0\"]\n").unwrap();
+        assert_eq!(config.safety, Safety::default());
+        assert_eq!(
+            (config.safety.min_prefix_v4, config.safety.min_prefix_v6),
+            (12, 32)
+        );
+        assert!(config.safety.max_growth == 4.0 && !config.safety.allow_any_source);
+        let config = parse("interfaces = [\"eth0\"]\n[safety]\nmin_prefix_v4 = 16\nmin_prefix_v6 = 0\nmax_growth = 2\nallow_any_source = true\n").unwrap();
+        assert_eq!(
+            config.safety,
+            Safety {
+                min_prefix_v4: 16,
+                min_prefix_v6: 0,
+                max_growth: 2.0,
+                allow_any_source: true
+            }
+        );
+    }
+
+    #[test]
+    fn bad_safety_values_are_refused_with_line_and_value() {
+        let head = "interfaces = [\"eth0\"]\n[safety]\n";
+        let message = refusal(&format!("{head}min_prefix_v4 = 33\n"));
+        assert_eq!(
+            message,
+            "/etc/smtpguard/test.toml:3: bad min_prefix_v4 \"33\": a prefix length from 0 to 32"
+        );
+        let message = refusal(&format!("{head}\nmin_prefix_v6 = -1\n"));
+        assert_eq!(
+            message,
+            "/etc/smtpguard/test.toml:4: bad min_prefix_v6 \"-1\": a prefix length from 0 to 128"
+        );
+        let message = refusal(&format!("{head}max_growth = 0.5\n"));
+        assert!(
+            message.starts_with(
+                "/etc/smtpguard/test.toml:3: bad max_growth \"0.5\": a factor of at least 1"
+            ),
+            "{message}"
+        );
+        let message = refusal(&format!("{head}max_growth = nan\n"));
+        assert!(message.contains(":3: bad max_growth \"NaN\""), "{message}");
+        let message = refusal(&format!("{head}min_prefix = 8\n"));
+        assert!(
+            message.starts_with("/etc/smtpguard/test.toml:3: unknown field `min_prefix`"),
+            "{message}"
+        );
+        let message = refusal(&format!("{head}allow_any_source = \"yes\"\n"));
+        assert!(message.contains(":3: invalid type"), "{message}");
+    }
+
+    /// `read_text` on `path` in a thread, failing the test rather than hanging if it blocks.
+    fn read_within_a_second(path: &Path) -> Result<String, ConfigError> {
+        let (sender, receiver) = std::sync::mpsc::channel();
+        let owned = path.to_owned();
+        std::thread::spawn(move || {
+            let _ = sender.send(read_text(&owned, MAX_CONFIG_BYTES));
+        });
+        receiver
+            .recv_timeout(std::time::Duration::from_secs(1))
+            .unwrap_or_else(|_| panic!("reading {} blocked", path.display()))
+    }
+
+    #[test]
+    fn only_regular_files_are_read() {
+        let dir = std::env::temp_dir().join(format!("sg-special-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo.toml");
+        let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        // Nobody writes to it: a plain open would block forever.
+        let message = read_within_a_second(&fifo).unwrap_err().to_string();
+        assert_eq!(
+            message,
+            format!("{}: a FIFO, not a regular file", fifo.display())
+        );
+        let message = read_within_a_second(Path::new("/dev/zero"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(message, "/dev/zero: a character device, not a regular file");
+        let message = read_within_a_second(&dir).unwrap_err().to_string();
+        assert_eq!(
+            message,
+            format!("{}: a directory, not a regular file", dir.display())
+        );
+        let message = Config::load(&fifo).unwrap_err().to_string();
+        assert!(message.ends_with("a FIFO, not a regular file"), "{message}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_file_over_the_limit_is_refused_unread() {
+        let dir = std::env::temp_dir().join(format!("sg-limit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("big.txt");
+        std::fs::write(&path, "0123456789").unwrap();
+        assert_eq!(read_text(&path, 10).unwrap(), "0123456789");
+        let message = read_text(&path, 9).unwrap_err().to_string();
+        assert!(
+            message.ends_with("big.txt: 10 bytes, more than the 9 such a file may have"),
+            "{message}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

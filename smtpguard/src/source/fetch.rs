@@ -4,23 +4,34 @@
 //!
 //! DNS answers are kept until their TTL runs out (within the configured bounds) and then asked
 //! again. A failed or empty answer for a name that resolved before keeps the last good
-//! addresses, and says so: a provider list never silently shrinks to nothing. A name that
+//! addresses, and says so: a provider list never silently shrinks to nothing. So does an
+//! answer whose every allow prefix the floor refuses ([`crate::source::safety`]). A name that
 //! never resolved is an error, like a bad prefix.
+//!
+//! "Before" is what the running daemon holds, or else the last-good [`Store`]: after a reboot
+//! with DNS down, a name that resolved on this host once is used from the store, marked
+//! stale, and asked again every `min_refresh_secs`. A list file that cannot be read falls back
+//! the same way. At start and on TTL refreshes, an answer that grows the addresses a name
+//! covers past `[safety] max_growth` is held back until an explicit reload (SIGHUP).
 
 use std::{
     collections::BTreeMap,
     fmt,
-    path::PathBuf,
-    time::{Instant, SystemTime},
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant, SystemTime},
 };
 
 use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
 
 use crate::source::{
-    config::{Config, ConfigError, DnsSettings, Location, Warning},
+    config::{Config, ConfigError, Location, Warning},
     dns::{DnsError, Lookup},
     listfile,
+    safety::{self, Reason, Refusal},
     spf::{self, SpfError},
+    store::Store,
 };
 
 /// Where a prefix of the policy came from.
@@ -82,14 +93,40 @@ pub struct Resolution {
     pub refresh_at: Instant,
     /// Set while the last attempt failed and `nets` are the last good answer.
     pub stale: Option<String>,
+    /// Set while DNS gives an answer that grew past `max_growth` and `nets` are the last good
+    /// answer, held in force until an explicit reload.
+    pub held: Option<String>,
     /// Refreshes of this name that failed since the daemon started.
     pub failures: u64,
+}
+
+impl Resolution {
+    /// A last good answer received at `resolved_at`, to be asked about again now.
+    pub fn last_good(nets: Vec<IpNet>, resolved_at: SystemTime) -> Self {
+        Self {
+            nets,
+            resolved_at,
+            refresh_at: Instant::now(),
+            stale: None,
+            held: None,
+            failures: 0,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     #[error("{at}: {name} gave no prefixes")]
     Empty { at: Location, name: String },
+    #[error(
+        "{at}: {name} gave no prefix the allow list may take: {} refused by the floor ([safety] min_prefix_v4, min_prefix_v6)",
+        join(nets)
+    )]
+    AllRefused {
+        at: Location,
+        name: String,
+        nets: Vec<IpNet>,
+    },
     #[error(transparent)]
     File(#[from] ConfigError),
     #[error("{at}: cannot resolve host {name}: {source}")]
@@ -108,11 +145,20 @@ pub enum FetchError {
     },
 }
 
+fn join(nets: &[IpNet]) -> String {
+    nets.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Everything fetched for one configuration.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Fetched {
     /// Each list file's entries, as written, with their lines.
     pub files: BTreeMap<PathBuf, Vec<(String, Location)>>,
+    /// List files that could not be read, whose last good entries are in `files`, and why.
+    pub stale_files: BTreeMap<PathBuf, String>,
     pub names: BTreeMap<Name, Resolution>,
 }
 
@@ -130,6 +176,130 @@ impl Fetched {
         self.names
             .get(name)
             .map(|resolution| resolution.nets.as_slice())
+    }
+
+    /// The names and files whose last good answer stands in for a fresh one.
+    pub fn not_current(&self) -> Vec<SourceNote> {
+        let names = self.names.iter().filter_map(|(name, resolution)| {
+            let (status, detail) = match (&resolution.stale, &resolution.held) {
+                (Some(detail), _) => (SourceStatus::Stale, detail),
+                (None, Some(detail)) => (SourceStatus::HeldBack, detail),
+                (None, None) => return None,
+            };
+            Some(SourceNote {
+                source: name.to_string(),
+                status,
+                detail: detail.clone(),
+            })
+        });
+        let files = self.stale_files.iter().map(|(path, detail)| SourceNote {
+            source: Origin::File(path.clone()).to_string(),
+            status: SourceStatus::Stale,
+            detail: detail.clone(),
+        });
+        names.chain(files).collect()
+    }
+}
+
+/// Whether `a` and `b` have the same sources stale or held back (whatever the details say).
+pub fn same_status(a: &Fetched, b: &Fetched) -> bool {
+    let key = |fetched: &Fetched| -> Vec<(String, SourceStatus)> {
+        fetched
+            .not_current()
+            .into_iter()
+            .map(|note| (note.source, note.status))
+            .collect()
+    };
+    key(a) == key(b)
+}
+
+/// A source whose last good answer is in force instead of a fresh one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceNote {
+    /// `host NAME`, `SPF of DOMAIN` or `file PATH`.
+    pub source: String,
+    pub status: SourceStatus,
+    /// What the log said about it.
+    pub detail: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceStatus {
+    /// It cannot be resolved or read: its last good answer is used.
+    Stale,
+    /// DNS answers with more than `max_growth` allows: its last good answer is used until an
+    /// explicit reload.
+    HeldBack,
+}
+
+impl fmt::Display for SourceStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Stale => "stale",
+            Self::HeldBack => "held back",
+        })
+    }
+}
+
+/// What fetching has to say beside the answers.
+#[derive(Clone, Debug, Default)]
+pub struct Notes {
+    pub warnings: Vec<Warning>,
+    /// Allow prefixes of answers set aside because the floor refused all of them. (Those of
+    /// answers in force are the policy's to report: [`crate::policy::Policy::refused`].)
+    pub refused: Vec<Refusal>,
+}
+
+/// What was fetched before, to fall back on and to measure growth against.
+pub struct Previous<'a> {
+    /// What the running daemon holds; empty at start.
+    pub fetched: &'a Fetched,
+    /// The last-good store, for what `fetched` does not hold.
+    pub store: Option<&'a Store>,
+    /// Whether an answer that grows a name past `max_growth` is held back (start, `check`)
+    /// or taken (an explicit reload).
+    pub hold_growth: bool,
+}
+
+impl Previous<'_> {
+    /// Nothing before, nothing held back: what `check` does without a store.
+    pub fn none() -> Previous<'static> {
+        static EMPTY: std::sync::OnceLock<Fetched> = std::sync::OnceLock::new();
+        Previous {
+            fetched: EMPTY.get_or_init(Fetched::default),
+            store: None,
+            hold_growth: false,
+        }
+    }
+
+    fn name(&self, name: &Name) -> Option<Resolution> {
+        self.fetched
+            .names
+            .get(name)
+            .cloned()
+            .or_else(|| self.store?.name(name))
+    }
+
+    fn file(
+        &self,
+        path: &Path,
+        warnings: &mut Vec<Warning>,
+        at: &Location,
+    ) -> Option<Vec<(String, Location)>> {
+        if let Some(entries) = self.fetched.files.get(path) {
+            return Some(entries.clone());
+        }
+        match self.store?.file(path) {
+            Ok(entries) => entries,
+            Err(error) => {
+                warnings.push(Warning {
+                    at: at.clone(),
+                    message: error.to_string(),
+                });
+                None
+            }
+        }
     }
 }
 
@@ -149,6 +319,28 @@ pub fn names(config: &Config) -> BTreeMap<Name, Location> {
         }
     }
     names
+}
+
+/// The allow rules that name each name: the floor and the growth guard apply to these.
+fn allow_rules(config: &Config) -> BTreeMap<Name, Vec<String>> {
+    let mut rules: BTreeMap<Name, Vec<String>> = BTreeMap::new();
+    for spec in &config.allow {
+        let hosts = spec
+            .hosts
+            .iter()
+            .map(|(host, _)| Name::Host(normalise(host)));
+        let domains = spec
+            .spf
+            .iter()
+            .map(|(domain, _)| Name::Spf(normalise(domain)));
+        for name in hosts.chain(domains) {
+            let names = rules.entry(name).or_default();
+            if !names.contains(&spec.name) {
+                names.push(spec.name.clone());
+            }
+        }
+    }
+    rules
 }
 
 /// The form names are compared and stored in.
@@ -171,44 +363,84 @@ pub fn read_files(
     Ok(files)
 }
 
-/// Reads the files and resolves every name of `config`. Where a name fails but `previous`
-/// holds an answer for it, that answer is kept (with a warning).
+/// Reads every list file the configuration names; one that cannot be read (missing, not
+/// permitted) but was read before is used as it was, marked stale. What a file that can be
+/// read says is never replaced: a bad line, a FIFO or a huge file is refused.
+fn read_files_or_last_good(
+    config: &Config,
+    previous: &Previous<'_>,
+    fetched: &mut Fetched,
+    warnings: &mut Vec<Warning>,
+) -> Result<(), ConfigError> {
+    for spec in config.allow.iter().chain(&config.deny) {
+        for (path, at) in &spec.files {
+            if fetched.files.contains_key(path) {
+                continue;
+            }
+            let entries = match listfile::read(path) {
+                Ok(entries) => entries,
+                Err(ConfigError::Read { path, source }) => {
+                    let Some(entries) = previous.file(&path, warnings, at) else {
+                        return Err(ConfigError::Read { path, source });
+                    };
+                    let message = format!(
+                        "cannot read {}: {source}; using its last good {} entries (stale) until it can be read (SIGHUP reads it again)",
+                        path.display(),
+                        entries.len()
+                    );
+                    warnings.push(Warning {
+                        at: at.clone(),
+                        message: message.clone(),
+                    });
+                    fetched.stale_files.insert(path.clone(), message);
+                    entries
+                }
+                Err(error) => return Err(error),
+            };
+            fetched.files.insert(path.clone(), entries);
+        }
+    }
+    Ok(())
+}
+
+/// Reads the files and resolves every name of `config`. Where a file or a name fails but
+/// `previous` holds it, that is kept (with a warning).
 pub async fn fetch(
     config: &Config,
     dns: &impl Lookup,
-    previous: &Fetched,
-) -> Result<(Fetched, Vec<Warning>), FetchError> {
-    let files = read_files(config)?;
-    let mut fetched = Fetched {
-        files,
-        names: BTreeMap::new(),
-    };
-    let mut warnings = Vec::new();
+    previous: &Previous<'_>,
+) -> Result<(Fetched, Notes), FetchError> {
+    let mut fetched = Fetched::default();
+    let mut notes = Notes::default();
+    read_files_or_last_good(config, previous, &mut fetched, &mut notes.warnings)?;
+    let rules = allow_rules(config);
     for (name, at) in names(config) {
-        let resolution = refresh(
-            &name,
-            &at,
-            dns,
-            &config.dns,
-            previous.names.get(&name),
-            &mut warnings,
-        )
-        .await?;
+        let last = previous.name(&name);
+        let ask = Ask {
+            name: &name,
+            at: &at,
+            config,
+            allow_rules: rules.get(&name).map(Vec::as_slice).unwrap_or_default(),
+            hold_growth: previous.hold_growth,
+        };
+        let resolution = ask.refresh(dns, last.as_ref(), &mut notes).await?;
         fetched.names.insert(name, resolution);
     }
-    Ok((fetched, warnings))
+    Ok((fetched, notes))
 }
 
 /// Asks again about the names of `fetched` that are due at `now`. Returns whether any
-/// name's prefixes changed. Failures keep the last good answer.
+/// name's prefixes changed. Failures keep the last good answer; growth past `max_growth`
+/// is held back.
 pub async fn refresh_due(
     config: &Config,
     dns: &impl Lookup,
     fetched: &mut Fetched,
     now: Instant,
-) -> (bool, Vec<Warning>) {
-    let mut warnings = Vec::new();
+) -> (bool, Notes) {
+    let mut notes = Notes::default();
     let mut changed = false;
+    let rules = allow_rules(config);
     for (name, at) in names(config) {
         let Some(old) = fetched.names.get(&name) else {
             continue;
@@ -216,98 +448,501 @@ pub async fn refresh_due(
         if old.refresh_at > now {
             continue;
         }
+        let ask = Ask {
+            name: &name,
+            at: &at,
+            config,
+            allow_rules: rules.get(&name).map(Vec::as_slice).unwrap_or_default(),
+            hold_growth: true,
+        };
         // With a previous answer, refresh never fails: it keeps that answer.
-        if let Ok(new) = refresh(&name, &at, dns, &config.dns, Some(old), &mut warnings).await {
+        if let Ok(new) = ask.refresh(dns, Some(old), &mut notes).await {
             changed |= new.nets != old.nets;
             fetched.names.insert(name, new);
         }
     }
-    (changed, warnings)
+    (changed, notes)
 }
 
-async fn refresh(
-    name: &Name,
-    at: &Location,
-    dns: &impl Lookup,
-    settings: &DnsSettings,
-    previous: Option<&Resolution>,
-    warnings: &mut Vec<Warning>,
-) -> Result<Resolution, FetchError> {
-    let answer = match name {
-        Name::Host(host) => dns
-            .addresses(host)
-            .await
-            .map(|answer| {
-                let nets = answer
+/// One name to ask DNS about, and what applies to its answer.
+struct Ask<'a> {
+    name: &'a Name,
+    /// The configuration line that first names it.
+    at: &'a Location,
+    config: &'a Config,
+    /// The allow rules naming it: its answers are floored and growth-checked for them.
+    allow_rules: &'a [String],
+    hold_growth: bool,
+}
+
+impl Ask<'_> {
+    async fn refresh(
+        &self,
+        dns: &impl Lookup,
+        previous: Option<&Resolution>,
+        notes: &mut Notes,
+    ) -> Result<Resolution, FetchError> {
+        let settings = &self.config.dns;
+        let answer = match self.query(dns).await {
+            Ok((nets, ttl, texts)) => {
+                for text in texts {
+                    notes.warnings.push(Warning {
+                        at: self.at.clone(),
+                        message: text,
+                    });
+                }
+                self.admissible(nets, &mut notes.refused)
+                    .map(|nets| (nets, ttl))
+            }
+            Err(error) => Err(error),
+        };
+        match (answer, previous) {
+            (Ok((nets, ttl)), _) => {
+                let interval = ttl
+                    .unwrap_or(settings.min_refresh)
+                    .clamp(settings.min_refresh, settings.max_refresh);
+                if let Some(previous) = previous
+                    && let Some(message) = self.held_back(&previous.nets, &nets)
+                {
+                    notes.warnings.push(Warning {
+                        at: self.at.clone(),
+                        message: message.clone(),
+                    });
+                    return Ok(Resolution {
+                        refresh_at: Instant::now() + interval,
+                        stale: None,
+                        held: Some(message),
+                        ..previous.clone()
+                    });
+                }
+                Ok(Resolution {
+                    nets,
+                    resolved_at: SystemTime::now(),
+                    refresh_at: Instant::now() + interval,
+                    stale: None,
+                    held: None,
+                    failures: previous.map_or(0, |previous| previous.failures),
+                })
+            }
+            (Err(error), Some(previous)) => {
+                let name = self.name;
+                let reason = std::error::Error::source(&error)
+                    .map_or_else(|| error.to_string(), ToString::to_string);
+                let message = format!(
+                    "cannot refresh {name}: {reason}; keeping the last good {} prefixes of {name} (stale: resolved {}), retrying in {}s",
+                    previous.nets.len(),
+                    humantime::format_rfc3339_seconds(previous.resolved_at),
+                    settings.min_refresh.as_secs()
+                );
+                notes.warnings.push(Warning {
+                    at: self.at.clone(),
+                    message: message.clone(),
+                });
+                Ok(Resolution {
+                    nets: previous.nets.clone(),
+                    resolved_at: previous.resolved_at,
+                    refresh_at: Instant::now() + settings.min_refresh,
+                    stale: Some(message),
+                    held: None,
+                    failures: previous.failures + 1,
+                })
+            }
+            (Err(error), None) => Err(error),
+        }
+    }
+
+    /// The answer's prefixes, IPv4-mapped ones made IPv4, with what to note about them.
+    async fn query(
+        &self,
+        dns: &impl Lookup,
+    ) -> Result<(Vec<IpNet>, Option<Duration>, Vec<String>), FetchError> {
+        match self.name {
+            Name::Host(host) => {
+                let answer = dns
+                    .addresses(host)
+                    .await
+                    .map_err(|source| FetchError::Host {
+                        at: self.at.clone(),
+                        name: host.clone(),
+                        source,
+                    })?;
+                let mut texts = Vec::new();
+                let mut nets: Vec<IpNet> = answer
                     .records
                     .iter()
-                    .map(|&address| IpNet::from(address))
+                    .map(|&address| {
+                        let mapped = match address {
+                            IpAddr::V6(v6) => v6.to_ipv4_mapped(),
+                            IpAddr::V4(_) => None,
+                        };
+                        let Some(v4) = mapped else {
+                            return IpNet::from(address);
+                        };
+                        let net = IpNet::from(IpAddr::V4(v4));
+                        texts.push(format!(
+                            "host {host}: AAAA record {address} is an IPv4-mapped address; using the IPv4 prefix {net}"
+                        ));
+                        net
+                    })
                     .collect();
-                (nets, Some(answer.ttl), Vec::new())
-            })
-            .map_err(|source| FetchError::Host {
-                at: at.clone(),
-                name: host.clone(),
-                source,
-            }),
-        Name::Spf(domain) => spf::expand(dns, domain)
-            .await
-            .map(|expansion| (expansion.nets, expansion.ttl, expansion.notes))
-            .map_err(|source| FetchError::Spf {
-                at: at.clone(),
-                domain: domain.clone(),
-                source: Box::new(source),
-            }),
-    };
-    let answer = answer.and_then(|(nets, ttl, notes)| {
-        if nets.is_empty() {
-            Err(FetchError::Empty {
-                at: at.clone(),
-                name: name.to_string(),
-            })
-        } else {
-            Ok((nets, ttl, notes))
-        }
-    });
-    match (answer, previous) {
-        (Ok((nets, ttl, notes)), _) => {
-            for note in notes {
-                warnings.push(Warning {
-                    at: at.clone(),
-                    message: note,
-                });
+                nets.sort();
+                nets.dedup();
+                Ok((nets, Some(answer.ttl), texts))
             }
-            let interval = ttl
-                .unwrap_or(settings.min_refresh)
-                .clamp(settings.min_refresh, settings.max_refresh);
-            Ok(Resolution {
-                nets,
-                resolved_at: SystemTime::now(),
-                refresh_at: Instant::now() + interval,
-                stale: None,
-                failures: previous.map_or(0, |previous| previous.failures),
-            })
+            Name::Spf(domain) => spf::expand(dns, domain)
+                .await
+                .map(|expansion| (expansion.nets, expansion.ttl, expansion.notes))
+                .map_err(|source| FetchError::Spf {
+                    at: self.at.clone(),
+                    domain: domain.clone(),
+                    source: Box::new(source),
+                }),
         }
-        (Err(error), Some(previous)) => {
-            let reason = std::error::Error::source(&error)
-                .map_or_else(|| error.to_string(), ToString::to_string);
-            let message = format!(
-                "cannot refresh {name}: {reason}; keeping the last good {} prefixes of {name}, retrying in {}s",
-                previous.nets.len(),
-                settings.min_refresh.as_secs()
-            );
-            warnings.push(Warning {
-                at: at.clone(),
-                message: message.clone(),
+    }
+
+    /// `nets`, unless there are none, or none the floor lets onto the allow list (then the
+    /// answer is as good as empty, and its prefixes are recorded in `refused`).
+    fn admissible(
+        &self,
+        nets: Vec<IpNet>,
+        refused: &mut Vec<Refusal>,
+    ) -> Result<Vec<IpNet>, FetchError> {
+        if nets.is_empty() {
+            return Err(FetchError::Empty {
+                at: self.at.clone(),
+                name: self.name.to_string(),
             });
-            Ok(Resolution {
-                nets: previous.nets.clone(),
-                resolved_at: previous.resolved_at,
-                refresh_at: Instant::now() + settings.min_refresh,
-                stale: Some(message),
-                failures: previous.failures + 1,
+        }
+        if self.allow_rules.is_empty()
+            || nets
+                .iter()
+                .any(|net| safety::below_floor(net, &self.config.safety).is_none())
+        {
+            return Ok(nets);
+        }
+        for rule in self.allow_rules {
+            refused.extend(nets.iter().filter_map(|net| {
+                let floor = safety::below_floor(net, &self.config.safety)?;
+                Some(Refusal {
+                    net: *net,
+                    rule: rule.clone(),
+                    origin: self.name.origin(),
+                    at: self.at.clone(),
+                    reason: Reason::Floor { floor },
+                })
+            }));
+        }
+        Err(FetchError::AllRefused {
+            at: self.at.clone(),
+            name: self.name.to_string(),
+            nets,
+        })
+    }
+
+    /// Why a new answer is held back, if it grows what the name allows past `max_growth`.
+    fn held_back(&self, old: &[IpNet], new: &[IpNet]) -> Option<String> {
+        if !self.hold_growth || self.allow_rules.is_empty() || old == new {
+            return None;
+        }
+        let safety = &self.config.safety;
+        let allowed = |nets: &[IpNet]| -> Vec<IpNet> {
+            nets.iter()
+                .copied()
+                .filter(|net| safety::below_floor(net, safety).is_none())
+                .collect()
+        };
+        let growth = safety::growth(&allowed(old), &allowed(new), safety.max_growth)?;
+        Some(format!(
+            "{}: new answer held back: {growth}; the last good {} prefixes stay in force. If the change is expected, accept it with `systemctl reload smtpguard` (SIGHUP)",
+            self.name,
+            old.len()
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::HashMap, path::Path, time::Duration};
+
+    use super::*;
+    use crate::source::dns::Answer;
+
+    /// Names and their answers, in memory; a name not listed fails as if DNS were down.
+    #[derive(Default)]
+    struct Zone {
+        txt: HashMap<&'static str, &'static str>,
+        addresses: HashMap<&'static str, Vec<&'static str>>,
+    }
+
+    fn down(name: &str) -> DnsError {
+        DnsError::NoRecords {
+            name: name.to_owned(),
+            what: "test",
+        }
+    }
+
+    impl Lookup for Zone {
+        async fn addresses(&self, name: &str) -> Result<Answer<IpAddr>, DnsError> {
+            let records = self.addresses.get(name).ok_or_else(|| down(name))?;
+            Ok(Answer {
+                records: records.iter().map(|a| a.parse().unwrap()).collect(),
+                ttl: Duration::from_secs(300),
             })
         }
-        (Err(error), None) => Err(error),
+        async fn txt(&self, name: &str) -> Result<Answer<String>, DnsError> {
+            let record = self.txt.get(name).ok_or_else(|| down(name))?;
+            Ok(Answer {
+                records: vec![(*record).to_owned()],
+                ttl: Duration::from_secs(300),
+            })
+        }
+        async fn mx(&self, name: &str) -> Result<Answer<String>, DnsError> {
+            Err(down(name))
+        }
+    }
+
+    fn run<T>(future: impl std::future::Future<Output = T>) -> T {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(future)
+    }
+
+    fn config(text: &str) -> Config {
+        Config::parse(
+            Path::new("/etc/smtpguard/smtpguard.toml"),
+            &format!("interfaces = [\"eth0\"]\n{text}"),
+        )
+        .unwrap()
+    }
+
+    const PROVIDER: &str = "[[allow]]\nname = \"provider\"\nspf = [\"provider.test\"]\n";
+
+    fn spf() -> Name {
+        Name::Spf("provider.test".into())
+    }
+
+    fn nets(fetched: &Fetched, name: &Name) -> Vec<String> {
+        fetched
+            .nets(name)
+            .unwrap()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    /// What a daemon holds after resolving `provider.test` to `nets`.
+    fn holding(nets: &[&str]) -> Fetched {
+        let mut fetched = Fetched::default();
+        fetched.names.insert(
+            spf(),
+            Resolution::last_good(
+                nets.iter().map(|net| net.parse().unwrap()).collect(),
+                SystemTime::now(),
+            ),
+        );
+        fetched
+    }
+
+    fn previous(fetched: &Fetched, hold_growth: bool) -> Previous<'_> {
+        Previous {
+            fetched,
+            store: None,
+            hold_growth,
+        }
+    }
+
+    #[test]
+    fn an_answer_the_floor_empties_is_refused_at_first_and_set_aside_later() {
+        let config = config(PROVIDER);
+        let mut zone = Zone::default();
+        zone.txt
+            .insert("provider.test", "v=spf1 ip4:0.0.0.0/0 -all");
+        let error = run(fetch(&config, &zone, &Previous::none())).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "/etc/smtpguard/smtpguard.toml:4: SPF of provider.test gave no prefix the allow list may take: 0.0.0.0/0 refused by the floor ([safety] min_prefix_v4, min_prefix_v6)"
+        );
+
+        // A name that resolved before keeps its last good answer, marked stale.
+        let before = holding(&["192.0.2.0/24"]);
+        let (fetched, notes) = run(fetch(&config, &zone, &previous(&before, false))).unwrap();
+        assert_eq!(nets(&fetched, &spf()), ["192.0.2.0/24"]);
+        let resolution = &fetched.names[&spf()];
+        assert!(
+            resolution
+                .stale
+                .as_ref()
+                .unwrap()
+                .contains("keeping the last good 1 prefixes")
+        );
+        assert_eq!(notes.refused.len(), 1);
+        assert_eq!(
+            (
+                notes.refused[0].net.to_string(),
+                notes.refused[0].rule.as_str()
+            ),
+            ("0.0.0.0/0".to_owned(), "provider")
+        );
+        assert_eq!(fetched.not_current()[0].status, SourceStatus::Stale);
+
+        // Same on a TTL refresh.
+        let mut refreshed = before.clone();
+        let far = Instant::now() + Duration::from_secs(3600);
+        let (changed, notes) = run(refresh_due(&config, &zone, &mut refreshed, far));
+        assert!(!changed);
+        assert_eq!(nets(&refreshed, &spf()), ["192.0.2.0/24"]);
+        assert_eq!(notes.refused.len(), 1);
+
+        // One prefix the floor lets through is enough: the rest is the policy's to refuse.
+        zone.txt.insert(
+            "provider.test",
+            "v=spf1 ip4:0.0.0.0/0 ip4:192.0.2.32/28 -all",
+        );
+        let (fetched, notes) = run(fetch(&config, &zone, &Previous::none())).unwrap();
+        assert_eq!(nets(&fetched, &spf()), ["0.0.0.0/0", "192.0.2.32/28"]);
+        assert!(notes.refused.is_empty());
+
+        // On the deny list nothing is floored.
+        let deny = self::config(
+            "[[allow]]\nname = \"lan\"\nprefixes = [\"192.0.2.0/24\"]\n[[deny]]\nname = \"d\"\nspf = [\"provider.test\"]\n",
+        );
+        zone.txt
+            .insert("provider.test", "v=spf1 ip4:0.0.0.0/0 -all");
+        let (fetched, _) = run(fetch(&deny, &zone, &Previous::none())).unwrap();
+        assert_eq!(nets(&fetched, &spf()), ["0.0.0.0/0"]);
+    }
+
+    #[test]
+    fn growth_is_held_back_on_refresh_and_at_start_but_taken_on_reload() {
+        let config = config(PROVIDER);
+        let mut zone = Zone::default();
+        zone.txt
+            .insert("provider.test", "v=spf1 ip4:10.0.0.0/20 -all");
+        let before = holding(&["10.0.0.0/24"]);
+        let far = Instant::now() + Duration::from_secs(3600);
+
+        let mut refreshed = before.clone();
+        let (changed, notes) = run(refresh_due(&config, &zone, &mut refreshed, far));
+        assert!(!changed, "held back: nothing to apply");
+        assert_eq!(nets(&refreshed, &spf()), ["10.0.0.0/24"]);
+        let held = refreshed.names[&spf()].held.clone().expect("held back");
+        assert_eq!(
+            held,
+            "SPF of provider.test: new answer held back: it covers 4096 (a /20) IPv4 addresses, up from 256 (a /24): more than max_growth 4 times 256 (a /24); the last good 1 prefixes stay in force. If the change is expected, accept it with `systemctl reload smtpguard` (SIGHUP)"
+        );
+        assert_eq!(notes.warnings[0].message, held);
+        assert!(
+            refreshed.names[&spf()].refresh_at > Instant::now(),
+            "asked again at its TTL"
+        );
+        let noted = refreshed.not_current();
+        assert_eq!(
+            (noted[0].source.as_str(), noted[0].status),
+            ("SPF of provider.test", SourceStatus::HeldBack)
+        );
+        assert!(!same_status(&before, &refreshed));
+
+        // A start measures against the store the same way (here: what `previous` holds).
+        let (fetched, _) = run(fetch(&config, &zone, &previous(&before, true))).unwrap();
+        assert_eq!(nets(&fetched, &spf()), ["10.0.0.0/24"]);
+        // An explicit reload takes the new answer.
+        let (fetched, _) = run(fetch(&config, &zone, &previous(&before, false))).unwrap();
+        assert_eq!(nets(&fetched, &spf()), ["10.0.0.0/20"]);
+        assert!(fetched.not_current().is_empty());
+
+        // Growth within max_growth of at least a /24 is taken.
+        zone.txt
+            .insert("provider.test", "v=spf1 ip4:10.0.0.0/22 -all");
+        let mut refreshed = before.clone();
+        let (changed, _) = run(refresh_due(&config, &zone, &mut refreshed, far));
+        assert!(changed);
+        assert_eq!(nets(&refreshed, &spf()), ["10.0.0.0/22"]);
+    }
+
+    #[test]
+    fn the_store_stands_in_for_names_and_files_that_cannot_be_had() {
+        let dir = std::env::temp_dir().join(format!("sg-fetch-store-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let list = dir.join("provider.txt");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(&list, "# provider\n198.51.100.0/24\n").unwrap();
+        let config = config(&format!(
+            "{PROVIDER}hosts = [\"relay.provider.test\"]\nfiles = [\"{}\"]\n",
+            list.display()
+        ));
+        let mut zone = Zone::default();
+        zone.txt
+            .insert("provider.test", "v=spf1 ip4:192.0.2.0/24 -all");
+        zone.addresses.insert(
+            "relay.provider.test",
+            vec!["203.0.113.25", "::ffff:203.0.113.26"],
+        );
+        let (fetched, notes) = run(fetch(&config, &zone, &Previous::none())).unwrap();
+        let relay = Name::Host("relay.provider.test".into());
+        assert_eq!(
+            nets(&fetched, &relay),
+            ["203.0.113.25/32", "203.0.113.26/32"]
+        );
+        assert!(
+            notes.warnings.iter().any(|warning| warning
+                .message
+                .contains("AAAA record ::ffff:203.0.113.26 is an IPv4-mapped address")),
+            "{:?}",
+            notes.warnings
+        );
+        let (mut store, problem) = Store::open(&dir.join("store"));
+        assert!(problem.is_none());
+        store.save(&fetched).unwrap();
+
+        // A reboot: DNS is down and the list file is gone.
+        std::fs::remove_file(&list).unwrap();
+        let dead = Zone::default();
+        let error = run(fetch(&config, &dead, &Previous::none())).unwrap_err();
+        assert!(
+            error.to_string().contains("provider.txt: cannot read"),
+            "{error}"
+        );
+        let (store, _) = Store::read_only(&dir.join("store"));
+        let from_store = Previous {
+            fetched: &Fetched::default(),
+            store: Some(&store),
+            hold_growth: true,
+        };
+        let (again, notes) = run(fetch(&config, &dead, &from_store)).unwrap();
+        assert_eq!(
+            again.files, fetched.files,
+            "the stored entries, with their lines"
+        );
+        assert_eq!(nets(&again, &relay), nets(&fetched, &relay));
+        assert_eq!(nets(&again, &spf()), ["192.0.2.0/24"]);
+        let noted = again.not_current();
+        assert_eq!(noted.len(), 3, "{noted:?}");
+        assert!(noted.iter().all(|note| note.status == SourceStatus::Stale));
+        assert!(
+            noted
+                .iter()
+                .any(|note| note.source == format!("file {}", list.display())),
+            "{noted:?}"
+        );
+        assert!(
+            notes
+                .warnings
+                .iter()
+                .any(|warning| warning.message.contains("(stale: resolved ")),
+            "{:?}",
+            notes.warnings
+        );
+
+        // A name that never resolved here still refuses.
+        let more = self::config(&format!("{PROVIDER}hosts = [\"new.provider.test\"]\n"));
+        let error = run(fetch(&more, &dead, &from_store))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("cannot resolve host new.provider.test"),
+            "{error}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -38,6 +38,23 @@ pub fn entries(path: &Path, text: &str) -> Vec<(String, Location)> {
         .collect()
 }
 
+/// A list file that [`entries`] reads back as `entries`, each at its own line: the comments
+/// and blank lines of the original are left empty, so line numbers stay those of the original.
+pub fn render(entries: &[(String, Location)]) -> String {
+    let mut text = String::with_capacity(entries.iter().map(|(line, _)| line.len() + 1).sum());
+    let mut line = 1;
+    for (content, at) in entries {
+        while line < at.line {
+            text.push('\n');
+            line += 1;
+        }
+        text.push_str(content);
+        text.push('\n');
+        line += 1;
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -60,5 +77,12 @@ mod tests {
             ]
         );
         assert_eq!(lines[0].1.to_string(), "/etc/smtpguard/drop.txt:3");
+        let copy = render(&lines);
+        assert_eq!(
+            copy,
+            "\n\n1.10.16.0/20\n\n\n2.56.192.0/22\n208.123.79.0 255.255.255.0\n192.0.2.7\n"
+        );
+        assert_eq!(entries(Path::new("/etc/smtpguard/drop.txt"), &copy), lines);
+        assert_eq!(render(&[]), "");
     }
 }

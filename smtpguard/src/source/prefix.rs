@@ -1,8 +1,13 @@
 //! Prefix notation as provider lists write it: CIDR (`89.16.184.144/28`), single addresses
 //! (`/32` or `/128`), and IPv4 netmask notation (`208.123.79.0/255.255.255.0`, or with a
 //! space or the word `mask` in place of the slash, as provider pages print it).
+//!
+//! IPv4-mapped IPv6 prefixes (`::ffff:192.0.2.0/120`) stand for IPv4 sources, which the
+//! program sees as IPv4: they are turned into the IPv4 prefix (`192.0.2.0/24`), since as IPv6
+//! entries they would never match; one shorter than /96 mixes them with other IPv6 addresses
+//! and is refused.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
@@ -17,6 +22,10 @@ pub enum PrefixError {
     NonContiguousMask { mask: Ipv4Addr },
     #[error("netmask notation is for IPv4 only; write IPv6 prefixes as ADDR/LEN")]
     MaskOnIpv6,
+    #[error(
+        "an IPv4-mapped prefix (::ffff:a.b.c.d) shorter than /96 also covers other IPv6 addresses; write the IPv4 prefix"
+    )]
+    MappedTooShort,
 }
 
 /// A parsed prefix, with host bits cleared.
@@ -25,6 +34,31 @@ pub struct Parsed {
     pub net: IpNet,
     /// The text had host bits set (`192.168.1.7/24`); `net` is the normalised form.
     pub had_host_bits: bool,
+    /// The text was an IPv4-mapped IPv6 prefix; `net` is the IPv4 prefix it stands for.
+    pub mapped: bool,
+}
+
+/// The IPv4 prefix an IPv4-mapped IPv6 prefix (`::ffff:a.b.c.d/len`) stands for: `None` for
+/// any other IPv6 prefix, refused when shorter than /96.
+pub fn ipv4_mapped(addr: Ipv6Addr, len: u8) -> Result<Option<Ipv4Net>, PrefixError> {
+    let Some(v4) = addr.to_ipv4_mapped() else {
+        return Ok(None);
+    };
+    let len = len.checked_sub(96).ok_or(PrefixError::MappedTooShort)?;
+    Ipv4Net::new(v4, len)
+        .map(|net| Some(net.trunc()))
+        .map_err(|_| PrefixError::BadLength { max: 128 })
+}
+
+/// `net` with an IPv4-mapped IPv6 prefix turned into its IPv4 prefix; whether it was one.
+pub fn unmap(net: IpNet) -> Result<(IpNet, bool), PrefixError> {
+    match net {
+        IpNet::V6(v6) => Ok(match ipv4_mapped(v6.addr(), v6.prefix_len())? {
+            Some(v4) => (IpNet::V4(v4), true),
+            None => (net, false),
+        }),
+        IpNet::V4(_) => Ok((net, false)),
+    }
 }
 
 /// Parses one prefix in any of the accepted notations.
@@ -57,10 +91,13 @@ pub fn parse(text: &str) -> Result<Parsed, PrefixError> {
             IpNet::V6(Ipv6Net::new(v6, len).map_err(|_| PrefixError::BadLength { max: 128 })?)
         }
     };
-    let normalised = net.trunc();
+    // Host bits are judged on the prefix as written; mapping only drops the ::ffff: part.
+    let had_host_bits = net.trunc().addr() != net.addr();
+    let (net, mapped) = unmap(net)?;
     Ok(Parsed {
-        net: normalised,
-        had_host_bits: normalised.addr() != net.addr(),
+        net: net.trunc(),
+        had_host_bits,
+        mapped,
     })
 }
 
@@ -129,6 +166,36 @@ mod tests {
         let parsed = parse("2001:db8::1/64").unwrap();
         assert_eq!(parsed.net.to_string(), "2001:db8::/64");
         assert!(parsed.had_host_bits);
+    }
+
+    #[test]
+    fn ipv4_mapped_prefixes_become_ipv4() {
+        let parsed = parse("::ffff:192.0.2.7").unwrap();
+        assert_eq!(parsed.net.to_string(), "192.0.2.7/32");
+        assert!(parsed.mapped);
+        assert!(!parsed.had_host_bits);
+        assert_eq!(net("::ffff:192.0.2.0/120").to_string(), "192.0.2.0/24");
+        assert_eq!(net("::ffff:c000:200/120").to_string(), "192.0.2.0/24");
+        assert_eq!(net("::ffff:0.0.0.0/96").to_string(), "0.0.0.0/0");
+        let parsed = parse("::ffff:192.0.2.7/120").unwrap();
+        assert_eq!(parsed.net.to_string(), "192.0.2.0/24");
+        assert!(parsed.had_host_bits);
+        assert_eq!(
+            parse("::ffff:192.0.2.0/95"),
+            Err(PrefixError::MappedTooShort)
+        );
+        assert_eq!(parse("::ffff:0:0/64"), Err(PrefixError::MappedTooShort));
+        // Not mapped: the IPv4-compatible form and ordinary IPv6 stay IPv6.
+        assert!(!parse("::192.0.2.7").unwrap().mapped);
+        assert_eq!(net("::/0").to_string(), "::/0");
+        assert_eq!(
+            unmap("::ffff:203.0.113.9/128".parse().unwrap()).unwrap(),
+            ("203.0.113.9/32".parse().unwrap(), true)
+        );
+        assert_eq!(
+            unmap("2001:db8::/32".parse().unwrap()).unwrap(),
+            ("2001:db8::/32".parse().unwrap(), false)
+        );
     }
 
     #[test]

@@ -8,7 +8,10 @@ use std::{future::Future, pin::Pin, time::Duration};
 
 use ipnet::IpNet;
 
-use crate::source::dns::{DnsError, Lookup};
+use crate::source::{
+    dns::{DnsError, Lookup},
+    prefix::PrefixError,
+};
 
 /// RFC 7208 4.6.4: at most 10 terms that cause DNS queries.
 pub const MAX_DNS_TERMS: usize = 10;
@@ -174,7 +177,11 @@ impl<L: Lookup> Walk<'_, L> {
             self.count_lookup(domain)?;
         }
         if qualifier != '+' {
-            self.note(domain, term, "not a pass qualifier: authorises nothing");
+            self.note(
+                domain,
+                term,
+                "skipped: not a pass qualifier, authorises nothing",
+            );
             return Ok(false);
         }
         match name.as_str() {
@@ -182,15 +189,28 @@ impl<L: Lookup> Walk<'_, L> {
                 let value = argument
                     .strip_prefix(':')
                     .ok_or_else(|| syntax("missing address"))?;
-                let net = crate::source::prefix::parse(value)
-                    .ok()
-                    .filter(|_| !value.contains(char::is_whitespace))
-                    .map(|parsed| parsed.net)
-                    .ok_or_else(|| syntax("not an address or prefix"))?;
-                if (name == "ip4") != net.addr().is_ipv4() {
+                if value.contains(char::is_whitespace) {
+                    return Err(syntax("not an address or prefix"));
+                }
+                let parsed = crate::source::prefix::parse(value).map_err(|error| {
+                    syntax(if error == PrefixError::MappedTooShort {
+                        "an IPv4-mapped prefix shorter than /96 also covers other IPv6 addresses"
+                    } else {
+                        "not an address or prefix"
+                    })
+                })?;
+                // As written: an ip6 term with an IPv4-mapped prefix is IPv6 notation.
+                if (name == "ip4") != (parsed.net.addr().is_ipv4() && !parsed.mapped) {
                     return Err(syntax("address family does not match the mechanism"));
                 }
-                self.out.nets.push(net);
+                if parsed.mapped {
+                    self.note(
+                        domain,
+                        term,
+                        &format!("IPv4-mapped: using the IPv4 prefix {}", parsed.net),
+                    );
+                }
+                self.out.nets.push(parsed.net);
             }
             "a" | "mx" => {
                 let (target, v4_len, v6_len) =
@@ -224,7 +244,7 @@ impl<L: Lookup> Walk<'_, L> {
                             for address in answer.records {
                                 let len = if address.is_ipv4() { v4_len } else { v6_len };
                                 if let Ok(net) = IpNet::new(address, len) {
-                                    self.out.nets.push(net.trunc());
+                                    self.address_net(domain, term, &host, net);
                                 }
                             }
                         }
@@ -250,12 +270,37 @@ impl<L: Lookup> Walk<'_, L> {
                 self.note(
                     domain,
                     term,
-                    "decided per connection by the receiver: not a prefix list",
+                    "skipped: decided per connection by the receiver, not a prefix list",
                 );
             }
             _ => return Err(syntax("unknown mechanism")),
         }
         Ok(false)
+    }
+
+    /// Adds the prefix an `a` or `mx` term makes of `host`'s address; an IPv4-mapped AAAA
+    /// record stands for its IPv4 address.
+    fn address_net(&mut self, domain: &str, term: &str, host: &str, net: IpNet) {
+        // Judged before truncation: `::ffff:192.0.2.1/64` truncates to `::/64`.
+        match crate::source::prefix::unmap(net) {
+            Ok((net, false)) => self.out.nets.push(net.trunc()),
+            Ok((v4, true)) => {
+                self.note(
+                    domain,
+                    term,
+                    &format!("{host} has an IPv4-mapped AAAA record: using the IPv4 prefix {v4}"),
+                );
+                self.out.nets.push(v4);
+            }
+            Err(_) => self.note(
+                domain,
+                term,
+                &format!(
+                    "{host} has an IPv4-mapped AAAA record and the term asks for /{} of it: shorter than /96, not an IPv4 prefix",
+                    net.prefix_len()
+                ),
+            ),
+        }
     }
 
     /// A domain named by a term; macros are not expanded (they depend on the connection).
@@ -291,10 +336,8 @@ impl<L: Lookup> Walk<'_, L> {
         self.out.ttl = Some(self.out.ttl.map_or(ttl, |known| known.min(ttl)));
     }
 
-    fn note(&mut self, domain: &str, term: &str, why: &str) {
-        self.out
-            .notes
-            .push(format!("{domain}: {term:?} skipped: {why}"));
+    fn note(&mut self, domain: &str, term: &str, what: &str) {
+        self.out.notes.push(format!("{domain}: {term:?}: {what}"));
     }
 }
 
@@ -418,6 +461,34 @@ mod tests {
         );
         assert_eq!(expansion.ttl, Some(Duration::from_secs(300)));
         assert_eq!(expansion.notes.len(), 1, "{:?}", expansion.notes);
+    }
+
+    #[test]
+    fn ipv4_mapped_prefixes_and_records_become_ipv4() {
+        let mut zone = Zone::default();
+        zone.txt.insert(
+            "mapped.example",
+            vec!["v=spf1 ip6:::ffff:192.0.2.0/120 a:relay.example a:relay.example//64 -all"],
+        );
+        zone.a.insert("relay.example", vec!["::ffff:198.51.100.7"]);
+        let expansion = run(&zone, "mapped.example").unwrap();
+        assert_eq!(nets(&expansion), ["192.0.2.0/24", "198.51.100.7/32"]);
+        let notes = expansion.notes.join("\n");
+        assert!(
+            notes.contains(
+                "\"ip6:::ffff:192.0.2.0/120\": IPv4-mapped: using the IPv4 prefix 192.0.2.0/24"
+            ),
+            "{notes}"
+        );
+        assert!(notes.contains("shorter than /96"), "{notes}");
+        zone.txt
+            .insert("short.example", vec!["v=spf1 ip6:::ffff:0:0/64"]);
+        let error = run(&zone, "short.example").unwrap_err().to_string();
+        assert!(error.contains("shorter than /96"), "{error}");
+        zone.txt
+            .insert("fam.example", vec!["v=spf1 ip4:::ffff:192.0.2.1"]);
+        let error = run(&zone, "fam.example").unwrap_err().to_string();
+        assert!(error.contains("family"), "{error}");
     }
 
     #[test]

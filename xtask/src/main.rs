@@ -141,6 +141,9 @@ fn test(root: &Path) -> anyhow::Result<()> {
             "warnings",
         ],
     )?;
+    // The upgrade tests need a second build whose map layout differs; it is built first and
+    // copied aside, because the package build below overwrites target/release/smtpguard.
+    let upgrade = upgrade_build(root)?;
     // The packaging test installs the package this run builds, and the end-to-end tests run
     // the release binary it holds.
     let deb = package(root)?;
@@ -148,6 +151,7 @@ fn test(root: &Path) -> anyhow::Result<()> {
     unsafe {
         std::env::set_var("SMTPGUARD_DEB", &deb);
         std::env::set_var("SMTPGUARD_BIN", root.join("target/release/smtpguard"));
+        std::env::set_var("SMTPGUARD_UPGRADE_BIN", &upgrade);
     }
     let summary = cargo_test(root)?;
     eprintln!(
@@ -191,6 +195,30 @@ fn release_tool(root: &Path, tool: &str, args: &[String]) -> anyhow::Result<()> 
         bail!("{tool} failed with {status}");
     }
     Ok(())
+}
+
+/// Builds the test-only `upgrade-test` daemon (another map layout, link swaps that fail on
+/// request) and copies it to `target/upgrade-test/smtpguard`, where the upgrade tests find it.
+fn upgrade_build(root: &Path) -> anyhow::Result<PathBuf> {
+    run(
+        root,
+        "cargo",
+        &[
+            "build",
+            "--locked",
+            "--release",
+            "--package",
+            "smtpguard",
+            "--features",
+            "upgrade-test",
+        ],
+    )?;
+    let dir = root.join("target/upgrade-test");
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let binary = dir.join("smtpguard");
+    std::fs::copy(root.join("target/release/smtpguard"), &binary)
+        .with_context(|| format!("copy the upgrade build to {}", binary.display()))?;
+    Ok(binary)
 }
 
 /// Builds `target/package/smtpguard_VERSION_ARCH.deb` with cargo-deb: the release binary,

@@ -370,6 +370,52 @@ impl Daemon {
         }
     }
 
+    /// Starts `smtpguard run` inside `netns` with `config`, without waiting for a policy: for
+    /// watching a start as it happens.
+    pub fn launch(netns: &Netns, config: &str) -> Self {
+        let mut daemon = Self::prepare(config, &[]);
+        daemon.spawn(netns, Launcher::Nsenter);
+        daemon
+    }
+
+    /// Waits until the state file satisfies `ready` (`what` names it in the panic message);
+    /// returns that state.
+    pub fn wait_for_state(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        ready: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(state) = self.state().filter(|state| ready(state)) {
+                return state;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the state file did not show {what} within {timeout:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until the daemon exits on its own; its exit status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("smtpguard did not exit within {timeout:?}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The next (re)start runs `program` with `env` added: an upgrade, or a fault injected.
     pub fn switch_binary(&mut self, program: PathBuf, env: &[(&str, &str)]) {
         self.program = program;

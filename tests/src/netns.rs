@@ -536,3 +536,103 @@ pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 pub fn sock(addr: impl Into<IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::new(addr.into(), port)
 }
+
+/// A TUN device (layer 3: packets start at the IP header) inside a namespace, with the file
+/// descriptor that is its other end: what is written there arrives on the device as received
+/// traffic, and what the namespace sends out of the device can be read back. The device goes
+/// when this is dropped.
+pub struct Tun {
+    pub name: String,
+    fd: OwnedFd,
+}
+
+impl Tun {
+    /// Creates `name` in `netns` with `address` (CIDR), up, and the default routes of both
+    /// families through it, so replies to any source leave through the device.
+    pub fn create(netns: &Netns, name: &str, address: &str) -> Self {
+        const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+        const IFF_TUN: libc::c_short = 0x0001;
+        const IFF_NO_PI: libc::c_short = 0x1000;
+        let owned = name.to_owned();
+        let fd = netns.run(move || {
+            let path = c"/dev/net/tun";
+            // SAFETY: plain open(2) of a NUL-terminated path; the descriptor is owned below.
+            let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+            assert!(fd >= 0, "open /dev/net/tun: {}", io::Error::last_os_error());
+            // SAFETY: a fresh descriptor nothing else owns.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            // struct ifreq: the name, then the flags as a short.
+            let mut request = [0u8; 40];
+            request[..owned.len()].copy_from_slice(owned.as_bytes());
+            request[16..18].copy_from_slice(&(IFF_TUN | IFF_NO_PI).to_ne_bytes());
+            // SAFETY: `request` is a valid struct ifreq for TUNSETIFF, alive for the call.
+            let rc = unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF as _, request.as_mut_ptr()) };
+            assert_eq!(rc, 0, "TUNSETIFF {owned}: {}", io::Error::last_os_error());
+            fd
+        });
+        ip(&["-n", &netns.name, "addr", "add", address, "dev", name]);
+        ip(&["-n", &netns.name, "link", "set", name, "up"]);
+        ip(&["-n", &netns.name, "route", "add", "default", "dev", name]);
+        ip(&[
+            "-n",
+            &netns.name,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "dev",
+            name,
+        ]);
+        Self {
+            name: name.to_owned(),
+            fd,
+        }
+    }
+
+    /// Hands `packet` to the device, as if it had arrived on it.
+    pub fn send(&self, packet: &[u8]) {
+        // SAFETY: `packet` is a valid buffer of the given length.
+        let written =
+            unsafe { libc::write(self.fd.as_raw_fd(), packet.as_ptr().cast(), packet.len()) };
+        assert_eq!(
+            written,
+            packet.len() as isize,
+            "write to the TUN device: {}",
+            io::Error::last_os_error()
+        );
+    }
+
+    /// Packets the namespace sent out of the device within `window`.
+    pub fn receive_for(&self, window: Duration) -> Vec<Vec<u8>> {
+        let deadline = Instant::now() + window;
+        let mut packets = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return packets;
+            }
+            let mut pollfd = libc::pollfd {
+                fd: self.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            if unsafe { libc::poll(&mut pollfd, 1, left.as_millis().max(1) as i32) } <= 0 {
+                continue;
+            }
+            let mut buffer = vec![0u8; 65536];
+            // SAFETY: `buffer` is writable for its length.
+            let n = unsafe {
+                libc::read(
+                    self.fd.as_raw_fd(),
+                    buffer.as_mut_ptr().cast(),
+                    buffer.len(),
+                )
+            };
+            if n > 0 {
+                buffer.truncate(n as usize);
+                packets.push(buffer);
+            }
+        }
+    }
+}

@@ -61,7 +61,7 @@ pub enum FilterError {
         source: ProgramError,
     },
     #[error(
-        "interface {interface:?} is a layer-3 device (link type {link_type}): only generic XDP sees its packets (a native program is accepted by TUN but never run); set xdp_mode = \"auto\" or \"skb\""
+        "interface {interface:?} is a layer-3 device (link type {link_type}): its driver runs no native XDP program (TUN, WireGuard, PPP and IP tunnels refuse one), and smtpguard attaches there in generic mode; set xdp_mode = \"auto\" or \"skb\""
     )]
     NativeOnLayer3 {
         interface: String,

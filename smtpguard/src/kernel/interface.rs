@@ -64,7 +64,7 @@ pub enum LinkKind {
     /// An Ethernet header (physical NICs, veth, bridges, TAP, VXLAN, loopback).
     Ethernet,
     /// The IP header: TUN, WireGuard, PPP, IPIP/GRE/SIT tunnels. Only generic (skb) XDP runs
-    /// on these (a TUN device accepts a native program but never runs it).
+    /// on these (their drivers refuse a native program).
     Layer3,
 }
 

@@ -659,6 +659,8 @@ impl Daemon {
         if let Some(dns) = dns {
             self.dns = dns;
         }
+        // A reload is also when an admin expects a changed interface setting to count.
+        let _ = self.filter.refresh_facts();
         if let Err(error) = self.sync_interfaces() {
             log::error!("{error}");
         }

@@ -10,15 +10,29 @@ use core::mem::size_of;
 pub mod map_name {
     /// `Array<u32>` of one entry: which policy slot (0 or 1) the program reads.
     pub const ACTIVE_SLOT: &str = "SG_ACTIVE";
-    /// `Array<SlotConfig>` of [`super::SLOTS`] entries: guarded ports per policy slot.
+    /// `Array<SlotConfig>` of [`super::SLOTS`] entries: what a policy slot holds beyond its
+    /// prefixes (generation, whether it has destination scopes).
     pub const SLOT_CONFIG: &str = "SG_SLOT_CFG";
-    /// `LpmTrie<[u8; 4], RuleValue>` holding the IPv4 prefixes of policy slot 0.
+    /// `Array<ScopeConfig>` of [`super::SLOTS`] x [`super::MAX_SCOPES`] entries: per slot and
+    /// scope id, the guarded ports, mode and unlisted action.
+    pub const SCOPES: &str = "SG_SCOPES";
+    /// `LpmTrie<[u8; 4], u32>`: destination prefix to scope id, policy slot 0.
+    pub const DST_V4_SLOT0: &str = "SG_DST4_0";
+    /// `LpmTrie<[u8; 4], u32>`: destination prefix to scope id, policy slot 1.
+    pub const DST_V4_SLOT1: &str = "SG_DST4_1";
+    /// `LpmTrie<[u8; 16], u32>`: destination prefix to scope id, policy slot 0.
+    pub const DST_V6_SLOT0: &str = "SG_DST6_0";
+    /// `LpmTrie<[u8; 16], u32>`: destination prefix to scope id, policy slot 1.
+    pub const DST_V6_SLOT1: &str = "SG_DST6_1";
+    /// `LpmTrie<[u8; 8], RuleValue>` holding the IPv4 source prefixes of policy slot 0, keyed
+    /// by scope id (4 bytes, big-endian) then address: one trie for every scope.
     pub const V4_SLOT0: &str = "SG_V4_0";
-    /// `LpmTrie<[u8; 4], RuleValue>` holding the IPv4 prefixes of policy slot 1.
+    /// The same for policy slot 1.
     pub const V4_SLOT1: &str = "SG_V4_1";
-    /// `LpmTrie<[u8; 16], RuleValue>` holding the IPv6 prefixes of policy slot 0.
+    /// `LpmTrie<[u8; 20], RuleValue>` holding the IPv6 source prefixes of policy slot 0, keyed
+    /// by scope id then address.
     pub const V6_SLOT0: &str = "SG_V6_0";
-    /// `LpmTrie<[u8; 16], RuleValue>` holding the IPv6 prefixes of policy slot 1.
+    /// The same for policy slot 1.
     pub const V6_SLOT1: &str = "SG_V6_1";
     /// `Array<[u32; V4_GUARD_WORDS]>` of [`super::SLOTS`] entries: per policy slot, one bit
     /// per IPv4 /24, set when some prefix of the slot overlaps that /24. A clear bit settles
@@ -51,9 +65,14 @@ pub mod map_name {
     pub const SCRATCH: &str = "SG_SCRATCH";
 
     /// Every map, in a stable order (pinning, listing, tests).
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 20] = [
         ACTIVE_SLOT,
         SLOT_CONFIG,
+        SCOPES,
+        DST_V4_SLOT0,
+        DST_V4_SLOT1,
+        DST_V6_SLOT0,
+        DST_V6_SLOT1,
         V4_SLOT0,
         V4_SLOT1,
         V6_SLOT0,
@@ -136,34 +155,57 @@ pub const MAX_INTERFACES: u32 = 256;
 /// Words in the guarded-port bitmap: one bit for each of the 65536 TCP ports.
 pub const PORT_WORDS: usize = 65536 / 32;
 
-/// Per-slot settings the program reads on every TCP segment.
+/// Scope ids a policy may use: the default scope (0) and up to 255 `[[scope]]`s.
+pub const MAX_SCOPES: u32 = 256;
+
+/// Destination prefixes all scopes of a slot may name, per family.
+pub const MAX_SCOPE_DESTINATIONS: u32 = 65536;
+
+/// Per-slot settings the program reads on every guarded SYN.
 #[repr(C)]
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct SlotConfig {
-    /// Bit `p % 32` of word `p / 32` is set when TCP destination port `p` is guarded.
-    pub ports: [u32; PORT_WORDS],
     /// Incremented by the daemon on every apply; lets `stats` tell which policy is in force.
     pub generation: u32,
+    /// 1 when this slot's IPv4 guard bitmap ([`map_name::V4_GUARD`]) is written and may be
+    /// trusted; 0 sends every IPv4 source to the trie.
+    pub v4_guard: u32,
+    /// 1 when the slot has destination scopes: the destination is looked up to find the
+    /// scope. 0 (the common case) decides every SYN in scope 0 without that lookup.
+    pub scoped: u32,
+    /// 1 when no guarded scope enforces (all audit): a frame too opaque to decide is passed
+    /// and counted rather than dropped.
+    pub audit_only: u32,
+}
+const _: () = assert!(size_of::<SlotConfig>() == 16);
+
+/// How one scope of a policy slot decides.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ScopeConfig {
+    /// Bit `p % 32` of word `p / 32` is set when TCP destination port `p` is guarded.
+    pub ports: [u32; PORT_WORDS],
     /// One of [`mode`]: whether the verdicts are carried out or only counted.
     pub mode: u32,
     /// One of [`action`] (`DROP` or `REJECT`): what happens to a SYN no prefix matches.
     pub unlisted_action: u32,
-    /// 1 when this slot's IPv4 guard bitmap ([`map_name::V4_GUARD`]) is written and may be
-    /// trusted; 0 sends every IPv4 source to the trie.
-    pub v4_guard: u32,
+    /// 1 when SYNs in this scope are decided; 0 leaves them alone (a default scope without
+    /// rules of its own, beside `[[scope]]`s).
+    pub guarded: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<SlotConfig>() == PORT_WORDS * 4 + 16);
+const _: () = assert!(size_of::<ScopeConfig>() == PORT_WORDS * 4 + 16);
 
-impl SlotConfig {
+impl ScopeConfig {
     pub const EMPTY: Self = Self {
         ports: [0; PORT_WORDS],
-        generation: 0,
         mode: mode::ENFORCE,
         unlisted_action: action::DROP,
-        v4_guard: 0,
+        guarded: 0,
+        _pad: 0,
     };
 
-    /// Whether TCP destination `port` is guarded in this slot.
+    /// Whether TCP destination `port` is guarded in this scope.
     #[inline(always)]
     pub fn guards(&self, port: u16) -> bool {
         let word = (port >> 5) as usize;
@@ -230,13 +272,22 @@ pub mod mode {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RuleValue {
-    /// One of [`action`].
-    pub action: u32,
+    /// One of [`action`]: what a SYN whose longest match is this prefix gets. A deny prefix an
+    /// allow match outranks carries the action of the entry that outranks it.
+    pub action: u8,
+    /// 1 when the prefix is on the deny list, whatever its action.
+    pub deny: u8,
+    pub _pad: [u8; 2],
     /// Key of this prefix's entry in [`map_name::PREFIX_HITS`]; stable while the prefix stays
     /// in the policy, so its counter keeps counting across reloads.
     pub counter_id: u32,
 }
 const _: () = assert!(size_of::<RuleValue>() == 8);
+
+/// Bytes of a source trie key's data: the scope id, then the address.
+pub const V4_KEY_BYTES: usize = 4 + 4;
+/// The same for IPv6.
+pub const V6_KEY_BYTES: usize = 4 + 16;
 
 /// Indices into the global per-CPU counter array.
 pub mod counter {
@@ -288,8 +339,11 @@ pub struct Offender {
     pub would_block: u64,
     pub first_seen_ns: u64,
     pub last_seen_ns: u64,
+    /// The scope of the last SYN counted here.
+    pub scope: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<Offender>() == 48);
+const _: () = assert!(size_of::<Offender>() == 56);
 
 /// One map as the program declares it: what a pinned map must match to be reused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -316,30 +370,40 @@ const fn layout(
 
 /// Every map's layout, in the order of [`map_name::ALL`]. LPM trie keys carry a 4-byte
 /// prefix length before the address.
-pub const MAP_LAYOUTS: [MapLayout; 15] = [
+pub const MAP_LAYOUTS: [MapLayout; 20] = [
     layout(map_name::ACTIVE_SLOT, 4, 4, 1),
     layout(map_name::SLOT_CONFIG, 4, size_of::<SlotConfig>(), SLOTS),
     layout(
+        map_name::SCOPES,
+        4,
+        size_of::<ScopeConfig>(),
+        SLOTS * MAX_SCOPES,
+    ),
+    layout(map_name::DST_V4_SLOT0, 8, 4, MAX_SCOPE_DESTINATIONS),
+    layout(map_name::DST_V4_SLOT1, 8, 4, MAX_SCOPE_DESTINATIONS),
+    layout(map_name::DST_V6_SLOT0, 20, 4, MAX_SCOPE_DESTINATIONS),
+    layout(map_name::DST_V6_SLOT1, 20, 4, MAX_SCOPE_DESTINATIONS),
+    layout(
         map_name::V4_SLOT0,
-        8,
+        4 + V4_KEY_BYTES,
         size_of::<RuleValue>(),
         MAX_PREFIXES_PER_FAMILY,
     ),
     layout(
         map_name::V4_SLOT1,
-        8,
+        4 + V4_KEY_BYTES,
         size_of::<RuleValue>(),
         MAX_PREFIXES_PER_FAMILY,
     ),
     layout(
         map_name::V6_SLOT0,
-        20,
+        4 + V6_KEY_BYTES,
         size_of::<RuleValue>(),
         MAX_PREFIXES_PER_FAMILY,
     ),
     layout(
         map_name::V6_SLOT1,
-        20,
+        4 + V6_KEY_BYTES,
         size_of::<RuleValue>(),
         MAX_PREFIXES_PER_FAMILY,
     ),
@@ -355,7 +419,7 @@ pub const MAP_LAYOUTS: [MapLayout; 15] = [
 ];
 
 /// Bumped by hand when the meaning of a map's bytes changes without its sizes changing.
-const LAYOUT_REVISION: u64 = 2;
+const LAYOUT_REVISION: u64 = 3;
 
 /// A fingerprint of [`MAP_LAYOUTS`] and [`LAYOUT_REVISION`] (FNV-1a): two builds share
 /// pinned maps only when their stamps are equal.
@@ -391,6 +455,7 @@ mod pod {
     // SAFETY: both types are `#[repr(C)]`, made only of integers, with no implicit padding
     // (checked by the size assertions beside them).
     unsafe impl aya::Pod for super::SlotConfig {}
+    unsafe impl aya::Pod for super::ScopeConfig {}
     unsafe impl aya::Pod for super::RuleValue {}
     unsafe impl aya::Pod for super::Offender {}
     unsafe impl aya::Pod for super::RecordBudget {}

@@ -19,8 +19,9 @@ use aya_ebpf::{
 use parse::{Ip, Layers, Sighting, Source, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use smtpguard_common::{
     IfaceInfo, MAX_INTERFACES, MAX_OFFENDERS, MAX_PREFIX_COUNTERS, MAX_PREFIXES_PER_FAMILY,
-    Offender, RECORD_BUDGET_PER_SECOND, RECORD_SAMPLE, RecordBudget, RuleValue, SLOTS, SlotConfig,
-    V4_COARSE_WORDS, V4_GUARD_WORDS, action, counter, iface, mode, offender_slot,
+    MAX_SCOPE_DESTINATIONS, MAX_SCOPES, Offender, RECORD_BUDGET_PER_SECOND, RECORD_SAMPLE,
+    RecordBudget, RuleValue, SLOTS, ScopeConfig, SlotConfig, V4_COARSE_WORDS, V4_GUARD_WORDS,
+    V4_KEY_BYTES, V6_KEY_BYTES, action, counter, iface, mode, offender_slot,
 };
 
 #[map(name = "SG_ACTIVE")]
@@ -29,20 +30,35 @@ static ACTIVE_SLOT: Array<u32> = Array::with_max_entries(1, 0);
 #[map(name = "SG_SLOT_CFG")]
 static SLOT_CONFIG: Array<SlotConfig> = Array::with_max_entries(SLOTS, 0);
 
+#[map(name = "SG_SCOPES")]
+static SCOPES: Array<ScopeConfig> = Array::with_max_entries(SLOTS * MAX_SCOPES, 0);
+
+#[map(name = "SG_DST4_0")]
+static DST_V4_SLOT0: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(MAX_SCOPE_DESTINATIONS, 0);
+
+#[map(name = "SG_DST4_1")]
+static DST_V4_SLOT1: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(MAX_SCOPE_DESTINATIONS, 0);
+
+#[map(name = "SG_DST6_0")]
+static DST_V6_SLOT0: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(MAX_SCOPE_DESTINATIONS, 0);
+
+#[map(name = "SG_DST6_1")]
+static DST_V6_SLOT1: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(MAX_SCOPE_DESTINATIONS, 0);
+
 #[map(name = "SG_V4_0")]
-static V4_SLOT0: LpmTrie<[u8; 4], RuleValue> =
+static V4_SLOT0: LpmTrie<[u8; V4_KEY_BYTES], RuleValue> =
     LpmTrie::with_max_entries(MAX_PREFIXES_PER_FAMILY, 0);
 
 #[map(name = "SG_V4_1")]
-static V4_SLOT1: LpmTrie<[u8; 4], RuleValue> =
+static V4_SLOT1: LpmTrie<[u8; V4_KEY_BYTES], RuleValue> =
     LpmTrie::with_max_entries(MAX_PREFIXES_PER_FAMILY, 0);
 
 #[map(name = "SG_V6_0")]
-static V6_SLOT0: LpmTrie<[u8; 16], RuleValue> =
+static V6_SLOT0: LpmTrie<[u8; V6_KEY_BYTES], RuleValue> =
     LpmTrie::with_max_entries(MAX_PREFIXES_PER_FAMILY, 0);
 
 #[map(name = "SG_V6_1")]
-static V6_SLOT1: LpmTrie<[u8; 16], RuleValue> =
+static V6_SLOT1: LpmTrie<[u8; V6_KEY_BYTES], RuleValue> =
     LpmTrie::with_max_entries(MAX_PREFIXES_PER_FAMILY, 0);
 
 #[map(name = "SG_V4_GUARD")]
@@ -111,6 +127,11 @@ fn decide(ctx: &XdpContext, sighting: Sighting) -> u32 {
             xdp_action::XDP_PASS
         }
         Sighting::Opaque => {
+            // In audit mode nothing is stopped, not even what cannot be read.
+            if audit_only() {
+                count(counter::WOULD_BLOCK);
+                return xdp_action::XDP_PASS;
+            }
             count(counter::OPAQUE_DROPPED);
             drop_packet()
         }
@@ -137,6 +158,17 @@ fn decide(ctx: &XdpContext, sighting: Sighting) -> u32 {
     }
 }
 
+/// Whether every guarded scope of the active policy only audits.
+#[inline(always)]
+fn audit_only() -> bool {
+    let Some(slot) = ACTIVE_SLOT.get(0) else {
+        return false;
+    };
+    SLOT_CONFIG
+        .get(*slot & 1)
+        .is_some_and(|config| config.audit_only == 1)
+}
+
 /// What answering a SYN with a reset needs to know about it.
 struct Reply<'a> {
     flags: u8,
@@ -155,15 +187,23 @@ fn decide_guarded(ctx: &XdpContext, ip: Ip, dport: Option<u16>, reply: Option<Re
     let Some(config) = SLOT_CONFIG.get(slot) else {
         return xdp_action::XDP_PASS;
     };
+    let (v4_guard, scoped) = (config.v4_guard == 1, config.scoped == 1);
+    // One scope (the common case) needs no look at the destination.
+    let scope = if scoped { scope_of(ctx, slot, &ip) } else { 0 };
+    let Some(scope_config) = SCOPES.get(slot * MAX_SCOPES + (scope & (MAX_SCOPES - 1))) else {
+        return xdp_action::XDP_PASS;
+    };
+    if scope_config.guarded != 1 {
+        return xdp_action::XDP_PASS;
+    }
     if let Some(port) = dport
-        && !config.guards(port)
+        && !scope_config.guards(port)
     {
         return xdp_action::XDP_PASS;
     }
-    let (audit, unlisted_action, v4_guard) = (
-        config.mode == mode::AUDIT,
-        config.unlisted_action,
-        config.v4_guard == 1,
+    let (audit, unlisted_action) = (
+        scope_config.mode == mode::AUDIT,
+        scope_config.unlisted_action,
     );
     if reply.is_none() {
         count(counter::HIDDEN_DECIDED);
@@ -174,8 +214,8 @@ fn decide_guarded(ctx: &XdpContext, ip: Ip, dport: Option<u16>, reply: Option<Re
         return drop_packet();
     };
     let src = &src;
-    let stop = match lookup(slot, src, v4_guard) {
-        Some(rule) if rule.action == action::ALLOW => {
+    let stop = match lookup(slot, scope, src, v4_guard) {
+        Some(rule) if u32::from(rule.action) == action::ALLOW => {
             count(counter::SYN_ALLOWED);
             count_prefix(rule.counter_id);
             return xdp_action::XDP_PASS;
@@ -183,7 +223,7 @@ fn decide_guarded(ctx: &XdpContext, ip: Ip, dport: Option<u16>, reply: Option<Re
         Some(rule) => {
             count(counter::SYN_DENIED);
             count_prefix(rule.counter_id);
-            rule.action
+            u32::from(rule.action)
         }
         None => {
             count(counter::SYN_UNLISTED);
@@ -192,7 +232,7 @@ fn decide_guarded(ctx: &XdpContext, ip: Ip, dport: Option<u16>, reply: Option<Re
     };
     if should_record() {
         let (high, low) = address_words(src);
-        remember(high, low, audit);
+        remember(high, low, audit, scope);
     } else {
         count(counter::UNRECORDED);
     }
@@ -321,7 +361,7 @@ fn address_words(src: &Source) -> (u64, u64) {
 /// pass through. No allocation, no eviction list: one slot touched per SYN. A BPF-to-BPF
 /// call, not inlined: it keeps the hot path's registers (and the verifier) simple.
 #[inline(never)]
-fn remember(high: u64, low: u64, audit: bool) {
+fn remember(high: u64, low: u64, audit: bool, scope: u32) {
     let index = offender_slot(high, low, MAX_OFFENDERS);
     let Some(slot) = OFFENDERS.get_ptr_mut(index) else {
         return;
@@ -340,6 +380,7 @@ fn remember(high: u64, low: u64, audit: bool) {
             };
             atomic_add(count, 1);
             (*slot).last_seen_ns = now;
+            (*slot).scope = scope;
             return;
         }
         let resident = (*slot).blocked + (*slot).would_block;
@@ -360,20 +401,29 @@ fn remember(high: u64, low: u64, audit: bool) {
             would_block: u64::from(audit),
             first_seen_ns: now,
             last_seen_ns: now,
+            scope,
+            _pad: 0,
         };
     }
 }
 
-/// Longest-prefix match of `src` in the active slot's trie for its family. An IPv4 source
-/// whose /24 no prefix overlaps is settled by the guard bitmap, without the trie walk.
+/// Longest-prefix match of `src` among the prefixes of `scope` in the active slot's trie for
+/// its family (keys are the scope id, then the address). An IPv4 source whose /24 no prefix
+/// of any scope overlaps is settled by the guard bitmap, without the trie walk.
 #[inline(always)]
-fn lookup(slot: u32, src: &Source, v4_guard: bool) -> Option<RuleValue> {
+fn lookup(slot: u32, scope: u32, src: &Source, v4_guard: bool) -> Option<RuleValue> {
+    let scope = scope.to_be_bytes();
     match src {
         Source::V4(addr) => {
             if v4_guard && !v4_listed(slot, addr) {
                 return None;
             }
-            let key = Key::new(32, *addr);
+            let key = Key::new(
+                (V4_KEY_BYTES * 8) as u32,
+                [
+                    scope[0], scope[1], scope[2], scope[3], addr[0], addr[1], addr[2], addr[3],
+                ],
+            );
             if slot == 0 {
                 V4_SLOT0.get(&key).copied()
             } else {
@@ -381,7 +431,10 @@ fn lookup(slot: u32, src: &Source, v4_guard: bool) -> Option<RuleValue> {
             }
         }
         Source::V6(addr) => {
-            let key = Key::new(128, *addr);
+            let mut data = [0u8; V6_KEY_BYTES];
+            data[..4].copy_from_slice(&scope);
+            data[4..].copy_from_slice(addr);
+            let key = Key::new((V6_KEY_BYTES * 8) as u32, data);
             if slot == 0 {
                 V6_SLOT0.get(&key).copied()
             } else {
@@ -389,6 +442,32 @@ fn lookup(slot: u32, src: &Source, v4_guard: bool) -> Option<RuleValue> {
             }
         }
     }
+}
+
+/// The scope whose destination prefix most specifically contains the SYN's destination;
+/// the default scope (0) when none does.
+#[inline(always)]
+fn scope_of(ctx: &XdpContext, slot: u32, ip: &Ip) -> u32 {
+    let found = match ip.address(ctx, true) {
+        Some(Source::V4(addr)) => {
+            let key = Key::new(32, addr);
+            if slot == 0 {
+                DST_V4_SLOT0.get(&key).copied()
+            } else {
+                DST_V4_SLOT1.get(&key).copied()
+            }
+        }
+        Some(Source::V6(addr)) => {
+            let key = Key::new(128, addr);
+            if slot == 0 {
+                DST_V6_SLOT0.get(&key).copied()
+            } else {
+                DST_V6_SLOT1.get(&key).copied()
+            }
+        }
+        None => None,
+    };
+    found.unwrap_or(0)
 }
 
 /// `lock *(u64 *)(ptr) += value`: the BPF atomic add (core's atomics are not offered for

@@ -228,22 +228,44 @@ fn widen(off: usize) -> Option<usize> {
     (off <= MAX_HEADER_OFFSET).then_some(off)
 }
 
-/// The layer a header starts, as the one before it said.
+/// The layer a header starts, as the one before it said: a kind and an offset, as plain
+/// scalars (an enum with a payload per variant leaves the compiler free to carry an undefined
+/// register across the loop in [`follow`], which the verifier refuses).
 #[derive(Clone, Copy)]
-enum Layer {
-    /// An Ethernet header (an interface's own frame, or one tunnelled in GRE).
-    Ethernet(usize),
-    Ipv4(usize),
-    Ipv6(usize),
+struct Layer {
+    kind: u8,
+    off: usize,
 }
+
+/// An Ethernet header (an interface's own frame, or one tunnelled in GRE).
+const ETHERNET: u8 = 0;
+const IPV4: u8 = 4;
+const IPV6: u8 = 6;
 
 impl Layer {
     #[inline(always)]
+    const fn ethernet(off: usize) -> Self {
+        Self {
+            kind: ETHERNET,
+            off,
+        }
+    }
+
+    #[inline(always)]
+    const fn ipv4(off: usize) -> Self {
+        Self { kind: IPV4, off }
+    }
+
+    #[inline(always)]
+    const fn ipv6(off: usize) -> Self {
+        Self { kind: IPV6, off }
+    }
+
+    #[inline(always)]
     fn widened(self) -> Option<Self> {
-        Some(match self {
-            Self::Ethernet(off) => Self::Ethernet(widen(off)?),
-            Self::Ipv4(off) => Self::Ipv4(widen(off)?),
-            Self::Ipv6(off) => Self::Ipv6(widen(off)?),
+        Some(Self {
+            kind: self.kind,
+            off: widen(self.off)?,
         })
     }
 }
@@ -281,7 +303,7 @@ fn be16(bytes: [u8; 2]) -> u16 {
 /// A frame from an Ethernet interface.
 #[inline(always)]
 pub fn parse_frame(ctx: &XdpContext) -> Sighting {
-    follow(ctx, Layer::Ethernet(0), true)
+    follow(ctx, Layer::ethernet(0), true)
 }
 
 /// A packet from a layer-3 interface (TUN, WireGuard, PPP, IP tunnels): the IP header first.
@@ -293,8 +315,8 @@ pub fn parse_packet(ctx: &XdpContext) -> Sighting {
         return Sighting::Malformed;
     };
     match unsafe { (*first)[0] } >> 4 {
-        4 => follow(ctx, Layer::Ipv4(0), false),
-        6 => follow(ctx, Layer::Ipv6(0), false),
+        4 => follow(ctx, Layer::ipv4(0), false),
+        6 => follow(ctx, Layer::ipv6(0), false),
         _ => Sighting::Other,
     }
 }
@@ -309,10 +331,10 @@ fn follow(ctx: &XdpContext, first: Layer, ethernet: bool) -> Sighting {
         no_reply: false,
     };
     for _ in 0..MAX_LAYERS {
-        let step = match layer {
-            Layer::Ethernet(off) => parse_link(ctx, off, at),
-            Layer::Ipv4(off) => parse_ipv4(ctx, off, at),
-            Layer::Ipv6(off) => parse_ipv6(ctx, off, at),
+        let step = match layer.kind {
+            ETHERNET => parse_link(ctx, layer.off, at),
+            IPV4 => parse_ipv4(ctx, layer.off, at),
+            _ => parse_ipv6(ctx, layer.off, at),
         };
         let inner = match step {
             Step::Done(sighting) => return sighting,
@@ -374,8 +396,8 @@ fn parse_link(ctx: &XdpContext, base: usize, at: Carrier) -> Step {
         off = widened;
     }
     match ethertype {
-        ETH_P_IPV4 => Step::Next(Layer::Ipv4(off)),
-        ETH_P_IPV6 => Step::Next(Layer::Ipv6(off)),
+        ETH_P_IPV4 => Step::Next(Layer::ipv4(off)),
+        ETH_P_IPV6 => Step::Next(Layer::ipv6(off)),
         ETH_P_PPPOE_SESSION => parse_ppp(ctx, off + 6, at),
         ETH_P_MPLS_UC | ETH_P_MPLS_MC => parse_mpls(ctx, off),
         // More tags than followed.
@@ -417,8 +439,8 @@ fn parse_mpls(ctx: &XdpContext, off: usize) -> Step {
                 return Step::Done(Sighting::Malformed);
             };
             return match unsafe { (*first)[0] } >> 4 {
-                4 => Step::Carried(Layer::Ipv4(off)),
-                6 => Step::Carried(Layer::Ipv6(off)),
+                4 => Step::Carried(Layer::ipv4(off)),
+                6 => Step::Carried(Layer::ipv6(off)),
                 _ => Step::Done(Sighting::Other),
             };
         }
@@ -446,8 +468,8 @@ fn parse_ppp(ctx: &XdpContext, off: usize, at: Carrier) -> Step {
         (be16(field), 2)
     };
     let inner = match protocol {
-        PPP_IPV4 => Layer::Ipv4(off + len),
-        PPP_IPV6 => Layer::Ipv6(off + len),
+        PPP_IPV4 => Layer::ipv4(off + len),
+        PPP_IPV6 => Layer::ipv6(off + len),
         // Control protocols, and compressed or encrypted data: the PPP device reads those
         // (attach smtpguard to it).
         _ => return Step::Done(Sighting::Other),
@@ -477,9 +499,9 @@ fn parse_gre(ctx: &XdpContext, off: usize, at: Carrier) -> Step {
             }
             let inner = off + 4 + word(GRE_CSUM) + word(GRE_KEY) + word(GRE_SEQ);
             match proto {
-                ETH_P_IPV4 => Step::Inner(Layer::Ipv4(inner)),
-                ETH_P_IPV6 => Step::Inner(Layer::Ipv6(inner)),
-                ETH_P_TEB => Step::Inner(Layer::Ethernet(inner)),
+                ETH_P_IPV4 => Step::Inner(Layer::ipv4(inner)),
+                ETH_P_IPV6 => Step::Inner(Layer::ipv6(inner)),
+                ETH_P_TEB => Step::Inner(Layer::ethernet(inner)),
                 // MPLS, ERSPAN, NSH and the rest: not read here, so not passed either.
                 _ => Step::Done(Sighting::Opaque),
             }
@@ -532,8 +554,8 @@ fn parse_ipv4(ctx: &XdpContext, off: usize, at: Carrier) -> Step {
                 ethernet: at.ethernet,
             },
         )),
-        IPPROTO_IPIP => Step::Inner(Layer::Ipv4(payload)),
-        IPPROTO_IPV6 => Step::Inner(Layer::Ipv6(payload)),
+        IPPROTO_IPIP => Step::Inner(Layer::ipv4(payload)),
+        IPPROTO_IPV6 => Step::Inner(Layer::ipv6(payload)),
         IPPROTO_GRE => parse_gre(ctx, payload, at),
         _ => Step::Done(Sighting::Other),
     }
@@ -621,8 +643,8 @@ fn parse_ipv6(ctx: &XdpContext, off: usize, at: Carrier) -> Step {
             fragmented,
             at,
         )),
-        IPPROTO_IPIP => Step::Inner(Layer::Ipv4(cur)),
-        IPPROTO_IPV6 => Step::Inner(Layer::Ipv6(cur)),
+        IPPROTO_IPIP => Step::Inner(Layer::ipv4(cur)),
+        IPPROTO_IPV6 => Step::Inner(Layer::ipv6(cur)),
         IPPROTO_GRE => parse_gre(ctx, cur, at),
         // A chain longer than followed: Linux accepts it, and what follows may be TCP or a
         // tunnel whose inner source is out of sight.

@@ -303,6 +303,10 @@ pub struct RunState {
     pub mode: crate::source::config::Mode,
     /// What happens to unlisted sources.
     pub action: crate::source::config::Action,
+    /// Every scope of the policy in force, the default one first (`ports`, `mode` and
+    /// `action` above are the default scope's).
+    #[serde(default)]
+    pub scopes: Vec<ScopeState>,
     pub prefixes: Vec<PrefixState>,
     /// Kernel ids of the global and per-prefix counter maps, for readers that cannot see the
     /// pins.
@@ -340,6 +344,26 @@ pub struct PrefixState {
     pub list: List,
     pub rule: String,
     pub prefix: ipnet::IpNet,
+    /// The scope the prefix belongs to (the default one in a state from before scopes).
+    #[serde(default)]
+    pub scope_id: u32,
+    #[serde(default = "default_scope")]
+    pub scope: String,
+}
+
+/// A scope of the policy in force, as `stats` and `report` show it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ScopeState {
+    pub name: String,
+    pub destinations: Vec<ipnet::IpNet>,
+    pub guarded: bool,
+    pub ports: Vec<u16>,
+    pub mode: crate::source::config::Mode,
+    pub action: crate::source::config::Action,
+}
+
+fn default_scope() -> String {
+    "default".to_owned()
 }
 
 fn ensure_bpffs() -> Result<(), InstanceError> {

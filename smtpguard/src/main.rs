@@ -121,6 +121,10 @@ enum Command {
         /// Destination port.
         #[arg(long, short, default_value_t = 25)]
         port: u16,
+        /// Destination address: picks the `[[scope]]` that decides (default: the top level's
+        /// rules).
+        #[arg(long, value_name = "DEST")]
+        to: Option<std::net::IpAddr>,
         #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
@@ -264,10 +268,15 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Explain { addr, port, config } => {
+        Command::Explain {
+            addr,
+            port,
+            to,
+            config,
+        } => {
             let config = Config::load(&config)?;
             let policy = build(&config, &instance)?;
-            print!("{}", explain::explain(&policy, addr, port));
+            print!("{}", explain::explain(&policy, addr, to, port));
             Ok(())
         }
     }

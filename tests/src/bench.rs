@@ -15,9 +15,9 @@ use aya::{
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use smtpguard::{
     kernel::filter::PROGRAM_OBJECT,
-    policy::{Entry, List, Policy},
+    policy::{Entry, List, Policy, Scope},
     source::{
-        config::{Action, Location, Mode},
+        config::{Action, Location, Mode, Precedence},
         fetch::Origin,
     },
 };
@@ -94,6 +94,8 @@ pub fn allow_policy(nets: impl IntoIterator<Item = IpNet>) -> Policy {
                     list: List::Allow,
                     rule: "bench".to_owned(),
                     action: None,
+                    precedence: Precedence::Specific,
+                    decided_by: None,
                     origin: Origin::Literal,
                     at: at.clone(),
                 },
@@ -101,10 +103,15 @@ pub fn allow_policy(nets: impl IntoIterator<Item = IpNet>) -> Policy {
         })
         .collect();
     Policy {
-        ports: BTreeSet::from([25]),
-        mode: Mode::Enforce,
-        unlisted_action: Action::Drop,
-        entries,
+        scopes: vec![Scope {
+            name: "default".to_owned(),
+            guarded: true,
+            ports: BTreeSet::from([25]),
+            mode: Mode::Enforce,
+            unlisted_action: Action::Drop,
+            entries,
+            ..Scope::default()
+        }],
         refused: Vec::new(),
     }
 }
@@ -113,7 +120,11 @@ pub fn allow_policy(nets: impl IntoIterator<Item = IpNet>) -> Policy {
 pub fn unlisted_v4(rng: &mut Rng, policy: &Policy) -> Ipv4Addr {
     loop {
         let addr = Ipv4Addr::from(rng.next_u64() as u32);
-        if policy.longest_match(IpAddr::V4(addr)).is_none() {
+        if policy
+            .default_scope()
+            .longest_match(IpAddr::V4(addr))
+            .is_none()
+        {
             return addr;
         }
     }

@@ -98,8 +98,8 @@ impl Kernel {
     pub fn counter_id(&self, prefix: &str) -> u32 {
         self.maps
             .counter_ids()
-            .find(|(net, _, _)| net.to_string() == prefix)
-            .map(|(_, _, id)| id)
+            .find(|(_, net, _, _)| net.to_string() == prefix)
+            .map(|(_, _, _, id)| id)
             .unwrap_or_else(|| panic!("no counter for {prefix}"))
     }
 

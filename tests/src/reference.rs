@@ -139,7 +139,11 @@ pub enum Sight {
     /// A TCP header in sight.
     Segment(Segment),
     /// Possibly a SYN, with its flags (and perhaps its port) out of sight.
-    Hidden { src: IpAddr, dport: Option<u16> },
+    Hidden {
+        src: IpAddr,
+        dst: IpAddr,
+        dport: Option<u16>,
+    },
 }
 
 /// A TCP header in sight, and what a reply to it needs to know.
@@ -174,33 +178,54 @@ impl Segment {
 pub fn classify(frame: &[u8], policy: &Policy, iface: &Iface) -> Expected {
     match sight(frame) {
         Sight::Other | Sight::LaterFragment | Sight::Malformed(_) => Expected::Pass,
-        Sight::Opaque(_) if policy.mode == Mode::Audit => Expected::Pass,
+        // Its destination is out of sight too: dropped unless no scope enforces anything.
+        Sight::Opaque(_) if audit_only(policy) => Expected::Pass,
         Sight::Opaque(_) => Expected::Drop,
-        Sight::Hidden { src, dport } => decide(policy, src, dport, None),
+        Sight::Hidden { src, dst, dport } => decide(policy, src, dst, dport, None),
         Sight::Segment(segment) if segment.is_syn() => {
             let reply = reply(frame, &segment, iface);
-            decide(policy, segment.src, Some(segment.dport), reply)
+            decide(policy, segment.src, segment.dst, Some(segment.dport), reply)
         }
         Sight::Segment(_) => Expected::Pass,
     }
 }
 
-/// Decides a possible SYN from `src` to `port` (unknown: treated as guarded).
-fn decide(policy: &Policy, src: IpAddr, port: Option<u16>, reply: Option<Reply>) -> Expected {
+/// Whether no guarded scope of `policy` enforces anything (all audit).
+fn audit_only(policy: &Policy) -> bool {
+    policy
+        .scopes
+        .iter()
+        .filter(|scope| scope.guarded)
+        .all(|scope| scope.mode == Mode::Audit)
+}
+
+/// Decides a possible SYN from `src` to `dst`, port `port` (unknown: treated as guarded), in
+/// the scope the destination picks.
+fn decide(
+    policy: &Policy,
+    src: IpAddr,
+    dst: IpAddr,
+    port: Option<u16>,
+    reply: Option<Reply>,
+) -> Expected {
+    let (_, scope) = policy.scope_for(Some(dst));
+    if !scope.guarded {
+        return Expected::Pass;
+    }
     if let Some(port) = port
-        && !policy.ports.contains(&port)
+        && !scope.ports.contains(&port)
     {
         return Expected::Pass;
     }
-    let Some(&guarded) = policy.ports.iter().next() else {
+    let Some(&guarded) = scope.ports.iter().next() else {
         return Expected::Pass;
     };
-    let action = match policy.verdict(src, guarded) {
+    let action = match policy.verdict_to(src, Some(dst), guarded) {
         Verdict::Allowed(..) | Verdict::NotGuarded => return Expected::Pass,
-        Verdict::Denied(_, entry) => entry.action.unwrap_or(policy.unlisted_action),
-        Verdict::Unlisted => policy.unlisted_action,
+        Verdict::Denied(_, entry) => entry.action.unwrap_or(scope.unlisted_action),
+        Verdict::Unlisted => scope.unlisted_action,
     };
-    match (policy.mode, action, reply) {
+    match (scope.mode, action, reply) {
         (Mode::Audit, ..) => Expected::Pass,
         (_, Action::Reject, Some(reply)) => Expected::Reset(reply),
         _ => Expected::Drop,
@@ -682,7 +707,11 @@ fn tcp(
     // Ports, sequence number, data offset and flags: the first 14 bytes decide.
     if l4_len >= 14 {
         if rest.len() < 14 {
-            return Sight::Hidden { src, dport: None };
+            return Sight::Hidden {
+                src,
+                dst,
+                dport: None,
+            };
         }
         if !first_fragment && l4_len < 20 {
             return Sight::Malformed("TCP header shorter than 20 bytes");
@@ -724,7 +753,7 @@ fn tcp(
     // A first fragment that stops before the flags: the receiving kernel would reassemble
     // it into a segment out of sight. Its port, when present, still tells if it is guarded.
     let dport = (l4_len >= 4 && rest.len() >= 4).then(|| u16::from_be_bytes([rest[2], rest[3]]));
-    Sight::Hidden { src, dport }
+    Sight::Hidden { src, dst, dport }
 }
 
 fn be16(frame: &[u8], at: usize) -> Option<u16> {

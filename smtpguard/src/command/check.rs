@@ -3,14 +3,14 @@
 use std::fmt::Write as _;
 
 use crate::{
-    policy::{List, Policy},
+    policy::{List, Policy, Scope},
     source::{config::Config, fetch::Origin},
 };
 
-/// The policy built from `config`, one prefix per line, most specific decisions visible.
+/// The policy built from `config`, one prefix per line, scope by scope, most specific
+/// decisions visible: how each deny prefix ranks, and which allow prefix outranks it.
 pub fn render(config: &Config, policy: &Policy) -> String {
     let mut out = String::new();
-    let ports: Vec<String> = policy.ports.iter().map(ToString::to_string).collect();
     let _ = writeln!(out, "config {}: ok", config.path.display());
     let _ = writeln!(
         out,
@@ -18,48 +18,19 @@ pub fn render(config: &Config, policy: &Policy) -> String {
         config.interfaces.join(", "),
         config.xdp_mode
     );
-    let _ = writeln!(out, "guarded TCP ports: {}", ports.join(", "));
-    let _ = writeln!(
-        out,
-        "mode: {}; unlisted sources: {}",
-        policy.mode, policy.unlisted_action
-    );
     let rule_width = policy
-        .entries
-        .values()
-        .map(|entry| entry.rule.len())
+        .entries()
+        .map(|(_, _, entry)| entry.rule.len())
         .max()
         .unwrap_or(4)
         .max(4);
-    for list in [List::Allow, List::Deny] {
-        for (net, entry) in policy
-            .entries
-            .iter()
-            .filter(|(_, entry)| entry.list == list)
-        {
-            let action = entry
-                .action
-                .map(|action| format!(" ({action})"))
-                .unwrap_or_default();
-            let from = match &entry.origin {
-                Origin::Literal => format!("line {}", entry.at.line),
-                Origin::File(_) => entry.at.to_string(),
-                origin => format!("{origin}, line {}", entry.at.line),
-            };
-            let _ = writeln!(
-                out,
-                "{:<5}  {:<rule_width$}  {:<43}  {from}",
-                list.as_str(),
-                entry.rule,
-                format!("{net}{action}"),
-            );
-        }
+    for scope in &policy.scopes {
+        render_scope(&mut out, policy, scope, rule_width);
     }
     let family = |list: List, v4: bool| {
         policy
-            .entries
-            .iter()
-            .filter(|(net, entry)| entry.list == list && matches!(net, ipnet::IpNet::V4(_)) == v4)
+            .entries()
+            .filter(|(_, net, entry)| entry.list == list && net.addr().is_ipv4() == v4)
             .count()
     };
     let _ = writeln!(
@@ -72,13 +43,92 @@ pub fn render(config: &Config, policy: &Policy) -> String {
         family(List::Deny, true),
         family(List::Deny, false),
     );
-    if policy.count(List::Allow) == 0 {
+    out
+}
+
+fn render_scope(out: &mut String, policy: &Policy, scope: &Scope, rule_width: usize) {
+    if policy.scoped() {
+        let destinations: Vec<String> =
+            scope.destinations.iter().map(ToString::to_string).collect();
+        let to = if destinations.is_empty() {
+            "every destination no other scope names".to_owned()
+        } else {
+            destinations.join(", ")
+        };
+        let _ = writeln!(out, "\nscope {:?}: {to}", scope.name);
+    }
+    if !scope.guarded {
+        let _ = writeln!(out, "not guarded: no rules at the top level");
+        return;
+    }
+    let ports: Vec<String> = scope.ports.iter().map(ToString::to_string).collect();
+    let _ = writeln!(out, "guarded TCP ports: {}", ports.join(", "));
+    let _ = writeln!(
+        out,
+        "mode: {}; unlisted sources: {}",
+        scope.mode, scope.unlisted_action
+    );
+    for list in [List::Allow, List::Deny] {
+        for (net, entry) in scope.entries.iter().filter(|(_, entry)| entry.list == list) {
+            let ranking = match entry.decided_by {
+                Some(by) => {
+                    let decider = scope.entries.get(&by);
+                    format!(
+                        ", outranked by {} {by} (rule {:?})",
+                        decider.map_or("allow", |entry| entry.list.as_str()),
+                        decider.map_or("", |entry| entry.rule.as_str())
+                    )
+                }
+                None => String::new(),
+            };
+            let action = match (entry.list, entry.action) {
+                (List::Deny, Some(action)) => {
+                    format!(" ({action}, precedence {}{ranking})", entry.precedence)
+                }
+                _ => String::new(),
+            };
+            let _ = writeln!(
+                out,
+                "{:<5}  {:<rule_width$}  {:<43}  {}",
+                list.as_str(),
+                entry.rule,
+                format!("{net}{action}"),
+                from(entry)
+            );
+        }
+    }
+    for outranked in &scope.outranked {
+        let _ = writeln!(
+            out,
+            "{:<5}  {:<rule_width$}  {:<43}  {}",
+            "deny",
+            outranked.entry.rule,
+            format!(
+                "{} (outranked by the same allow prefix: not written)",
+                outranked.net
+            ),
+            from(&outranked.entry)
+        );
+    }
+    if scope
+        .entries
+        .values()
+        .all(|entry| entry.list != List::Allow)
+    {
         let _ = writeln!(
             out,
             "allow_none = true: every source is blocked on the guarded ports"
         );
     }
-    out
+}
+
+/// Where an entry came from, as `check` prints it.
+fn from(entry: &crate::policy::Entry) -> String {
+    match &entry.origin {
+        Origin::Literal => format!("line {}", entry.at.line),
+        Origin::File(_) => entry.at.to_string(),
+        origin => format!("{origin}, line {}", entry.at.line),
+    }
 }
 
 #[cfg(test)]
@@ -100,7 +150,7 @@ mod tests {
         assert!(text.contains("guarded TCP ports: 25, 2525"), "{text}");
         assert!(text.contains("allow  provider  208.123.79.0/24"), "{text}");
         assert!(
-            text.contains("deny   abuser    208.123.79.9/32 (drop)"),
+            text.contains("deny   abuser    208.123.79.9/32 (drop, precedence specific)"),
             "{text}"
         );
         assert!(

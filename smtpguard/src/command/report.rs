@@ -35,7 +35,10 @@ pub struct Row {
     pub first_seen: SystemTime,
     #[serde(serialize_with = "rfc3339")]
     pub last_seen: SystemTime,
-    /// What the policy in force says about the source now: `unlisted`, or the deny rule.
+    /// The scope of the last SYN stopped from this source.
+    pub scope: String,
+    /// What the policy in force says about the source now, in that scope: `unlisted`, or the
+    /// deny rule.
     pub decided_by: String,
 }
 
@@ -60,7 +63,11 @@ impl Report {
                 would_block: seen.would_block,
                 first_seen: clock.wall(seen.first_seen_ns),
                 last_seen: clock.wall(seen.last_seen_ns),
-                decided_by: decided_by(state, *source),
+                scope: state
+                    .scopes
+                    .get(seen.scope as usize)
+                    .map_or_else(|| "default".to_owned(), |scope| scope.name.clone()),
+                decided_by: decided_by(state, seen.scope, *source),
             })
             .collect();
         rows.sort_by(|a, b| {
@@ -111,20 +118,45 @@ impl Report {
             .max()
             .unwrap_or(6)
             .max(6);
+        // The scope column appears only where the policy has scopes.
+        let scoped = self.rows.iter().any(|row| row.scope != "default");
+        let scope_width = if scoped {
+            self.rows
+                .iter()
+                .map(|row| row.scope.len())
+                .max()
+                .unwrap_or(5)
+                .max(5)
+        } else {
+            0
+        };
+        let scope_cell = |scope: &str| {
+            if scoped {
+                format!("{scope:<scope_width$}  ")
+            } else {
+                String::new()
+            }
+        };
         let _ = writeln!(
             out,
-            "{:<width$}  {:>8}  {:>11}  {:<20}  {:<20}  DECIDED BY",
-            "SOURCE", "BLOCKED", "WOULD BLOCK", "FIRST SEEN", "LAST SEEN"
+            "{:<width$}  {:>8}  {:>11}  {:<20}  {:<20}  {}DECIDED BY",
+            "SOURCE",
+            "BLOCKED",
+            "WOULD BLOCK",
+            "FIRST SEEN",
+            "LAST SEEN",
+            scope_cell("SCOPE")
         );
         for row in &self.rows {
             let _ = writeln!(
                 out,
-                "{:<width$}  {:>8}  {:>11}  {:<20}  {:<20}  {}",
+                "{:<width$}  {:>8}  {:>11}  {:<20}  {:<20}  {}{}",
                 row.source.to_string(),
                 row.blocked,
                 row.would_block,
                 humantime::format_rfc3339_seconds(row.first_seen).to_string(),
                 humantime::format_rfc3339_seconds(row.last_seen).to_string(),
+                scope_cell(&row.scope),
                 row.decided_by
             );
         }
@@ -132,12 +164,12 @@ impl Report {
     }
 }
 
-/// The most specific prefix of the policy in force that holds `source`.
-fn decided_by(state: &RunState, source: IpAddr) -> String {
+/// The most specific prefix of scope `scope` of the policy in force that holds `source`.
+fn decided_by(state: &RunState, scope: u32, source: IpAddr) -> String {
     let best = state
         .prefixes
         .iter()
-        .filter(|prefix| prefix.prefix.contains(&source))
+        .filter(|prefix| prefix.scope_id == scope && prefix.prefix.contains(&source))
         .max_by_key(|prefix| prefix.prefix.prefix_len());
     match best {
         Some(prefix) if prefix.list == List::Deny => {
@@ -196,8 +228,11 @@ mod tests {
                 list: List::Deny,
                 rule: "abuser".into(),
                 prefix: "192.0.2.0/24".parse().unwrap(),
+                scope_id: 0,
+                scope: "default".into(),
             }],
             counter_map_ids: Default::default(),
+            scopes: Vec::new(),
             boot: false,
             layout: 1,
             sources: Vec::new(),
@@ -209,6 +244,8 @@ mod tests {
             would_block,
             first_seen_ns: boot - ago_s * 1_000_000_000,
             last_seen_ns: boot - ago_s * 1_000_000_000,
+            scope: 0,
+            _pad: 0,
         };
         let offenders = vec![
             ("203.0.113.5".parse().unwrap(), seen(2, 60)),

@@ -24,8 +24,8 @@ use aya::maps::{
 };
 use ipnet::IpNet;
 use smtpguard_common::{
-    IfaceInfo, Offender, RuleValue, SLOTS, SlotConfig, V4_COARSE_WORDS, V4_GUARD_WORDS, action,
-    counter, map_name, mode,
+    IfaceInfo, MAX_SCOPES, Offender, RuleValue, SLOTS, ScopeConfig, SlotConfig, V4_COARSE_WORDS,
+    V4_GUARD_WORDS, V4_KEY_BYTES, V6_KEY_BYTES, action, counter, map_name, mode,
 };
 
 use crate::{
@@ -62,6 +62,8 @@ pub enum ApplyError {
     },
     #[error("cannot count CPUs: {0}")]
     Cpus(String),
+    #[error("{count} scopes: the program holds at most {MAX_SCOPES} (the default one included)")]
+    TooManyScopes { count: u32 },
 }
 
 /// Why the maps could not be opened or read back.
@@ -84,8 +86,11 @@ pub enum MapsError {
     },
 }
 
-/// The identity of a per-prefix counter: it survives reloads as long as this pair does.
-type CounterKey = (IpNet, List);
+/// The identity of a per-prefix counter: it survives reloads as long as this triple does.
+type CounterKey = (u32, IpNet, List);
+
+/// Where an entry sits in a slot's source trie: its scope id and prefix.
+type SlotKey = (u32, IpNet);
 
 /// What one apply did.
 #[derive(Clone, Debug)]
@@ -114,8 +119,11 @@ impl CounterSnapshot {
 pub struct PolicyMaps {
     active: Array<MapData, u32>,
     slot_config: Array<MapData, SlotConfig>,
-    v4: [LpmTrie<MapData, [u8; 4], RuleValue>; 2],
-    v6: [LpmTrie<MapData, [u8; 16], RuleValue>; 2],
+    scope_config: Array<MapData, ScopeConfig>,
+    dst_v4: [LpmTrie<MapData, [u8; 4], u32>; 2],
+    dst_v6: [LpmTrie<MapData, [u8; 16], u32>; 2],
+    v4: [LpmTrie<MapData, [u8; V4_KEY_BYTES], RuleValue>; 2],
+    v6: [LpmTrie<MapData, [u8; V6_KEY_BYTES], RuleValue>; 2],
     prefix_hits: PerCpuHashMap<MapData, u32, u64>,
     global: PerCpuArray<MapData, u64>,
     offenders: Array<MapData, Offender>,
@@ -123,7 +131,11 @@ pub struct PolicyMaps {
     v4_coarse: Array<MapData, V4Coarse>,
     ifaces: KernelHashMap<MapData, u32, IfaceInfo>,
     /// The entries each slot holds, as written by this process.
-    slots: [BTreeMap<IpNet, RuleValue>; 2],
+    slots: [BTreeMap<SlotKey, RuleValue>; 2],
+    /// The destination prefixes each slot maps to a scope id.
+    destinations: [BTreeMap<IpNet, u32>; 2],
+    /// How many scope ids each slot configures (those beyond are unguarded).
+    scope_counts: [u32; 2],
     active_slot: u32,
     counter_ids: HashMap<CounterKey, u32>,
     next_counter_id: u32,
@@ -139,6 +151,15 @@ impl PolicyMaps {
         let mut maps = Self {
             active: typed(map_name::ACTIVE_SLOT, take(map_name::ACTIVE_SLOT)?)?,
             slot_config: typed(map_name::SLOT_CONFIG, take(map_name::SLOT_CONFIG)?)?,
+            scope_config: typed(map_name::SCOPES, take(map_name::SCOPES)?)?,
+            dst_v4: [
+                typed(map_name::DST_V4_SLOT0, take(map_name::DST_V4_SLOT0)?)?,
+                typed(map_name::DST_V4_SLOT1, take(map_name::DST_V4_SLOT1)?)?,
+            ],
+            dst_v6: [
+                typed(map_name::DST_V6_SLOT0, take(map_name::DST_V6_SLOT0)?)?,
+                typed(map_name::DST_V6_SLOT1, take(map_name::DST_V6_SLOT1)?)?,
+            ],
             v4: [
                 typed(map_name::V4_SLOT0, take(map_name::V4_SLOT0)?)?,
                 typed(map_name::V4_SLOT1, take(map_name::V4_SLOT1)?)?,
@@ -154,6 +175,8 @@ impl PolicyMaps {
             v4_coarse: typed(map_name::V4_COARSE, take(map_name::V4_COARSE)?)?,
             ifaces: typed(map_name::IFACES, take(map_name::IFACES)?)?,
             slots: [BTreeMap::new(), BTreeMap::new()],
+            destinations: [BTreeMap::new(), BTreeMap::new()],
+            scope_counts: [MAX_SCOPES, MAX_SCOPES],
             active_slot: 0,
             counter_ids: HashMap::new(),
             next_counter_id: 1,
@@ -179,20 +202,32 @@ impl PolicyMaps {
         for slot in 0..SLOTS as usize {
             let mut entries = BTreeMap::new();
             for item in self.v4[slot].iter() {
-                let (key, value) =
-                    item.map_err(map_error(trie_name(IpNet::V4(Default::default()), slot)))?;
-                if let Ok(net) = ipnet::Ipv4Net::new(key.data().into(), key.prefix_len() as u8) {
-                    entries.insert(IpNet::V4(net), value);
+                let (key, value) = item.map_err(map_error(trie_name(true, slot)))?;
+                if let Some(entry) = read_key(key.prefix_len(), &key.data()) {
+                    entries.insert(entry, value);
                 }
             }
             for item in self.v6[slot].iter() {
-                let (key, value) =
-                    item.map_err(map_error(trie_name(IpNet::V6(Default::default()), slot)))?;
-                if let Ok(net) = ipnet::Ipv6Net::new(key.data().into(), key.prefix_len() as u8) {
-                    entries.insert(IpNet::V6(net), value);
+                let (key, value) = item.map_err(map_error(trie_name(false, slot)))?;
+                if let Some(entry) = read_key(key.prefix_len(), &key.data()) {
+                    entries.insert(entry, value);
                 }
             }
             self.slots[slot] = entries;
+            let mut destinations = BTreeMap::new();
+            for item in self.dst_v4[slot].iter() {
+                let (key, scope) = item.map_err(map_error(dst_name(true, slot)))?;
+                if let Ok(net) = ipnet::Ipv4Net::new(key.data().into(), key.prefix_len() as u8) {
+                    destinations.insert(IpNet::V4(net), scope);
+                }
+            }
+            for item in self.dst_v6[slot].iter() {
+                let (key, scope) = item.map_err(map_error(dst_name(false, slot)))?;
+                if let Ok(net) = ipnet::Ipv6Net::new(key.data().into(), key.prefix_len() as u8) {
+                    destinations.insert(IpNet::V6(net), scope);
+                }
+            }
+            self.destinations[slot] = destinations;
         }
         let config = self
             .slot_config
@@ -202,13 +237,13 @@ impl PolicyMaps {
         let active = &self.slots[self.active_slot as usize];
         self.counter_ids = active
             .iter()
-            .map(|(net, value)| {
-                let list = if value.action == action::ALLOW {
-                    List::Allow
-                } else {
+            .map(|((scope, net), value)| {
+                let list = if value.deny == 1 {
                     List::Deny
+                } else {
+                    List::Allow
                 };
-                ((*net, list), value.counter_id)
+                ((*scope, *net, list), value.counter_id)
             })
             .collect();
         self.next_counter_id = self
@@ -230,11 +265,11 @@ impl PolicyMaps {
         self.generation
     }
 
-    /// The counter id of each prefix of the policy in force.
-    pub fn counter_ids(&self) -> impl Iterator<Item = (&IpNet, List, u32)> {
+    /// The counter id of each prefix of the policy in force, with its scope id.
+    pub fn counter_ids(&self) -> impl Iterator<Item = (u32, &IpNet, List, u32)> {
         self.counter_ids
             .iter()
-            .map(|((net, list), id)| (net, *list, *id))
+            .map(|((scope, net, list), id)| (*scope, net, *list, *id))
     }
 
     /// Tells the program about an interface it runs on (what a reset sent out of it needs).
@@ -275,9 +310,9 @@ impl PolicyMaps {
 
     /// Gives the prefixes of an earlier policy their counter ids back (an upgrade, whose new
     /// maps start empty, carries the counts over under the same ids).
-    pub fn seed_counter_ids(&mut self, ids: impl IntoIterator<Item = (IpNet, List, u32)>) {
-        for (net, list, id) in ids {
-            self.counter_ids.insert((net, list), id);
+    pub fn seed_counter_ids(&mut self, ids: impl IntoIterator<Item = (u32, IpNet, List, u32)>) {
+        for (scope, net, list, id) in ids {
+            self.counter_ids.insert((scope, net, list), id);
             self.next_counter_id = self.next_counter_id.max(id.wrapping_add(1).max(1));
         }
     }
@@ -292,11 +327,17 @@ impl PolicyMaps {
     /// SYN stopped, until the real policy is built. Its generation is 0: it is not a policy
     /// a later daemon should take for one it applied.
     pub fn apply_closed(&mut self, policy: &Policy) -> Result<ApplyReport, ApplyError> {
+        let default = policy.default_scope();
         let closed = Policy {
-            ports: policy.ports.clone(),
-            mode: policy.mode,
-            unlisted_action: crate::source::config::Action::Drop,
-            ..Policy::default()
+            scopes: vec![crate::policy::Scope {
+                name: default.name.clone(),
+                guarded: true,
+                ports: default.ports.clone(),
+                mode: default.mode,
+                unlisted_action: crate::source::config::Action::Drop,
+                ..Default::default()
+            }],
+            refused: Vec::new(),
         };
         self.install(&closed, 0)
     }
@@ -315,20 +356,26 @@ impl PolicyMaps {
         }
         let standby = (self.active_slot + 1) % SLOTS;
         let counter_ids = self.assign_counter_ids(policy);
-        let target: BTreeMap<IpNet, RuleValue> = policy
-            .entries
-            .iter()
-            .map(|(net, entry)| {
-                let value = RuleValue {
-                    action: match (entry.list, entry.action) {
-                        (List::Allow, _) => action::ALLOW,
-                        (List::Deny, action) => {
-                            action_code(action.unwrap_or(policy.unlisted_action))
-                        }
-                    },
-                    counter_id: counter_ids[&(*net, entry.list)],
+        let target: BTreeMap<SlotKey, RuleValue> = policy
+            .entries()
+            .map(|(scope_id, net, entry)| {
+                let scope = &policy.scopes[scope_id as usize];
+                // A deny prefix an allow match outranks takes the verdict of what outranks it.
+                let decider = entry
+                    .decided_by
+                    .and_then(|by| scope.entries.get(&by))
+                    .unwrap_or(entry);
+                let code = match (decider.list, decider.action) {
+                    (List::Allow, _) => action::ALLOW,
+                    (List::Deny, action) => action_code(action.unwrap_or(scope.unlisted_action)),
                 };
-                (*net, value)
+                let value = RuleValue {
+                    action: code as u8,
+                    deny: u8::from(entry.list == List::Deny),
+                    _pad: [0; 2],
+                    counter_id: counter_ids[&(scope_id, *net, entry.list)],
+                };
+                ((scope_id, *net), value)
             })
             .collect();
 
@@ -354,12 +401,14 @@ impl PolicyMaps {
     fn stage_and_flip(
         &mut self,
         standby: u32,
-        target: &BTreeMap<IpNet, RuleValue>,
+        target: &BTreeMap<SlotKey, RuleValue>,
         policy: &Policy,
         generation: u32,
     ) -> Result<usize, ApplyError> {
         let written = self.write_slot(standby, target)?;
-        let fine: Box<V4Guard> = v4_blocks(target.keys(), 24);
+        self.write_destinations(standby, policy)?;
+        self.write_scopes(standby, policy)?;
+        let fine: Box<V4Guard> = v4_blocks(target.keys().map(|(_, net)| net), 24);
         self.v4_guard
             .set(standby, fine.as_ref(), 0)
             .map_err(|source| ApplyError::Write {
@@ -367,7 +416,7 @@ impl PolicyMaps {
                 what: format!("slot {standby} IPv4 guard bitmap"),
                 source,
             })?;
-        let coarse: Box<V4Coarse> = v4_blocks(target.keys(), 20);
+        let coarse: Box<V4Coarse> = v4_blocks(target.keys().map(|(_, net)| net), 20);
         self.v4_coarse
             .set(standby, coarse.as_ref(), 0)
             .map_err(|source| ApplyError::Write {
@@ -375,22 +424,23 @@ impl PolicyMaps {
                 what: format!("slot {standby} coarse IPv4 guard bitmap"),
                 source,
             })?;
-        let mut config = SlotConfig::EMPTY;
-        config.v4_guard = 1;
-        for &port in &policy.ports {
-            config.guard(port);
-        }
-        config.generation = generation;
-        config.mode = match policy.mode {
-            Mode::Enforce => mode::ENFORCE,
-            Mode::Audit => mode::AUDIT,
+        let config = SlotConfig {
+            generation,
+            v4_guard: 1,
+            scoped: u32::from(policy.scoped()),
+            audit_only: u32::from(
+                policy
+                    .scopes
+                    .iter()
+                    .filter(|scope| scope.guarded)
+                    .all(|scope| scope.mode == Mode::Audit),
+            ),
         };
-        config.unlisted_action = action_code(policy.unlisted_action);
         self.slot_config
             .set(standby, config, 0)
             .map_err(|source| ApplyError::Write {
                 map: map_name::SLOT_CONFIG,
-                what: format!("slot {standby} ports"),
+                what: format!("slot {standby} settings"),
                 source,
             })?;
         self.active
@@ -403,11 +453,114 @@ impl PolicyMaps {
         Ok(written)
     }
 
+    /// Writes each scope's ports, mode and action into `slot`, and marks the ids this policy
+    /// does not use as unguarded.
+    fn write_scopes(&mut self, slot: u32, policy: &Policy) -> Result<(), ApplyError> {
+        let count = policy.scopes.len() as u32;
+        if count > MAX_SCOPES {
+            return Err(ApplyError::TooManyScopes { count });
+        }
+        let stale = self.scope_counts[slot as usize].max(count);
+        for id in 0..stale {
+            let mut config = ScopeConfig::EMPTY;
+            if let Some(scope) = policy.scopes.get(id as usize) {
+                config.guarded = u32::from(scope.guarded);
+                for &port in &scope.ports {
+                    config.guard(port);
+                }
+                config.mode = match scope.mode {
+                    Mode::Enforce => mode::ENFORCE,
+                    Mode::Audit => mode::AUDIT,
+                };
+                config.unlisted_action = action_code(scope.unlisted_action);
+            }
+            self.scope_config
+                .set(slot * MAX_SCOPES + id, config, 0)
+                .map_err(|source| ApplyError::Write {
+                    map: map_name::SCOPES,
+                    what: format!("slot {slot} scope {id}"),
+                    source,
+                })?;
+        }
+        self.scope_counts[slot as usize] = count;
+        Ok(())
+    }
+
+    /// Brings `slot`'s destination tries to the policy's scopes: each destination prefix to
+    /// its scope id.
+    fn write_destinations(&mut self, slot: u32, policy: &Policy) -> Result<(), ApplyError> {
+        let index = slot as usize;
+        let target: BTreeMap<IpNet, u32> = policy
+            .scopes
+            .iter()
+            .enumerate()
+            .flat_map(|(id, scope)| scope.destinations.iter().map(move |net| (*net, id as u32)))
+            .collect();
+        let stale: Vec<IpNet> = self.destinations[index]
+            .keys()
+            .filter(|net| !target.contains_key(net))
+            .copied()
+            .collect();
+        for net in stale {
+            let outcome = match net {
+                IpNet::V4(v4) => self.dst_v4[index].remove(&aya::maps::lpm_trie::Key::new(
+                    u32::from(v4.prefix_len()),
+                    v4.network().octets(),
+                )),
+                IpNet::V6(v6) => self.dst_v6[index].remove(&aya::maps::lpm_trie::Key::new(
+                    u32::from(v6.prefix_len()),
+                    v6.network().octets(),
+                )),
+            };
+            match outcome {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(source) => {
+                    return Err(ApplyError::Write {
+                        map: dst_name(net.addr().is_ipv4(), index),
+                        what: format!("removal of destination {net}"),
+                        source,
+                    });
+                }
+            }
+            self.destinations[index].remove(&net);
+        }
+        for (net, id) in &target {
+            if self.destinations[index].get(net) == Some(id) {
+                continue;
+            }
+            let outcome = match net {
+                IpNet::V4(v4) => self.dst_v4[index].insert(
+                    &aya::maps::lpm_trie::Key::new(
+                        u32::from(v4.prefix_len()),
+                        v4.network().octets(),
+                    ),
+                    id,
+                    0,
+                ),
+                IpNet::V6(v6) => self.dst_v6[index].insert(
+                    &aya::maps::lpm_trie::Key::new(
+                        u32::from(v6.prefix_len()),
+                        v6.network().octets(),
+                    ),
+                    id,
+                    0,
+                ),
+            };
+            outcome.map_err(|source| ApplyError::Write {
+                map: dst_name(net.addr().is_ipv4(), index),
+                what: format!("destination {net} of scope {id}"),
+                source,
+            })?;
+            self.destinations[index].insert(*net, *id);
+        }
+        Ok(())
+    }
+
     /// Keeps the id of every prefix that stays; hands new ones out for the rest.
     fn assign_counter_ids(&mut self, policy: &Policy) -> HashMap<CounterKey, u32> {
-        let mut ids = HashMap::with_capacity(policy.entries.len());
-        for (net, entry) in &policy.entries {
-            let key = (*net, entry.list);
+        let mut ids = HashMap::new();
+        for (scope, net, entry) in policy.entries() {
+            let key = (scope, *net, entry.list);
             let id = match self.counter_ids.get(&key) {
                 Some(id) => *id,
                 None => {
@@ -452,34 +605,34 @@ impl PolicyMaps {
     fn write_slot(
         &mut self,
         slot: u32,
-        target: &BTreeMap<IpNet, RuleValue>,
+        target: &BTreeMap<SlotKey, RuleValue>,
     ) -> Result<usize, ApplyError> {
         let index = slot as usize;
-        let stale: Vec<IpNet> = self.slots[index]
+        let stale: Vec<SlotKey> = self.slots[index]
             .keys()
-            .filter(|net| !target.contains_key(net))
+            .filter(|key| !target.contains_key(key))
             .copied()
             .collect();
-        let changed: Vec<(IpNet, RuleValue)> = target
+        let changed: Vec<(SlotKey, RuleValue)> = target
             .iter()
-            .filter(|(net, value)| self.slots[index].get(net) != Some(value))
-            .map(|(net, value)| (*net, *value))
+            .filter(|(key, value)| self.slots[index].get(key) != Some(value))
+            .map(|(key, value)| (*key, *value))
             .collect();
         for v4 in [true, false] {
-            let nets: Vec<IpNet> = stale
+            let keys: Vec<SlotKey> = stale
                 .iter()
-                .filter(|net| net.addr().is_ipv4() == v4)
+                .filter(|(_, net)| net.addr().is_ipv4() == v4)
                 .copied()
                 .collect();
-            self.remove_entries(index, &nets)?;
+            self.remove_entries(index, v4, &keys)?;
         }
         for v4 in [true, false] {
-            let entries: Vec<(IpNet, RuleValue)> = changed
+            let entries: Vec<(SlotKey, RuleValue)> = changed
                 .iter()
-                .filter(|(net, _)| net.addr().is_ipv4() == v4)
+                .filter(|((_, net), _)| net.addr().is_ipv4() == v4)
                 .copied()
                 .collect();
-            self.insert_entries(index, &entries)?;
+            self.insert_entries(index, v4, &entries)?;
         }
         Ok(changed.len())
     }
@@ -487,30 +640,44 @@ impl PolicyMaps {
     /// The trie of `slot` for the family of `v4`, as a file descriptor, and its key size.
     fn trie(&self, slot: usize, v4: bool) -> (BorrowedFd<'_>, usize) {
         if v4 {
-            (self.v4[slot].map().fd().as_fd(), size_of::<u32>() + 4)
+            (
+                self.v4[slot].map().fd().as_fd(),
+                size_of::<u32>() + V4_KEY_BYTES,
+            )
         } else {
-            (self.v6[slot].map().fd().as_fd(), size_of::<u32>() + 16)
+            (
+                self.v6[slot].map().fd().as_fd(),
+                size_of::<u32>() + V6_KEY_BYTES,
+            )
         }
     }
 
-    /// Removes `nets` (one family) from the trie of `slot`.
-    fn remove_entries(&mut self, slot: usize, nets: &[IpNet]) -> Result<(), ApplyError> {
-        let Some(first) = nets.first() else {
+    /// Removes `keys` (one family) from the trie of `slot`.
+    fn remove_entries(
+        &mut self,
+        slot: usize,
+        v4: bool,
+        keys: &[SlotKey],
+    ) -> Result<(), ApplyError> {
+        if keys.is_empty() {
             return Ok(());
-        };
-        let keys: Vec<u8> = nets.iter().flat_map(trie_key).collect();
-        let (fd, key_size) = self.trie(slot, first.addr().is_ipv4());
-        let outcome = batch::delete_present(fd, &keys, key_size);
+        }
+        let bytes: Vec<u8> = keys
+            .iter()
+            .flat_map(|(scope, net)| trie_key(*scope, net))
+            .collect();
+        let (fd, key_size) = self.trie(slot, v4);
+        let outcome = batch::delete_present(fd, &bytes, key_size);
         let done = match &outcome {
-            Ok(()) => nets.len(),
+            Ok(()) => keys.len(),
             Err((done, _)) => *done,
         };
-        for net in &nets[..done] {
-            self.slots[slot].remove(net);
+        for key in &keys[..done] {
+            self.slots[slot].remove(key);
         }
         outcome.map_err(|(done, source)| ApplyError::Batch {
-            map: trie_name(*first, slot),
-            what: format!("removal of {} prefixes", nets.len() - done),
+            map: trie_name(v4, slot),
+            what: format!("removal of {} prefixes", keys.len() - done),
             source,
         })
     }
@@ -519,31 +686,35 @@ impl PolicyMaps {
     fn insert_entries(
         &mut self,
         slot: usize,
-        entries: &[(IpNet, RuleValue)],
+        v4: bool,
+        entries: &[(SlotKey, RuleValue)],
     ) -> Result<(), ApplyError> {
-        let Some((first, _)) = entries.first() else {
+        if entries.is_empty() {
             return Ok(());
-        };
-        let keys: Vec<u8> = entries.iter().flat_map(|(net, _)| trie_key(net)).collect();
+        }
+        let keys: Vec<u8> = entries
+            .iter()
+            .flat_map(|((scope, net), _)| trie_key(*scope, net))
+            .collect();
         let values: Vec<u8> = entries
             .iter()
             .flat_map(|(_, value)| {
-                let mut bytes = value.action.to_ne_bytes().to_vec();
+                let mut bytes = vec![value.action, value.deny, 0, 0];
                 bytes.extend_from_slice(&value.counter_id.to_ne_bytes());
                 bytes
             })
             .collect();
-        let (fd, key_size) = self.trie(slot, first.addr().is_ipv4());
+        let (fd, key_size) = self.trie(slot, v4);
         let outcome = batch::update(fd, &keys, key_size, &values, size_of::<RuleValue>());
         let done = match &outcome {
             Ok(()) => entries.len(),
             Err((done, _)) => *done,
         };
-        for (net, value) in &entries[..done] {
-            self.slots[slot].insert(*net, *value);
+        for (key, value) in &entries[..done] {
+            self.slots[slot].insert(*key, *value);
         }
         outcome.map_err(|(done, source)| ApplyError::Batch {
-            map: trie_name(*first, slot),
+            map: trie_name(v4, slot),
             what: format!("{} prefixes ({done} written)", entries.len()),
             source,
         })
@@ -660,14 +831,32 @@ fn possible_cpus() -> Result<usize, ApplyError> {
     aya::util::nr_cpus().map_err(|(_, error)| ApplyError::Cpus(error.to_string()))
 }
 
-/// The bytes of a trie key: the prefix length (host order), then the address.
-fn trie_key(net: &IpNet) -> Vec<u8> {
-    let mut key = u32::from(net.prefix_len()).to_ne_bytes().to_vec();
+/// The bytes of a source trie key: the prefix length (host order) counting the scope id's 32
+/// bits, then the scope id (big-endian) and the address.
+fn trie_key(scope: u32, net: &IpNet) -> Vec<u8> {
+    let mut key = (32 + u32::from(net.prefix_len())).to_ne_bytes().to_vec();
+    key.extend_from_slice(&scope.to_be_bytes());
     match net {
         IpNet::V4(v4) => key.extend_from_slice(&v4.network().octets()),
         IpNet::V6(v6) => key.extend_from_slice(&v6.network().octets()),
     }
     key
+}
+
+/// The scope id and prefix of a source trie key read back from the kernel.
+fn read_key(prefix_len: u32, data: &[u8]) -> Option<SlotKey> {
+    let scope = u32::from_be_bytes(data.get(..4)?.try_into().ok()?);
+    let len = u8::try_from(prefix_len.checked_sub(32)?).ok()?;
+    let net = match data.len() - 4 {
+        4 => {
+            IpNet::V4(ipnet::Ipv4Net::new(<[u8; 4]>::try_from(&data[4..]).ok()?.into(), len).ok()?)
+        }
+        16 => {
+            IpNet::V6(ipnet::Ipv6Net::new(<[u8; 16]>::try_from(&data[4..]).ok()?.into(), len).ok()?)
+        }
+        _ => return None,
+    };
+    Some((scope, net))
 }
 
 /// One slot's IPv4 guard bitmap, one bit per /24.
@@ -723,12 +912,21 @@ fn typed_from_data<T: TryFrom<Map, Error = MapError>>(
     typed(name, map)
 }
 
-fn trie_name(net: IpNet, slot: usize) -> &'static str {
-    match (net, slot) {
-        (IpNet::V4(_), 0) => map_name::V4_SLOT0,
-        (IpNet::V4(_), _) => map_name::V4_SLOT1,
-        (IpNet::V6(_), 0) => map_name::V6_SLOT0,
-        (IpNet::V6(_), _) => map_name::V6_SLOT1,
+fn trie_name(v4: bool, slot: usize) -> &'static str {
+    match (v4, slot) {
+        (true, 0) => map_name::V4_SLOT0,
+        (true, _) => map_name::V4_SLOT1,
+        (false, 0) => map_name::V6_SLOT0,
+        (false, _) => map_name::V6_SLOT1,
+    }
+}
+
+fn dst_name(v4: bool, slot: usize) -> &'static str {
+    match (v4, slot) {
+        (true, 0) => map_name::DST_V4_SLOT0,
+        (true, _) => map_name::DST_V4_SLOT1,
+        (false, 0) => map_name::DST_V6_SLOT0,
+        (false, _) => map_name::DST_V6_SLOT1,
     }
 }
 

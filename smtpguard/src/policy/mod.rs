@@ -1,6 +1,14 @@
-//! The policy: validated, normalised prefixes with the list and rule they belong to, and the
-//! guarded ports. Built from a [`Config`]; conflicts are refused here, before anything reaches
-//! the kernel.
+//! The policy: per scope, validated and normalised prefixes with the list and rule they
+//! belong to, the guarded ports, mode and action. Built from a [`Config`] and what was fetched
+//! for it; conflicts are refused here, before anything reaches the kernel.
+//!
+//! A SYN is decided by the most specific scope whose destinations contain its destination
+//! (the default scope, the file's top level, for the rest), then by the longest source prefix
+//! within that scope. A deny prefix ranks as its rule says ([`Precedence`]): `specific` ones
+//! decide where they are the longest match; `allow` ones (the default for list files, host
+//! names, SPF and URLs) never override an allow match, at any length. That ranking is settled
+//! here: a deny prefix an allow match outranks carries the verdict of the entry that outranks
+//! it, so the kernel keeps one longest-prefix lookup.
 //!
 //! Allow prefixes from automatic sources (list files, host names, SPF records) shorter than
 //! the `[safety]` floor are left out and recorded in [`Policy::refused`]; literal prefixes are
@@ -10,43 +18,22 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, btree_map},
-    fmt,
     net::IpAddr,
 };
 
 use ipnet::IpNet;
 
 use crate::source::{
-    config::{Action, Config, ConfigError, Conflict, Location, Mode, RuleSpec, Safety, Warning},
+    config::{
+        Action, Config, ConfigError, Conflict, Location, Mode, Precedence, RuleSpec, Safety,
+        Warning,
+    },
     fetch::{Fetched, Name, Origin, normalise},
     prefix,
     safety::{self, Reason, Refusal},
 };
 
-/// Which list a prefix is on.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum List {
-    Allow,
-    Deny,
-}
-
-impl List {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::Allow => "allow",
-            Self::Deny => "deny",
-        }
-    }
-}
-
-impl fmt::Display for List {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use crate::source::config::List;
 
 /// What the policy says about one prefix.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,32 +42,60 @@ pub struct Entry {
     pub rule: String,
     /// What a deny entry does to the SYNs it matches; `None` on the allow list.
     pub action: Option<Action>,
+    /// How a deny entry ranks against the allow list (allow entries: `Specific`).
+    pub precedence: Precedence,
+    /// For a deny entry of `allow` precedence inside an allow prefix (or inside a `specific`
+    /// deny one): that prefix, which decides the SYNs this one matches.
+    pub decided_by: Option<IpNet>,
     /// Where the prefix came from: the configuration, a file, a host name, an SPF record.
     pub origin: Origin,
     /// The line that put it in the policy: of the configuration, or of the list file.
     pub at: Location,
 }
 
-/// A validated policy, ready to be written to the maps.
+/// A deny prefix of `allow` precedence identical to an allow prefix: not written (the allow
+/// entry stands), shown by `check` and `explain`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outranked {
+    pub net: IpNet,
+    pub entry: Entry,
+}
+
+/// The rules for SYNs to some destinations: the default scope (the file's top level), or a
+/// `[[scope]]`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Policy {
+pub struct Scope {
+    pub name: String,
+    /// The destinations this scope decides for; empty for the default scope.
+    pub destinations: Vec<IpNet>,
+    /// Whether SYNs in this scope are decided at all: the default scope is not when the file
+    /// has `[[scope]]`s and no top-level rules.
+    pub guarded: bool,
     pub ports: BTreeSet<u16>,
     pub mode: Mode,
     /// What happens to SYNs from sources no prefix matches.
     pub unlisted_action: Action,
     pub entries: BTreeMap<IpNet, Entry>,
+    pub outranked: Vec<Outranked>,
+}
+
+/// A validated policy, ready to be written to the maps. Scope ids are indices: 0 is the
+/// default scope.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    pub scopes: Vec<Scope>,
     /// Allow prefixes from automatic sources left out, and why (each also a warning).
     pub refused: Vec<Refusal>,
 }
 
-/// The decision for one source and port, as the XDP program takes it.
+/// The decision for one SYN, as the XDP program takes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict<'a> {
-    /// The port is not guarded: the policy does not apply.
+    /// The port is not guarded, or the destination's scope decides nothing.
     NotGuarded,
-    /// The longest matching prefix is on the allow list.
+    /// The deciding prefix is on the allow list.
     Allowed(IpNet, &'a Entry),
-    /// The longest matching prefix is on the deny list.
+    /// The deciding prefix is on the deny list.
     Denied(IpNet, &'a Entry),
     /// No prefix matches.
     Unlisted,
@@ -93,16 +108,71 @@ impl Policy {
         let mut building = Building {
             safety: &config.safety,
             entries: BTreeMap::new(),
+            outranked: Vec::new(),
             warnings: Vec::new(),
             refused: Vec::new(),
         };
-        for (list, specs) in [(List::Allow, &config.allow), (List::Deny, &config.deny)] {
-            for spec in specs {
-                building.add_rule(list, spec, fetched)?;
+        let default = building.scope(
+            ScopeRules {
+                name: "default",
+                destinations: &[],
+                guarded: config.has_default_rules(),
+                ports: &config.ports,
+                mode: config.mode,
+                action: config.action,
+                allow: &config.allow,
+                deny: &config.deny,
+            },
+            fetched,
+        )?;
+        if default.guarded && !config.allow_none && count(&default, List::Allow) == 0 {
+            return Err(ConfigError::NoAllow {
+                path: config.path.clone(),
+            });
+        }
+        let mut scopes = vec![default];
+        let mut destinations: BTreeMap<IpNet, (String, Location)> = BTreeMap::new();
+        for spec in &config.scopes {
+            let mut nets = Vec::new();
+            for (text, at) in &spec.destinations {
+                let parsed = prefix::parse(text).map_err(|reason| ConfigError::BadPrefix {
+                    at: at.clone(),
+                    value: text.clone(),
+                    reason,
+                })?;
+                if let Some((first, first_at)) = destinations.get(&parsed.net) {
+                    return Err(ConfigError::DestinationConflict {
+                        at: at.clone(),
+                        prefix: parsed.net,
+                        first: first.clone(),
+                        first_at: first_at.clone(),
+                    });
+                }
+                destinations.insert(parsed.net, (spec.name.clone(), at.clone()));
+                nets.push(parsed.net);
             }
+            let scope = building.scope(
+                ScopeRules {
+                    name: &spec.name,
+                    destinations: &nets,
+                    guarded: true,
+                    ports: &spec.ports,
+                    mode: spec.mode,
+                    action: spec.action,
+                    allow: &spec.allow,
+                    deny: &spec.deny,
+                },
+                fetched,
+            )?;
+            if !spec.allow_none && count(&scope, List::Allow) == 0 {
+                return Err(ConfigError::ScopeNoAllow {
+                    at: spec.at.clone(),
+                    scope: spec.name.clone(),
+                });
+            }
+            scopes.push(scope);
         }
         let Building {
-            entries,
             mut warnings,
             refused,
             ..
@@ -111,42 +181,75 @@ impl Policy {
             at: refusal.at.clone(),
             message: refusal.message(),
         }));
-        let policy = Self {
-            ports: config.ports.iter().map(|(port, _)| *port).collect(),
-            mode: config.mode,
-            unlisted_action: config.action,
-            entries,
-            refused,
-        };
-        if !config.allow_none && policy.count(List::Allow) == 0 {
-            return Err(ConfigError::NoAllow {
-                path: config.path.clone(),
-            });
-        }
-        Ok((policy, warnings))
+        Ok((Self { scopes, refused }, warnings))
     }
 
-    /// Number of prefixes on `list`.
+    /// The default scope: the file's top level.
+    pub fn default_scope(&self) -> &Scope {
+        &self.scopes[0]
+    }
+
+    /// Every entry of every scope, with its scope id.
+    pub fn entries(&self) -> impl Iterator<Item = (u32, &IpNet, &Entry)> {
+        self.scopes.iter().enumerate().flat_map(|(id, scope)| {
+            scope
+                .entries
+                .iter()
+                .map(move |(net, entry)| (id as u32, net, entry))
+        })
+    }
+
+    /// Number of prefixes on `list`, in every scope.
     pub fn count(&self, list: List) -> usize {
-        self.entries
-            .values()
-            .filter(|entry| entry.list == list)
-            .count()
+        self.scopes.iter().map(|scope| count(scope, list)).sum()
     }
 
-    /// The decision the XDP program takes for a SYN from `src` to `port`.
+    /// Whether any scope has destinations (the program then looks the destination up).
+    pub fn scoped(&self) -> bool {
+        self.scopes.len() > 1
+    }
+
+    /// The scope that decides SYNs to `dst`: the one whose destination prefix contains it
+    /// most specifically, else the default; the default for an unknown destination.
+    pub fn scope_for(&self, dst: Option<IpAddr>) -> (u32, &Scope) {
+        let Some(dst) = dst else {
+            return (0, self.default_scope());
+        };
+        let mut best: Option<(u8, usize)> = None;
+        for (id, scope) in self.scopes.iter().enumerate().skip(1) {
+            for net in &scope.destinations {
+                if net.contains(&dst) && best.is_none_or(|(len, _)| net.prefix_len() > len) {
+                    best = Some((net.prefix_len(), id));
+                }
+            }
+        }
+        let id = best.map_or(0, |(_, id)| id);
+        (id as u32, &self.scopes[id])
+    }
+
+    /// The decision the XDP program takes for a SYN from `src` to port `port` of the default
+    /// scope (for a policy without scopes: every destination).
     pub fn verdict(&self, src: IpAddr, port: u16) -> Verdict<'_> {
-        if !self.ports.contains(&port) {
+        self.verdict_to(src, None, port)
+    }
+
+    /// The decision the XDP program takes for a SYN from `src` to `dst` (`None`: the default
+    /// scope), port `port`.
+    pub fn verdict_to(&self, src: IpAddr, dst: Option<IpAddr>, port: u16) -> Verdict<'_> {
+        let (_, scope) = self.scope_for(dst);
+        if !scope.guarded || !scope.ports.contains(&port) {
             return Verdict::NotGuarded;
         }
-        match self.longest_match(src) {
+        match scope.deciding_match(src) {
             Some((net, entry)) if entry.list == List::Allow => Verdict::Allowed(net, entry),
             Some((net, entry)) => Verdict::Denied(net, entry),
             None => Verdict::Unlisted,
         }
     }
+}
 
-    /// The most specific prefix containing `addr`.
+impl Scope {
+    /// The most specific prefix containing `addr`, whatever its rank.
     pub fn longest_match(&self, addr: IpAddr) -> Option<(IpNet, &Entry)> {
         let max = if addr.is_ipv4() { 32 } else { 128 };
         (0..=max).rev().find_map(|len| {
@@ -154,27 +257,92 @@ impl Policy {
             self.entries.get(&net).map(|entry| (net, entry))
         })
     }
+
+    /// The prefix whose verdict a SYN from `addr` gets: the longest match, or, where that is
+    /// a deny prefix an allow match outranks, the prefix that outranks it.
+    pub fn deciding_match(&self, addr: IpAddr) -> Option<(IpNet, &Entry)> {
+        let (net, entry) = self.longest_match(addr)?;
+        match entry.decided_by {
+            Some(by) => self.entries.get(&by).map(|entry| (by, entry)),
+            None => Some((net, entry)),
+        }
+    }
 }
 
-/// A policy being built: the entries so far, and what was said or left out on the way.
+fn count(scope: &Scope, list: List) -> usize {
+    scope
+        .entries
+        .values()
+        .filter(|entry| entry.list == list)
+        .count()
+}
+
+/// The rules of one scope, as the configuration gives them.
+struct ScopeRules<'a> {
+    name: &'a str,
+    destinations: &'a [IpNet],
+    guarded: bool,
+    ports: &'a [(u16, Location)],
+    mode: Mode,
+    action: Action,
+    allow: &'a [RuleSpec],
+    deny: &'a [RuleSpec],
+}
+
+/// A policy being built: the entries of the scope at hand, and what was said or left out on
+/// the way.
 struct Building<'a> {
     safety: &'a Safety,
     entries: BTreeMap<IpNet, Entry>,
+    outranked: Vec<Outranked>,
     warnings: Vec<Warning>,
     refused: Vec<Refusal>,
 }
 
 impl Building<'_> {
+    /// Builds one scope from its rules.
+    fn scope(&mut self, rules: ScopeRules<'_>, fetched: &Fetched) -> Result<Scope, ConfigError> {
+        self.entries.clear();
+        self.outranked.clear();
+        for (list, specs) in [(List::Allow, rules.allow), (List::Deny, rules.deny)] {
+            for spec in specs {
+                self.add_rule(list, spec, fetched)?;
+            }
+        }
+        let mut entries = std::mem::take(&mut self.entries);
+        settle_precedence(&mut entries);
+        Ok(Scope {
+            name: rules.name.to_owned(),
+            destinations: rules.destinations.to_vec(),
+            guarded: rules.guarded,
+            ports: rules.ports.iter().map(|(port, _)| *port).collect(),
+            mode: rules.mode,
+            unlisted_action: rules.action,
+            entries,
+            outranked: std::mem::take(&mut self.outranked),
+        })
+    }
+
     fn add_rule(
         &mut self,
         list: List,
         spec: &RuleSpec,
         fetched: &Fetched,
     ) -> Result<(), ConfigError> {
+        // A deny rule's own prefixes are the admin's words; what it takes from elsewhere is a
+        // feed, which must not cut the provider off.
+        let precedence = |origin: &Origin| match (list, spec.precedence) {
+            (List::Allow, _) => Precedence::Specific,
+            (List::Deny, Some(precedence)) => precedence,
+            (List::Deny, None) if *origin == Origin::Literal => Precedence::Specific,
+            (List::Deny, None) => Precedence::Allow,
+        };
         let entry = |origin: Origin, at: &Location| Entry {
             list,
             rule: spec.name.clone(),
             action: spec.action,
+            precedence: precedence(&origin),
+            decided_by: None,
             origin,
             at: at.clone(),
         };
@@ -260,28 +428,39 @@ impl Building<'_> {
             });
             return Ok(());
         }
-        insert(&mut self.entries, &mut self.warnings, net, entry)
+        self.insert(net, entry)
     }
-}
 
-/// Adds one prefix, refusing it on both lists and folding repeats on one.
-fn insert(
-    entries: &mut BTreeMap<IpNet, Entry>,
-    warnings: &mut Vec<Warning>,
-    net: IpNet,
-    entry: Entry,
-) -> Result<(), ConfigError> {
-    match entries.entry(net) {
-        btree_map::Entry::Vacant(vacant) => {
-            vacant.insert(entry);
-        }
-        btree_map::Entry::Occupied(occupied) => {
-            let first = occupied.get();
-            if first.list != entry.list {
-                let (allow, deny) = if entry.list == List::Deny {
-                    (first, &entry)
+    /// Adds one prefix: a repeat on one list is folded (a `specific` deny prefix replaces an
+    /// identical one of `allow` precedence); an allow prefix and an identical `specific` deny
+    /// one are a conflict; an identical deny prefix of `allow` precedence is outranked.
+    fn insert(&mut self, net: IpNet, entry: Entry) -> Result<(), ConfigError> {
+        let first = match self.entries.entry(net) {
+            btree_map::Entry::Vacant(vacant) => {
+                vacant.insert(entry);
+                return Ok(());
+            }
+            btree_map::Entry::Occupied(occupied) => occupied.into_mut(),
+        };
+        let feed =
+            |entry: &Entry| entry.list == List::Deny && entry.precedence == Precedence::Allow;
+        match (first.list, entry.list) {
+            (List::Allow, List::Deny) | (List::Deny, List::Allow)
+                if feed(&entry) || feed(first) =>
+            {
+                // The allow entry stands; the deny one is shown as outranked.
+                let deny = if feed(&entry) {
+                    entry
                 } else {
-                    (&entry, first)
+                    std::mem::replace(first, entry)
+                };
+                self.outranked.push(Outranked { net, entry: deny });
+            }
+            (List::Allow, List::Deny) | (List::Deny, List::Allow) => {
+                let (allow, deny) = if entry.list == List::Deny {
+                    (&*first, &entry)
+                } else {
+                    (&entry, &*first)
                 };
                 return Err(ConfigError::Conflict(Box::new(Conflict {
                     at: entry.at.clone(),
@@ -291,16 +470,59 @@ fn insert(
                     deny_rule: deny.rule.clone(),
                 })));
             }
-            warnings.push(Warning {
-                at: entry.at.clone(),
-                message: format!(
+            _ => {
+                let message = format!(
                     "{net} is already on the {} list (rule {:?}, {}); counted there",
                     entry.list, first.rule, first.at
-                ),
-            });
+                );
+                let at = entry.at.clone();
+                if feed(first) && !feed(&entry) {
+                    // The admin's own deny ranks as written.
+                    *first = entry;
+                }
+                self.warnings.push(Warning { at, message });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Gives each deny prefix of `allow` precedence the prefix that decides for it: the longest
+/// allow or `specific` deny prefix that contains it. The program's one longest-prefix lookup
+/// then finds the right verdict: an allow match is never overridden by a feed, and the
+/// admin's own deny inside the provider's range still stops that host.
+fn settle_precedence(entries: &mut BTreeMap<IpNet, Entry>) {
+    let ranks =
+        |entry: &Entry| entry.list == List::Allow || entry.precedence == Precedence::Specific;
+    // Only the prefix lengths that occur among the ranking entries need probing.
+    let lengths: BTreeSet<(bool, u8)> = entries
+        .iter()
+        .filter(|(_, entry)| ranks(entry))
+        .map(|(net, _)| (net.addr().is_ipv4(), net.prefix_len()))
+        .collect();
+    let decisions: Vec<(IpNet, IpNet)> = entries
+        .iter()
+        .filter(|(_, entry)| !ranks(entry))
+        .filter_map(|(net, _)| {
+            let v4 = net.addr().is_ipv4();
+            lengths
+                .iter()
+                .rev()
+                .filter(|(family, len)| *family == v4 && *len < net.prefix_len())
+                .find_map(|(_, len)| {
+                    let cover = IpNet::new(net.addr(), *len).ok()?.trunc();
+                    entries
+                        .get(&cover)
+                        .filter(|entry| ranks(entry))
+                        .map(|_| (*net, cover))
+                })
+        })
+        .collect();
+    for (net, by) in decisions {
+        if let Some(entry) = entries.get_mut(&net) {
+            entry.decided_by = Some(by);
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -329,7 +551,12 @@ prefixes = ["89.16.184.150"]
     #[test]
     fn example_normalises_and_warns_about_host_bits() {
         let (policy, warnings) = build(EXAMPLE).unwrap();
-        let prefixes: Vec<String> = policy.entries.keys().map(ToString::to_string).collect();
+        let prefixes: Vec<String> = policy
+            .default_scope()
+            .entries
+            .keys()
+            .map(ToString::to_string)
+            .collect();
         assert_eq!(
             prefixes,
             [
@@ -420,7 +647,7 @@ prefixes = ["89.16.184.150"]
             .to_string();
         assert!(error.contains("no allow prefix at all"), "{error}");
         let (policy, _) = build("interfaces = [\"eth0\"]\nallow_none = true\n").unwrap();
-        assert!(policy.entries.is_empty());
+        assert!(policy.default_scope().entries.is_empty());
         assert_eq!(
             policy.verdict("192.0.2.1".parse().unwrap(), 25),
             Verdict::Unlisted
@@ -434,7 +661,7 @@ prefixes = ["89.16.184.150"]
             policy.verdict("192.0.2.9".parse().unwrap(), 25),
             Verdict::Denied(
                 "192.0.2.9/32".parse().unwrap(),
-                &policy.entries[&"192.0.2.9/32".parse().unwrap()]
+                &policy.default_scope().entries[&"192.0.2.9/32".parse().unwrap()]
             ),
             "the deny applies to the IPv4 source"
         );
@@ -514,6 +741,7 @@ prefixes = ["89.16.184.150"]
         );
         let (policy, warnings) = Policy::build(&config, &fetched).unwrap();
         let allowed: Vec<String> = policy
+            .default_scope()
             .entries
             .iter()
             .filter(|(_, entry)| entry.list == List::Allow)
@@ -528,12 +756,17 @@ prefixes = ["89.16.184.150"]
             ]
         );
         // Deny prefixes are not floored (both origins gave 0.0.0.0/0 and ::/0: kept once).
-        assert_eq!(policy.count(List::Deny), 2, "{:?}", policy.entries);
+        assert_eq!(
+            policy.count(List::Deny),
+            2,
+            "{:?}",
+            policy.default_scope().entries
+        );
         assert_eq!(
             policy.verdict("203.0.113.9".parse().unwrap(), 25),
             Verdict::Denied(
                 "0.0.0.0/0".parse().unwrap(),
-                &policy.entries[&"0.0.0.0/0".parse().unwrap()]
+                &policy.default_scope().entries[&"0.0.0.0/0".parse().unwrap()]
             ),
         );
         let refused: Vec<String> = policy
@@ -578,6 +811,7 @@ prefixes = ["89.16.184.150"]
         let (policy, warnings) = Policy::build(&config, &fetched).unwrap();
         assert!(
             policy
+                .default_scope()
                 .entries
                 .contains_key(&"198.51.100.0/24".parse().unwrap())
         );
@@ -628,15 +862,18 @@ prefixes = ["89.16.184.150"]
         }
         // Other literal prefixes keep their meaning, however short; deny /0 needs nothing.
         let (policy, _) = build("interfaces = [\"eth0\"]\n[[allow]]\nname = \"half\"\nprefixes = [\"0.0.0.0/1\"]\n[[deny]]\nname = \"rest\"\nprefixes = [\"::/0\"]\n").unwrap();
-        assert_eq!(policy.entries.len(), 2);
+        assert_eq!(policy.default_scope().entries.len(), 2);
         assert!(policy.refused.is_empty());
     }
 
     #[test]
     fn duplicate_in_same_list_warns_and_keeps_first() {
         let (policy, warnings) = build("interfaces = [\"eth0\"]\n[[allow]]\nname = \"a\"\nprefixes = [\"192.0.2.0/24\"]\n[[allow]]\nname = \"b\"\nprefixes = [\"192.0.2.0/24\"]\n").unwrap();
-        assert_eq!(policy.entries.len(), 1);
-        assert_eq!(policy.entries.values().next().unwrap().rule, "a");
+        assert_eq!(policy.default_scope().entries.len(), 1);
+        assert_eq!(
+            policy.default_scope().entries.values().next().unwrap().rule,
+            "a"
+        );
         assert_eq!(warnings.len(), 1);
         assert!(
             warnings[0]

@@ -20,7 +20,9 @@ use tokio::{
 use smtpguard_common::LAYOUT_STAMP;
 
 use crate::{
-    instance::{Instance, InstanceError, InstanceLock, InterfaceState, PrefixState, RunState},
+    instance::{
+        Instance, InstanceError, InstanceLock, InterfaceState, PrefixState, RunState, ScopeState,
+    },
     kernel::{
         filter::{AttachedMode, Filter, FilterError},
         maps::{
@@ -257,12 +259,16 @@ impl Daemon {
             // An upgrade: new maps, whose counters start under the ids the old daemon used.
             if let Some(previous) = &previous {
                 daemon.maps.seed_generation(previous.generation);
-                daemon.maps.seed_counter_ids(
-                    previous
-                        .prefixes
-                        .iter()
-                        .map(|prefix| (prefix.prefix, prefix.list, prefix.counter_id)),
-                );
+                daemon
+                    .maps
+                    .seed_counter_ids(previous.prefixes.iter().map(|prefix| {
+                        (
+                            prefix.scope_id,
+                            prefix.prefix,
+                            prefix.list,
+                            prefix.counter_id,
+                        )
+                    }));
             }
             log::info!(
                 "maps of another layout are in force ({}): this build brings its own and swaps its program in once its policy is in them",
@@ -326,7 +332,7 @@ impl Daemon {
         daemon.pins.remove = daemon.config.on_exit == OnExit::Detach;
         daemon.write_state(true)?;
         daemon.save_store();
-        log::info!("{}: {}", daemon.policy.mode, daemon.describe(&report));
+        log::info!("{}", daemon.describe(&report));
         Ok(daemon)
     }
 
@@ -338,9 +344,14 @@ impl Daemon {
         let recovered = self.maps.recovered();
         // What the state file shows until the policy is built.
         self.policy = Policy {
-            ports: self.config.ports.iter().map(|(port, _)| *port).collect(),
-            mode: self.config.mode,
-            ..Policy::default()
+            scopes: vec![crate::policy::Scope {
+                name: "default".to_owned(),
+                guarded: true,
+                ports: self.config.ports.iter().map(|(port, _)| *port).collect(),
+                mode: self.config.mode,
+                ..Default::default()
+            }],
+            refused: Vec::new(),
         };
         if !recovered {
             if self.config.mode != Mode::Enforce {
@@ -560,7 +571,7 @@ impl Daemon {
         log_warnings(&warnings);
         log::info!(
             "read, resolved and built {} prefixes in {:.0} ms",
-            policy.entries.len(),
+            policy.entries().count(),
             started.elapsed().as_secs_f64() * 1e3
         );
         if config.xdp_mode != self.config.xdp_mode {
@@ -685,7 +696,7 @@ impl Daemon {
     fn status(&self) -> String {
         format!(
             "{} mode, policy generation {}: {} allow and {} deny prefixes",
-            self.policy.mode,
+            self.policy.default_scope().mode,
             self.maps.generation(),
             self.policy.count(List::Allow),
             self.policy.count(List::Deny)
@@ -735,15 +746,32 @@ impl Daemon {
     }
 
     fn describe(&self, report: &ApplyReport) -> String {
-        let ports: Vec<String> = self.policy.ports.iter().map(ToString::to_string).collect();
+        let scopes: Vec<String> = self
+            .policy
+            .scopes
+            .iter()
+            .filter(|scope| scope.guarded)
+            .map(|scope| {
+                let ports: Vec<String> = scope.ports.iter().map(ToString::to_string).collect();
+                let name = if self.policy.scoped() {
+                    format!("scope {:?}: ", scope.name)
+                } else {
+                    String::new()
+                };
+                format!(
+                    "{name}{} mode, unlisted {}, port {}",
+                    scope.mode,
+                    scope.unlisted_action,
+                    ports.join(",")
+                )
+            })
+            .collect();
         format!(
-            "generation {} ({} mode, unlisted {}): {} allow and {} deny prefixes on port {}; {} entries written, {} counters retired, in {:.1} ms",
+            "generation {} ({}): {} allow and {} deny prefixes; {} entries written, {} counters retired, in {:.1} ms",
             report.generation,
-            self.policy.mode,
-            self.policy.unlisted_action,
+            scopes.join("; "),
             self.policy.count(List::Allow),
             self.policy.count(List::Deny),
-            ports.join(","),
             report.written,
             report.removed,
             report.elapsed.as_secs_f64() * 1000.0
@@ -756,16 +784,19 @@ impl Daemon {
         let prefixes = self
             .maps
             .counter_ids()
-            .map(|(net, list, counter_id)| PrefixState {
-                counter_id,
-                list,
-                rule: self
-                    .policy
-                    .entries
-                    .get(net)
-                    .map(|entry| entry.rule.clone())
-                    .unwrap_or_default(),
-                prefix: *net,
+            .map(|(scope_id, net, list, counter_id)| {
+                let scope = self.policy.scopes.get(scope_id as usize);
+                PrefixState {
+                    counter_id,
+                    list,
+                    rule: scope
+                        .and_then(|scope| scope.entries.get(net))
+                        .map(|entry| entry.rule.clone())
+                        .unwrap_or_default(),
+                    prefix: *net,
+                    scope_id,
+                    scope: scope.map_or_else(|| "default".to_owned(), |scope| scope.name.clone()),
+                }
             })
             .collect();
         let state = RunState {
@@ -788,9 +819,22 @@ impl Daemon {
                     resets_withheld: !attachment.facts.resets_allowed(),
                 })
                 .collect(),
-            ports: self.policy.ports.iter().copied().collect(),
-            mode: self.policy.mode,
-            action: self.policy.unlisted_action,
+            ports: self.policy.default_scope().ports.iter().copied().collect(),
+            mode: self.policy.default_scope().mode,
+            action: self.policy.default_scope().unlisted_action,
+            scopes: self
+                .policy
+                .scopes
+                .iter()
+                .map(|scope| ScopeState {
+                    name: scope.name.clone(),
+                    destinations: scope.destinations.clone(),
+                    guarded: scope.guarded,
+                    ports: scope.ports.iter().copied().collect(),
+                    mode: scope.mode,
+                    action: scope.unlisted_action,
+                })
+                .collect(),
             prefixes,
             counter_map_ids: self.counter_map_ids,
             boot: self.boot,

@@ -211,6 +211,7 @@ impl prometheus_client::collector::Collector for Exporter {
             .map(|prefix| {
                 (
                     vec![
+                        ("scope", prefix.scope.clone()),
                         ("list", prefix.list.as_str().to_owned()),
                         ("rule", prefix.rule.clone()),
                         ("prefix", prefix.prefix.to_string()),

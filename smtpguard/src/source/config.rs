@@ -183,6 +183,19 @@ pub enum ConfigError {
         path = path.display()
     )]
     NoAllow { path: PathBuf },
+    #[error(
+        "{at}: scope {scope:?} has no allow prefix at all: every source would be blocked for its destinations; add [[scope.allow]] entries, or set allow_none = true in the scope if that is what you mean"
+    )]
+    ScopeNoAllow { at: Location, scope: String },
+    #[error(
+        "{at}: destination {prefix} is already in scope {first:?} ({first_at}): which scope decides would be a guess"
+    )]
+    DestinationConflict {
+        at: Location,
+        prefix: ipnet::IpNet,
+        first: String,
+        first_at: Location,
+    },
 }
 
 /// One prefix on both lists: which of them wins would be a guess, so the file is refused.
@@ -257,6 +270,56 @@ impl fmt::Display for Action {
         f.write_str(match self {
             Self::Drop => "drop",
             Self::Reject => "reject",
+        })
+    }
+}
+
+/// Which list a prefix is on.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum List {
+    Allow,
+    Deny,
+}
+
+impl List {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+        }
+    }
+}
+
+impl fmt::Display for List {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a deny rule ranks against the allow list.
+#[derive(
+    Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, serde::Serialize, PartialOrd, Ord, Hash,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Precedence {
+    /// The longest prefix decides: a deny /32 inside an allowed /28 stops that one host. The
+    /// default for a deny rule's own `prefixes`: the admin's words.
+    #[default]
+    Specific,
+    /// Never overrides an allow match, at any length: a blocklist feed listing a /24 inside
+    /// the provider's /15 stops nobody the provider sends. The default for what a deny rule
+    /// takes from list files, host names, SPF records and URLs.
+    Allow,
+}
+
+impl fmt::Display for Precedence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Specific => "specific",
+            Self::Allow => "allow",
         })
     }
 }
@@ -355,6 +418,25 @@ struct File {
     allow: Vec<RuleTable>,
     #[serde(default)]
     deny: Vec<RuleTable>,
+    #[serde(default)]
+    scope: Vec<ScopeTable>,
+}
+
+/// A `[[scope]]`: rules for SYNs to some destinations only.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScopeTable {
+    name: Spanned<String>,
+    destinations: Spanned<Vec<Spanned<String>>>,
+    ports: Option<Spanned<Vec<Spanned<i64>>>>,
+    mode: Option<Mode>,
+    action: Option<Action>,
+    #[serde(default)]
+    allow_none: bool,
+    #[serde(default)]
+    allow: Vec<RuleTable>,
+    #[serde(default)]
+    deny: Vec<RuleTable>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -387,6 +469,7 @@ struct SafetyTable {
 struct RuleTable {
     name: Spanned<String>,
     action: Option<Spanned<Action>>,
+    precedence: Option<Spanned<Precedence>>,
     #[serde(default)]
     prefixes: Vec<Spanned<String>>,
     #[serde(default)]
@@ -404,6 +487,9 @@ pub struct RuleSpec {
     pub at: Location,
     /// What a deny rule does to the SYNs it matches; `None` on allow rules.
     pub action: Option<Action>,
+    /// How a deny rule ranks against the allow list, where the rule says; `None` takes the
+    /// default of each source kind (see [`Precedence`]). Always `None` on allow rules.
+    pub precedence: Option<Precedence>,
     /// The prefixes as written, each with its own line.
     pub prefixes: Vec<(String, Location)>,
     /// Host names whose A and AAAA records are taken as /32 and /128 prefixes.
@@ -431,11 +517,46 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     pub dns: DnsSettings,
     pub safety: Safety,
+    /// The top level's rules: the default scope, for destinations no `[[scope]]` names.
+    pub allow: Vec<RuleSpec>,
+    pub deny: Vec<RuleSpec>,
+    /// The `[[scope]]`s, in the file's order.
+    pub scopes: Vec<ScopeSpec>,
+}
+
+/// One `[[scope]]` table: its own destinations, ports, mode, action and rules.
+#[derive(Clone, Debug)]
+pub struct ScopeSpec {
+    pub name: String,
+    pub at: Location,
+    /// Destination addresses or prefixes, as written.
+    pub destinations: Vec<(String, Location)>,
+    pub ports: Vec<(u16, Location)>,
+    pub mode: Mode,
+    pub action: Action,
+    pub allow_none: bool,
     pub allow: Vec<RuleSpec>,
     pub deny: Vec<RuleSpec>,
 }
 
 impl Config {
+    /// Every rule of the file, the top level's and each scope's, with its list.
+    pub fn all_rules(&self) -> impl Iterator<Item = (List, &RuleSpec)> {
+        let top = [(&self.allow, &self.deny)];
+        let scoped = self.scopes.iter().map(|scope| (&scope.allow, &scope.deny));
+        top.into_iter().chain(scoped).flat_map(|(allow, deny)| {
+            allow
+                .iter()
+                .map(|rule| (List::Allow, rule))
+                .chain(deny.iter().map(|rule| (List::Deny, rule)))
+        })
+    }
+
+    /// Whether the top level has rules of its own (the default scope is guarded).
+    pub fn has_default_rules(&self) -> bool {
+        self.scopes.is_empty() || self.allow_none || !self.allow.is_empty() || !self.deny.is_empty()
+    }
+
     /// Reads and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         Self::parse(path, &read_text(path, MAX_CONFIG_BYTES)?)
@@ -453,6 +574,7 @@ impl Config {
         let ports = validate_ports(file.ports.as_ref(), &lines)?;
         let allow = rule_specs(&file.allow, None, &lines)?;
         let deny = rule_specs(&file.deny, Some(file.action), &lines)?;
+        let scopes = scope_specs(&file, &ports, &lines)?;
         let dns = dns_settings(file.dns.as_ref(), &lines)?;
         let safety = safety(file.safety.as_ref(), &lines)?;
         let metrics_listen =
@@ -483,8 +605,74 @@ impl Config {
             safety,
             allow,
             deny,
+            scopes,
         })
     }
+}
+
+fn scope_specs(
+    file: &File,
+    ports: &[(u16, Location)],
+    lines: &LineIndex<'_>,
+) -> Result<Vec<ScopeSpec>, ConfigError> {
+    let mut scopes: Vec<ScopeSpec> = Vec::new();
+    for table in &file.scope {
+        let at = lines.at(table.name.span().start);
+        let name = table.name.get_ref().trim();
+        let problem = if name.is_empty() {
+            Some("empty")
+        } else if name == "default" {
+            Some("\"default\" is the name of the top level's rules")
+        } else if name.chars().any(char::is_control) {
+            Some("contains control characters")
+        } else if scopes.iter().any(|scope| scope.name == name) {
+            Some("another scope has this name")
+        } else {
+            None
+        };
+        if let Some(reason) = problem {
+            return Err(ConfigError::BadValue {
+                at,
+                key: "scope name",
+                value: table.name.get_ref().clone(),
+                reason,
+            });
+        }
+        if table.destinations.get_ref().is_empty() {
+            return Err(ConfigError::BadValue {
+                at: lines.at(table.destinations.span().start),
+                key: "destinations",
+                value: String::new(),
+                reason: "a scope needs at least one destination address or prefix",
+            });
+        }
+        let action = table.action.unwrap_or(file.action);
+        scopes.push(ScopeSpec {
+            name: name.to_owned(),
+            at,
+            destinations: table
+                .destinations
+                .get_ref()
+                .iter()
+                .map(|value| {
+                    (
+                        value.get_ref().trim().to_owned(),
+                        lines.at(value.span().start),
+                    )
+                })
+                .collect(),
+            ports: match &table.ports {
+                Some(_) => validate_ports(table.ports.as_ref(), lines)?,
+                None => ports.to_vec(),
+            },
+            mode: table.mode.unwrap_or(file.mode),
+            action,
+            allow_none: table.allow_none,
+            allow: rule_specs(&table.allow, None, lines)?,
+            deny: rule_specs(&table.deny, Some(action), lines)?,
+        });
+    }
+    Ok(scopes)
 }
 
 fn validate_interfaces(
@@ -695,6 +883,18 @@ fn rule_specs(
                     });
                 }
             };
+            let precedence = match (&table.precedence, default_action) {
+                (Some(precedence), Some(_)) => Some(*precedence.get_ref()),
+                (None, _) => None,
+                (Some(precedence), None) => {
+                    return Err(ConfigError::BadValue {
+                        at: lines.at(precedence.span().start),
+                        key: "precedence",
+                        value: precedence.get_ref().to_string(),
+                        reason: "only [[deny]] rules rank against the allow list",
+                    });
+                }
+            };
             let located = |values: &[Spanned<String>]| -> Vec<(String, Location)> {
                 values
                     .iter()
@@ -750,6 +950,7 @@ fn rule_specs(
                 name: name.to_owned(),
                 at,
                 action,
+                precedence,
                 prefixes: table
                     .prefixes
                     .iter()

@@ -26,7 +26,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::source::{
-    config::{Config, ConfigError, Location, Warning},
+    config::{Config, ConfigError, List, Location, Warning},
     dns::{DnsError, Lookup},
     listfile,
     safety::{self, Reason, Refusal},
@@ -306,7 +306,7 @@ impl Previous<'_> {
 /// Every name the configuration asks about, with where it is written (first mention).
 pub fn names(config: &Config) -> BTreeMap<Name, Location> {
     let mut names = BTreeMap::new();
-    for spec in config.allow.iter().chain(&config.deny) {
+    for (_, spec) in config.all_rules() {
         for (host, at) in &spec.hosts {
             names
                 .entry(Name::Host(normalise(host)))
@@ -324,7 +324,7 @@ pub fn names(config: &Config) -> BTreeMap<Name, Location> {
 /// The allow rules that name each name: the floor and the growth guard apply to these.
 fn allow_rules(config: &Config) -> BTreeMap<Name, Vec<String>> {
     let mut rules: BTreeMap<Name, Vec<String>> = BTreeMap::new();
-    for spec in &config.allow {
+    for (_, spec) in config.all_rules().filter(|(list, _)| *list == List::Allow) {
         let hosts = spec
             .hosts
             .iter()
@@ -353,7 +353,7 @@ pub fn read_files(
     config: &Config,
 ) -> Result<BTreeMap<PathBuf, Vec<(String, Location)>>, ConfigError> {
     let mut files = BTreeMap::new();
-    for spec in config.allow.iter().chain(&config.deny) {
+    for (_, spec) in config.all_rules() {
         for (path, _) in &spec.files {
             if !files.contains_key(path) {
                 files.insert(path.clone(), listfile::read(path)?);
@@ -372,7 +372,7 @@ fn read_files_or_last_good(
     fetched: &mut Fetched,
     warnings: &mut Vec<Warning>,
 ) -> Result<(), ConfigError> {
-    for spec in config.allow.iter().chain(&config.deny) {
+    for (_, spec) in config.all_rules() {
         for (path, at) in &spec.files {
             if fetched.files.contains_key(path) {
                 continue;

@@ -26,6 +26,7 @@ const ETH_P_MPLS_MC: u16 = 0x8848;
 /// Ethernet inside GRE (transparent Ethernet bridging: gretap, ip6gretap).
 const ETH_P_TEB: u16 = 0x6558;
 const ETH_P_PPP: u16 = 0x880b;
+const ETH_P_WCCP: u16 = 0x883e;
 
 /// VLAN tags followed before a frame is opaque. Linux strips priority tags (VID 0) without
 /// limit, and nested VLAN devices take one tag each.
@@ -177,6 +178,10 @@ pub struct Layers {
     pub l4: usize,
     /// Bytes from the TCP header to the end of the IP packet, as the IP header says.
     pub l4_len: usize,
+    /// Of those, the bytes the kernel's reassembly takes from this frame: all, or for a first
+    /// fragment (or a packet inside one) a multiple of 8. A TCP flag byte beyond them is
+    /// overwritten by the next fragment: this frame's is not to be believed.
+    pub trusted: usize,
     /// The segment is the first fragment of a larger datagram.
     pub fragment: bool,
     /// The segment was found inside a tunnel (or behind PPPoE or MPLS): the frame on the
@@ -235,6 +240,9 @@ fn widen(off: usize) -> Option<usize> {
 struct Layer {
     kind: u8,
     off: usize,
+    /// The offset past which the frame's bytes may not be what the kernel reads: the end of
+    /// what reassembly keeps of an outer first fragment (see [`Layers::trusted`]).
+    limit: usize,
 }
 
 /// An Ethernet header (an interface's own frame, or one tunnelled in GRE).
@@ -248,24 +256,39 @@ impl Layer {
         Self {
             kind: ETHERNET,
             off,
+            limit: usize::MAX,
         }
     }
 
     #[inline(always)]
     const fn ipv4(off: usize) -> Self {
-        Self { kind: IPV4, off }
+        Self {
+            kind: IPV4,
+            off,
+            limit: usize::MAX,
+        }
     }
 
     #[inline(always)]
     const fn ipv6(off: usize) -> Self {
-        Self { kind: IPV6, off }
+        Self {
+            kind: IPV6,
+            off,
+            limit: usize::MAX,
+        }
+    }
+
+    /// The same layer, inside a packet whose bytes past `limit` the kernel does not keep.
+    #[inline(always)]
+    const fn within(self, limit: usize) -> Self {
+        Self { limit, ..self }
     }
 
     #[inline(always)]
     fn widened(self) -> Option<Self> {
         Some(Self {
-            kind: self.kind,
             off: widen(self.off)?,
+            ..self
         })
     }
 }
@@ -314,11 +337,22 @@ pub fn parse_packet(ctx: &XdpContext) -> Sighting {
     let Some(first) = ptr_at::<[u8; 2]>(ctx, 0) else {
         return Sighting::Malformed;
     };
-    match unsafe { (*first)[0] } >> 4 {
-        4 => follow(ctx, Layer::ipv4(0), false),
-        6 => follow(ctx, Layer::ipv6(0), false),
-        _ => Sighting::Other,
+    let kind = unsafe { (*first)[0] } >> 4;
+    if kind != IPV4 && kind != IPV6 {
+        return Sighting::Other;
     }
+    // One call with the kind read at run time: two calls with constant layers let the
+    // compiler specialise the loop into code that spills a register it never set, which the
+    // verifier refuses.
+    follow(
+        ctx,
+        Layer {
+            kind,
+            off: 0,
+            limit: usize::MAX,
+        },
+        false,
+    )
 }
 
 /// Follows the layers from `first` inwards, through at most [`MAX_LAYERS`] of them.
@@ -329,6 +363,7 @@ fn follow(ctx: &XdpContext, first: Layer, ethernet: bool) -> Sighting {
         ethernet,
         in_tunnel: false,
         no_reply: false,
+        limit: usize::MAX,
     };
     for _ in 0..MAX_LAYERS {
         let step = match layer.kind {
@@ -349,6 +384,9 @@ fn follow(ctx: &XdpContext, first: Layer, ethernet: bool) -> Sighting {
             Step::Carried(inner) => inner,
         };
         at.no_reply = true;
+        if inner.limit < at.limit {
+            at.limit = inner.limit;
+        }
         let Some(inner) = inner.widened() else {
             return Sighting::Opaque;
         };
@@ -367,6 +405,9 @@ struct Carrier {
     in_tunnel: bool,
     /// Behind a tunnel, PPPoE or MPLS: a reset cannot be built by rewriting the frame.
     no_reply: bool,
+    /// The frame offset past which bytes are not what the kernel reads: inside an outer first
+    /// fragment, reassembly keeps a multiple of 8 bytes and the next fragment brings the rest.
+    limit: usize,
 }
 
 /// An Ethernet header at `off` and whatever link-layer headers follow it: VLAN tags, a
@@ -395,11 +436,15 @@ fn parse_link(ctx: &XdpContext, base: usize, at: Carrier) -> Step {
         };
         off = widened;
     }
+    // Inside an outer first fragment, a header past what reassembly keeps may be replaced.
+    if off + 2 > at.limit {
+        return Step::Done(Sighting::Opaque);
+    }
     match ethertype {
         ETH_P_IPV4 => Step::Next(Layer::ipv4(off)),
         ETH_P_IPV6 => Step::Next(Layer::ipv6(off)),
         ETH_P_PPPOE_SESSION => parse_ppp(ctx, off + 6, at),
-        ETH_P_MPLS_UC | ETH_P_MPLS_MC => parse_mpls(ctx, off),
+        ETH_P_MPLS_UC | ETH_P_MPLS_MC => parse_mpls(ctx, off, at),
         // More tags than followed.
         _ if is_vlan(ethertype) => Step::Done(Sighting::Opaque),
         _ => Step::Done(Sighting::Other),
@@ -426,17 +471,20 @@ fn cut_short(at: Carrier) -> Sighting {
 /// An MPLS label stack at `off`; the packet after the bottom label is IP if its first nibble
 /// says so (Linux's MPLS router delivers nothing else).
 #[inline(always)]
-fn parse_mpls(ctx: &XdpContext, off: usize) -> Step {
+fn parse_mpls(ctx: &XdpContext, off: usize, at: Carrier) -> Step {
     let mut off = off;
     for _ in 0..MAX_MPLS_LABELS {
         let Some(label) = ptr_at::<[u8; 4]>(ctx, off) else {
-            return Step::Done(Sighting::Malformed);
+            return Step::Done(cut_short(at));
         };
         let bottom = unsafe { (*label)[2] } & 1 != 0;
         off += 4;
+        if off + 2 > at.limit {
+            return Step::Done(Sighting::Opaque);
+        }
         if bottom {
             let Some(first) = ptr_at::<[u8; 2]>(ctx, off) else {
-                return Step::Done(Sighting::Malformed);
+                return Step::Done(cut_short(at));
             };
             return match unsafe { (*first)[0] } >> 4 {
                 4 => Step::Carried(Layer::ipv4(off)),
@@ -457,6 +505,9 @@ fn parse_ppp(ctx: &XdpContext, off: usize, at: Carrier) -> Step {
     };
     let head = unsafe { *head };
     let off = if head == [0xff, 0x03] { off + 2 } else { off };
+    if off + 2 > at.limit {
+        return Step::Done(Sighting::Opaque);
+    }
     // Both bytes: with a one-byte protocol field the second is the IP header's first.
     let Some(field) = ptr_at::<[u8; 2]>(ctx, off) else {
         return Step::Done(cut_short(at));
@@ -468,8 +519,8 @@ fn parse_ppp(ctx: &XdpContext, off: usize, at: Carrier) -> Step {
         (be16(field), 2)
     };
     let inner = match protocol {
-        PPP_IPV4 => Layer::ipv4(off + len),
-        PPP_IPV6 => Layer::ipv6(off + len),
+        PPP_IPV4 => Layer::ipv4(off + len).within(at.limit),
+        PPP_IPV6 => Layer::ipv6(off + len).within(at.limit),
         // Control protocols, and compressed or encrypted data: the PPP device reads those
         // (attach smtpguard to it).
         _ => return Step::Done(Sighting::Other),
@@ -489,6 +540,10 @@ fn parse_gre(ctx: &XdpContext, off: usize, at: Carrier) -> Step {
     let Some(gre) = ptr_at::<GreHdr>(ctx, off) else {
         return Step::Done(Sighting::Opaque);
     };
+    if off + size_of::<GreHdr>() > at.limit {
+        // The payload's kind may come from a later outer fragment.
+        return Step::Done(Sighting::Opaque);
+    }
     let (flags, proto) = unsafe { (be16((*gre).flags_version), be16((*gre).proto)) };
     let word = |bit: u16| if flags & bit != 0 { 4 } else { 0 };
     match flags & GRE_VERSION {
@@ -499,9 +554,18 @@ fn parse_gre(ctx: &XdpContext, off: usize, at: Carrier) -> Step {
             }
             let inner = off + 4 + word(GRE_CSUM) + word(GRE_KEY) + word(GRE_SEQ);
             match proto {
-                ETH_P_IPV4 => Step::Inner(Layer::ipv4(inner)),
-                ETH_P_IPV6 => Step::Inner(Layer::ipv6(inner)),
-                ETH_P_TEB => Step::Inner(Layer::ethernet(inner)),
+                ETH_P_IPV4 => Step::Inner(Layer::ipv4(inner).within(at.limit)),
+                ETH_P_IPV6 => Step::Inner(Layer::ipv6(inner).within(at.limit)),
+                ETH_P_TEB => Step::Inner(Layer::ethernet(inner).within(at.limit)),
+                // WCCP redirection: IPv4, after a 4-byte WCCPv2 header unless the IP header
+                // comes first (Linux's ip_gre tells them apart by the first nibble).
+                ETH_P_WCCP => match ptr_at::<[u8; 2]>(ctx, inner) {
+                    Some(first) if unsafe { (*first)[0] } >> 4 == 4 => {
+                        Step::Inner(Layer::ipv4(inner).within(at.limit))
+                    }
+                    Some(_) => Step::Inner(Layer::ipv4(inner + 4).within(at.limit)),
+                    None => Step::Done(Sighting::Opaque),
+                },
                 // MPLS, ERSPAN, NSH and the rest: not read here, so not passed either.
                 _ => Step::Done(Sighting::Opaque),
             }
@@ -525,6 +589,10 @@ fn parse_ipv4(ctx: &XdpContext, off: usize, at: Carrier) -> Step {
     let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, off) else {
         return Step::Done(cut_short(at));
     };
+    if off + size_of::<Ipv4Hdr>() > at.limit {
+        // The outer fragment's next part may rewrite this header.
+        return Step::Done(Sighting::Opaque);
+    }
     let (version_ihl, total_len, frag_off, protocol) = unsafe {
         (
             (*ip).version_ihl,
@@ -542,6 +610,15 @@ fn parse_ipv4(ctx: &XdpContext, off: usize, at: Carrier) -> Step {
         return Step::Done(Sighting::LaterFragment);
     }
     let payload = off + ihl;
+    let first_fragment = frag_off & 0x2000 != 0;
+    // What reassembly keeps of this packet's payload: a fragment with more to come keeps a
+    // multiple of 8 bytes (Linux rounds its end down); the next fragment brings the rest.
+    let kept = kept(total_len - ihl, first_fragment);
+    let limit = if first_fragment {
+        payload + kept
+    } else {
+        usize::MAX
+    };
     match protocol {
         IPPROTO_TCP => Step::Done(parse_tcp(
             ctx,
@@ -549,14 +626,22 @@ fn parse_ipv4(ctx: &XdpContext, off: usize, at: Carrier) -> Step {
                 ip: Ip { l3: off, v6: false },
                 l4: payload,
                 l4_len: total_len - ihl,
-                fragment: frag_off & 0x2000 != 0,
+                trusted: trusted(kept, payload, at.limit),
+                fragment: first_fragment,
                 tunnelled: at.no_reply,
                 ethernet: at.ethernet,
             },
         )),
-        IPPROTO_IPIP => Step::Inner(Layer::ipv4(payload)),
-        IPPROTO_IPV6 => Step::Inner(Layer::ipv6(payload)),
-        IPPROTO_GRE => parse_gre(ctx, payload, at),
+        IPPROTO_IPIP => Step::Inner(Layer::ipv4(payload).within(limit)),
+        IPPROTO_IPV6 => Step::Inner(Layer::ipv6(payload).within(limit)),
+        IPPROTO_GRE => parse_gre(
+            ctx,
+            payload,
+            Carrier {
+                limit: limit.min(at.limit),
+                ..at
+            },
+        ),
         _ => Step::Done(Sighting::Other),
     }
 }
@@ -566,6 +651,9 @@ fn parse_ipv6(ctx: &XdpContext, off: usize, at: Carrier) -> Step {
     let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, off) else {
         return Step::Done(cut_short(at));
     };
+    if off + size_of::<Ipv6Hdr>() > at.limit {
+        return Step::Done(Sighting::Opaque);
+    }
     let (version, payload_len, mut next) = unsafe {
         (
             (*ip).version_class_flow[0] >> 4,
@@ -643,9 +731,20 @@ fn parse_ipv6(ctx: &XdpContext, off: usize, at: Carrier) -> Step {
             fragmented,
             at,
         )),
-        IPPROTO_IPIP => Step::Inner(Layer::ipv4(cur)),
-        IPPROTO_IPV6 => Step::Inner(Layer::ipv6(cur)),
-        IPPROTO_GRE => parse_gre(ctx, cur, at),
+        IPPROTO_IPIP => {
+            Step::Inner(Layer::ipv4(cur).within(fragment_limit(cur, payload_end, fragmented)))
+        }
+        IPPROTO_IPV6 => {
+            Step::Inner(Layer::ipv6(cur).within(fragment_limit(cur, payload_end, fragmented)))
+        }
+        IPPROTO_GRE => parse_gre(
+            ctx,
+            cur,
+            Carrier {
+                limit: fragment_limit(cur, payload_end, fragmented).min(at.limit),
+                ..at
+            },
+        ),
         // A chain longer than followed: Linux accepts it, and what follows may be TCP or a
         // tunnel whose inner source is out of sight.
         _ if is_ipv6_extension(next) => Step::Done(Sighting::Opaque),
@@ -691,6 +790,7 @@ fn parse_tcp6(
                 ip,
                 l4: cur,
                 l4_len,
+                trusted: trusted(kept(l4_len, fragmented), cur, at.limit),
                 fragment: fragmented,
                 tunnelled,
                 ethernet: at.ethernet,
@@ -706,31 +806,56 @@ fn parse_tcp6(
     }
 }
 
-/// The TCP header at `at.l4`, of which the IP layer says `at.l4_len` bytes exist.
+/// Bytes of a payload of `len` that reassembly keeps from this packet: all of it, or for a
+/// fragment with more to come, a multiple of 8 (Linux rounds the fragment's end down, and
+/// what lies past it is taken from the next fragment).
+#[inline(always)]
+fn kept(len: usize, more_fragments: bool) -> usize {
+    if more_fragments { len & !7 } else { len }
+}
+
+/// Of `kept` bytes from `start`, those before `limit` (an outer fragment's kept end).
+#[inline(always)]
+fn trusted(kept: usize, start: usize, limit: usize) -> usize {
+    kept.min(limit.saturating_sub(start))
+}
+
+/// The kept end of an IPv6 first fragment's payload from `cur`, as a limit for what it
+/// carries (IPv6 refuses fragments that are not a multiple of 8, so this rounds nothing a
+/// valid one holds).
+#[inline(always)]
+fn fragment_limit(cur: usize, payload_end: usize, fragmented: bool) -> usize {
+    if fragmented {
+        cur + kept(payload_end.saturating_sub(cur), true)
+    } else {
+        usize::MAX
+    }
+}
+
+/// The TCP header at `at.l4`, of which the IP layer says `at.l4_len` bytes exist and
+/// `at.trusted` are what the kernel will read.
 #[inline(always)]
 fn parse_tcp(ctx: &XdpContext, at: Layers) -> Sighting {
     let (ip, tunnelled) = (at.ip, at.tunnelled);
-    if at.l4_len >= TCP_NEEDED {
-        if let Some(tcp) = ptr_at::<TcpHead>(ctx, at.l4) {
-            if !at.fragment && at.l4_len < TCP_MIN_HEADER {
-                return Sighting::Malformed;
-            }
-            let (dport, flags) = unsafe { (be16((*tcp).dport), (*tcp).flags) };
-            return Sighting::Segment { dport, flags, at };
+    // The bytes of this frame the kernel reads as the TCP header: kept by reassembly, and
+    // in the frame.
+    if at.trusted >= TCP_NEEDED
+        && let Some(tcp) = ptr_at::<TcpHead>(ctx, at.l4)
+    {
+        if !at.fragment && at.l4_len < TCP_MIN_HEADER {
+            return Sighting::Malformed;
         }
-        // The IP header promises the bytes but the frame does not hold them.
-        return Sighting::Hidden {
-            ip,
-            dport: None,
-            tunnelled,
-        };
+        let (dport, flags) = unsafe { (be16((*tcp).dport), (*tcp).flags) };
+        return Sighting::Segment { dport, flags, at };
     }
-    if !at.fragment {
+    // A TCP header shorter than its fixed part, and no more to come: the kernel drops it.
+    if at.l4_len < TCP_NEEDED && !at.fragment {
         return Sighting::Malformed;
     }
-    // A first fragment that stops before the flags: the receiving kernel would reassemble it
-    // into a segment we cannot see. Its port, when present, still tells whether it is guarded.
-    let dport = if at.l4_len >= 4 {
+    // The flags are out of sight: a later fragment brings them (or overwrites what this one
+    // shows), or the frame stops before the bytes the IP header promises. The port, when
+    // this frame holds it, still tells whether the segment is guarded.
+    let dport = if at.trusted >= 4 {
         ptr_at::<[u8; 4]>(ctx, at.l4).map(|ports| be16(unsafe { [(*ports)[2], (*ports)[3]] }))
     } else {
         None

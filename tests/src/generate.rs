@@ -323,6 +323,21 @@ impl Generator {
             bytes: frames::ipv4_id(src, dst, protocol, &options, frag, id, payload),
         };
         let mut packets = match self.below(100) {
+            // Two fragments, the first not a multiple of 8 and showing decoy TCP flags past
+            // the multiple: the kernel keeps the first's rounded part and takes the rest,
+            // the real flags, from the second.
+            0..4 if payload.len() > 16 => {
+                let cut = 9 + self.below(7) as usize;
+                let mut first = payload[..cut].to_vec();
+                if cut > 13 {
+                    first[13] = frames::ACK;
+                }
+                let units = cut / 8;
+                vec![
+                    packet(frames::IPV4_MF, &first),
+                    packet(units as u16, &payload[8 * units..]),
+                ]
+            }
             0..70 => vec![packet(frames::IPV4_DF, payload)],
             70..80 => vec![packet(0, payload)],
             // A lone first fragment, cut anywhere in (or after) the TCP header.

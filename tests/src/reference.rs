@@ -493,6 +493,9 @@ fn ipv4(frame: &[u8], at: usize, depth: Depth) -> Sight {
     }
     let next = at + fields.ihl;
     let (src, dst) = (IpAddr::V4(fields.src), IpAddr::V4(fields.dst));
+    // What the kernel keeps of a first fragment: its payload rounded down to a multiple of 8
+    // (ip_frag_queue); the next fragment brings, or overwrites, the rest.
+    let inner = kept_frame(frame, next, fields.total - fields.ihl, fields.more);
     match fields.protocol {
         TCP => tcp(
             frame,
@@ -502,9 +505,9 @@ fn ipv4(frame: &[u8], at: usize, depth: Depth) -> Sight {
             (src, dst),
             depth,
         ),
-        IPIP => ipv4(frame, next, depth.tunnel()),
-        IPV6_IN_IP => ipv6(frame, next, depth.tunnel()),
-        GRE => gre(frame, next, depth.tunnel()),
+        IPIP => ipv4(inner, next, depth.tunnel()),
+        IPV6_IN_IP => ipv6(inner, next, depth.tunnel()),
+        GRE => gre(inner, next, depth.tunnel()),
         _ => Sight::Other,
     }
 }
@@ -577,9 +580,19 @@ fn ipv6(frame: &[u8], at: usize, depth: Depth) -> Sight {
                     depth,
                 );
             }
-            IPIP => return ipv4(frame, cursor, depth.tunnel()),
-            IPV6_IN_IP => return ipv6(frame, cursor, depth.tunnel()),
-            GRE => return gre(frame, cursor, depth.tunnel()),
+            IPIP | IPV6_IN_IP | GRE => {
+                let inner = kept_frame(
+                    frame,
+                    cursor,
+                    payload_end.saturating_sub(cursor),
+                    first_fragment,
+                );
+                return match next {
+                    IPIP => ipv4(inner, cursor, depth.tunnel()),
+                    IPV6_IN_IP => ipv6(inner, cursor, depth.tunnel()),
+                    _ => gre(inner, cursor, depth.tunnel()),
+                };
+            }
             HOPOPTS | ROUTING | DSTOPTS | AH | FRAGMENT => {}
             _ => return Sight::Other,
         }
@@ -655,6 +668,17 @@ fn extension(kind: u8, rest: &[u8]) -> Option<Extension> {
     }
 }
 
+/// The frame as far as the kernel reads it for a payload of `len` bytes from `at`: a first
+/// fragment's payload is kept rounded down to a multiple of 8, and what lies past that comes
+/// from the next fragment.
+fn kept_frame(frame: &[u8], at: usize, len: usize, more_fragments: bool) -> &[u8] {
+    if more_fragments {
+        &frame[..frame.len().min(at + (len & !7))]
+    } else {
+        frame
+    }
+}
+
 fn gre(frame: &[u8], at: usize, depth: Depth) -> Sight {
     let (Some(flags), Some(protocol)) = (be16(frame, at), be16(frame, at + 2)) else {
         return depth.cut("GRE header cut off");
@@ -676,6 +700,12 @@ fn gre(frame: &[u8], at: usize, depth: Depth) -> Sight {
                 ETH_P_IPV4 => ipv4(frame, inner, depth),
                 ETH_P_IPV6 => ipv6(frame, inner, depth),
                 ETH_P_TEB => ethernet(frame, inner, depth),
+                // WCCP: IPv4, after a 4-byte redirect header unless the IP header comes first.
+                0x883e => match frame.get(inner) {
+                    Some(first) if first >> 4 == 4 => ipv4(frame, inner, depth),
+                    Some(_) => ipv4(frame, inner + 4, depth),
+                    None => depth.cut("WCCP header cut off"),
+                },
                 _ => Sight::Opaque("GRE carrying an unknown protocol"),
             }
         }
@@ -703,15 +733,15 @@ fn tcp(
     (src, dst): (IpAddr, IpAddr),
     depth: Depth,
 ) -> Sight {
-    let rest = frame.get(at..).unwrap_or_default();
+    // A first fragment's bytes past a multiple of 8 are not what the kernel reads.
+    let rest = kept_frame(frame, at, l4_len, first_fragment)
+        .get(at..)
+        .unwrap_or_default();
     // Ports, sequence number, data offset and flags: the first 14 bytes decide.
     if l4_len >= 14 {
         if rest.len() < 14 {
-            return Sight::Hidden {
-                src,
-                dst,
-                dport: None,
-            };
+            let dport = (rest.len() >= 4).then(|| u16::from_be_bytes([rest[2], rest[3]]));
+            return Sight::Hidden { src, dst, dport };
         }
         if !first_fragment && l4_len < 20 {
             return Sight::Malformed("TCP header shorter than 20 bytes");

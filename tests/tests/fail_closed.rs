@@ -592,3 +592,45 @@ fn the_recording_budget_renews_a_window_that_ended_long_ago() {
         "the source is in the table"
     );
 }
+
+#[test]
+fn a_first_fragment_shows_only_the_flags_reassembly_keeps() {
+    let mut kernel = Kernel::with_policy(POLICY);
+    // Linux keeps a multiple of 8 bytes of a fragment with more to come: of a first fragment
+    // carrying 14 or 15 TCP bytes, the flags byte (13) is overwritten by the next fragment.
+    let syn = tcp(40000, 25, SYN, &[], &[], &Pseudo::V4(UNLISTED4, DST4));
+    for cut in [14usize, 15] {
+        let mut decoy = syn[..cut].to_vec();
+        decoy[13] = ACK;
+        for (src, want) in [(UNLISTED4, XDP_DROP), (ALLOWED4, XDP_PASS)] {
+            let packet = ipv4(src, DST4, IPPROTO_TCP, &[], IPV4_MF, &decoy);
+            expect(
+                &mut kernel,
+                &frame(&packet),
+                want,
+                &format!("first fragment of {cut} TCP bytes showing ACK, from {src}"),
+            );
+        }
+    }
+    // Sixteen bytes keep the flags: an ACK is an ACK.
+    let mut ack = syn[..16].to_vec();
+    ack[13] = ACK;
+    let packet = ipv4(UNLISTED4, DST4, IPPROTO_TCP, &[], IPV4_MF, &ack);
+    expect(
+        &mut kernel,
+        &frame(&packet),
+        XDP_PASS,
+        "16 bytes: the flags are kept",
+    );
+    // The same rounding inside a tunnel: the outer first fragment keeps 8 bytes of the inner
+    // TCP header, so the inner flags it shows are not the ones decapsulated.
+    let mut inner = syn4(UNLISTED4, ACK);
+    inner.truncate(20 + 14);
+    let outer = ipv4(OUTER4_SRC, OUTER4_DST, IPPROTO_IPIP, &[], IPV4_MF, &inner);
+    expect(
+        &mut kernel,
+        &frame(&outer),
+        XDP_DROP,
+        "IPIP in a first fragment of 34 bytes",
+    );
+}

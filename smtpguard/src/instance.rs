@@ -315,6 +315,9 @@ pub struct RunState {
     /// building the real policy.
     #[serde(default)]
     pub boot: bool,
+    /// Configured interfaces that do not exist (yet): attached as soon as they appear.
+    #[serde(default)]
+    pub waiting: Vec<String>,
     /// The layout stamp of the maps in force (where the counters are pinned).
     #[serde(default)]
     pub layout: u64,

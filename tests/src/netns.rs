@@ -111,6 +111,7 @@ pub struct Pair {
     pub client: Netns,
     pub server_if: String,
     pub client_if: String,
+    client_addrs: Vec<IpAddr>,
 }
 
 impl Pair {
@@ -124,30 +125,50 @@ impl Pair {
         let short = tag.replace('-', "");
         let server_if = format!("sgs{}", &short[short.len().saturating_sub(11)..]);
         let client_if = format!("sgc{}", &short[short.len().saturating_sub(11)..]);
+        let pair = Self {
+            server,
+            client,
+            server_if,
+            client_if,
+            client_addrs: client_addrs.to_vec(),
+        };
+        pair.link();
+        pair
+    }
+
+    /// Deletes the veth pair and makes it again, with the same names and addresses: as a
+    /// driver reload, a PPP reconnect or a tunnel restart does to an interface (a new index,
+    /// no XDP program on it).
+    pub fn recreate_link(&self) {
+        ip(&["-n", &self.server.name, "link", "del", &self.server_if]);
+        self.link();
+    }
+
+    /// The veth pair between the namespaces, its addresses and routes.
+    fn link(&self) {
+        let (server, client, server_if, client_if, client_addrs) = (
+            &self.server,
+            &self.client,
+            &self.server_if,
+            &self.client_if,
+            &self.client_addrs,
+        );
         ip(&[
             "link",
             "add",
-            &server_if,
+            server_if,
             "netns",
             &server.name,
             "type",
             "veth",
             "peer",
             "name",
-            &client_if,
+            client_if,
             "netns",
             &client.name,
         ]);
         for (address, _) in SUBNETS {
-            let mut args = vec![
-                "-n",
-                &server.name,
-                "addr",
-                "add",
-                address,
-                "dev",
-                &server_if,
-            ];
+            let mut args = vec!["-n", &server.name, "addr", "add", address, "dev", server_if];
             if address.contains(':') {
                 args.push("nodad");
             }
@@ -163,18 +184,18 @@ impl Pair {
                 "add",
                 &address,
                 "dev",
-                &client_if,
+                client_if,
             ];
             if address.contains(':') {
                 args.push("nodad");
             }
             ip(&args);
         }
-        ip(&["-n", &server.name, "link", "set", &server_if, "up"]);
-        ip(&["-n", &client.name, "link", "set", &client_if, "up"]);
+        ip(&["-n", &server.name, "link", "set", server_if, "up"]);
+        ip(&["-n", &client.name, "link", "set", client_if, "up"]);
         // The server end stands for a gateway NIC that leaves VLAN tags in the frame, where
         // the program can read them and send resets; `set_vlan_offload` turns stripping on.
-        set_vlan_offload(&server, &server_if, false);
+        set_vlan_offload(&server, server_if, false);
         // Every server address is on-link from the client, whatever the client's source.
         ip(&[
             "-n",
@@ -183,7 +204,7 @@ impl Pair {
             "add",
             "default",
             "dev",
-            &client_if,
+            client_if,
         ]);
         ip(&[
             "-n",
@@ -193,14 +214,8 @@ impl Pair {
             "add",
             "default",
             "dev",
-            &client_if,
-        ]);
-        Self {
-            server,
-            client,
-            server_if,
             client_if,
-        }
+        ]);
     }
 
     /// Attaches a pass-everything XDP program (smtpguard's own, with no policy: it guards no

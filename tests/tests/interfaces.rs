@@ -195,3 +195,214 @@ fn resets_are_withheld_where_the_nic_strips_vlan_tags() {
     assert_eq!(attempt(), Outcome::Refused, "reset from XDP");
     assert_eq!(daemon.stats()["interfaces"][0]["resets_withheld"], false);
 }
+
+/// Whether the kernel shows an XDP program on `interface` in `netns` (`ip link` says so).
+fn has_xdp(netns: &Netns, interface: &str) -> bool {
+    let output = std::process::Command::new("ip")
+        .args(["-n", &netns.name, "-d", "link", "show", "dev", interface])
+        .output()
+        .expect("ip link show");
+    String::from_utf8_lossy(&output.stdout).contains("prog/xdp")
+}
+
+fn plain_config(interfaces: &str) -> String {
+    format!(
+        "interfaces = [{interfaces}]\n[[allow]]\nname = \"provider\"\nprefixes = [\"192.0.2.0/28\"]\n"
+    )
+}
+
+fn unlisted_attempt(pair: &Pair) -> Outcome {
+    connect(
+        &pair.client,
+        UNLISTED4.into(),
+        sock(SERVER_V4, 25),
+        Duration::from_millis(700),
+    )
+    .0
+}
+
+#[test]
+fn an_interface_recreated_while_the_daemon_runs_is_filtered_again() {
+    let pair = Pair::new(&[UNLISTED4.into()]);
+    let _smtp = Listener::start(&pair.server, 25);
+    let daemon = Daemon::start(
+        &pair.server,
+        &plain_config(&format!("\"{}\"", pair.server_if)),
+    );
+    assert_eq!(unlisted_attempt(&pair), Outcome::TimedOut);
+    // A driver reload, a PPP reconnect: the interface comes back with a new index and no
+    // program.
+    pair.recreate_link();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !has_xdp(&pair.server, &pair.server_if) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the re-created interface was not filtered again within 15 s:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(unlisted_attempt(&pair), Outcome::TimedOut, "filtered again");
+    assert!(
+        daemon.log().contains("re-created or renamed"),
+        "{}",
+        daemon.log()
+    );
+}
+
+#[test]
+fn a_dead_pinned_link_does_not_keep_a_boot_open() {
+    let pair = Pair::new(&[UNLISTED4.into()]);
+    let _smtp = Listener::start(&pair.server, 25);
+    let mut daemon = Daemon::start(
+        &pair.server,
+        &plain_config(&format!("\"{}\"", pair.server_if)),
+    );
+    assert!(daemon.stop().success());
+    // The pinned link goes defunct with its interface; a start that then fails (a name that
+    // never resolved) must still have closed the new interface at once.
+    pair.recreate_link();
+    assert_eq!(
+        unlisted_attempt(&pair),
+        Outcome::Connected,
+        "nothing filters it now"
+    );
+    let _silent = pair
+        .server
+        .run(|| std::net::UdpSocket::bind("127.0.0.1:5300").expect("bind the silent resolver"));
+    std::fs::write(
+        &daemon.config_path,
+        format!(
+            "interfaces = [\"{}\"]\n[dns]\nresolver = \"127.0.0.1:5300\"\ntimeout_secs = 1\n[[allow]]\nname = \"provider\"\nprefixes = [\"192.0.2.0/28\"]\nhosts = [\"relay.provider.test\"]\n",
+            pair.server_if
+        ),
+    )
+    .expect("config");
+    let status = daemon.start_expecting_exit(&pair.server, Duration::from_secs(60));
+    assert!(!status.success(), "{}", daemon.log());
+    assert!(
+        daemon
+            .log()
+            .contains("does not filter it: its interface went away"),
+        "{}",
+        daemon.log()
+    );
+    assert_eq!(
+        unlisted_attempt(&pair),
+        Outcome::TimedOut,
+        "closed by the boot filter, which stays after the failed start"
+    );
+}
+
+#[test]
+fn a_renamed_interface_is_not_mistaken_for_the_configured_one() {
+    let pair = Pair::new(&[UNLISTED4.into()]);
+    let mut daemon = Daemon::start(
+        &pair.server,
+        &plain_config(&format!("\"{}\"", pair.server_if)),
+    );
+    assert!(daemon.stop().success());
+    // The configured name now belongs to another device; the old one runs under a new name.
+    let old = format!("{}o", &pair.server_if[..pair.server_if.len().min(14)]);
+    let ip = smtpguard_tests::netns::ip;
+    ip(&[
+        "-n",
+        &pair.server.name,
+        "link",
+        "set",
+        &pair.server_if,
+        "down",
+    ]);
+    ip(&[
+        "-n",
+        &pair.server.name,
+        "link",
+        "set",
+        &pair.server_if,
+        "name",
+        &old,
+    ]);
+    ip(&[
+        "-n",
+        &pair.server.name,
+        "link",
+        "add",
+        &pair.server_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "sgpeer0",
+    ]);
+    ip(&[
+        "-n",
+        &pair.server.name,
+        "link",
+        "set",
+        &pair.server_if,
+        "up",
+    ]);
+    ip(&["-n", &pair.server.name, "link", "set", "sgpeer0", "up"]);
+    assert!(
+        has_xdp(&pair.server, &old),
+        "the old link runs on the renamed device"
+    );
+    daemon.restart(&pair.server, daemon.generation());
+    assert!(
+        has_xdp(&pair.server, &pair.server_if),
+        "the device now named {} is filtered:\n{}",
+        pair.server_if,
+        daemon.log()
+    );
+    assert!(
+        !has_xdp(&pair.server, &old),
+        "the renamed device, no longer configured, is left alone"
+    );
+}
+
+#[test]
+fn a_missing_interface_is_waited_for_while_the_others_are_filtered() {
+    let pair = Pair::new(&[UNLISTED4.into()]);
+    let _smtp = Listener::start(&pair.server, 25);
+    let later = format!("sgw{}", unique_tag().replace('-', ""));
+    let mut daemon = Daemon::start(
+        &pair.server,
+        &plain_config(&format!("\"{}\", \"{later}\"", pair.server_if)),
+    );
+    assert_eq!(
+        unlisted_attempt(&pair),
+        Outcome::TimedOut,
+        "the present one is filtered"
+    );
+    assert!(
+        daemon.cli(&["stats"]).contains(&format!(
+            "WAITING for interfaces that do not exist yet: {later}"
+        )),
+        "{}",
+        daemon.cli(&["stats"])
+    );
+    // It appears; a reload (or the next 10 s check) attaches it.
+    let ip = smtpguard_tests::netns::ip;
+    ip(&[
+        "-n",
+        &pair.server.name,
+        "link",
+        "add",
+        &later,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "sgpeer1",
+    ]);
+    ip(&["-n", &pair.server.name, "link", "set", &later, "up"]);
+    ip(&["-n", &pair.server.name, "link", "set", "sgpeer1", "up"]);
+    let text = std::fs::read_to_string(&daemon.config_path).expect("config");
+    daemon.reload(&text);
+    assert!(has_xdp(&pair.server, &later), "{}", daemon.log());
+    assert!(
+        daemon.state().expect("state")["waiting"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    );
+}

@@ -234,6 +234,7 @@ mod tests {
             counter_map_ids: Default::default(),
             scopes: Vec::new(),
             boot: false,
+            waiting: Vec::new(),
             layout: 1,
             sources: Vec::new(),
         };

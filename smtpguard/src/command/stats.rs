@@ -43,6 +43,8 @@ pub struct Stats {
     pub tunnelled: u64,
     /// The boot policy is in force: every guarded SYN is dropped until the policy is built.
     pub boot: bool,
+    /// Configured interfaces that do not exist (yet).
+    pub waiting: Vec<String>,
     /// Names and list files whose last good answer stands in for a fresh one (stale, or held
     /// back by the growth guard).
     pub sources: Vec<SourceNote>,
@@ -98,6 +100,7 @@ impl Stats {
             resets_withheld: counters.get(counter::RESET_WITHHELD),
             tunnelled: counters.get(counter::TUNNELLED),
             boot: state.boot,
+            waiting: state.waiting.clone(),
             sources: state.sources.clone(),
             prefixes,
         }
@@ -131,6 +134,13 @@ impl Stats {
             "instance {:?} ({daemon}), policy generation {}, config {}",
             self.instance, self.generation, self.config
         );
+        if !self.waiting.is_empty() {
+            let _ = writeln!(
+                out,
+                "WAITING for interfaces that do not exist yet: {} (attached when they appear)",
+                self.waiting.join(", ")
+            );
+        }
         if self.boot {
             let _ = writeln!(
                 out,
@@ -253,6 +263,7 @@ mod tests {
             mode: crate::source::config::Mode::Enforce,
             action: crate::source::config::Action::Drop,
             boot: false,
+            waiting: Vec::new(),
             layout: 1,
             sources: vec![SourceNote {
                 source: "host relay.provider.test".into(),

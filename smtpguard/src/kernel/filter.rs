@@ -406,6 +406,22 @@ impl Filter {
             .collect()
     }
 
+    /// Lets go of `interface`'s attachment whatever state its link is in (its interface may
+    /// be gone): the pin is removed and the link dropped.
+    pub fn forget(&mut self, interface: &str) -> Result<(), FilterError> {
+        let Some(index) = self.position(interface) else {
+            return Ok(());
+        };
+        let attachment = self.attachments.remove(index);
+        let program = xdp_program(&mut self.ebpf, program_for(attachment.facts.kind))?;
+        // A defunct link may refuse a detach; dropping it is all that is left to do.
+        let _ = program.detach(attachment.link);
+        match &attachment.pin {
+            Some(pin) => remove_pin(pin),
+            None => Ok(()),
+        }
+    }
+
     /// Detaches from `interface`.
     pub fn detach(&mut self, interface: &str) -> Result<(), FilterError> {
         let Some(index) = self.position(interface) else {

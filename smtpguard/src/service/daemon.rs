@@ -3,6 +3,7 @@
 //! validate is reported and the running policy stays. SIGTERM/SIGINT detach and return.
 
 use std::{
+    collections::BTreeSet,
     future::Future,
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -25,6 +26,8 @@ use crate::{
     },
     kernel::{
         filter::{AttachedMode, Filter, FilterError},
+        interface::{Interface, InterfaceError},
+        link,
         maps::{
             ApplyError, ApplyReport, CounterMapIds, MapsError, PolicyMaps, open_counters,
             pinned_counter_ids,
@@ -65,6 +68,11 @@ pub enum DaemonError {
         signal: &'static str,
         source: std::io::Error,
     },
+    #[error(
+        "none of the configured interfaces exists ({}): check `interfaces` against `ip link`",
+        interfaces.join(", ")
+    )]
+    NoInterface { interfaces: Vec<String> },
     #[error(
         "upgrade incomplete: the previous program, with the previous build's maps and policy, stays on {}; this build's policy is not in force there, so it stops; the previous filter keeps enforcing",
         interfaces.join(", ")
@@ -200,6 +208,8 @@ struct Daemon {
     pins: PinsGuard,
     /// The closed boot policy is in force while the real one is built.
     boot: bool,
+    /// Configured interfaces that do not exist (yet), attached when they appear.
+    waiting: BTreeSet<String>,
     _lock: InstanceLock,
 }
 
@@ -218,6 +228,9 @@ impl Daemon {
         let older_layouts = instance.other_layouts(LAYOUT_STAMP)?;
         let maps_dir = instance.prepare_maps_dir(LAYOUT_STAMP)?;
         let (filter, maps) = Filter::load(Some(&maps_dir))?;
+        // Only a link on the very interface its pin is named after filters it: one whose
+        // interface went away or was renamed does not.
+        let pinned_links = live_links(pinned_links, &config.interfaces);
         let in_force = !pinned_links.is_empty();
         // A start that fails removes what it created, but never a filter that is in force:
         // a previous daemon's, or the closed one this start attached.
@@ -243,6 +256,7 @@ impl Daemon {
             metrics: None,
             pins,
             boot: false,
+            waiting: BTreeSet::new(),
             _lock: lock,
         };
         if in_force {
@@ -252,9 +266,9 @@ impl Daemon {
                 pinned_links.len(),
                 daemon.maps.generation()
             );
-        } else {
-            daemon.close_at_boot()?;
         }
+        // Every configured interface a live link does not cover is filtered from now on.
+        daemon.guard_now(&pinned_links)?;
         if !older_layouts.is_empty() && !daemon.maps.recovered() {
             // An upgrade: new maps, whose counters start under the ids the old daemon used.
             if let Some(previous) = &previous {
@@ -309,14 +323,17 @@ impl Daemon {
             }
             daemon.retire_layouts(&older_layouts);
         }
-        for interface in daemon.config.interfaces.clone() {
-            if daemon.filter.attachment(&interface).is_none()
-                && !pinned_links.iter().any(|(pinned, _)| *pinned == interface)
-            {
-                let mode = daemon.filter.attach(&interface, daemon.config.xdp_mode)?;
-                log::info!("attached to {interface} in {mode} mode");
-            }
-        }
+        let uncovered: Vec<String> = daemon
+            .config
+            .interfaces
+            .iter()
+            .filter(|interface| {
+                daemon.filter.attachment(interface).is_none()
+                    && !pinned_links.iter().any(|(pinned, _)| pinned == *interface)
+            })
+            .cloned()
+            .collect();
+        daemon.attach_or_wait(&uncovered)?;
         daemon.sync_interfaces()?;
         set_link_pins(&mut daemon.filter, instance, daemon.config.on_exit)?;
         if let Some(address) = daemon.config.metrics_listen {
@@ -336,11 +353,23 @@ impl Daemon {
         Ok(daemon)
     }
 
-    /// Nothing filters the configured interfaces (a boot, or a first start): attach at once,
-    /// before any name is resolved or list read, with the policy the maps hold if they hold
-    /// one, or else, in enforce mode, a closed one (every guarded SYN dropped: senders retry).
-    /// In audit mode nothing would be stopped anyway, so the filter waits for the policy.
-    fn close_at_boot(&mut self) -> Result<(), DaemonError> {
+    /// Makes sure every configured interface is filtered before anything slow happens (names
+    /// resolved, lists read, a large policy built): those a live pinned link does not cover
+    /// get this program at once, enforcing the policy the maps hold if they hold one, or else,
+    /// in enforce mode, a closed one (every guarded SYN dropped: senders retry). In audit
+    /// mode, on maps that hold nothing, nothing would be stopped anyway: the filter waits for
+    /// the policy.
+    fn guard_now(&mut self, live: &[(String, PathBuf)]) -> Result<(), DaemonError> {
+        let uncovered: Vec<String> = self
+            .config
+            .interfaces
+            .iter()
+            .filter(|interface| !live.iter().any(|(pinned, _)| pinned == *interface))
+            .cloned()
+            .collect();
+        if uncovered.is_empty() {
+            return Ok(());
+        }
         let recovered = self.maps.recovered();
         // What the state file shows until the policy is built.
         self.policy = Policy {
@@ -360,16 +389,14 @@ impl Daemon {
             self.maps.apply_closed(&self.policy)?;
             self.boot = true;
         }
-        for interface in self.config.interfaces.clone() {
-            let mode = self.filter.attach(&interface, self.config.xdp_mode)?;
-            log::info!("attached to {interface} in {mode} mode");
-        }
+        let outcome = self.attach_or_wait(&uncovered);
+        // Pinned, even when an attach failed: a failed start leaves this filter in force.
         self.sync_interfaces()?;
         set_link_pins(&mut self.filter, &self.instance, self.config.on_exit)?;
-        if self.config.on_exit == OnExit::Keep {
-            // Pinned: a failed start leaves this filter in force.
+        if self.config.on_exit == OnExit::Keep && !self.filter.attachments().is_empty() {
             self.pins.remove = false;
         }
+        outcome?;
         let status = if recovered {
             format!(
                 "enforcing the policy the maps hold (generation {}) while the new one is built",
@@ -382,6 +409,36 @@ impl Daemon {
         self.write_state(true)?;
         notify(&[NotifyState::Status(&status)]);
         Ok(())
+    }
+
+    /// Attaches to each of `interfaces`; one that does not exist (yet: a PPP or WireGuard
+    /// device comes up later) is waited for and attached when it appears. Other failures
+    /// are errors, after the rest were attached.
+    fn attach_or_wait(&mut self, interfaces: &[String]) -> Result<(), DaemonError> {
+        let mut failure = None;
+        for interface in interfaces {
+            match self.filter.attach(interface, self.config.xdp_mode) {
+                Ok(mode) => {
+                    log::info!("attached to {interface} in {mode} mode");
+                    self.waiting.remove(interface);
+                }
+                Err(FilterError::Interface(InterfaceError::NoSuchInterface { .. })) => {
+                    if self.waiting.insert(interface.clone()) {
+                        log::warn!(
+                            "interface {interface} does not exist (yet); it is attached as soon as it appears (looked for every {} s)",
+                            INTERFACE_CHECK.as_secs()
+                        );
+                    }
+                }
+                Err(error) => failure = failure.or(Some(error)),
+            }
+        }
+        if self.filter.attachments().is_empty() && failure.is_none() && !interfaces.is_empty() {
+            return Err(DaemonError::NoInterface {
+                interfaces: self.config.interfaces.clone(),
+            });
+        }
+        failure.map_or(Ok(()), |error| Err(error.into()))
     }
 
     /// Swaps this build's program onto every pinned link of a configured interface (the old
@@ -460,20 +517,59 @@ impl Daemon {
         Ok(())
     }
 
-    /// Asks the kernel again about the attached interfaces: a changed MAC address or VLAN
+    /// Asks the kernel again about the configured interfaces: one re-created (a new index:
+    /// a PPP reconnect, a tunnel restart, a driver reload) or renamed away lost its program
+    /// and is attached afresh; one that appeared is attached; a changed MAC address or VLAN
     /// offload setting changes what a reset may do, and is passed on to the program.
     fn check_interfaces(&mut self) {
-        let changed: Vec<String> = self
-            .filter
-            .refresh_facts()
-            .iter()
-            .map(|attachment| attachment.interface.clone())
-            .collect();
+        let mut changed = Vec::new();
+        for interface in self.config.interfaces.clone() {
+            let now = Interface::lookup(&interface).ok();
+            let attached = self.filter.attachment(&interface).map(|a| a.facts.index);
+            match (attached, now) {
+                (Some(index), Some(now)) if index == now.index => {}
+                (Some(_), now) => {
+                    log::warn!(
+                        "interface {interface} was {}: its filter went with it; attaching afresh",
+                        if now.is_some() {
+                            "re-created or renamed"
+                        } else {
+                            "removed"
+                        }
+                    );
+                    if let Err(error) = self.filter.forget(&interface) {
+                        log::warn!("{error}");
+                    }
+                    changed.push(interface.clone());
+                    if now.is_some() {
+                        let _ = self.attach_or_wait(std::slice::from_ref(&interface));
+                    } else {
+                        self.waiting.insert(interface.clone());
+                    }
+                }
+                (None, Some(_)) => {
+                    changed.push(interface.clone());
+                    if let Err(error) = self.attach_or_wait(std::slice::from_ref(&interface)) {
+                        log::error!("{error}");
+                    }
+                }
+                (None, None) => {}
+            }
+        }
+        changed.extend(
+            self.filter
+                .refresh_facts()
+                .iter()
+                .map(|attachment| attachment.interface.clone()),
+        );
         if changed.is_empty() {
             return;
         }
-        log::info!("interface settings changed: {}", changed.join(", "));
+        log::info!("interfaces changed: {}", changed.join(", "));
         if let Err(error) = self.sync_interfaces() {
+            log::error!("{error}");
+        }
+        if let Err(error) = set_link_pins(&mut self.filter, &self.instance, self.config.on_exit) {
             log::error!("{error}");
         }
         if let Err(error) = self.write_state(true) {
@@ -549,6 +645,8 @@ impl Daemon {
     /// Re-reads the configuration, its files and DNS names, and applies it whole, or not at all.
     async fn reload(&mut self) -> Result<ApplyReport, DaemonError> {
         let started = std::time::Instant::now();
+        // A reload is when an admin expects a re-created or newly present interface to count.
+        self.check_interfaces();
         let config = Config::load(&self.config_path)?;
         let dns = if config.dns == self.config.dns {
             None
@@ -614,11 +712,20 @@ impl Daemon {
             _ => None,
         };
         let mut attached = Vec::new();
+        let mut missing = Vec::new();
         let outcome = (|| {
             for interface in &added {
-                let mode = self.filter.attach(interface, config.xdp_mode)?;
-                log::info!("attached to {interface} in {mode} mode");
-                attached.push(interface.clone());
+                match self.filter.attach(interface, config.xdp_mode) {
+                    Ok(mode) => {
+                        log::info!("attached to {interface} in {mode} mode");
+                        attached.push(interface.clone());
+                    }
+                    // Waited for, as at start.
+                    Err(FilterError::Interface(InterfaceError::NoSuchInterface { .. })) => {
+                        missing.push(interface.clone());
+                    }
+                    Err(error) => return Err(error.into()),
+                }
             }
             Ok::<_, DaemonError>(self.maps.apply(&policy)?)
         })();
@@ -644,10 +751,17 @@ impl Daemon {
             }
         };
         for interface in &removed {
+            self.waiting.remove(interface);
             match self.filter.detach(interface) {
                 Ok(()) => log::info!("detached from {interface}"),
                 Err(error) => log::error!("{error}"),
             }
+        }
+        for interface in missing {
+            log::warn!(
+                "interface {interface} does not exist (yet); it is attached as soon as it appears"
+            );
+            self.waiting.insert(interface);
         }
         if let Err(error) = set_link_pins(&mut self.filter, &self.instance, config.on_exit) {
             log::error!("{error}");
@@ -838,6 +952,7 @@ impl Daemon {
             prefixes,
             counter_map_ids: self.counter_map_ids,
             boot: self.boot,
+            waiting: self.waiting.iter().cloned().collect(),
             layout: LAYOUT_STAMP,
             sources: self.fetched.not_current(),
         };
@@ -874,6 +989,44 @@ impl Daemon {
             }
         }
     }
+}
+
+/// The pinned links that filter the interface they are named after: a link whose interface
+/// went away is defunct, one whose interface was renamed runs on another device. Their pins
+/// are removed (which detaches a renamed device, no longer the one configured).
+fn live_links(pinned: Vec<(String, PathBuf)>, configured: &[String]) -> Vec<(String, PathBuf)> {
+    let mut live = Vec::new();
+    for (interface, path) in pinned {
+        let linked = link::xdp_link_ifindex(&path);
+        let current = Interface::lookup(&interface).map(|facts| facts.index);
+        match (&linked, &current) {
+            (Ok(index), Ok(now)) if *index != 0 && index == now => {
+                live.push((interface, path));
+                continue;
+            }
+            _ => {}
+        }
+        let why = match (linked, current) {
+            (Ok(0), _) => "its interface went away".to_owned(),
+            (Ok(index), Ok(now)) => {
+                format!("it runs on interface index {index}, {interface} is now {now}")
+            }
+            (Ok(_), Err(_)) => format!("{interface} does not exist"),
+            (Err(error), _) => format!("it cannot be read: {error}"),
+        };
+        let configured = if configured.contains(&interface) {
+            ""
+        } else {
+            " (no longer configured)"
+        };
+        match std::fs::remove_file(&path) {
+            Ok(()) => log::warn!(
+                "the link pinned for {interface}{configured} does not filter it: {why}; pin removed"
+            ),
+            Err(error) => log::error!("cannot remove {}: {error}", path.display()),
+        }
+    }
+    live
 }
 
 /// Pins every link when the filter is to outlive the daemon, unpins them when not.

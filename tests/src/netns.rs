@@ -195,7 +195,7 @@ impl Pair {
         ip(&["-n", &client.name, "link", "set", client_if, "up"]);
         // The server end stands for a gateway NIC that leaves VLAN tags in the frame, where
         // the program can read them and send resets; `set_vlan_offload` turns stripping on.
-        set_vlan_offload(&server, server_if, false);
+        set_vlan_offload(server, server_if, false);
         // Every server address is on-link from the client, whatever the client's source.
         ip(&[
             "-n",

@@ -107,6 +107,7 @@ impl Policy {
     pub fn build(config: &Config, fetched: &Fetched) -> Result<(Self, Vec<Warning>), ConfigError> {
         let mut building = Building {
             safety: &config.safety,
+            path: config.path.clone(),
             entries: BTreeMap::new(),
             outranked: Vec::new(),
             warnings: Vec::new(),
@@ -293,6 +294,8 @@ struct ScopeRules<'a> {
 /// the way.
 struct Building<'a> {
     safety: &'a Safety,
+    /// The configuration file, for messages.
+    path: std::path::PathBuf,
     entries: BTreeMap<IpNet, Entry>,
     outranked: Vec<Outranked>,
     warnings: Vec<Warning>,
@@ -311,6 +314,7 @@ impl Building<'_> {
         }
         let mut entries = std::mem::take(&mut self.entries);
         settle_precedence(&mut entries);
+        self.check_coverage(rules.name, &entries)?;
         Ok(Scope {
             name: rules.name.to_owned(),
             destinations: rules.destinations.to_vec(),
@@ -321,6 +325,63 @@ impl Building<'_> {
             entries,
             outranked: std::mem::take(&mut self.outranked),
         })
+    }
+
+    /// Refuses a scope whose allow prefixes from automatic sources cover more than the
+    /// `[safety]` coverage caps: the floor limits each prefix, this limits them together.
+    fn check_coverage(
+        &self,
+        scope: &str,
+        entries: &BTreeMap<IpNet, Entry>,
+    ) -> Result<(), ConfigError> {
+        let automatic =
+            |entry: &Entry| entry.list == List::Allow && entry.origin != Origin::Literal;
+        let coverage = safety::Coverage::of(
+            entries
+                .iter()
+                .filter(|(_, entry)| automatic(entry))
+                .map(|(net, _)| net),
+        );
+        for (family, cap_len, suffix) in [
+            (safety::Family::V4, self.safety.max_coverage_v4, "v4"),
+            (safety::Family::V6, self.safety.max_coverage_v6, "v6"),
+        ] {
+            let bits = if family == safety::Family::V4 { 32 } else { 128 };
+            let cap = 1u128
+                .checked_shl(bits - u32::from(cap_len))
+                .unwrap_or(u128::MAX);
+            if coverage.get(family) <= cap {
+                continue;
+            }
+            // The origin that brings the most, for the message.
+            let mut by_origin: BTreeMap<String, Vec<IpNet>> = BTreeMap::new();
+            for (net, entry) in entries.iter().filter(|(_, entry)| automatic(entry)) {
+                by_origin
+                    .entry(entry.origin.to_string())
+                    .or_default()
+                    .push(*net);
+            }
+            let biggest = by_origin
+                .iter()
+                .map(|(origin, nets)| (safety::Coverage::of(nets).get(family), origin))
+                .max()
+                .map_or_else(String::new, |(count, origin)| format!("{origin} ({count})"));
+            return Err(ConfigError::AllowCoverage {
+                path: self.path.clone(),
+                scope: scope.to_owned(),
+                family: if family == safety::Family::V4 {
+                    "IPv4"
+                } else {
+                    "IPv6"
+                },
+                suffix,
+                coverage: coverage.get(family),
+                cap,
+                cap_len,
+                biggest,
+            });
+        }
+        Ok(())
     }
 
     fn add_rule(
@@ -723,6 +784,28 @@ prefixes = ["89.16.184.150"]
             );
         }
         (config, fetched)
+    }
+
+    #[test]
+    fn automatic_allow_prefixes_may_not_cover_too_much_together() {
+        // 4096 /12s: each passes the floor, together they are every IPv4 address.
+        let nets: Vec<String> = (0..4096u32)
+            .map(|i| format!("{}.{}.0.0/12", i >> 4, (i & 15) << 4))
+            .collect();
+        let nets: Vec<&str> = nets.iter().map(String::as_str).collect();
+        let (config, fetched) = automatic(&nets, &[], "");
+        let error = Policy::build(&config, &fetched).unwrap_err().to_string();
+        assert!(
+            error.starts_with("/etc/smtpguard/test.toml: allow prefixes from list files, host names and SPF in scope \"default\" cover 4294967296 IPv4 addresses, more than max_coverage_v4 = 8 allows (16777216, one /8)"),
+            "{error}"
+        );
+        assert!(error.contains("the most from"), "{error}");
+        // Raised by the admin, it goes through.
+        let (config, fetched) = automatic(&nets, &[], "[safety]\nmax_coverage_v4 = 0\n");
+        assert!(Policy::build(&config, &fetched).is_ok());
+        // Real provider lists are far below the cap.
+        let (config, fetched) = automatic(&["40.92.0.0/15", "52.100.0.0/14", "104.47.0.0/17"], &[], "");
+        assert!(Policy::build(&config, &fetched).is_ok());
     }
 
     #[test]

@@ -188,6 +188,20 @@ pub enum ConfigError {
     )]
     ScopeNoAllow { at: Location, scope: String },
     #[error(
+        "{path}: allow prefixes from list files, host names and SPF in scope {scope:?} cover {coverage} {family} addresses, more than max_coverage_{suffix} = {cap_len} allows ({cap}, one /{cap_len}); the most from {biggest}; automatic sources may not open the lock-down this far: raise max_coverage_{suffix} in [safety] if that is what you mean",
+        path = path.display()
+    )]
+    AllowCoverage {
+        path: PathBuf,
+        scope: String,
+        family: &'static str,
+        suffix: &'static str,
+        coverage: u128,
+        cap: u128,
+        cap_len: u8,
+        biggest: String,
+    },
+    #[error(
         "{at}: destination {prefix} is already in scope {first:?} ({first_at}): which scope decides would be a guess"
     )]
     DestinationConflict {
@@ -377,6 +391,11 @@ pub struct Safety {
     pub min_prefix_v4: u8,
     /// ...and shorter than this (IPv6). Providers publish /14 to /19 and /32 to /48.
     pub min_prefix_v6: u8,
+    /// Together, a scope's allow prefixes from automatic sources may cover at most as many
+    /// IPv4 addresses as one prefix of this length (the floor alone lets 4096 /12s through)...
+    pub max_coverage_v4: u8,
+    /// ...and as many IPv6 addresses as one prefix of this length.
+    pub max_coverage_v6: u8,
     /// A DNS refresh that makes a name cover more than this many times the addresses it
     /// covered is held back until an explicit reload.
     pub max_growth: f64,
@@ -389,6 +408,8 @@ impl Default for Safety {
         Self {
             min_prefix_v4: 12,
             min_prefix_v6: 32,
+            max_coverage_v4: 8,
+            max_coverage_v6: 24,
             max_growth: 4.0,
             allow_any_source: false,
         }
@@ -459,6 +480,8 @@ struct DnsTable {
 struct SafetyTable {
     min_prefix_v4: Option<Spanned<i64>>,
     min_prefix_v6: Option<Spanned<i64>>,
+    max_coverage_v4: Option<Spanned<i64>>,
+    max_coverage_v6: Option<Spanned<i64>>,
     max_growth: Option<Spanned<f64>>,
     #[serde(default)]
     allow_any_source: bool,
@@ -846,6 +869,18 @@ fn safety(table: Option<&SafetyTable>, lines: &LineIndex<'_>) -> Result<Safety, 
         128,
         safety.min_prefix_v6,
     )?;
+    safety.max_coverage_v4 = length(
+        &table.max_coverage_v4,
+        "max_coverage_v4",
+        32,
+        safety.max_coverage_v4,
+    )?;
+    safety.max_coverage_v6 = length(
+        &table.max_coverage_v6,
+        "max_coverage_v6",
+        128,
+        safety.max_coverage_v6,
+    )?;
     if let Some(growth) = &table.max_growth {
         let value = *growth.get_ref();
         if !(value.is_finite() && value >= 1.0) {
@@ -1204,12 +1239,14 @@ prefixes = ["89.16.184.150"]
             (12, 32)
         );
         assert!(config.safety.max_growth == 4.0 && !config.safety.allow_any_source);
-        let config = parse("interfaces = [\"eth0\"]\n[safety]\nmin_prefix_v4 = 16\nmin_prefix_v6 = 0\nmax_growth = 2\nallow_any_source = true\n").unwrap();
+        let config = parse("interfaces = [\"eth0\"]\n[safety]\nmin_prefix_v4 = 16\nmin_prefix_v6 = 0\nmax_coverage_v4 = 4\nmax_coverage_v6 = 16\nmax_growth = 2\nallow_any_source = true\n").unwrap();
         assert_eq!(
             config.safety,
             Safety {
                 min_prefix_v4: 16,
                 min_prefix_v6: 0,
+                max_coverage_v4: 4,
+                max_coverage_v6: 16,
                 max_growth: 2.0,
                 allow_any_source: true
             }

@@ -11,7 +11,10 @@ mod reply;
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, xdp_action},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_boot_ns},
+    helpers::{
+        bpf_get_prandom_u32, bpf_ktime_get_boot_ns,
+        generated::{bpf_csum_diff, bpf_xdp_load_bytes},
+    },
     macros::{map, xdp},
     maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
     programs::XdpContext,
@@ -267,6 +270,13 @@ fn may_reset(ctx: &XdpContext, src: &Source, reply: &Reply<'_>) -> bool {
     if !unicast(src) || !unicast(&dst) {
         return false;
     }
+    // What the kernel would drop unanswered gets no answer from here either: a packet the
+    // frame does not hold whole, an IPv4 header with a bad checksum.
+    if !holds(ctx, reply.at.l4 + reply.at.l4_len)
+        || (!reply.at.ip.v6 && !ipv4_checksum_ok(ctx, reply.at.ip.l3))
+    {
+        return false;
+    }
     let index = ctx.ingress_ifindex() as u32;
     // SAFETY: the value is plain data, read once.
     let Some(info) = (unsafe { IFACES.get(index) }) else {
@@ -285,6 +295,50 @@ fn may_reset(ctx: &XdpContext, src: &Source, reply: &Reply<'_>) -> bool {
     let macs = unsafe { *macs };
     // Sent to this interface's own address, from a unicast one.
     macs[..6] == mac && macs[6] & 1 == 0
+}
+
+/// Whether the frame reaches `end` (which is past its start). Asked of a helper rather than
+/// compared with the frame's length: a comparison would teach the verifier bounds that split
+/// the states it walks, and multiply them.
+#[inline(always)]
+fn holds(ctx: &XdpContext, end: usize) -> bool {
+    let mut last = 0u8;
+    // SAFETY: one byte, into a local.
+    end > 0
+        && unsafe {
+            bpf_xdp_load_bytes(ctx.ctx, (end - 1) as u32, (&raw mut last).cast(), 1) == 0
+        }
+}
+
+/// Whether the IPv4 header at `l3` sums to zero, options included (at most 60 bytes). The
+/// header is copied into a zeroed buffer (zeros add nothing to a ones' complement sum) and
+/// summed by the kernel's own `bpf_csum_diff`: a loop here would multiply the states the
+/// verifier walks by its length.
+#[inline(always)]
+fn ipv4_checksum_ok(ctx: &XdpContext, l3: usize) -> bool {
+    let Some(first) = parse::ptr_at::<[u8; 2]>(ctx, l3) else {
+        return false;
+    };
+    let length = u32::from(unsafe { (*first)[0] } & 0x0f) * 4;
+    if !(20..=60).contains(&length) {
+        return false;
+    }
+    let mut header = [0u32; 15];
+    let buffer = header.as_mut_ptr();
+    // SAFETY: the helper bounds the copy by the packet and by `length` <= 60, the buffer's size.
+    if unsafe { bpf_xdp_load_bytes(ctx.ctx, l3 as u32, buffer.cast(), length) } != 0 {
+        return false;
+    }
+    // SAFETY: both sizes are the buffer's, a multiple of 4 as the helper wants.
+    let sum = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, buffer, 60, 0) };
+    if sum < 0 {
+        return false;
+    }
+    let mut sum = sum as u64;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum == 0xffff
 }
 
 /// Not unspecified, loopback, multicast or broadcast (nor, for IPv6, an IPv4-mapped address,

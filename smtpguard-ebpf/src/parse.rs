@@ -224,13 +224,18 @@ static SCRATCH: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// track (volatile, so the compiler keeps it). `None` only if the word is missing.
 #[inline(always)]
 fn widen(off: usize) -> Option<usize> {
+    forget(off).filter(|off| *off <= MAX_HEADER_OFFSET)
+}
+
+/// `value`, with everything the verifier knew about it forgotten (see [`widen`]).
+#[inline(always)]
+fn forget(value: usize) -> Option<usize> {
     let word = SCRATCH.get_ptr_mut(0)?;
     // SAFETY: a per-CPU map value, valid for this run, touched by no other CPU.
-    let off = unsafe {
-        core::ptr::write_volatile(word, off as u64);
+    Some(unsafe {
+        core::ptr::write_volatile(word, value as u64);
         core::ptr::read_volatile(word) as usize
-    };
-    (off <= MAX_HEADER_OFFSET).then_some(off)
+    })
 }
 
 /// The layer a header starts, as the one before it said: a kind and an offset, as plain
@@ -874,7 +879,9 @@ impl Sighting {
     pub fn widened(self) -> Self {
         match self {
             Self::Segment { dport, flags, at } => {
-                let (Some(l3), Some(l4)) = (widen(at.ip.l3), widen(at.l4)) else {
+                let (Some(l3), Some(l4), Some(l4_len)) =
+                    (widen(at.ip.l3), widen(at.l4), forget(at.l4_len))
+                else {
                     return Self::Opaque;
                 };
                 Self::Segment {
@@ -883,6 +890,7 @@ impl Sighting {
                     at: Layers {
                         ip: Ip { l3, v6: at.ip.v6 },
                         l4,
+                        l4_len,
                         ..at
                     },
                 }

@@ -165,6 +165,8 @@ pub struct Segment {
     /// The IP header comes right after the outer Ethernet header and its tags: no tunnel,
     /// PPPoE or MPLS in front of it.
     pub outermost: bool,
+    /// For IPv4, whether the header checksum verifies (always true for IPv6).
+    pub ipv4_checksum_ok: bool,
 }
 
 impl Segment {
@@ -248,6 +250,12 @@ pub fn reply_or_why(frame: &[u8], segment: &Segment, iface: &Iface) -> Result<Re
             "a SYN with FIN or RST",
         ),
         (unicast_ip(segment.src), "from a non-unicast address"),
+        // What the kernel drops unanswered gets no reset either.
+        (
+            segment.l4 + segment.l4_len <= frame.len(),
+            "IP packet longer than the frame",
+        ),
+        (segment.ipv4_checksum_ok, "IPv4 header checksum bad"),
         (unicast_ip(segment.dst), "to a non-unicast address"),
         (link.dst == iface.mac, "not to the interface's MAC"),
         (link.src[0] & 1 == 0, "from a non-unicast MAC"),
@@ -503,6 +511,7 @@ fn ipv4(frame: &[u8], at: usize, depth: Depth) -> Sight {
             fields.total - fields.ihl,
             fields.more,
             (src, dst),
+            ipv4_checksum_ok(packet, fields.ihl),
             depth,
         ),
         IPIP => ipv4(inner, next, depth.tunnel()),
@@ -510,6 +519,22 @@ fn ipv4(frame: &[u8], at: usize, depth: Depth) -> Sight {
         GRE => gre(inner, next, depth.tunnel()),
         _ => Sight::Other,
     }
+}
+
+/// Whether the IPv4 header (`ihl` bytes, options included) sums to 0xffff, as
+/// `ip_rcv_core` demands; a header cut off by the frame does not verify.
+fn ipv4_checksum_ok(packet: &[u8], ihl: usize) -> bool {
+    let Some(header) = packet.get(..ihl) else {
+        return false;
+    };
+    let mut sum: u32 = header
+        .chunks(2)
+        .map(|word| u32::from(u16::from_be_bytes([word[0], word[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum == 0xffff
 }
 
 /// What the contract reads from an IPv4 header.
@@ -577,6 +602,7 @@ fn ipv6(frame: &[u8], at: usize, depth: Depth) -> Sight {
                     payload_end.saturating_sub(cursor),
                     first_fragment,
                     addresses,
+                    true,
                     depth,
                 );
             }
@@ -731,6 +757,7 @@ fn tcp(
     l4_len: usize,
     first_fragment: bool,
     (src, dst): (IpAddr, IpAddr),
+    ipv4_checksum_ok: bool,
     depth: Depth,
 ) -> Sight {
     // A first fragment's bytes past a multiple of 8 are not what the kernel reads.
@@ -775,6 +802,7 @@ fn tcp(
             l4: at,
             first_fragment,
             outermost: !depth.encapsulated,
+            ipv4_checksum_ok,
         });
     }
     if !first_fragment {

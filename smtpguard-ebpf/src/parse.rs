@@ -389,9 +389,11 @@ fn follow(ctx: &XdpContext, first: Layer, ethernet: bool) -> Sighting {
             Step::Carried(inner) => inner,
         };
         at.no_reply = true;
-        if inner.limit < at.limit {
-            at.limit = inner.limit;
-        }
+        // Forgotten, like the offset: one state per layer kind, whatever the limit.
+        let Some(limit) = forget(inner.limit.min(at.limit)) else {
+            return Sighting::Opaque;
+        };
+        at.limit = limit;
         let Some(inner) = inner.widened() else {
             return Sighting::Opaque;
         };

@@ -15,6 +15,7 @@ use smtpguard::{
         dns::Dns,
         fetch::{self as sources, Fetched, Previous},
         store::Store,
+        url::Web,
     },
 };
 
@@ -156,7 +157,7 @@ fn main() -> ExitCode {
     }
 }
 
-/// Reads the list files and resolves the names `config` refers to, as a starting daemon of
+/// Reads the list files, fetches the URL lists and resolves the names `config` refers to, as a starting daemon of
 /// `instance` would: with its last-good store to fall back on (read, never written) and
 /// growth beyond `max_growth` held back. Builds the policy from them; prints the warnings.
 fn build(config: &Config, instance: &Instance) -> anyhow::Result<Policy> {
@@ -175,7 +176,8 @@ fn build(config: &Config, instance: &Instance) -> anyhow::Result<Policy> {
     };
     let (fetched, notes) = runtime.block_on(async {
         let dns = Dns::new(&config.dns)?;
-        anyhow::Ok(sources::fetch(config, &dns, &previous).await?)
+        let web = Web::new(&config.urls)?;
+        anyhow::Ok(sources::fetch(config, &dns, &web, &previous).await?)
     })?;
     let (policy, warnings) = Policy::build(config, &fetched)?;
     for warning in notes.warnings.iter().chain(&warnings) {

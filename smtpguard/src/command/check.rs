@@ -43,7 +43,7 @@ pub fn render(config: &Config, policy: &Policy) -> String {
                 .unwrap_or_default();
             let from = match &entry.origin {
                 Origin::Literal => format!("line {}", entry.at.line),
-                Origin::File(_) => entry.at.to_string(),
+                Origin::File(_) | Origin::Url(_) => entry.at.to_string(),
                 origin => format!("{origin}, line {}", entry.at.line),
             };
             let _ = writeln!(

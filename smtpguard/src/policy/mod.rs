@@ -2,7 +2,7 @@
 //! guarded ports. Built from a [`Config`]; conflicts are refused here, before anything reaches
 //! the kernel.
 //!
-//! Allow prefixes from automatic sources (list files, host names, SPF records) shorter than
+//! Allow prefixes from automatic sources (list files, URLs, host names, SPF records) shorter than
 //! the `[safety]` floor are left out and recorded in [`Policy::refused`]; literal prefixes are
 //! the admin's own words and keep their meaning, but `0.0.0.0/0` or `::/0` on an allow rule
 //! needs `allow_any_source = true`. Deny prefixes are never floored: a deny entry only matters
@@ -193,6 +193,18 @@ impl Building<'_> {
                 lines
                     .iter()
                     .map(|(text, at)| (text.as_str(), entry(Origin::File(path.clone()), at))),
+            );
+        }
+        for source in &spec.urls {
+            let lines = fetched
+                .urls
+                .get(&source.url)
+                .map(|content| content.entries.as_slice())
+                .unwrap_or_default();
+            written.extend(
+                lines
+                    .iter()
+                    .map(|(text, at)| (text.as_str(), entry(Origin::Url(source.url.clone()), at))),
             );
         }
         for (text, entry) in written {

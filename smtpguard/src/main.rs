@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use smtpguard::{
-    command::{check, explain, report::Report, stats::Stats},
+    command::{check, explain, report::Report, stats::Stats, top},
     instance::Instance,
     kernel::maps::open_counters,
     policy::Policy,
@@ -105,6 +105,17 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// A live view of the running instance, refreshed like top(1): guarded SYNs per second
+    /// by class, the busiest rules and the busiest stopped sources. `q` quits. Prints one
+    /// view (over one interval) when standard output is not a terminal.
+    Top {
+        /// Seconds between refreshes.
+        #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+        interval: f64,
+        /// Rows of rules and of sources shown.
+        #[arg(long, value_name = "N", default_value_t = 10)]
+        top: usize,
     },
     /// Remove a filter left in place by a daemon that exited with on_exit = "keep" (or was
     /// killed): detach the program from every interface, remove the pinned links and maps and
@@ -242,6 +253,15 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             } else {
                 print!("{}", report.to_text());
             }
+            Ok(())
+        }
+        Command::Top { interval, top } => {
+            let interval = std::time::Duration::try_from_secs_f64(interval)
+                .ok()
+                .filter(|interval| *interval >= std::time::Duration::from_millis(100))
+                .context("--interval: a number of seconds, at least 0.1")?;
+            top::run(&instance, interval, top)
+                .with_context(|| format!("instance {:?}", instance.name()))?;
             Ok(())
         }
         Command::Manpage => {

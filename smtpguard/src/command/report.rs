@@ -133,7 +133,7 @@ impl Report {
 }
 
 /// The most specific prefix of the policy in force that holds `source`.
-fn decided_by(state: &RunState, source: IpAddr) -> String {
+pub(crate) fn decided_by(state: &RunState, source: IpAddr) -> String {
     let best = state
         .prefixes
         .iter()

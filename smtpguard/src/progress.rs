@@ -71,6 +71,7 @@ impl Progress {
 
 impl Drop for Progress {
     fn drop(&mut self) {
+        let elapsed = self.started.elapsed();
         if let Ok(mut shared) = self.shared.0.lock() {
             shared.finished = true;
         }
@@ -78,7 +79,6 @@ impl Drop for Progress {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
-        let elapsed = self.started.elapsed();
         if elapsed >= QUIET {
             let steps = if self.total > 0 {
                 format!(" ({} steps)", self.total)
@@ -100,6 +100,10 @@ fn tell(shared: &(Mutex<Shared>, Condvar), what: &str, total: usize, started: In
     let Ok(mut state) = lock.lock() else { return };
     let mut next = started + QUIET;
     loop {
+        // Finished before this thread first waited: the wake-up is gone, the flag is not.
+        if state.finished {
+            return;
+        }
         let now = Instant::now();
         if now < next {
             let Ok((guard, _)) = wake.wait_timeout(state, next - now) else {
@@ -129,5 +133,26 @@ fn tell(shared: &(Mutex<Shared>, Condvar), what: &str, total: usize, started: In
             started.elapsed().as_secs_f64()
         );
         next += QUIET;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quick_work_costs_nothing() {
+        // The reporting thread must not hold the end of quick work back.
+        let started = Instant::now();
+        for _ in 0..20 {
+            let progress = Progress::start("quick", 2);
+            progress.step("next");
+            progress.step("");
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            started.elapsed()
+        );
     }
 }

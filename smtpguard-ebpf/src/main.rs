@@ -305,9 +305,7 @@ fn holds(ctx: &XdpContext, end: usize) -> bool {
     let mut last = 0u8;
     // SAFETY: one byte, into a local.
     end > 0
-        && unsafe {
-            bpf_xdp_load_bytes(ctx.ctx, (end - 1) as u32, (&raw mut last).cast(), 1) == 0
-        }
+        && unsafe { bpf_xdp_load_bytes(ctx.ctx, (end - 1) as u32, (&raw mut last).cast(), 1) == 0 }
 }
 
 /// Whether the IPv4 header at `l3` sums to zero, options included (at most 60 bytes). The

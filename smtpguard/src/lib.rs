@@ -11,11 +11,13 @@
 //! - [`service`]: the daemon (signals, reloads, DNS refreshes) and its metrics endpoint;
 //! - [`command`]: read-only views for the admin: check, explain, stats, report.
 //!
-//! [`instance`] says where a running instance keeps its pins and state.
+//! [`instance`] says where a running instance keeps its pins and state; [`progress`] reports
+//! long work while it runs.
 
 pub mod command;
 pub mod instance;
 pub mod kernel;
 pub mod policy;
+pub mod progress;
 pub mod service;
 pub mod source;

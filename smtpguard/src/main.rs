@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use smtpguard::{
-    command::{check, explain, report::Report, stats::Stats},
+    command::{check, explain, report::Report, stats::Stats, top},
     instance::Instance,
     kernel::maps::open_counters,
     policy::Policy,
@@ -15,6 +15,7 @@ use smtpguard::{
         dns::Dns,
         fetch::{self as sources, Fetched, Previous},
         store::Store,
+        url::Web,
     },
 };
 
@@ -105,6 +106,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A live view of the running instance, refreshed like top(1): guarded SYNs per second
+    /// by class, the busiest rules and the busiest stopped sources. `q` quits. Prints one
+    /// view (over one interval) when standard output is not a terminal.
+    Top {
+        /// Seconds between refreshes.
+        #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+        interval: f64,
+        /// Rows of rules and of sources shown.
+        #[arg(long, value_name = "N", default_value_t = 10)]
+        top: usize,
+    },
     /// Remove a filter left in place by a daemon that exited with on_exit = "keep" (or was
     /// killed): detach the program from every interface, remove the pinned links and maps and
     /// the state file. Port 25 is open afterwards. Refused while a daemon runs the instance.
@@ -160,7 +172,7 @@ fn main() -> ExitCode {
     }
 }
 
-/// Reads the list files and resolves the names `config` refers to, as a starting daemon of
+/// Reads the list files, fetches the URL lists and resolves the names `config` refers to, as a starting daemon of
 /// `instance` would: with its last-good store to fall back on (read, never written) and
 /// growth beyond `max_growth` held back. Builds the policy from them; prints the warnings.
 fn build(config: &Config, instance: &Instance) -> anyhow::Result<Policy> {
@@ -179,7 +191,8 @@ fn build(config: &Config, instance: &Instance) -> anyhow::Result<Policy> {
     };
     let (fetched, notes) = runtime.block_on(async {
         let dns = Dns::new(&config.dns)?;
-        anyhow::Ok(sources::fetch(config, &dns, &previous).await?)
+        let web = Web::new(&config.urls)?;
+        anyhow::Ok(sources::fetch(config, &dns, &web, &previous).await?)
     })?;
     let (policy, warnings) = Policy::build(config, &fetched)?;
     for warning in notes.warnings.iter().chain(&warnings) {
@@ -244,6 +257,15 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             } else {
                 print!("{}", report.to_text());
             }
+            Ok(())
+        }
+        Command::Top { interval, top } => {
+            let interval = std::time::Duration::try_from_secs_f64(interval)
+                .ok()
+                .filter(|interval| *interval >= std::time::Duration::from_millis(100))
+                .context("--interval: a number of seconds, at least 0.1")?;
+            top::run(&instance, interval, top)
+                .with_context(|| format!("instance {:?}", instance.name()))?;
             Ok(())
         }
         Command::Manpage => {

@@ -14,3 +14,4 @@ pub mod netns;
 pub mod oracle;
 pub mod prometheus;
 pub mod reference;
+pub mod web;

@@ -43,6 +43,7 @@ fn the_package_installs_verifies_and_purges() {
         "./etc/smtpguard/smtpguard.toml",
         "./usr/share/man/man8/smtpguard.8.gz",
         "./usr/share/doc/smtpguard/README.md",
+        "./usr/share/smtpguard/grafana-dashboard.json",
     ] {
         assert!(
             files.contains(path),

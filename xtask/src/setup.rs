@@ -20,14 +20,19 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// What the tests, demo and benchmark run beside the daemon: `ip` and `nsenter` for
 /// namespaces, `dnsmasq` as the DNS server the resolver tests query, Prometheus to scrape the
 /// metrics endpoint, `nft` for the benchmark's nftables comparison, `ethtool` to switch a
-/// test veth's VLAN offload (the program withholds resets where the NIC strips tags).
-const DEBIAN_PACKAGES: [&str; 6] = [
+/// test veth's VLAN offload (the program withholds resets where the NIC strips tags), `nginx`
+/// to serve the lists fetched by URL (with `openssl` making the test CA for HTTPS), `tmux` as
+/// the real terminal `smtpguard top` is tested in.
+const DEBIAN_PACKAGES: [&str; 9] = [
     "iproute2",
     "util-linux",
     "dnsmasq-base",
     "prometheus",
     "nftables",
     "ethtool",
+    "nginx",
+    "openssl",
+    "tmux",
 ];
 
 pub fn run(root: &Path) -> anyhow::Result<()> {

@@ -126,7 +126,7 @@ fn render_scope(out: &mut String, policy: &Policy, scope: &Scope, rule_width: us
 fn from(entry: &crate::policy::Entry) -> String {
     match &entry.origin {
         Origin::Literal => format!("line {}", entry.at.line),
-        Origin::File(_) => entry.at.to_string(),
+        Origin::File(_) | Origin::Url(_) => entry.at.to_string(),
         origin => format!("{origin}, line {}", entry.at.line),
     }
 }

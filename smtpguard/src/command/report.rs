@@ -165,7 +165,7 @@ impl Report {
 }
 
 /// The most specific prefix of scope `scope` of the policy in force that holds `source`.
-fn decided_by(state: &RunState, scope: u32, source: IpAddr) -> String {
+pub(crate) fn decided_by(state: &RunState, scope: u32, source: IpAddr) -> String {
     let best = state
         .prefixes
         .iter()

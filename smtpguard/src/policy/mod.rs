@@ -10,7 +10,7 @@
 //! here: a deny prefix an allow match outranks carries the verdict of the entry that outranks
 //! it, so the kernel keeps one longest-prefix lookup.
 //!
-//! Allow prefixes from automatic sources (list files, host names, SPF records) shorter than
+//! Allow prefixes from automatic sources (list files, URLs, host names, SPF records) shorter than
 //! the `[safety]` floor are left out and recorded in [`Policy::refused`]; literal prefixes are
 //! the admin's own words and keep their meaning, but `0.0.0.0/0` or `::/0` on an allow rule
 //! needs `allow_any_source = true`. Deny prefixes are never floored: a deny entry only matters
@@ -346,7 +346,11 @@ impl Building<'_> {
             (safety::Family::V4, self.safety.max_coverage_v4, "v4"),
             (safety::Family::V6, self.safety.max_coverage_v6, "v6"),
         ] {
-            let bits = if family == safety::Family::V4 { 32 } else { 128 };
+            let bits = if family == safety::Family::V4 {
+                32
+            } else {
+                128
+            };
             let cap = 1u128
                 .checked_shl(bits - u32::from(cap_len))
                 .unwrap_or(u128::MAX);
@@ -422,6 +426,18 @@ impl Building<'_> {
                 lines
                     .iter()
                     .map(|(text, at)| (text.as_str(), entry(Origin::File(path.clone()), at))),
+            );
+        }
+        for source in &spec.urls {
+            let lines = fetched
+                .urls
+                .get(&source.url)
+                .map(|content| content.entries.as_slice())
+                .unwrap_or_default();
+            written.extend(
+                lines
+                    .iter()
+                    .map(|(text, at)| (text.as_str(), entry(Origin::Url(source.url.clone()), at))),
             );
         }
         for (text, entry) in written {
@@ -804,7 +820,8 @@ prefixes = ["89.16.184.150"]
         let (config, fetched) = automatic(&nets, &[], "[safety]\nmax_coverage_v4 = 0\n");
         assert!(Policy::build(&config, &fetched).is_ok());
         // Real provider lists are far below the cap.
-        let (config, fetched) = automatic(&["40.92.0.0/15", "52.100.0.0/14", "104.47.0.0/17"], &[], "");
+        let (config, fetched) =
+            automatic(&["40.92.0.0/15", "52.100.0.0/14", "104.47.0.0/17"], &[], "");
         assert!(Policy::build(&config, &fetched).is_ok());
     }
 

@@ -42,6 +42,7 @@ use crate::{
         fetch::{self as sources, FetchError, Fetched, Previous},
         safety::Refusal,
         store::Store,
+        url::{UrlError, Web},
     },
 };
 
@@ -53,6 +54,8 @@ pub enum DaemonError {
     Fetch(#[from] Box<FetchError>),
     #[error(transparent)]
     Dns(#[from] DnsError),
+    #[error(transparent)]
+    Url(#[from] UrlError),
     #[error(transparent)]
     Instance(#[from] InstanceError),
     #[error(transparent)]
@@ -123,16 +126,16 @@ pub async fn run(
         };
         tokio::select! {
             () = refresh => {
-                match daemon.refresh_names().await {
+                match daemon.refresh_sources().await {
                     Ok(Some(report)) => {
                         daemon.count_reload(true);
-                        log::info!("DNS answers changed: {}", daemon.describe(&report));
+                        log::info!("DNS answers or URL lists changed: {}", daemon.describe(&report));
                     }
                     Ok(None) => {}
                     Err(error) => {
                         daemon.count_reload(false);
                         log::error!(
-                            "DNS answers changed but the new policy was refused, generation {} stays in force: {error}",
+                            "DNS answers or URL lists changed but the new policy was refused, generation {} stays in force: {error}",
                             daemon.maps.generation()
                         );
                     }
@@ -192,7 +195,8 @@ struct Daemon {
     config_path: PathBuf,
     config: Config,
     dns: Dns,
-    /// List files and DNS answers the policy was built from.
+    web: Web,
+    /// List files, URL lists and DNS answers the policy was built from.
     fetched: Fetched,
     /// The last-good copy of `fetched` on disk, for a restart without DNS.
     store: Store,
@@ -221,6 +225,7 @@ impl Daemon {
     async fn start(config_path: &Path, instance: &Instance) -> Result<Self, DaemonError> {
         let config = Config::load(config_path)?;
         let dns = Dns::new(&config.dns)?;
+        let web = Web::new(&config.urls)?;
         let lock = instance.lock()?;
         let pin_dir = instance.prepare_pin_dir()?;
         let pinned_links = instance.pinned_links()?;
@@ -245,6 +250,7 @@ impl Daemon {
             config_path: config_path.to_owned(),
             config,
             dns,
+            web,
             fetched: Fetched::default(),
             store,
             policy: Policy::default(),
@@ -301,16 +307,18 @@ impl Daemon {
             store: Some(&daemon.store),
             hold_growth: true,
         };
-        let (fetched, notes) = sources::fetch(&daemon.config, &daemon.dns, &previous_sources)
-            .await
-            .map_err(Box::new)?;
+        let (fetched, notes) =
+            sources::fetch(&daemon.config, &daemon.dns, &daemon.web, &previous_sources)
+                .await
+                .map_err(Box::new)?;
         log_warnings(&notes.warnings);
-        count_refused(&daemon.telemetry, &notes.refused);
-        let (policy, warnings) = Policy::build(&daemon.config, &fetched)?;
+        count_notes(&daemon.telemetry, &notes);
+        let (policy, warnings) = build_policy(&daemon.config, &fetched)?;
         log_warnings(&warnings);
         count_refused(&daemon.telemetry, &policy.refused);
         // The policy is in the maps before any program of this build sees a packet.
-        let report = daemon.maps.apply(&policy)?;
+        let report = apply(&mut daemon.maps, &policy)?;
+        daemon.note_applied();
         daemon.fetched = fetched;
         daemon.policy = policy;
         daemon.boot = false;
@@ -587,18 +595,20 @@ impl Daemon {
                 .any(|rule| rule.action == Some(Action::Reject))
     }
 
-    /// Asks DNS again about the names that are due; applies the policy if an answer changed.
-    async fn refresh_names(&mut self) -> Result<Option<ApplyReport>, DaemonError> {
+    /// Asks DNS again about the names that are due, and fetches the URL lists that are due;
+    /// applies the policy if an answer or a list changed.
+    async fn refresh_sources(&mut self) -> Result<Option<ApplyReport>, DaemonError> {
         let mut fetched = self.fetched.clone();
         let (changed, notes) = sources::refresh_due(
             &self.config,
             &self.dns,
+            &self.web,
             &mut fetched,
             std::time::Instant::now(),
         )
         .await;
         log_warnings(&notes.warnings);
-        count_refused(&self.telemetry, &notes.refused);
+        count_notes(&self.telemetry, &notes);
         if !changed {
             // A name that went stale, or is held back, is news for `stats` without a new policy.
             let news = !sources::same_status(&self.fetched, &fetched);
@@ -608,15 +618,16 @@ impl Daemon {
             }
             return Ok(None);
         }
-        let outcome = Policy::build(&self.config, &fetched)
+        let outcome = build_policy(&self.config, &fetched)
             .map_err(DaemonError::from)
             .and_then(|(policy, warnings)| {
                 log_warnings(&warnings);
-                let report = self.maps.apply(&policy)?;
+                let report = apply(&mut self.maps, &policy)?;
                 Ok((policy, report))
             });
         match outcome {
             Ok((policy, report)) => {
+                self.note_applied();
                 count_refused(&self.telemetry, &policy.refused);
                 self.policy = policy;
                 self.fetched = fetched;
@@ -637,6 +648,11 @@ impl Daemon {
                         resolution.refresh_at = new.refresh_at;
                     }
                 }
+                for (url, content) in &mut self.fetched.urls {
+                    if let Some(new) = fetched.urls.get(url) {
+                        content.refresh_at = new.refresh_at;
+                    }
+                }
                 Err(error)
             }
         }
@@ -653,6 +669,8 @@ impl Daemon {
         } else {
             Some(Dns::new(&config.dns)?)
         };
+        // A changed CA file is read again, so is an unchanged one: it may have been replaced.
+        let web = Web::new(&config.urls)?;
         // An explicit reload takes what DNS says now, grown or not.
         let previous = Previous {
             fetched: &self.fetched,
@@ -660,12 +678,12 @@ impl Daemon {
             hold_growth: false,
         };
         let (fetched, notes) =
-            sources::fetch(&config, dns.as_ref().unwrap_or(&self.dns), &previous)
+            sources::fetch(&config, dns.as_ref().unwrap_or(&self.dns), &web, &previous)
                 .await
                 .map_err(Box::new)?;
         log_warnings(&notes.warnings);
-        count_refused(&self.telemetry, &notes.refused);
-        let (policy, warnings) = Policy::build(&config, &fetched)?;
+        count_notes(&self.telemetry, &notes);
+        let (policy, warnings) = build_policy(&config, &fetched)?;
         log_warnings(&warnings);
         log::info!(
             "read, resolved and built {} prefixes in {:.0} ms",
@@ -727,10 +745,11 @@ impl Daemon {
                     Err(error) => return Err(error.into()),
                 }
             }
-            Ok::<_, DaemonError>(self.maps.apply(&policy)?)
+            Ok::<_, DaemonError>(apply(&mut self.maps, &policy)?)
         })();
         let report = match outcome {
             Ok(report) => {
+                self.note_applied();
                 log::info!(
                     "generation {} in force {:.0} ms after the signal",
                     report.generation,
@@ -784,6 +803,7 @@ impl Daemon {
         if let Some(dns) = dns {
             self.dns = dns;
         }
+        self.web = web;
         // A reload is also when an admin expects a changed interface setting to count.
         let _ = self.filter.refresh_facts();
         if let Err(error) = self.sync_interfaces() {
@@ -827,6 +847,14 @@ impl Daemon {
         }
     }
 
+    /// A policy was applied just now (at start, on SIGHUP, after a refresh): the time an
+    /// alert on stale reloads reads.
+    fn note_applied(&self) {
+        if let Ok(mut telemetry) = self.telemetry.lock() {
+            telemetry.last_apply_unix = unix_now();
+        }
+    }
+
     /// Shares the state just recorded, and the DNS answers, with the metrics endpoint.
     fn publish(&self, state: RunState) {
         if let Ok(mut telemetry) = self.telemetry.lock() {
@@ -834,6 +862,7 @@ impl Daemon {
             telemetry.mode = state.mode;
             telemetry.generation = state.generation;
             telemetry.prefixes = state.prefixes;
+            telemetry.prefix_series = self.config.metrics_prefixes;
         }
         self.publish_dns();
     }
@@ -1059,6 +1088,56 @@ fn open_store(instance: &Instance) -> Store {
         );
     }
     store
+}
+
+/// Builds the policy, saying what it is doing if that takes more than a second.
+fn build_policy(config: &Config, fetched: &Fetched) -> Result<(Policy, Vec<Warning>), ConfigError> {
+    let entries = fetched.files.values().map(Vec::len).sum::<usize>()
+        + fetched
+            .urls
+            .values()
+            .map(|content| content.entries.len())
+            .sum::<usize>()
+        + fetched
+            .names
+            .values()
+            .map(|resolution| resolution.nets.len())
+            .sum::<usize>();
+    let _progress = crate::progress::Progress::start(
+        format!("building the policy from {entries} list entries and DNS prefixes"),
+        0,
+    );
+    Policy::build(config, fetched)
+}
+
+/// Applies `policy`, saying what it is doing if that takes more than a second.
+fn apply(maps: &mut PolicyMaps, policy: &Policy) -> Result<ApplyReport, ApplyError> {
+    let _progress = crate::progress::Progress::start(
+        format!(
+            "applying generation {}: {} allow and {} deny prefixes into the maps",
+            maps.generation().wrapping_add(1),
+            policy.count(List::Allow),
+            policy.count(List::Deny)
+        ),
+        0,
+    );
+    maps.apply(policy)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
+}
+
+/// Counts what fetching reports: refused prefixes, and each URL fetch by result.
+fn count_notes(telemetry: &SharedTelemetry, notes: &sources::Notes) {
+    count_refused(telemetry, &notes.refused);
+    if !notes.fetches.is_empty()
+        && let Ok(mut telemetry) = telemetry.lock()
+    {
+        telemetry.count_fetches(&notes.fetches);
+    }
 }
 
 fn count_refused(telemetry: &SharedTelemetry, refused: &[Refusal]) {

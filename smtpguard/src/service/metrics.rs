@@ -4,7 +4,9 @@
 //! (policy, reloads, DNS) is shared with it through [`Telemetry`].
 //!
 //! The metric names and labels are a contract:
-//! - `smtpguard_rule_matches_total{list,rule,prefix}`: guarded SYNs matched per prefix
+//! - `smtpguard_rule_matches_total{list,rule,prefix}`: guarded SYNs matched per prefix; which
+//!   prefixes have a series is `[metrics] prefixes` (default: those that matched)
+//! - `smtpguard_rule_syn_total{list,rule}`: the same summed per rule, whatever that setting
 //! - `smtpguard_syn_total{class="allowed|denied|unlisted"}`: guarded SYNs by classification
 //! - `smtpguard_dropped_total`, `smtpguard_rejected_total`, `smtpguard_would_block_total`
 //! - `smtpguard_reloads_total{result="ok|error"}`: policy applies after start (SIGHUP, DNS)
@@ -18,6 +20,14 @@
 //! - `smtpguard_file_stale{path}` = 1 while a list file's last good entries stand in for it
 //! - `smtpguard_prefixes_refused_total{rule,reason}`: allow prefixes from automatic sources
 //!   left out (`reason="floor"`)
+//! - `smtpguard_url_fetches_total{url,result="ok|not_modified|error|invalid"}`,
+//!   `smtpguard_url_stale{url}`, `smtpguard_url_held_back{url}`
+//! - `smtpguard_last_reload_success_timestamp_seconds`: the last policy applied (start,
+//!   SIGHUP, refresh); `smtpguard_dns_last_success_timestamp_seconds{name}` and
+//!   `smtpguard_url_last_success_timestamp_seconds{url}`: the last answer or content received
+//!
+//! Label sets are built in one place ([`labels`]), so a label that a kind of series gains is
+//! added once.
 
 use std::{
     collections::BTreeMap,
@@ -44,7 +54,11 @@ use crate::{
     instance::{InterfaceState, PrefixState},
     kernel::maps::CounterMaps,
     policy::List,
-    source::{config::Mode, fetch::Fetched, safety::Refusal},
+    source::{
+        config::{Mode, PrefixSeries},
+        fetch::Fetched,
+        safety::Refusal,
+    },
 };
 
 /// What the daemon knows that the kernel maps do not: shared with the scrape handler.
@@ -64,6 +78,15 @@ pub struct Telemetry {
     pub files: BTreeMap<String, bool>,
     /// Allow prefixes refused, per rule and reason.
     pub refused: BTreeMap<(String, &'static str), u64>,
+    /// Which per-prefix series to carry.
+    pub prefix_series: PrefixSeries,
+    /// When a policy was last applied (Unix seconds; 0 before the first).
+    pub last_apply_unix: u64,
+    /// Per URL list: whether its last good content stands in, is held back, and when the
+    /// server last gave or confirmed it.
+    pub urls: BTreeMap<String, UrlTelemetry>,
+    /// URL fetches, per URL and result.
+    pub url_fetches: BTreeMap<(String, &'static str), u64>,
 }
 
 /// What the metrics say about one DNS name.
@@ -72,6 +95,25 @@ pub struct NameTelemetry {
     pub failures: u64,
     pub stale: bool,
     pub held_back: bool,
+    /// When its answer was last received (Unix seconds).
+    pub last_success_unix: u64,
+}
+
+/// What the metrics say about one URL list.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UrlTelemetry {
+    pub stale: bool,
+    pub held_back: bool,
+    /// When the server last gave or confirmed (304) its content (Unix seconds).
+    pub last_success_unix: u64,
+}
+
+/// The results a URL fetch counts under.
+pub const URL_RESULTS: [&str; 4] = ["ok", "not_modified", "error", "invalid"];
+
+fn unix(time: std::time::SystemTime) -> u64 {
+    time.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs())
 }
 
 impl Telemetry {
@@ -87,6 +129,7 @@ impl Telemetry {
                         failures: resolution.failures,
                         stale: resolution.stale.is_some(),
                         held_back: resolution.held.is_some(),
+                        last_success_unix: unix(resolution.resolved_at),
                     },
                 )
             })
@@ -101,6 +144,27 @@ impl Telemetry {
                 )
             })
             .collect();
+        self.urls = fetched
+            .urls
+            .iter()
+            .map(|(url, content)| {
+                (
+                    url.clone(),
+                    UrlTelemetry {
+                        stale: content.stale.is_some(),
+                        held_back: content.held.is_some(),
+                        last_success_unix: unix(content.fetched_at),
+                    },
+                )
+            })
+            .collect();
+    }
+
+    /// Counts URL fetches by result.
+    pub fn count_fetches(&mut self, fetches: &[(String, &'static str)]) {
+        for (url, result) in fetches {
+            *self.url_fetches.entry((url.clone(), result)).or_default() += 1;
+        }
     }
 
     /// Counts prefixes refused.
@@ -139,6 +203,77 @@ impl std::fmt::Debug for Exporter {
 }
 
 type Labels = Vec<(&'static str, String)>;
+
+/// Every label set of the endpoint, built here and nowhere else.
+mod labels {
+    use super::Labels;
+    use crate::policy::List;
+
+    pub fn none() -> Labels {
+        Labels::new()
+    }
+
+    /// A rule's series: the scope it belongs to ("default" for the top-level rules), its
+    /// list and its name.
+    pub fn rule(scope: &str, list: List, rule: &str) -> Labels {
+        vec![
+            ("scope", scope.to_owned()),
+            ("list", list.as_str().to_owned()),
+            ("rule", rule.to_owned()),
+        ]
+    }
+
+    /// A prefix's series: its rule's labels and the prefix.
+    pub fn prefix(scope: &str, list: List, rule: &str, prefix: &ipnet::IpNet) -> Labels {
+        let mut labels = self::rule(scope, list, rule);
+        labels.push(("prefix", prefix.to_string()));
+        labels
+    }
+
+    pub fn list(list: List) -> Labels {
+        vec![("list", list.as_str().to_owned())]
+    }
+
+    pub fn class(class: &str) -> Labels {
+        vec![("class", class.to_owned())]
+    }
+
+    pub fn result(result: &str) -> Labels {
+        vec![("result", result.to_owned())]
+    }
+
+    pub fn info(version: &str, xdp_mode: String, interface: &str) -> Labels {
+        vec![
+            ("version", version.to_owned()),
+            ("xdp_mode", xdp_mode),
+            ("interface", interface.to_owned()),
+        ]
+    }
+
+    /// A DNS name's series.
+    pub fn name(name: &str) -> Labels {
+        vec![("name", name.to_owned())]
+    }
+
+    pub fn path(path: &str) -> Labels {
+        vec![("path", path.to_owned())]
+    }
+
+    /// A URL list's series.
+    pub fn url(url: &str) -> Labels {
+        vec![("url", url.to_owned())]
+    }
+
+    pub fn url_result(url: &str, result: &str) -> Labels {
+        let mut labels = self::url(url);
+        labels.push(("result", result.to_owned()));
+        labels
+    }
+
+    pub fn refused(rule: &str, reason: &str) -> Labels {
+        vec![("rule", rule.to_owned()), ("reason", reason.to_owned())]
+    }
+}
 
 /// One metric family of `metric_type`, each value made a metric by `metric`; a label-less
 /// value is the family's only sample.
@@ -204,49 +339,52 @@ impl prometheus_client::collector::Collector for Exporter {
             }
         };
         let global = |index| snapshot.get(index);
-        let none = || Labels::new();
-        let rules: Vec<(Labels, u64)> = telemetry
-            .prefixes
-            .iter()
-            .map(|prefix| {
-                (
-                    vec![
-                        ("scope", prefix.scope.clone()),
-                        ("list", prefix.list.as_str().to_owned()),
-                        ("rule", prefix.rule.clone()),
-                        ("prefix", prefix.prefix.to_string()),
-                    ],
-                    snapshot
-                        .prefixes
-                        .get(&prefix.counter_id)
-                        .copied()
-                        .unwrap_or(0),
-                )
-            })
-            .collect();
+        let none = labels::none;
+        // A prefix's counter exists once it has matched (the program creates it then).
+        let matches = |counter_id: u32| snapshot.prefixes.get(&counter_id).copied();
+        let mut per_rule: BTreeMap<(&str, List, &str), u64> = BTreeMap::new();
+        let mut per_prefix: Vec<(Labels, u64)> = Vec::new();
+        for prefix in &telemetry.prefixes {
+            let count = matches(prefix.counter_id);
+            *per_rule
+                .entry((prefix.scope.as_str(), prefix.list, prefix.rule.as_str()))
+                .or_default() += count.unwrap_or(0);
+            let carried = match telemetry.prefix_series {
+                PrefixSeries::All => true,
+                PrefixSeries::Matched => count.is_some_and(|count| count > 0),
+                PrefixSeries::None => false,
+            };
+            if carried {
+                per_prefix.push((
+                    labels::prefix(&prefix.scope, prefix.list, &prefix.rule, &prefix.prefix),
+                    count.unwrap_or(0),
+                ));
+            }
+        }
         counter_family(
             &mut encoder,
             "smtpguard_rule_matches",
-            "Guarded SYNs whose source matched this prefix (its most specific match).",
-            &rules,
+            "Guarded SYNs whose source matched this prefix (its most specific match); which prefixes have a series is [metrics] prefixes.",
+            &per_prefix,
+        )?;
+        let per_rule: Vec<(Labels, u64)> = per_rule
+            .into_iter()
+            .map(|((scope, list, rule), count)| (labels::rule(scope, list, rule), count))
+            .collect();
+        counter_family(
+            &mut encoder,
+            "smtpguard_rule_syn",
+            "Guarded SYNs whose most specific match was a prefix of this rule (prefixes in force now).",
+            &per_rule,
         )?;
         counter_family(
             &mut encoder,
             "smtpguard_syn",
             "Guarded SYNs by classification of their source.",
             &[
-                (
-                    vec![("class", "allowed".into())],
-                    global(counter::SYN_ALLOWED),
-                ),
-                (
-                    vec![("class", "denied".into())],
-                    global(counter::SYN_DENIED),
-                ),
-                (
-                    vec![("class", "unlisted".into())],
-                    global(counter::SYN_UNLISTED),
-                ),
+                (labels::class("allowed"), global(counter::SYN_ALLOWED)),
+                (labels::class("denied"), global(counter::SYN_DENIED)),
+                (labels::class("unlisted"), global(counter::SYN_UNLISTED)),
             ],
         )?;
         for (name, help, index) in [
@@ -308,9 +446,18 @@ impl prometheus_client::collector::Collector for Exporter {
             "smtpguard_reloads",
             "Policy applies after start (SIGHUP, changed DNS answers), by result.",
             &[
-                (vec![("result", "ok".into())], telemetry.reloads_ok),
-                (vec![("result", "error".into())], telemetry.reloads_error),
+                (labels::result("ok"), telemetry.reloads_ok),
+                (labels::result("error"), telemetry.reloads_error),
             ],
+        )?;
+        gauge_family(
+            &mut encoder,
+            "smtpguard_last_reload_success_timestamp_seconds",
+            "When a policy was last applied (start, SIGHUP, changed DNS answers or URL lists), in Unix seconds.",
+            &[(
+                none(),
+                i64::try_from(telemetry.last_apply_unix).unwrap_or(i64::MAX),
+            )],
         )?;
         let count = |list: List| {
             telemetry
@@ -324,8 +471,8 @@ impl prometheus_client::collector::Collector for Exporter {
             "smtpguard_policy_prefixes",
             "Prefixes in the policy in force.",
             &[
-                (vec![("list", "allow".into())], count(List::Allow)),
-                (vec![("list", "deny".into())], count(List::Deny)),
+                (labels::list(List::Allow), count(List::Allow)),
+                (labels::list(List::Deny), count(List::Deny)),
             ],
         )?;
         gauge_family(
@@ -339,11 +486,11 @@ impl prometheus_client::collector::Collector for Exporter {
             .iter()
             .map(|interface| {
                 (
-                    vec![
-                        ("version", env!("CARGO_PKG_VERSION").to_owned()),
-                        ("xdp_mode", interface.mode.to_string()),
-                        ("interface", interface.name.clone()),
-                    ],
+                    labels::info(
+                        env!("CARGO_PKG_VERSION"),
+                        interface.mode.to_string(),
+                        &interface.name,
+                    ),
                     1,
                 )
             })
@@ -363,7 +510,7 @@ impl prometheus_client::collector::Collector for Exporter {
         let failures: Vec<(Labels, u64)> = telemetry
             .dns
             .iter()
-            .map(|(name, state)| (vec![("name", name.clone())], state.failures))
+            .map(|(name, state)| (labels::name(name), state.failures))
             .collect();
         counter_family(
             &mut encoder,
@@ -374,7 +521,7 @@ impl prometheus_client::collector::Collector for Exporter {
         let stale: Vec<(Labels, i64)> = telemetry
             .dns
             .iter()
-            .map(|(name, state)| (vec![("name", name.clone())], i64::from(state.stale)))
+            .map(|(name, state)| (labels::name(name), i64::from(state.stale)))
             .collect();
         gauge_family(
             &mut encoder,
@@ -385,7 +532,7 @@ impl prometheus_client::collector::Collector for Exporter {
         let held: Vec<(Labels, i64)> = telemetry
             .dns
             .iter()
-            .map(|(name, state)| (vec![("name", name.clone())], i64::from(state.held_back)))
+            .map(|(name, state)| (labels::name(name), i64::from(state.held_back)))
             .collect();
         gauge_family(
             &mut encoder,
@@ -396,7 +543,7 @@ impl prometheus_client::collector::Collector for Exporter {
         let files: Vec<(Labels, i64)> = telemetry
             .files
             .iter()
-            .map(|(path, stale)| (vec![("path", path.clone())], i64::from(*stale)))
+            .map(|(path, stale)| (labels::path(path), i64::from(*stale)))
             .collect();
         gauge_family(
             &mut encoder,
@@ -407,18 +554,69 @@ impl prometheus_client::collector::Collector for Exporter {
         let refused: Vec<(Labels, u64)> = telemetry
             .refused
             .iter()
-            .map(|((rule, reason), count)| {
-                (
-                    vec![("rule", rule.clone()), ("reason", (*reason).to_owned())],
-                    *count,
-                )
-            })
+            .map(|((rule, reason), count)| (labels::refused(rule, reason), *count))
             .collect();
         counter_family(
             &mut encoder,
             "smtpguard_prefixes_refused",
             "Allow prefixes from list files and DNS left out of the policy (reason=floor: shorter than [safety] min_prefix_v4/v6).",
             &refused,
+        )?;
+        let timestamp = |unix: u64| i64::try_from(unix).unwrap_or(i64::MAX);
+        let dns_success: Vec<(Labels, i64)> = telemetry
+            .dns
+            .iter()
+            .map(|(name, state)| (labels::name(name), timestamp(state.last_success_unix)))
+            .collect();
+        gauge_family(
+            &mut encoder,
+            "smtpguard_dns_last_success_timestamp_seconds",
+            "When this name's answer in use was received, in Unix seconds.",
+            &dns_success,
+        )?;
+        let url_gauge = |value: fn(&UrlTelemetry) -> i64| -> Vec<(Labels, i64)> {
+            telemetry
+                .urls
+                .iter()
+                .map(|(url, state)| (labels::url(url), value(state)))
+                .collect()
+        };
+        gauge_family(
+            &mut encoder,
+            "smtpguard_url_stale",
+            "1 while this URL list cannot be fetched (or was refused) and its last good content is in use.",
+            &url_gauge(|state| i64::from(state.stale)),
+        )?;
+        gauge_family(
+            &mut encoder,
+            "smtpguard_url_held_back",
+            "1 while content that grew this URL list past max_growth is held back (SIGHUP accepts it).",
+            &url_gauge(|state| i64::from(state.held_back)),
+        )?;
+        gauge_family(
+            &mut encoder,
+            "smtpguard_url_last_success_timestamp_seconds",
+            "When the server last gave or confirmed (304) this URL list's content in use, in Unix seconds.",
+            &url_gauge(|state| i64::try_from(state.last_success_unix).unwrap_or(i64::MAX)),
+        )?;
+        let counts = &telemetry.url_fetches;
+        let fetches: Vec<(Labels, u64)> = telemetry
+            .urls
+            .keys()
+            .flat_map(|url| {
+                URL_RESULTS.iter().map(move |result| {
+                    (
+                        labels::url_result(url, result),
+                        counts.get(&(url.clone(), *result)).copied().unwrap_or(0),
+                    )
+                })
+            })
+            .collect();
+        counter_family(
+            &mut encoder,
+            "smtpguard_url_fetches",
+            "Fetches of this URL list by result: ok (new content), not_modified (304), error (no answer, HTTP error, timeout), invalid (refused content: a bad line, too large, empty).",
+            &fetches,
         )
     }
 }

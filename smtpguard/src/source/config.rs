@@ -168,6 +168,15 @@ pub enum ConfigError {
         value: String,
         reason: &'static str,
     },
+    #[error("{at}: bad {key} {value}: {reason} ({min} to {max})")]
+    OutOfBounds {
+        at: Location,
+        key: &'static str,
+        value: u64,
+        reason: &'static str,
+        min: u64,
+        max: u64,
+    },
     #[error("{at}: bad rule name {value:?}: {reason}")]
     BadRuleName {
         at: Location,
@@ -416,6 +425,63 @@ impl Default for Safety {
     }
 }
 
+/// How `urls` lists are fetched and refreshed (`[urls]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UrlSettings {
+    /// A rule's `refresh_secs` must lie between this...
+    pub min_refresh: Duration,
+    /// ...and this; a rule without one is fetched again every hour, within these bounds.
+    pub max_refresh: Duration,
+    /// How long one fetch (connect, headers and body) may take.
+    pub timeout: Duration,
+    /// A body larger than this is refused (the last good content stays).
+    pub max_bytes: u64,
+    /// PEM certificates trusted for HTTPS besides the system's CA store.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// How often a list is fetched again when its rule does not say.
+pub const DEFAULT_URL_REFRESH: Duration = Duration::from_secs(3600);
+
+impl Default for UrlSettings {
+    fn default() -> Self {
+        Self {
+            min_refresh: Duration::from_secs(60),
+            max_refresh: Duration::from_secs(86400),
+            timeout: Duration::from_secs(30),
+            max_bytes: 64 << 20,
+            ca_file: None,
+        }
+    }
+}
+
+/// A list fetched over HTTP(S), as a rule names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UrlSource {
+    pub url: String,
+    pub at: Location,
+    /// The key whose string values (at any depth) are the prefixes, for a JSON document;
+    /// `None` for a list of one prefix per line.
+    pub json_key: Option<String>,
+    /// How often it is fetched again (the rule's `refresh_secs`, within `[urls]` bounds).
+    pub refresh: Duration,
+    /// Where the rule's `refresh_secs` is written, if it is.
+    pub refresh_at: Option<Location>,
+}
+
+/// Which per-prefix series `/metrics` carries (`[metrics] prefixes`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrefixSeries {
+    /// Every prefix of the policy, matched or not: one series each.
+    All,
+    /// Only prefixes that have matched a SYN since their counter was created.
+    #[default]
+    Matched,
+    /// None: the per-rule totals only.
+    None,
+}
+
 /// The file as written, before any validation beyond TOML types.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -435,6 +501,7 @@ struct File {
     metrics: Option<MetricsTable>,
     dns: Option<DnsTable>,
     safety: Option<SafetyTable>,
+    urls: Option<UrlsTable>,
     #[serde(default)]
     allow: Vec<RuleTable>,
     #[serde(default)]
@@ -464,6 +531,18 @@ struct ScopeTable {
 #[serde(deny_unknown_fields)]
 struct MetricsTable {
     listen: Spanned<String>,
+    #[serde(default)]
+    prefixes: PrefixSeries,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UrlsTable {
+    min_refresh_secs: Option<Spanned<i64>>,
+    max_refresh_secs: Option<Spanned<i64>>,
+    timeout_secs: Option<Spanned<i64>>,
+    max_bytes: Option<Spanned<i64>>,
+    ca_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -501,6 +580,10 @@ struct RuleTable {
     spf: Vec<Spanned<String>>,
     #[serde(default)]
     files: Vec<Spanned<String>>,
+    #[serde(default)]
+    urls: Vec<Spanned<String>>,
+    json_key: Option<Spanned<String>>,
+    refresh_secs: Option<Spanned<i64>>,
 }
 
 /// One `[[allow]]` or `[[deny]]` table.
@@ -521,6 +604,8 @@ pub struct RuleSpec {
     pub spf: Vec<(String, Location)>,
     /// Files with one address or prefix per line.
     pub files: Vec<(PathBuf, Location)>,
+    /// Lists fetched over HTTP(S).
+    pub urls: Vec<UrlSource>,
 }
 
 /// A configuration whose settings are valid. Prefixes are still text: turning them into a
@@ -538,7 +623,10 @@ pub struct Config {
     pub on_exit: OnExit,
     /// Where the Prometheus endpoint listens, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// Which per-prefix series the endpoint carries.
+    pub metrics_prefixes: PrefixSeries,
     pub dns: DnsSettings,
+    pub urls: UrlSettings,
     pub safety: Safety,
     /// The top level's rules: the default scope, for destinations no `[[scope]]` names.
     pub allow: Vec<RuleSpec>,
@@ -600,6 +688,9 @@ impl Config {
         let scopes = scope_specs(&file, &ports, &lines)?;
         let dns = dns_settings(file.dns.as_ref(), &lines)?;
         let safety = safety(file.safety.as_ref(), &lines)?;
+        let urls = url_settings(file.urls.as_ref(), &lines)?;
+        let (mut allow, mut deny) = (allow, deny);
+        settle_url_refresh(allow.iter_mut().chain(deny.iter_mut()), &urls)?;
         let metrics_listen =
             file.metrics
                 .as_ref()
@@ -624,7 +715,12 @@ impl Config {
             allow_none: file.allow_none,
             on_exit: file.on_exit,
             metrics_listen,
+            metrics_prefixes: file
+                .metrics
+                .as_ref()
+                .map_or(PrefixSeries::default(), |metrics| metrics.prefixes),
             dns,
+            urls,
             safety,
             allow,
             deny,
@@ -897,6 +993,224 @@ fn safety(table: Option<&SafetyTable>, lines: &LineIndex<'_>) -> Result<Safety, 
     Ok(safety)
 }
 
+fn url_settings(
+    table: Option<&UrlsTable>,
+    lines: &LineIndex<'_>,
+) -> Result<UrlSettings, ConfigError> {
+    let mut settings = UrlSettings::default();
+    let Some(table) = table else {
+        return Ok(settings);
+    };
+    let number = |value: &Option<Spanned<i64>>, key: &'static str, max: u64, reason| {
+        value
+            .as_ref()
+            .map(|value| {
+                u64::try_from(*value.get_ref())
+                    .ok()
+                    .filter(|&number| (1..=max).contains(&number))
+                    .ok_or_else(|| ConfigError::BadValue {
+                        at: lines.at(value.span().start),
+                        key,
+                        value: value.get_ref().to_string(),
+                        reason,
+                    })
+            })
+            .transpose()
+    };
+    let week = "seconds from 1 to 604800 (a week)";
+    if let Some(secs) = number(&table.min_refresh_secs, "min_refresh_secs", 604_800, week)? {
+        settings.min_refresh = Duration::from_secs(secs);
+    }
+    if let Some(secs) = number(&table.max_refresh_secs, "max_refresh_secs", 604_800, week)? {
+        settings.max_refresh = Duration::from_secs(secs);
+    }
+    if let Some(secs) = number(
+        &table.timeout_secs,
+        "timeout_secs",
+        3600,
+        "seconds from 1 to 3600",
+    )? {
+        settings.timeout = Duration::from_secs(secs);
+    }
+    if let Some(bytes) = number(
+        &table.max_bytes,
+        "max_bytes",
+        crate::source::listfile::MAX_FILE_BYTES,
+        "bytes from 1 to 268435456 (256 MiB, the limit of list files)",
+    )? {
+        settings.max_bytes = bytes;
+    }
+    if settings.min_refresh > settings.max_refresh {
+        let (at, value) = match (&table.max_refresh_secs, &table.min_refresh_secs) {
+            (Some(max), _) => (lines.at(max.span().start), max.get_ref().to_string()),
+            (None, Some(min)) => (lines.at(min.span().start), min.get_ref().to_string()),
+            (None, None) => unreachable!("the defaults are ordered"),
+        };
+        return Err(ConfigError::BadValue {
+            at,
+            key: "min_refresh_secs, max_refresh_secs",
+            value,
+            reason: "min_refresh_secs is larger than max_refresh_secs",
+        });
+    }
+    if let Some(ca_file) = &table.ca_file {
+        let path = PathBuf::from(ca_file.get_ref().trim());
+        if !path.is_absolute() {
+            return Err(ConfigError::BadValue {
+                at: lines.at(ca_file.span().start),
+                key: "ca_file",
+                value: ca_file.get_ref().clone(),
+                reason: "not an absolute path",
+            });
+        }
+        settings.ca_file = Some(path);
+    }
+    Ok(settings)
+}
+
+/// A rule's `urls`, with its `json_key` and `refresh_secs` (bounded later, by
+/// [`settle_url_refresh`], against `[urls]`).
+fn url_sources(table: &RuleTable, lines: &LineIndex<'_>) -> Result<Vec<UrlSource>, ConfigError> {
+    let json_key = match &table.json_key {
+        Some(key) if key.get_ref().trim().is_empty() => {
+            return Err(ConfigError::BadValue {
+                at: lines.at(key.span().start),
+                key: "json_key",
+                value: key.get_ref().clone(),
+                reason: "empty",
+            });
+        }
+        Some(key) if table.urls.is_empty() => {
+            return Err(ConfigError::BadValue {
+                at: lines.at(key.span().start),
+                key: "json_key",
+                value: key.get_ref().clone(),
+                reason: "the rule has no `urls` for it to apply to",
+            });
+        }
+        key => key.as_ref().map(|key| key.get_ref().trim().to_owned()),
+    };
+    let refresh = match &table.refresh_secs {
+        Some(secs) if table.urls.is_empty() => {
+            return Err(ConfigError::BadValue {
+                at: lines.at(secs.span().start),
+                key: "refresh_secs",
+                value: secs.get_ref().to_string(),
+                reason: "the rule has no `urls` to refresh",
+            });
+        }
+        Some(secs) => {
+            let at = lines.at(secs.span().start);
+            let value = u64::try_from(*secs.get_ref())
+                .ok()
+                .filter(|&secs| (1..=604_800).contains(&secs))
+                .ok_or_else(|| ConfigError::BadValue {
+                    at: at.clone(),
+                    key: "refresh_secs",
+                    value: secs.get_ref().to_string(),
+                    reason: "seconds from 1 to 604800 (a week)",
+                })?;
+            Some((Duration::from_secs(value), at))
+        }
+        None => None,
+    };
+    table
+        .urls
+        .iter()
+        .map(|url| {
+            let at = lines.at(url.span().start);
+            let text = url.get_ref().trim();
+            if let Some(reason) = url_problem(text) {
+                return Err(ConfigError::BadValue {
+                    at,
+                    key: "url",
+                    value: url.get_ref().clone(),
+                    reason,
+                });
+            }
+            Ok(UrlSource {
+                url: text.to_owned(),
+                at,
+                json_key: json_key.clone(),
+                refresh: refresh
+                    .as_ref()
+                    .map_or(DEFAULT_URL_REFRESH, |(secs, _)| *secs),
+                refresh_at: refresh.as_ref().map(|(_, at)| at.clone()),
+            })
+        })
+        .collect()
+}
+
+/// What is wrong with `url` as a list's address: http or https, a host, nothing else.
+pub fn url_problem(url: &str) -> Option<&'static str> {
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Some("contains white space or control characters");
+    }
+    let Ok(uri) = url.parse::<hyper::Uri>() else {
+        return Some("not a URL");
+    };
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Some("only http:// and https:// URLs are fetched");
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Some("no host");
+    }
+    if uri
+        .authority()
+        .is_some_and(|authority| authority.as_str().contains('@'))
+    {
+        return Some("credentials in a URL end up in logs and metrics labels");
+    }
+    None
+}
+
+/// Bounds every list's refresh by `[urls]`: a `refresh_secs` outside them is refused, a rule
+/// without one gets an hour, within them. One URL named by several rules must agree on its
+/// `json_key` (it is fetched once).
+fn settle_url_refresh<'a>(
+    specs: impl Iterator<Item = &'a mut RuleSpec>,
+    settings: &UrlSettings,
+) -> Result<(), ConfigError> {
+    let mut seen: Vec<(String, Option<String>)> = Vec::new();
+    for spec in specs {
+        for source in &mut spec.urls {
+            match &source.refresh_at {
+                Some(at)
+                    if source.refresh < settings.min_refresh
+                        || source.refresh > settings.max_refresh =>
+                {
+                    return Err(ConfigError::OutOfBounds {
+                        at: at.clone(),
+                        key: "refresh_secs",
+                        value: source.refresh.as_secs(),
+                        reason: "outside [urls] min_refresh_secs to max_refresh_secs",
+                        min: settings.min_refresh.as_secs(),
+                        max: settings.max_refresh.as_secs(),
+                    });
+                }
+                Some(_) => {}
+                None => {
+                    source.refresh =
+                        DEFAULT_URL_REFRESH.clamp(settings.min_refresh, settings.max_refresh);
+                }
+            }
+            match seen.iter().find(|(url, _)| *url == source.url) {
+                Some((_, key)) if *key != source.json_key => {
+                    return Err(ConfigError::BadValue {
+                        at: source.at.clone(),
+                        key: "url",
+                        value: source.url.clone(),
+                        reason: "named by another rule with another json_key: a URL is fetched once, and read one way",
+                    });
+                }
+                Some(_) => {}
+                None => seen.push((source.url.clone(), source.json_key.clone())),
+            }
+        }
+    }
+    Ok(())
+}
+
 fn rule_specs(
     tables: &[RuleTable],
     default_action: Option<Action>,
@@ -966,6 +1280,7 @@ fn rule_specs(
                 }
                 files.push((file, file_at));
             }
+            let urls = url_sources(table, lines)?;
             let name = table.name.get_ref().trim();
             if name.is_empty() {
                 return Err(ConfigError::BadRuleName {
@@ -994,6 +1309,7 @@ fn rule_specs(
                 hosts,
                 spf,
                 files,
+                urls,
             })
         })
         .collect()
@@ -1337,5 +1653,91 @@ prefixes = ["89.16.184.150"]
             "{message}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn url_lists_and_their_settings() {
+        let config = parse(
+            "interfaces = [\"eth0\"]\n[urls]\nmin_refresh_secs = 300\nca_file = \"/etc/smtpguard/ca.pem\"\n[[allow]]\nname = \"m365\"\nurls = [\"https://endpoints.example/worldwide?clientrequestid=b10c5ed1\"]\njson_key = \"ips\"\n[[deny]]\nname = \"drop\"\nurls = [\"http://lists.example/drop.txt\"]\nrefresh_secs = 600\n",
+        )
+        .unwrap();
+        let m365 = &config.allow[0].urls[0];
+        assert_eq!(m365.json_key.as_deref(), Some("ips"));
+        assert_eq!(
+            m365.refresh,
+            Duration::from_secs(3600),
+            "an hour by default"
+        );
+        assert_eq!(m365.at.line, 7);
+        assert_eq!(config.deny[0].urls[0].refresh, Duration::from_secs(600));
+        assert_eq!(config.urls.min_refresh, Duration::from_secs(300));
+        assert_eq!(
+            config.urls.ca_file.as_deref(),
+            Some(Path::new("/etc/smtpguard/ca.pem"))
+        );
+        assert_eq!(config.metrics_prefixes, PrefixSeries::Matched);
+        // The default hour stays within the bounds.
+        let config = parse("interfaces = [\"eth0\"]\n[urls]\nmax_refresh_secs = 900\n[[allow]]\nname = \"a\"\nurls = [\"https://a.example/l\"]\n").unwrap();
+        assert_eq!(config.allow[0].urls[0].refresh, Duration::from_secs(900));
+
+        let head = "interfaces = [\"eth0\"]\n[[allow]]\nname = \"a\"\n";
+        for (text, want) in [
+            (
+                "urls = [\"ftp://a.example/l\"]\n",
+                "test.toml:4: bad url \"ftp://a.example/l\": only http:// and https:// URLs are fetched",
+            ),
+            (
+                "urls = [\"https://user:pw@a.example/l\"]\n",
+                "test.toml:4: bad url \"https://user:pw@a.example/l\": credentials in a URL end up in logs and metrics labels",
+            ),
+            (
+                "urls = [\"lists/drop.txt\"]\n",
+                "test.toml:4: bad url \"lists/drop.txt\": not a URL",
+            ),
+            (
+                "json_key = \"ips\"\n",
+                "test.toml:4: bad json_key \"ips\": the rule has no `urls` for it to apply to",
+            ),
+            (
+                "urls = [\"https://a.example/l\"]\nrefresh_secs = 10\n",
+                "test.toml:5: bad refresh_secs 10: outside [urls] min_refresh_secs to max_refresh_secs (60 to 86400)",
+            ),
+            (
+                "urls = [\"https://a.example/l\"]\nrefresh_secs = 0\n",
+                "test.toml:5: bad refresh_secs \"0\": seconds from 1 to 604800 (a week)",
+            ),
+            (
+                "urls = [\"https://a.example/l\"]\n[[deny]]\nname = \"d\"\nurls = [\"https://a.example/l\"]\njson_key = \"ips\"\n",
+                "test.toml:7: bad url \"https://a.example/l\": named by another rule with another json_key",
+            ),
+            (
+                "url = [\"https://a.example/l\"]\n",
+                "test.toml:4: unknown field `url`",
+            ),
+        ] {
+            let message = refusal(&format!("{head}{text}"));
+            assert!(message.contains(want), "{text}: {message}");
+        }
+        let message = refusal(
+            "interfaces = [\"eth0\"]\n[urls]\nmin_refresh_secs = 100\nmax_refresh_secs = 50\n",
+        );
+        assert!(
+            message.contains(":4: bad min_refresh_secs, max_refresh_secs \"50\""),
+            "{message}"
+        );
+        let message = refusal("interfaces = [\"eth0\"]\n[urls]\nca_file = \"ca.pem\"\n");
+        assert!(
+            message.contains(":3: bad ca_file \"ca.pem\": not an absolute path"),
+            "{message}"
+        );
+        let message = refusal(
+            "interfaces = [\"eth0\"]\n[metrics]\nlisten = \"127.0.0.1:9725\"\nprefixes = \"some\"\n",
+        );
+        assert!(message.contains(":4: unknown variant `some`"), "{message}");
+        let config = parse(
+            "interfaces = [\"eth0\"]\n[metrics]\nlisten = \"127.0.0.1:9725\"\nprefixes = \"all\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.metrics_prefixes, PrefixSeries::All);
     }
 }

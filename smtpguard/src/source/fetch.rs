@@ -13,6 +13,12 @@
 //! stale, and asked again every `min_refresh_secs`. A list file that cannot be read falls back
 //! the same way. At start and on TTL refreshes, an answer that grows the addresses a name
 //! covers past `[safety] max_growth` is held back until an explicit reload (SIGHUP).
+//!
+//! Lists named by URL follow the same rules: fetched at start and on SIGHUP, again every
+//! `refresh_secs` (a 304 costs nothing), a failed, empty or refused fetch keeps the last good
+//! content (from the running daemon or the store) and marks it stale, content whose every
+//! allow prefix the floor refuses counts as empty, and growth past `max_growth` waits for
+//! SIGHUP. A URL never fetched on this host is an error, like a name that never resolved.
 
 use std::{
     collections::BTreeMap,
@@ -26,12 +32,13 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::source::{
-    config::{Config, ConfigError, List, Location, Warning},
+    config::{Config, ConfigError, List, Location, UrlSource, Warning},
     dns::{DnsError, Lookup},
-    listfile,
+    listfile, prefix,
     safety::{self, Reason, Refusal},
     spf::{self, SpfError},
     store::Store,
+    url::{Download, Get, UrlError, Validators},
 };
 
 /// Where a prefix of the policy came from.
@@ -45,6 +52,8 @@ pub enum Origin {
     Host(String),
     /// Part of the domain's SPF expansion.
     Spf(String),
+    /// An entry of a list fetched from this URL.
+    Url(String),
 }
 
 impl fmt::Display for Origin {
@@ -54,6 +63,7 @@ impl fmt::Display for Origin {
             Self::File(path) => write!(f, "file {}", path.display()),
             Self::Host(name) => write!(f, "host {name}"),
             Self::Spf(domain) => write!(f, "SPF of {domain}"),
+            Self::Url(url) => write!(f, "URL {url}"),
         }
     }
 }
@@ -114,6 +124,52 @@ impl Resolution {
     }
 }
 
+/// What a list named by URL last gave.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UrlContent {
+    /// Its entries, each a valid prefix, with their lines.
+    pub entries: Vec<(String, Location)>,
+    /// What the server said about this content, to ask whether it changed.
+    pub validators: Validators,
+    /// When the server last gave or confirmed (304) this content.
+    pub fetched_at: SystemTime,
+    /// When to fetch again.
+    pub refresh_at: Instant,
+    /// Set while the last fetch failed and `entries` are the last good content.
+    pub stale: Option<String>,
+    /// Set while the server gives content that grew past `max_growth`, held back.
+    pub held: Option<String>,
+    /// Fetches that failed since the daemon started.
+    pub failures: u64,
+}
+
+impl UrlContent {
+    /// Last good content fetched at `fetched_at`, to be fetched again now.
+    pub fn last_good(
+        entries: Vec<(String, Location)>,
+        validators: Validators,
+        fetched_at: SystemTime,
+    ) -> Self {
+        Self {
+            entries,
+            validators,
+            fetched_at,
+            refresh_at: Instant::now(),
+            stale: None,
+            held: None,
+            failures: 0,
+        }
+    }
+
+    /// The prefixes of the entries (each was checked when fetched).
+    pub fn nets(&self) -> Vec<IpNet> {
+        self.entries
+            .iter()
+            .filter_map(|(text, _)| prefix::parse(text).ok().map(|parsed| parsed.net))
+            .collect()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     #[error("{at}: {name} gave no prefixes")]
@@ -129,6 +185,21 @@ pub enum FetchError {
     },
     #[error(transparent)]
     File(#[from] ConfigError),
+    #[error("{at}: cannot fetch: {source}")]
+    Url {
+        at: Location,
+        #[source]
+        source: Box<UrlError>,
+    },
+    #[error(
+        "{at}: {url} gave no prefix the allow list may take: {} refused by the floor ([safety] min_prefix_v4, min_prefix_v6)",
+        join(nets)
+    )]
+    UrlAllRefused {
+        at: Location,
+        url: String,
+        nets: Vec<IpNet>,
+    },
     #[error("{at}: cannot resolve host {name}: {source}")]
     Host {
         at: Location,
@@ -160,14 +231,17 @@ pub struct Fetched {
     /// List files that could not be read, whose last good entries are in `files`, and why.
     pub stale_files: BTreeMap<PathBuf, String>,
     pub names: BTreeMap<Name, Resolution>,
+    /// Each list named by URL, by URL.
+    pub urls: BTreeMap<String, UrlContent>,
 }
 
 impl Fetched {
-    /// When the next name is due to be asked again.
+    /// When the next name or URL is due to be asked again.
     pub fn next_refresh(&self) -> Option<Instant> {
         self.names
             .values()
             .map(|resolution| resolution.refresh_at)
+            .chain(self.urls.values().map(|content| content.refresh_at))
             .min()
     }
 
@@ -197,7 +271,19 @@ impl Fetched {
             status: SourceStatus::Stale,
             detail: detail.clone(),
         });
-        names.chain(files).collect()
+        let urls = self.urls.iter().filter_map(|(url, content)| {
+            let (status, detail) = match (&content.stale, &content.held) {
+                (Some(detail), _) => (SourceStatus::Stale, detail),
+                (None, Some(detail)) => (SourceStatus::HeldBack, detail),
+                (None, None) => return None,
+            };
+            Some(SourceNote {
+                source: Origin::Url(url.clone()).to_string(),
+                status,
+                detail: detail.clone(),
+            })
+        });
+        names.chain(files).chain(urls).collect()
     }
 }
 
@@ -216,7 +302,7 @@ pub fn same_status(a: &Fetched, b: &Fetched) -> bool {
 /// A source whose last good answer is in force instead of a fresh one.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourceNote {
-    /// `host NAME`, `SPF of DOMAIN` or `file PATH`.
+    /// `host NAME`, `SPF of DOMAIN`, `file PATH` or `URL URL`.
     pub source: String,
     pub status: SourceStatus,
     /// What the log said about it.
@@ -249,6 +335,9 @@ pub struct Notes {
     /// Allow prefixes of answers set aside because the floor refused all of them. (Those of
     /// answers in force are the policy's to report: [`crate::policy::Policy::refused`].)
     pub refused: Vec<Refusal>,
+    /// Each fetch of a URL, with its result (`ok`, `not_modified`, `error`, `invalid`), for
+    /// the metrics.
+    pub fetches: Vec<(String, &'static str)>,
 }
 
 /// What was fetched before, to fall back on and to measure growth against.
@@ -279,6 +368,22 @@ impl Previous<'_> {
             .get(name)
             .cloned()
             .or_else(|| self.store?.name(name))
+    }
+
+    fn url(&self, url: &str, warnings: &mut Vec<Warning>, at: &Location) -> Option<UrlContent> {
+        if let Some(content) = self.fetched.urls.get(url) {
+            return Some(content.clone());
+        }
+        match self.store?.url(url) {
+            Ok(content) => content,
+            Err(error) => {
+                warnings.push(Warning {
+                    at: at.clone(),
+                    message: error.to_string(),
+                });
+                None
+            }
+        }
     }
 
     fn file(
@@ -335,6 +440,34 @@ fn allow_rules(config: &Config) -> BTreeMap<Name, Vec<String>> {
             .map(|(domain, _)| Name::Spf(normalise(domain)));
         for name in hosts.chain(domains) {
             let names = rules.entry(name).or_default();
+            if !names.contains(&spec.name) {
+                names.push(spec.name.clone());
+            }
+        }
+    }
+    rules
+}
+
+/// Every list the configuration names by URL (first mention; the shortest refresh of the
+/// rules naming it).
+pub fn urls(config: &Config) -> BTreeMap<String, UrlSource> {
+    let mut urls: BTreeMap<String, UrlSource> = BTreeMap::new();
+    for spec in config.allow.iter().chain(&config.deny) {
+        for source in &spec.urls {
+            urls.entry(source.url.clone())
+                .and_modify(|first| first.refresh = first.refresh.min(source.refresh))
+                .or_insert_with(|| source.clone());
+        }
+    }
+    urls
+}
+
+/// The allow rules that name each URL: the floor and the growth guard apply to these.
+fn allow_url_rules(config: &Config) -> BTreeMap<String, Vec<String>> {
+    let mut rules: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for spec in &config.allow {
+        for source in &spec.urls {
+            let names = rules.entry(source.url.clone()).or_default();
             if !names.contains(&spec.name) {
                 names.push(spec.name.clone());
             }
@@ -408,13 +541,39 @@ fn read_files_or_last_good(
 pub async fn fetch(
     config: &Config,
     dns: &impl Lookup,
+    web: &impl Get,
     previous: &Previous<'_>,
 ) -> Result<(Fetched, Notes), FetchError> {
     let mut fetched = Fetched::default();
     let mut notes = Notes::default();
     read_files_or_last_good(config, previous, &mut fetched, &mut notes.warnings)?;
+    let names = names(config);
+    let urls = urls(config);
+    let progress = crate::progress::Progress::start(
+        format!(
+            "resolving {} names and fetching {} URLs",
+            names.len(),
+            urls.len()
+        ),
+        names.len() + urls.len(),
+    );
+    let url_rules = allow_url_rules(config);
+    for (url, source) in &urls {
+        progress.now(&format!("URL {url}"));
+        let pull = Pull {
+            source,
+            config,
+            allow_rules: url_rules.get(url).map(Vec::as_slice).unwrap_or_default(),
+            hold_growth: previous.hold_growth,
+        };
+        let last = previous.url(url, &mut notes.warnings, &source.at);
+        let content = pull.refresh(web, last.as_ref(), &mut notes).await?;
+        fetched.urls.insert(url.clone(), content);
+        progress.step("");
+    }
     let rules = allow_rules(config);
-    for (name, at) in names(config) {
+    for (name, at) in names {
+        progress.now(&name.to_string());
         let last = previous.name(&name);
         let ask = Ask {
             name: &name,
@@ -425,6 +584,7 @@ pub async fn fetch(
         };
         let resolution = ask.refresh(dns, last.as_ref(), &mut notes).await?;
         fetched.names.insert(name, resolution);
+        progress.step("");
     }
     Ok((fetched, notes))
 }
@@ -435,11 +595,32 @@ pub async fn fetch(
 pub async fn refresh_due(
     config: &Config,
     dns: &impl Lookup,
+    web: &impl Get,
     fetched: &mut Fetched,
     now: Instant,
 ) -> (bool, Notes) {
     let mut notes = Notes::default();
     let mut changed = false;
+    let url_rules = allow_url_rules(config);
+    for (url, source) in urls(config) {
+        let Some(old) = fetched.urls.get(&url) else {
+            continue;
+        };
+        if old.refresh_at > now {
+            continue;
+        }
+        let pull = Pull {
+            source: &source,
+            config,
+            allow_rules: url_rules.get(&url).map(Vec::as_slice).unwrap_or_default(),
+            hold_growth: true,
+        };
+        // With previous content, refresh never fails: it keeps that content.
+        if let Ok(new) = pull.refresh(web, Some(old), &mut notes).await {
+            changed |= new.entries != old.entries;
+            fetched.urls.insert(url, new);
+        }
+    }
     let rules = allow_rules(config);
     for (name, at) in names(config) {
         let Some(old) = fetched.names.get(&name) else {
@@ -462,6 +643,179 @@ pub async fn refresh_due(
         }
     }
     (changed, notes)
+}
+
+/// One list to fetch by URL, and what applies to its content.
+struct Pull<'a> {
+    source: &'a UrlSource,
+    config: &'a Config,
+    /// The allow rules naming it: its content is floored and growth-checked for them.
+    allow_rules: &'a [String],
+    hold_growth: bool,
+}
+
+impl Pull<'_> {
+    async fn refresh(
+        &self,
+        web: &impl Get,
+        previous: Option<&UrlContent>,
+        notes: &mut Notes,
+    ) -> Result<UrlContent, FetchError> {
+        let url = &self.source.url;
+        let validators = previous.map(|content| content.validators.clone());
+        let answer = web.get(url, &validators.unwrap_or_default()).await;
+        let now = Instant::now();
+        let next = now + self.source.refresh;
+        let outcome = match answer {
+            Ok(Download::NotModified) => match previous {
+                Some(previous) => {
+                    notes.fetches.push((url.clone(), "not_modified"));
+                    return Ok(UrlContent {
+                        fetched_at: SystemTime::now(),
+                        refresh_at: next,
+                        stale: None,
+                        held: None,
+                        ..previous.clone()
+                    });
+                }
+                None => Err(FetchError::Url {
+                    at: self.source.at.clone(),
+                    source: Box::new(UrlError::Status {
+                        url: url.clone(),
+                        status: 304,
+                    }),
+                }),
+            },
+            Ok(Download::Body { text, validators }) => {
+                crate::source::url::parse(url, &text, self.source.json_key.as_deref())
+                    .map_err(|source| FetchError::Url {
+                        at: self.source.at.clone(),
+                        source: Box::new(source),
+                    })
+                    .and_then(|entries| self.admissible(entries, &mut notes.refused))
+                    .map(|entries| (entries, validators))
+            }
+            Err(source) => Err(FetchError::Url {
+                at: self.source.at.clone(),
+                source: Box::new(source),
+            }),
+        };
+        let result = match &outcome {
+            Ok(_) => "ok",
+            Err(FetchError::Url { source, .. }) => source.result(),
+            Err(_) => "invalid",
+        };
+        notes.fetches.push((url.clone(), result));
+        match (outcome, previous) {
+            (Ok((entries, validators)), _) => {
+                if let Some(previous) = previous
+                    && let Some(message) = self.held_back(previous, &entries)
+                {
+                    notes.warnings.push(Warning {
+                        at: self.source.at.clone(),
+                        message: message.clone(),
+                    });
+                    return Ok(UrlContent {
+                        refresh_at: next,
+                        stale: None,
+                        held: Some(message),
+                        ..previous.clone()
+                    });
+                }
+                Ok(UrlContent {
+                    entries,
+                    validators,
+                    fetched_at: SystemTime::now(),
+                    refresh_at: next,
+                    stale: None,
+                    held: None,
+                    failures: previous.map_or(0, |previous| previous.failures),
+                })
+            }
+            (Err(error), Some(previous)) => {
+                let reason = std::error::Error::source(&error)
+                    .map_or_else(|| error.to_string(), ToString::to_string);
+                let retry = self.config.urls.min_refresh.min(self.source.refresh);
+                let message = format!(
+                    "cannot refresh URL {url}: {reason}; keeping its last good {} entries (stale: fetched {}), retrying in {}s",
+                    previous.entries.len(),
+                    humantime::format_rfc3339_seconds(previous.fetched_at),
+                    retry.as_secs()
+                );
+                notes.warnings.push(Warning {
+                    at: self.source.at.clone(),
+                    message: message.clone(),
+                });
+                Ok(UrlContent {
+                    refresh_at: now + retry,
+                    stale: Some(message),
+                    held: None,
+                    failures: previous.failures + 1,
+                    ..previous.clone()
+                })
+            }
+            (Err(error), None) => Err(error),
+        }
+    }
+
+    /// `entries`, unless none of them is a prefix the floor lets onto the allow list (then
+    /// the content is as good as empty, and its prefixes are recorded in `refused`).
+    fn admissible(
+        &self,
+        entries: Vec<(String, Location)>,
+        refused: &mut Vec<Refusal>,
+    ) -> Result<Vec<(String, Location)>, FetchError> {
+        let safety = &self.config.safety;
+        let parsed: Vec<(IpNet, &Location)> = entries
+            .iter()
+            .filter_map(|(text, at)| prefix::parse(text).ok().map(|parsed| (parsed.net, at)))
+            .collect();
+        if self.allow_rules.is_empty()
+            || parsed
+                .iter()
+                .any(|(net, _)| safety::below_floor(net, safety).is_none())
+        {
+            return Ok(entries);
+        }
+        for rule in self.allow_rules {
+            refused.extend(parsed.iter().filter_map(|(net, at)| {
+                let floor = safety::below_floor(net, safety)?;
+                Some(Refusal {
+                    net: *net,
+                    rule: rule.clone(),
+                    origin: Origin::Url(self.source.url.clone()),
+                    at: (*at).clone(),
+                    reason: Reason::Floor { floor },
+                })
+            }));
+        }
+        Err(FetchError::UrlAllRefused {
+            at: self.source.at.clone(),
+            url: self.source.url.clone(),
+            nets: parsed.into_iter().map(|(net, _)| net).collect(),
+        })
+    }
+
+    /// Why new content is held back, if it grows what the list allows past `max_growth`.
+    fn held_back(&self, old: &UrlContent, new: &[(String, Location)]) -> Option<String> {
+        if !self.hold_growth || self.allow_rules.is_empty() || old.entries == new {
+            return None;
+        }
+        let safety = &self.config.safety;
+        let allowed = |entries: &[(String, Location)]| -> Vec<IpNet> {
+            entries
+                .iter()
+                .filter_map(|(text, _)| prefix::parse(text).ok().map(|parsed| parsed.net))
+                .filter(|net| safety::below_floor(net, safety).is_none())
+                .collect()
+        };
+        let growth = safety::growth(&allowed(&old.entries), &allowed(new), safety.max_growth)?;
+        Some(format!(
+            "URL {}: new content held back: {growth}; the last good {} entries stay in force. If the change is expected, accept it with `systemctl reload smtpguard` (SIGHUP)",
+            self.source.url,
+            old.entries.len()
+        ))
+    }
 }
 
 /// One name to ask DNS about, and what applies to its answer.
@@ -665,7 +1019,64 @@ mod tests {
     use std::{collections::HashMap, path::Path, time::Duration};
 
     use super::*;
-    use crate::source::dns::Answer;
+    use crate::source::{dns::Answer, url::Validators};
+
+    /// No list can be fetched.
+    struct Offline;
+
+    impl Get for Offline {
+        async fn get(&self, url: &str, _: &Validators) -> Result<Download, UrlError> {
+            Err(UrlError::Status {
+                url: url.to_owned(),
+                status: 503,
+            })
+        }
+    }
+
+    /// A web server in memory: each URL's body, its ETag a hash of the body; 304 when the
+    /// client holds that ETag; everything fails while `down`.
+    #[derive(Default)]
+    struct Server {
+        bodies: std::cell::RefCell<HashMap<String, String>>,
+        down: std::cell::Cell<bool>,
+    }
+
+    impl Server {
+        fn serve(&self, url: &str, body: &str) {
+            self.bodies
+                .borrow_mut()
+                .insert(url.to_owned(), body.to_owned());
+        }
+    }
+
+    impl Get for Server {
+        async fn get(&self, url: &str, validators: &Validators) -> Result<Download, UrlError> {
+            let body = self
+                .bodies
+                .borrow()
+                .get(url)
+                .filter(|_| !self.down.get())
+                .cloned()
+                .ok_or_else(|| UrlError::Status {
+                    url: url.to_owned(),
+                    status: 503,
+                })?;
+            let hash = body.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+                (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+            });
+            let etag = format!("\"{hash:x}\"");
+            if validators.etag.as_deref() == Some(etag.as_str()) {
+                return Ok(Download::NotModified);
+            }
+            Ok(Download::Body {
+                text: body,
+                validators: Validators {
+                    etag: Some(etag),
+                    last_modified: None,
+                },
+            })
+        }
+    }
 
     /// Names and their answers, in memory; a name not listed fails as if DNS were down.
     #[derive(Default)]
@@ -758,7 +1169,7 @@ mod tests {
         let mut zone = Zone::default();
         zone.txt
             .insert("provider.test", "v=spf1 ip4:0.0.0.0/0 -all");
-        let error = run(fetch(&config, &zone, &Previous::none())).unwrap_err();
+        let error = run(fetch(&config, &zone, &Offline, &Previous::none())).unwrap_err();
         assert_eq!(
             error.to_string(),
             "/etc/smtpguard/smtpguard.toml:4: SPF of provider.test gave no prefix the allow list may take: 0.0.0.0/0 refused by the floor ([safety] min_prefix_v4, min_prefix_v6)"
@@ -766,7 +1177,8 @@ mod tests {
 
         // A name that resolved before keeps its last good answer, marked stale.
         let before = holding(&["192.0.2.0/24"]);
-        let (fetched, notes) = run(fetch(&config, &zone, &previous(&before, false))).unwrap();
+        let (fetched, notes) =
+            run(fetch(&config, &zone, &Offline, &previous(&before, false))).unwrap();
         assert_eq!(nets(&fetched, &spf()), ["192.0.2.0/24"]);
         let resolution = &fetched.names[&spf()];
         assert!(
@@ -789,7 +1201,7 @@ mod tests {
         // Same on a TTL refresh.
         let mut refreshed = before.clone();
         let far = Instant::now() + Duration::from_secs(3600);
-        let (changed, notes) = run(refresh_due(&config, &zone, &mut refreshed, far));
+        let (changed, notes) = run(refresh_due(&config, &zone, &Offline, &mut refreshed, far));
         assert!(!changed);
         assert_eq!(nets(&refreshed, &spf()), ["192.0.2.0/24"]);
         assert_eq!(notes.refused.len(), 1);
@@ -799,7 +1211,7 @@ mod tests {
             "provider.test",
             "v=spf1 ip4:0.0.0.0/0 ip4:192.0.2.32/28 -all",
         );
-        let (fetched, notes) = run(fetch(&config, &zone, &Previous::none())).unwrap();
+        let (fetched, notes) = run(fetch(&config, &zone, &Offline, &Previous::none())).unwrap();
         assert_eq!(nets(&fetched, &spf()), ["0.0.0.0/0", "192.0.2.32/28"]);
         assert!(notes.refused.is_empty());
 
@@ -809,7 +1221,7 @@ mod tests {
         );
         zone.txt
             .insert("provider.test", "v=spf1 ip4:0.0.0.0/0 -all");
-        let (fetched, _) = run(fetch(&deny, &zone, &Previous::none())).unwrap();
+        let (fetched, _) = run(fetch(&deny, &zone, &Offline, &Previous::none())).unwrap();
         assert_eq!(nets(&fetched, &spf()), ["0.0.0.0/0"]);
     }
 
@@ -823,7 +1235,7 @@ mod tests {
         let far = Instant::now() + Duration::from_secs(3600);
 
         let mut refreshed = before.clone();
-        let (changed, notes) = run(refresh_due(&config, &zone, &mut refreshed, far));
+        let (changed, notes) = run(refresh_due(&config, &zone, &Offline, &mut refreshed, far));
         assert!(!changed, "held back: nothing to apply");
         assert_eq!(nets(&refreshed, &spf()), ["10.0.0.0/24"]);
         let held = refreshed.names[&spf()].held.clone().expect("held back");
@@ -844,10 +1256,10 @@ mod tests {
         assert!(!same_status(&before, &refreshed));
 
         // A start measures against the store the same way (here: what `previous` holds).
-        let (fetched, _) = run(fetch(&config, &zone, &previous(&before, true))).unwrap();
+        let (fetched, _) = run(fetch(&config, &zone, &Offline, &previous(&before, true))).unwrap();
         assert_eq!(nets(&fetched, &spf()), ["10.0.0.0/24"]);
         // An explicit reload takes the new answer.
-        let (fetched, _) = run(fetch(&config, &zone, &previous(&before, false))).unwrap();
+        let (fetched, _) = run(fetch(&config, &zone, &Offline, &previous(&before, false))).unwrap();
         assert_eq!(nets(&fetched, &spf()), ["10.0.0.0/20"]);
         assert!(fetched.not_current().is_empty());
 
@@ -855,7 +1267,7 @@ mod tests {
         zone.txt
             .insert("provider.test", "v=spf1 ip4:10.0.0.0/22 -all");
         let mut refreshed = before.clone();
-        let (changed, _) = run(refresh_due(&config, &zone, &mut refreshed, far));
+        let (changed, _) = run(refresh_due(&config, &zone, &Offline, &mut refreshed, far));
         assert!(changed);
         assert_eq!(nets(&refreshed, &spf()), ["10.0.0.0/22"]);
     }
@@ -878,7 +1290,7 @@ mod tests {
             "relay.provider.test",
             vec!["203.0.113.25", "::ffff:203.0.113.26"],
         );
-        let (fetched, notes) = run(fetch(&config, &zone, &Previous::none())).unwrap();
+        let (fetched, notes) = run(fetch(&config, &zone, &Offline, &Previous::none())).unwrap();
         let relay = Name::Host("relay.provider.test".into());
         assert_eq!(
             nets(&fetched, &relay),
@@ -898,7 +1310,7 @@ mod tests {
         // A reboot: DNS is down and the list file is gone.
         std::fs::remove_file(&list).unwrap();
         let dead = Zone::default();
-        let error = run(fetch(&config, &dead, &Previous::none())).unwrap_err();
+        let error = run(fetch(&config, &dead, &Offline, &Previous::none())).unwrap_err();
         assert!(
             error.to_string().contains("provider.txt: cannot read"),
             "{error}"
@@ -909,7 +1321,7 @@ mod tests {
             store: Some(&store),
             hold_growth: true,
         };
-        let (again, notes) = run(fetch(&config, &dead, &from_store)).unwrap();
+        let (again, notes) = run(fetch(&config, &dead, &Offline, &from_store)).unwrap();
         assert_eq!(
             again.files, fetched.files,
             "the stored entries, with their lines"
@@ -936,13 +1348,229 @@ mod tests {
 
         // A name that never resolved here still refuses.
         let more = self::config(&format!("{PROVIDER}hosts = [\"new.provider.test\"]\n"));
-        let error = run(fetch(&more, &dead, &from_store))
+        let error = run(fetch(&more, &dead, &Offline, &from_store))
             .unwrap_err()
             .to_string();
         assert!(
             error.contains("cannot resolve host new.provider.test"),
             "{error}"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    const LISTS: &str = "[[allow]]\nname = \"provider\"\nurls = [\"https://lists.test/provider.txt\"]\nrefresh_secs = 60\n";
+    const LIST_URL: &str = "https://lists.test/provider.txt";
+
+    fn entries(fetched: &Fetched) -> Vec<String> {
+        fetched.urls[LIST_URL]
+            .entries
+            .iter()
+            .map(|(text, at)| format!("{text}@{}", at.line))
+            .collect()
+    }
+
+    fn results(notes: &Notes) -> Vec<&'static str> {
+        notes.fetches.iter().map(|(_, result)| *result).collect()
+    }
+
+    #[test]
+    fn url_lists_refresh_cheaply_and_keep_their_last_good_content() {
+        let config = config(LISTS);
+        let server = Server::default();
+        // Never fetched: an error naming the configuration line.
+        let error = run(fetch(&config, &Zone::default(), &server, &Previous::none())).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "/etc/smtpguard/smtpguard.toml:4: cannot fetch: https://lists.test/provider.txt: HTTP status 503"
+        );
+        server.serve(
+            LIST_URL,
+            "; provider relays\n192.0.2.0/24 ; main\n198.51.100.0/24\n",
+        );
+        let (mut fetched, notes) =
+            run(fetch(&config, &Zone::default(), &server, &Previous::none())).unwrap();
+        assert_eq!(entries(&fetched), ["192.0.2.0/24@2", "198.51.100.0/24@3"]);
+        assert_eq!(results(&notes), ["ok"]);
+        let (policy, _) = crate::policy::Policy::build(&config, &fetched).unwrap();
+        let entry = &policy.default_scope().entries[&"192.0.2.0/24".parse().unwrap()];
+        assert_eq!(
+            (entry.origin.to_string(), entry.at.to_string()),
+            (
+                "URL https://lists.test/provider.txt".to_owned(),
+                "https://lists.test/provider.txt:2".to_owned()
+            )
+        );
+
+        // Due again: unchanged content costs a 304.
+        let due = Instant::now() + Duration::from_secs(61);
+        let (changed, notes) = run(refresh_due(
+            &config,
+            &Zone::default(),
+            &server,
+            &mut fetched,
+            due,
+        ));
+        assert!(!changed);
+        assert_eq!(results(&notes), ["not_modified"]);
+        assert!(
+            fetched.urls[LIST_URL].refresh_at > Instant::now() + Duration::from_secs(59),
+            "asked again in refresh_secs"
+        );
+
+        // A bad line: refused whole, with the URL and line; the last good content stays.
+        server.serve(LIST_URL, "192.0.2.0/24\n\n192.0.2.0/33\n");
+        let due = due + Duration::from_secs(61);
+        let (changed, notes) = run(refresh_due(
+            &config,
+            &Zone::default(),
+            &server,
+            &mut fetched,
+            due,
+        ));
+        assert!(!changed);
+        assert_eq!(results(&notes), ["invalid"]);
+        let stale = fetched.urls[LIST_URL].stale.clone().expect("stale");
+        assert!(
+            stale.starts_with("cannot refresh URL https://lists.test/provider.txt: https://lists.test/provider.txt:3: bad prefix \"192.0.2.0/33\": prefix length must be 0 to 32; keeping its last good 2 entries"),
+            "{stale}"
+        );
+        assert_eq!(
+            fetched.not_current()[0].source,
+            "URL https://lists.test/provider.txt"
+        );
+
+        // The server goes down: the same.
+        server.down.set(true);
+        let due = due + Duration::from_secs(61);
+        let (changed, notes) = run(refresh_due(
+            &config,
+            &Zone::default(),
+            &server,
+            &mut fetched,
+            due,
+        ));
+        assert!(!changed);
+        assert_eq!(results(&notes), ["error"]);
+        assert_eq!(fetched.urls[LIST_URL].failures, 2);
+        assert_eq!(entries(&fetched).len(), 2);
+
+        // Back with new content: taken (a /24 to two /24s is within max_growth).
+        server.down.set(false);
+        server.serve(LIST_URL, "192.0.2.0/24\n203.0.113.0/24\n");
+        let due = due + Duration::from_secs(61);
+        let (changed, notes) = run(refresh_due(
+            &config,
+            &Zone::default(),
+            &server,
+            &mut fetched,
+            due,
+        ));
+        assert!(changed);
+        assert_eq!(results(&notes), ["ok"]);
+        assert_eq!(entries(&fetched), ["192.0.2.0/24@1", "203.0.113.0/24@2"]);
+        assert!(fetched.not_current().is_empty());
+    }
+
+    #[test]
+    fn url_lists_meet_the_floor_and_the_growth_guard() {
+        let config = config(LISTS);
+        let server = Server::default();
+        server.serve(LIST_URL, "0.0.0.0/1\n128.0.0.0/1\n");
+        let error = run(fetch(&config, &Zone::default(), &server, &Previous::none())).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "/etc/smtpguard/smtpguard.toml:4: https://lists.test/provider.txt gave no prefix the allow list may take: 0.0.0.0/1, 128.0.0.0/1 refused by the floor ([safety] min_prefix_v4, min_prefix_v6)"
+        );
+
+        server.serve(LIST_URL, "10.0.0.0/24\n");
+        let (before, _) =
+            run(fetch(&config, &Zone::default(), &server, &Previous::none())).unwrap();
+        // A refresh growing the list 16 times is held back...
+        server.serve(LIST_URL, "10.0.0.0/20\n");
+        let mut refreshed = before.clone();
+        let far = Instant::now() + Duration::from_secs(3600);
+        let (changed, notes) = run(refresh_due(
+            &config,
+            &Zone::default(),
+            &server,
+            &mut refreshed,
+            far,
+        ));
+        assert!(!changed);
+        let held = refreshed.urls[LIST_URL].held.clone().expect("held back");
+        assert!(held.starts_with("URL https://lists.test/provider.txt: new content held back: it covers 4096 (a /20) IPv4 addresses, up from 256 (a /24)"), "{held}");
+        assert_eq!(notes.warnings[0].message, held);
+        assert_eq!(refreshed.not_current()[0].status, SourceStatus::HeldBack);
+        // ...and content the floor empties keeps the last good one.
+        server.serve(LIST_URL, "0.0.0.0/0\n");
+        let (changed, notes) = run(refresh_due(
+            &config,
+            &Zone::default(),
+            &server,
+            &mut refreshed,
+            far + Duration::from_secs(3600),
+        ));
+        assert!(!changed);
+        assert_eq!(notes.refused.len(), 1);
+        assert_eq!(entries(&refreshed), ["10.0.0.0/24@1"]);
+        // An explicit reload takes grown content.
+        server.serve(LIST_URL, "10.0.0.0/20\n");
+        let (fetched, _) = run(fetch(
+            &config,
+            &Zone::default(),
+            &server,
+            &previous(&before, false),
+        ))
+        .unwrap();
+        assert_eq!(entries(&fetched), ["10.0.0.0/20@1"]);
+        let (fetched, _) = run(fetch(
+            &config,
+            &Zone::default(),
+            &server,
+            &previous(&before, true),
+        ))
+        .unwrap();
+        assert_eq!(
+            entries(&fetched),
+            ["10.0.0.0/24@1"],
+            "a start holds it back"
+        );
+    }
+
+    #[test]
+    fn the_store_keeps_url_content_and_its_validators() {
+        let dir = std::env::temp_dir().join(format!("sg-fetch-url-store-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let config = config(&format!("{LISTS}json_key = \"ips\"\n"));
+        let server = Server::default();
+        server.serve(LIST_URL, "{\"values\": [{\"ips\": [\"192.0.2.0/24\", \"2001:db8::/48\"]},\n {\"ips\": \"198.51.100.7\"}]}");
+        let (fetched, _) =
+            run(fetch(&config, &Zone::default(), &server, &Previous::none())).unwrap();
+        assert_eq!(
+            entries(&fetched),
+            ["192.0.2.0/24@1", "2001:db8::/48@1", "198.51.100.7@2"]
+        );
+        let (mut store, problem) = Store::open(&dir);
+        assert!(problem.is_none(), "{problem:?}");
+        assert!(store.save(&fetched).unwrap());
+        assert!(!store.save(&fetched).unwrap(), "unchanged: nothing written");
+
+        // A restart: the server answers 304 to the stored validators: current, not stale.
+        let (store, _) = Store::read_only(&dir);
+        let from_store = Previous {
+            fetched: &Fetched::default(),
+            store: Some(&store),
+            hold_growth: true,
+        };
+        let (again, notes) = run(fetch(&config, &Zone::default(), &server, &from_store)).unwrap();
+        assert_eq!(results(&notes), ["not_modified"]);
+        assert_eq!(again.urls[LIST_URL].entries, fetched.urls[LIST_URL].entries);
+        assert!(again.not_current().is_empty());
+        // With the server down: the stored content, stale.
+        server.down.set(true);
+        let (again, _) = run(fetch(&config, &Zone::default(), &server, &from_store)).unwrap();
+        assert_eq!(entries(&again), entries(&fetched));
+        assert_eq!(again.not_current()[0].status, SourceStatus::Stale);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,6 +1,6 @@
 //! Where prefixes come from. The TOML configuration ([`config`]) says what to trust, in
 //! [`prefix`] notation, and names list files ([`listfile`]), host names ([`dns`]) and SPF
-//! records ([`spf`]); [`fetch`] gathers what those name, each prefix with its origin, so that
+//! records ([`spf`]) and lists fetched over HTTP(S) ([`url`]); [`fetch`] gathers what those name, each prefix with its origin, so that
 //! building the policy stays a pure function of the configuration and what was fetched.
 //! [`safety`] keeps those automatic inputs from opening the lock-down, and [`store`] keeps
 //! their last good answers on disk for a restart without DNS.
@@ -13,3 +13,4 @@ pub mod prefix;
 pub mod safety;
 pub mod spf;
 pub mod store;
+pub mod url;

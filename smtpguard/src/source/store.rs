@@ -1,11 +1,13 @@
 //! The last-good store: what the daemon last applied from automatic sources (every name's
-//! prefixes and when they were resolved, every list file's entries), kept per instance under
+//! prefixes and when they were resolved, every list file's entries, every URL's content with
+//! the validators to ask whether it changed), kept per instance under
 //! `/var/lib/smtpguard/NAME`, so that a restart with DNS down or a list file gone starts with
 //! the policy it had instead of not starting at all (which would leave port 25 open).
 //!
 //! `store.json` holds the names and an index of the list files; `lists/HASH.list` holds each
 //! list file's entries at their original lines (comments and blank lines left empty), so
-//! messages about a stored copy name the original file and line. Every file is written
+//! messages about a stored copy name the original file and line; `lists/HASH.url.json` holds
+//! a URL's entries with their lines (several may share a line of a JSON document). Every file is written
 //! atomically (a temporary file, fsync, rename, fsync of the directory) and only when what it
 //! holds changed. Directories are 0700, files 0600.
 
@@ -25,8 +27,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::source::{
     config::{ConfigError, Location, read_text},
-    fetch::{Fetched, Name, Resolution},
+    fetch::{Fetched, Name, Resolution, UrlContent},
     listfile,
+    url::Validators,
 };
 
 /// The layout this code reads and writes.
@@ -66,6 +69,9 @@ struct Manifest {
     format: u32,
     names: Vec<StoredName>,
     files: Vec<StoredFile>,
+    /// Absent from stores written before lists could be fetched by URL.
+    #[serde(default)]
+    urls: Vec<StoredUrl>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,6 +106,18 @@ struct StoredFile {
     entries: usize,
     /// Of the entries: tells whether the copy must be written again.
     digest: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct StoredUrl {
+    url: String,
+    /// The copy's file name under `lists/`.
+    copy: String,
+    entries: usize,
+    digest: String,
+    etag: Option<String>,
+    last_modified: Option<String>,
+    fetched_at_unix: u64,
 }
 
 /// The last-good store of one instance.
@@ -158,6 +176,40 @@ impl Store {
         Ok(Some(listfile::entries(path, &text)))
     }
 
+    /// The content stored for the list at `url`, with the validators it was fetched with.
+    pub fn url(&self, url: &str) -> Result<Option<UrlContent>, StoreError> {
+        let Some(stored) = self.manifest.urls.iter().find(|stored| stored.url == url) else {
+            return Ok(None);
+        };
+        let copy = self.dir.join(LISTS).join(&stored.copy);
+        let text = read_text(&copy, listfile::MAX_FILE_BYTES).map_err(StoreError::Read)?;
+        let lines: Vec<(String, usize)> =
+            serde_json::from_str(&text).map_err(|source| StoreError::Corrupt {
+                path: copy.clone(),
+                source,
+            })?;
+        let entries = lines
+            .into_iter()
+            .map(|(text, line)| {
+                (
+                    text,
+                    Location {
+                        file: PathBuf::from(url),
+                        line,
+                    },
+                )
+            })
+            .collect();
+        Ok(Some(UrlContent::last_good(
+            entries,
+            Validators {
+                etag: stored.etag.clone(),
+                last_modified: stored.last_modified.clone(),
+            },
+            UNIX_EPOCH + Duration::from_secs(stored.fetched_at_unix),
+        )))
+    }
+
     /// Records what `fetched` holds, the policy just applied being built from it; writes only
     /// what changed. Returns whether anything was written.
     pub fn save(&mut self, fetched: &Fetched) -> Result<bool, StoreError> {
@@ -186,6 +238,7 @@ impl Store {
                 })
                 .collect(),
             files: Vec::new(),
+            urls: Vec::new(),
         };
         let mut written = false;
         for (path, entries) in &fetched.files {
@@ -213,6 +266,41 @@ impl Store {
                 copy,
                 entries: entries.len(),
                 digest,
+            });
+        }
+        for (url, content) in &fetched.urls {
+            let lines: Vec<(&str, usize)> = content
+                .entries
+                .iter()
+                .map(|(text, at)| (text.as_str(), at.line))
+                .collect();
+            let digest = digest(&content.entries);
+            let copy = format!("{:016x}.url.json", fnv1a(url.as_bytes()));
+            let unchanged = self
+                .manifest
+                .urls
+                .iter()
+                .any(|stored| stored.url == *url && stored.digest == digest)
+                && lists.join(&copy).is_file();
+            if !unchanged {
+                let json = serde_json::to_vec(&lines).map_err(|source| StoreError::Encode {
+                    path: lists.join(&copy),
+                    source,
+                })?;
+                write_atomic(&lists, &copy, &json)?;
+                written = true;
+            }
+            manifest.urls.push(StoredUrl {
+                url: url.clone(),
+                copy,
+                entries: content.entries.len(),
+                digest,
+                etag: content.validators.etag.clone(),
+                last_modified: content.validators.last_modified.clone(),
+                fetched_at_unix: content
+                    .fetched_at
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |since| since.as_secs()),
             });
         }
         if manifest != self.manifest || !self.dir.join(MANIFEST).is_file() {
@@ -244,7 +332,9 @@ impl Store {
                 .manifest
                 .files
                 .iter()
-                .any(|file| file.copy.as_bytes() == name.as_bytes());
+                .map(|file| &file.copy)
+                .chain(self.manifest.urls.iter().map(|url| &url.copy))
+                .any(|copy| copy.as_bytes() == name.as_bytes());
             if !used {
                 fs::remove_file(entry.path()).map_err(|source| StoreError::Io {
                     path: entry.path(),
@@ -392,6 +482,7 @@ mod tests {
                     .collect(),
             )]),
             stale_files: BTreeMap::new(),
+            urls: BTreeMap::new(),
             names: BTreeMap::from([(
                 Name::Spf("provider.test".into()),
                 Resolution {

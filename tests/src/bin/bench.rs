@@ -5,7 +5,9 @@
 //!    runs) for several frames and policy sizes, beside the trivial XDP_DROP floor;
 //! 2. a SYN flood of random unlisted sources over a veth pair between two namespaces: CPU per
 //!    packet and drop rate for the floor, smtpguard and the same policy in nftables;
-//! 3. policy apply through the real daemon: SIGHUP to the new policy in force, and map memory.
+//! 3. policy apply through the real daemon: SIGHUP to the new policy in force, and map memory;
+//! 4. the size of a Prometheus scrape of a 100,000-prefix policy under each `[metrics]
+//!    prefixes` setting.
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr},
@@ -64,6 +66,84 @@ fn main() {
             &[100_000, 1_000_000]
         });
     }
+    if run(4) {
+        scrape_size(if quick { 10_000 } else { 100_000 });
+    }
+}
+
+/// Part 4: what one scrape of `/metrics` costs with `size` prefixes in force, one of which
+/// has matched, under each `[metrics] prefixes` setting.
+fn scrape_size(size: usize) {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use smtpguard_tests::{
+        netns::{Listener, SERVER_V4, connect, sock},
+        prometheus::http_get,
+    };
+
+    const LISTEN: &str = "127.0.0.1:9725";
+    println!(
+        "4. one scrape of /metrics, {size} prefixes in force (one of them matched), by [metrics] prefixes"
+    );
+    println!(
+        "{:>10} {:>12} {:>10} {:>14} {:>10}",
+        "setting", "bytes", "series", "per-prefix", "scrape"
+    );
+    let client = Ipv4Addr::new(192, 0, 2, 10);
+    let pair = Pair::new(&[IpAddr::V4(client)]);
+    let _smtp = Listener::start(&pair.server, 25);
+    let dir = std::env::temp_dir().join(format!("sg-scrape-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let list = dir.join("v4.txt");
+    let mut rng = Rng::new(4);
+    let text: String = random_v4_prefixes(&mut rng, size)
+        .iter()
+        .map(|net| format!("{net}\n"))
+        .collect();
+    std::fs::write(&list, text).expect("list");
+    let config = |series: &str| {
+        format!(
+            "interfaces = [\"{}\"]\non_exit = \"detach\"\n[metrics]\nlisten = \"{LISTEN}\"\nprefixes = \"{series}\"\n[[allow]]\nname = \"provider\"\nprefixes = [\"192.0.2.0/28\"]\n[[allow]]\nname = \"bench\"\nfiles = [\"{}\"]\n",
+            pair.server_if,
+            list.display()
+        )
+    };
+    let mut daemon = Daemon::start_timeout(&pair.server, &config("all"), Duration::from_secs(300));
+    let (outcome, _) = connect(
+        &pair.client,
+        IpAddr::V4(client),
+        sock(SERVER_V4, 25),
+        Duration::from_secs(2),
+    );
+    assert_eq!(outcome, smtpguard_tests::netns::Outcome::Connected);
+    for series in ["all", "matched", "none"] {
+        if series != "all" {
+            daemon.reload(&config(series));
+        }
+        let started = Instant::now();
+        let (status, body) = http_get(&pair.server, LISTEN, "/metrics").expect("scrape");
+        let elapsed = started.elapsed();
+        assert_eq!(status, 200, "{body}");
+        let samples = body
+            .lines()
+            .filter(|line| !line.starts_with('#') && !line.is_empty())
+            .count();
+        let per_prefix = body
+            .lines()
+            .filter(|line| line.starts_with("smtpguard_rule_matches_total{"))
+            .count();
+        println!(
+            "{:>10} {:>12} {:>10} {:>14} {:>8.0} ms",
+            series,
+            body.len(),
+            samples,
+            per_prefix,
+            elapsed.as_secs_f64() * 1e3
+        );
+    }
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(&dir);
+    println!();
 }
 
 fn machine() {

@@ -110,9 +110,24 @@ fn main() {
     daemon.reload(&config(&pair.server_if, "enforce", ", \"203.0.113.7\""));
     try_connect(&pair, SPAMMER4.into(), "now listed", 25);
 
+    let generation = daemon.generation();
     let status = daemon.stop();
-    println!("\nSIGTERM: smtpguard exited with {status}; the program is detached:");
-    try_connect(&pair, SPAMMER6.into(), "no filter any more", 25);
+    println!(
+        "\nSIGTERM: smtpguard exited with {status}. With on_exit = \"keep\" (the default) the filter"
+    );
+    println!(
+        "outlives the daemon: pinned in bpffs, it keeps enforcing generation {generation} until a new daemon"
+    );
+    println!("takes it over or `smtpguard detach` removes it:");
+    println!("{:<20} {:<40} {:>5}  result", "source", "who", "port");
+    try_connect(&pair, SPAMMER6.into(), "spammer over IPv6, daemon gone", 25);
+    try_connect(&pair, PROVIDER4.into(), "provider, daemon gone", 25);
+    println!("\n$ smtpguard stats   (no daemon: read from the pins)");
+    println!("{}", indent(&first_lines(&cli(&daemon, &["stats"]), 2)));
+    println!("$ smtpguard detach");
+    println!("{}", indent(&cli(&daemon, &["detach"])));
+    println!("the program is detached now: port 25 is open to every source");
+    try_connect(&pair, SPAMMER6.into(), "spammer over IPv6, no filter", 25);
     drop(daemon);
     drop(pair);
     println!("\nnamespaces removed; demo done");
@@ -141,6 +156,13 @@ fn cli(daemon: &Daemon, args: &[&str]) -> String {
         .output()
         .expect("run smtpguard");
     String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn first_lines(text: &str, count: usize) -> String {
+    text.lines()
+        .take(count)
+        .map(|line| format!("{line}\n"))
+        .collect()
 }
 
 fn indent(text: &str) -> String {

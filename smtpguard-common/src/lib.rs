@@ -277,9 +277,12 @@ pub struct RuleValue {
     pub action: u8,
     /// 1 when the prefix is on the deny list, whatever its action.
     pub deny: u8,
-    pub _pad: [u8; 2],
-    /// Key of this prefix's entry in [`map_name::PREFIX_HITS`]; stable while the prefix stays
-    /// in the policy, so its counter keeps counting across reloads.
+    /// 1 for a deny prefix another entry outranks: `action` and `counter_id` are that entry's
+    /// (its SYNs count where they were decided).
+    pub outranked: u8,
+    pub _pad: u8,
+    /// Key in [`map_name::PREFIX_HITS`] of the counter this prefix's SYNs count in: its own,
+    /// stable while the prefix stays in the policy, so it keeps counting across reloads.
     pub counter_id: u32,
 }
 const _: () = assert!(size_of::<RuleValue>() == 8);

@@ -237,6 +237,8 @@ impl PolicyMaps {
         let active = &self.slots[self.active_slot as usize];
         self.counter_ids = active
             .iter()
+            // An outranked prefix counts in another entry's counter, not its own.
+            .filter(|(_, value)| value.outranked == 0)
             .map(|((scope, net), value)| {
                 let list = if value.deny == 1 {
                     List::Deny
@@ -360,11 +362,12 @@ impl PolicyMaps {
             .entries()
             .map(|(scope_id, net, entry)| {
                 let scope = &policy.scopes[scope_id as usize];
-                // A deny prefix an allow match outranks takes the verdict of what outranks it.
-                let decider = entry
+                // A deny prefix an allow match outranks takes the verdict of what outranks it,
+                // and its SYNs count there: they were let in by that rule.
+                let (decider_net, decider) = entry
                     .decided_by
-                    .and_then(|by| scope.entries.get(&by))
-                    .unwrap_or(entry);
+                    .and_then(|by| scope.entries.get(&by).map(|decider| (by, decider)))
+                    .unwrap_or((*net, entry));
                 let code = match (decider.list, decider.action) {
                     (List::Allow, _) => action::ALLOW,
                     (List::Deny, action) => action_code(action.unwrap_or(scope.unlisted_action)),
@@ -372,8 +375,9 @@ impl PolicyMaps {
                 let value = RuleValue {
                     action: code as u8,
                     deny: u8::from(entry.list == List::Deny),
-                    _pad: [0; 2],
-                    counter_id: counter_ids[&(scope_id, *net, entry.list)],
+                    outranked: u8::from(entry.decided_by.is_some()),
+                    _pad: 0,
+                    counter_id: counter_ids[&(scope_id, decider_net, decider.list)],
                 };
                 ((scope_id, *net), value)
             })
@@ -699,7 +703,7 @@ impl PolicyMaps {
         let values: Vec<u8> = entries
             .iter()
             .flat_map(|(_, value)| {
-                let mut bytes = vec![value.action, value.deny, 0, 0];
+                let mut bytes = vec![value.action, value.deny, value.outranked, 0];
                 bytes.extend_from_slice(&value.counter_id.to_ne_bytes());
                 bytes
             })

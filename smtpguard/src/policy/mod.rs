@@ -983,4 +983,339 @@ prefixes = ["89.16.184.150"]
             warnings[0]
         );
     }
+
+    /// A verdict as text, for the scope and precedence tests.
+    fn said(policy: &Policy, src: &str, dst: Option<&str>, port: u16) -> String {
+        let dst = dst.map(|dst| dst.parse().unwrap());
+        match policy.verdict_to(src.parse().unwrap(), dst, port) {
+            Verdict::NotGuarded => "not guarded".to_owned(),
+            Verdict::Allowed(net, entry) => format!("allow {net} {}", entry.rule),
+            Verdict::Denied(net, entry) => {
+                format!("deny {net} {} {}", entry.rule, entry.action.unwrap())
+            }
+            Verdict::Unlisted => "unlisted".to_owned(),
+        }
+    }
+
+    const SCOPED: &str = r#"interfaces = ["eth0"]
+ports = [25]
+action = "drop"
+
+[[allow]]
+name = "lan"
+prefixes = ["192.168.0.0/16"]
+
+[[scope]]
+name = "filtered"
+destinations = ["198.51.100.10", "2001:db8:1::/48"]
+action = "reject"
+[[scope.allow]]
+name = "provider-a"
+prefixes = ["89.16.184.0/24", "2001:db8:a::/48"]
+[[scope.deny]]
+name = "abuser"
+prefixes = ["89.16.184.150"]
+
+[[scope]]
+name = "tenant"
+destinations = ["198.51.100.0/24"]
+ports = [25, 2525]
+mode = "audit"
+[[scope.allow]]
+name = "provider-b"
+prefixes = ["203.0.113.0/24"]
+"#;
+
+    #[test]
+    fn the_most_specific_scope_decides_then_the_longest_source_prefix() {
+        let (policy, _) = build(SCOPED).unwrap();
+        assert!(policy.scoped());
+        let names: Vec<&str> = policy.scopes.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["default", "filtered", "tenant"]);
+        // 198.51.100.10 is in both scopes' destinations: the /32 wins over the /24.
+        assert_eq!(
+            policy.scope_for(Some("198.51.100.10".parse().unwrap())).0,
+            1
+        );
+        assert_eq!(
+            policy.scope_for(Some("198.51.100.11".parse().unwrap())).0,
+            2
+        );
+        assert_eq!(policy.scope_for(Some("192.0.2.1".parse().unwrap())).0, 0);
+        let to_a = Some("198.51.100.10");
+        assert_eq!(
+            said(&policy, "89.16.184.7", to_a, 25),
+            "allow 89.16.184.0/24 provider-a"
+        );
+        assert_eq!(
+            said(&policy, "89.16.184.150", to_a, 25),
+            "deny 89.16.184.150/32 abuser reject"
+        );
+        // Provider B's ranges mean nothing for scope "filtered", and the top-level LAN rule
+        // belongs to the default scope only.
+        assert_eq!(said(&policy, "203.0.113.5", to_a, 25), "unlisted");
+        assert_eq!(said(&policy, "192.168.1.1", to_a, 25), "unlisted");
+        assert_eq!(
+            said(&policy, "203.0.113.5", Some("198.51.100.99"), 25),
+            "allow 203.0.113.0/24 provider-b"
+        );
+        assert_eq!(
+            said(&policy, "89.16.184.7", Some("198.51.100.99"), 25),
+            "unlisted"
+        );
+        // Ports are per scope.
+        assert_eq!(said(&policy, "89.16.184.7", to_a, 2525), "not guarded");
+        assert_eq!(
+            said(&policy, "89.16.184.7", Some("198.51.100.99"), 2525),
+            "unlisted"
+        );
+        // IPv6 destinations too.
+        assert_eq!(
+            said(&policy, "2001:db8:a::1", Some("2001:db8:1::25"), 25),
+            "allow 2001:db8:a::/48 provider-a"
+        );
+        assert_eq!(
+            said(&policy, "2001:db8:a::1", Some("2001:db8:2::25"), 25),
+            "unlisted"
+        );
+        // The default scope: the top-level rules, for every other destination.
+        assert_eq!(
+            said(&policy, "192.168.1.1", Some("192.0.2.1"), 25),
+            "allow 192.168.0.0/16 lan"
+        );
+        let (mode, action) = (policy.scopes[2].mode, policy.scopes[2].unlisted_action);
+        assert_eq!(
+            (mode, action),
+            (Mode::Audit, Action::Drop),
+            "tenant inherits the top-level action"
+        );
+        assert_eq!(policy.scopes[1].unlisted_action, Action::Reject);
+        // Not the order of the file: the wider scope first changes nothing.
+        let at = SCOPED.find("[[scope]]\nname = \"tenant\"").unwrap();
+        let swapped = format!(
+            "{}{}\n{}",
+            &SCOPED[..SCOPED.find("[[scope]]").unwrap()],
+            &SCOPED[at..],
+            &SCOPED[SCOPED.find("[[scope]]").unwrap()..at]
+        );
+        let (swapped, _) = build(&swapped).unwrap();
+        assert_eq!(swapped.scopes[1].name, "tenant");
+        assert_eq!(
+            said(&swapped, "89.16.184.7", to_a, 25),
+            "allow 89.16.184.0/24 provider-a"
+        );
+    }
+
+    #[test]
+    fn without_top_level_rules_only_the_scopes_destinations_are_guarded() {
+        let text = SCOPED.replace(
+            "[[allow]]\nname = \"lan\"\nprefixes = [\"192.168.0.0/16\"]\n",
+            "",
+        );
+        let (policy, _) = build(&text).unwrap();
+        assert!(!policy.default_scope().guarded);
+        assert_eq!(
+            said(&policy, "192.168.1.1", Some("192.0.2.1"), 25),
+            "not guarded"
+        );
+        assert_eq!(
+            said(&policy, "203.0.113.66", Some("192.0.2.1"), 25),
+            "not guarded"
+        );
+        assert_eq!(
+            said(&policy, "203.0.113.66", Some("198.51.100.10"), 25),
+            "unlisted"
+        );
+    }
+
+    #[test]
+    fn scope_mistakes_are_refused_with_file_and_line() {
+        let twice = SCOPED.replace(
+            "destinations = [\"198.51.100.0/24\"]",
+            "destinations = [\"198.51.100.10/32\"]",
+        );
+        assert_eq!(
+            build(&twice).unwrap_err().to_string(),
+            "/etc/smtpguard/test.toml:22: destination 198.51.100.10/32 is already in scope \"filtered\" (/etc/smtpguard/test.toml:11): which scope decides would be a guess"
+                .to_owned(),
+        );
+        let empty = SCOPED.replace(
+            "[[scope.allow]]\nname = \"provider-b\"\nprefixes = [\"203.0.113.0/24\"]\n",
+            "",
+        );
+        let error = build(&empty).unwrap_err().to_string();
+        assert!(
+            error.starts_with(
+                "/etc/smtpguard/test.toml:21: scope \"tenant\" has no allow prefix at all"
+            ),
+            "{error}"
+        );
+        let named_default = SCOPED.replace("name = \"tenant\"", "name = \"default\"");
+        let error = build(&named_default).unwrap_err().to_string();
+        assert!(
+            error.starts_with("/etc/smtpguard/test.toml:21: "),
+            "{error}"
+        );
+        assert!(error.contains("\"default\""), "{error}");
+        let bad = SCOPED.replace("\"2001:db8:1::/48\"", "\"2001:db8:1::/129\"");
+        let error = build(&bad).unwrap_err().to_string();
+        assert!(
+            error.starts_with("/etc/smtpguard/test.toml:11: bad prefix \"2001:db8:1::/129\""),
+            "{error}"
+        );
+    }
+
+    /// A provider allowed by literal prefixes and a DNS name, a blocklist file, and the
+    /// admin's own deny of one host: the feed never overrides the provider, the admin does.
+    fn feed_policy(extra: &str) -> (Config, Fetched) {
+        let text = format!(
+            r#"interfaces = ["eth0"]
+[[allow]]
+name = "provider"
+prefixes = ["40.92.0.0/15", "203.0.113.0/24"]
+[[deny]]
+name = "drop-list"
+files = ["/etc/smtpguard/drop.txt"]
+{extra}
+[[deny]]
+name = "abuser"
+prefixes = ["40.92.7.7"]
+"#
+        );
+        let config = Config::parse(Path::new("/etc/smtpguard/test.toml"), &text).unwrap();
+        let mut fetched = Fetched::default();
+        let path = Path::new("/etc/smtpguard/drop.txt");
+        fetched.files.insert(
+            path.into(),
+            crate::source::listfile::entries(
+                path,
+                "; DROP-style\n40.92.7.0/24 ; inside the provider\n203.0.113.0/24 ; exactly the provider\n198.18.0.0/15\n",
+            ),
+        );
+        (config, fetched)
+    }
+
+    #[test]
+    fn a_blocklist_file_never_cuts_the_provider_off_but_the_admins_deny_does() {
+        let (config, fetched) = feed_policy("");
+        let (policy, warnings) = Policy::build(&config, &fetched).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let scope = policy.default_scope();
+        let feed = &scope.entries[&"40.92.7.0/24".parse().unwrap()];
+        assert_eq!(feed.precedence, Precedence::Allow);
+        assert_eq!(feed.decided_by, Some("40.92.0.0/15".parse().unwrap()));
+        assert_eq!(
+            scope.entries[&"40.92.7.7/32".parse().unwrap()].precedence,
+            Precedence::Specific
+        );
+        // Inside the provider's /15 and the feed's /24: allowed.
+        assert_eq!(
+            said(&policy, "40.92.7.8", None, 25),
+            "allow 40.92.0.0/15 provider"
+        );
+        // The admin's /32 inside both: stopped.
+        assert_eq!(
+            said(&policy, "40.92.7.7", None, 25),
+            "deny 40.92.7.7/32 abuser drop"
+        );
+        // The feed outside the provider: stopped.
+        assert_eq!(
+            said(&policy, "198.18.3.4", None, 25),
+            "deny 198.18.0.0/15 drop-list drop"
+        );
+        // The identical prefix is no conflict: the allow entry stands, the feed's is shown.
+        assert_eq!(
+            said(&policy, "203.0.113.9", None, 25),
+            "allow 203.0.113.0/24 provider"
+        );
+        let outranked: Vec<String> = scope
+            .outranked
+            .iter()
+            .map(|o| format!("{} {} {}", o.net, o.entry.rule, o.entry.at))
+            .collect();
+        assert_eq!(
+            outranked,
+            ["203.0.113.0/24 drop-list /etc/smtpguard/drop.txt:3"]
+        );
+    }
+
+    #[test]
+    fn a_feed_said_specific_decides_by_length_and_conflicts_where_identical() {
+        let (config, fetched) = feed_policy("precedence = \"specific\"");
+        let error = Policy::build(&config, &fetched).unwrap_err().to_string();
+        assert!(error.contains("203.0.113.0/24"), "{error}");
+        assert!(error.starts_with("/etc/smtpguard/drop.txt:3"), "{error}");
+        // Without the identical prefix, the feed's /24 wins inside the /15.
+        let (config, mut fetched) = feed_policy("precedence = \"specific\"");
+        let path = Path::new("/etc/smtpguard/drop.txt");
+        fetched.files.insert(
+            path.into(),
+            crate::source::listfile::entries(path, "40.92.7.0/24\n"),
+        );
+        let (policy, _) = Policy::build(&config, &fetched).unwrap();
+        assert_eq!(
+            said(&policy, "40.92.7.8", None, 25),
+            "deny 40.92.7.0/24 drop-list drop"
+        );
+    }
+
+    #[test]
+    fn an_admins_deny_said_allow_ranks_under_the_allow_list() {
+        let text = r#"interfaces = ["eth0"]
+[[allow]]
+name = "provider"
+prefixes = ["40.92.0.0/15"]
+[[deny]]
+name = "soft"
+precedence = "allow"
+action = "drop"
+prefixes = ["40.92.9.0/24", "198.18.0.0/15"]
+"#;
+        let (policy, _) = build(text).unwrap();
+        assert_eq!(
+            said(&policy, "40.92.9.1", None, 25),
+            "allow 40.92.0.0/15 provider"
+        );
+        assert_eq!(
+            said(&policy, "198.18.0.1", None, 25),
+            "deny 198.18.0.0/15 soft drop"
+        );
+        // On an allow rule, precedence means nothing and is refused.
+        let error = build(&text.replace(
+            "name = \"provider\"",
+            "name = \"provider\"\nprecedence = \"allow\"",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(error.starts_with("/etc/smtpguard/test.toml:4: "), "{error}");
+        assert!(error.contains("precedence"), "{error}");
+    }
+
+    #[test]
+    fn a_feed_inside_the_admins_deny_takes_its_action() {
+        // Ranking entries decide for a feed: here the admin's specific deny, not the allow.
+        let text = r#"interfaces = ["eth0"]
+action = "reject"
+[[allow]]
+name = "provider"
+prefixes = ["40.92.0.0/15"]
+[[deny]]
+name = "bad-corner"
+action = "drop"
+prefixes = ["40.92.8.0/22"]
+[[deny]]
+name = "feed"
+precedence = "allow"
+prefixes = ["40.92.9.0/24"]
+"#;
+        let (policy, _) = build(text).unwrap();
+        assert_eq!(
+            said(&policy, "40.92.9.1", None, 25),
+            "deny 40.92.8.0/22 bad-corner drop"
+        );
+        assert_eq!(
+            said(&policy, "40.92.12.1", None, 25),
+            "allow 40.92.0.0/15 provider"
+        );
+    }
 }

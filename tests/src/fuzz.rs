@@ -21,7 +21,9 @@ use crate::{
 
 /// Nested allow and deny prefixes in both families: a deny /32 inside an allowed /24, an
 /// allowed /24 inside a denied /16 inside an allowed /8, an allowed /128 inside a denied /64
-/// inside an allowed /48.
+/// inside an allowed /48. A feed (deny of `allow` precedence) inside allowed ranges, inside
+/// the admin's deny inside them, and outside them. A scope for a second destination with its
+/// own port, action and rules.
 pub const RULES: &str = r#"
 [[allow]]
 name = "provider"
@@ -30,6 +32,23 @@ prefixes = ["192.0.2.0/24", "198.51.100.0/25", "10.0.0.0/8", "10.1.2.0/24", "200
 [[deny]]
 name = "abuser"
 prefixes = ["192.0.2.128/26", "10.1.0.0/16", "2001:db8:25:bad::/64", "192.0.2.77"]
+
+[[deny]]
+name = "feed"
+precedence = "allow"
+prefixes = ["192.0.2.0/25", "10.1.2.128/25", "10.1.3.0/24", "2001:db8:25::/56", "203.0.113.0/24"]
+
+[[scope]]
+name = "second"
+destinations = ["198.51.100.2", "2001:db8:100::2"]
+ports = [25]
+action = "reject"
+[[scope.allow]]
+name = "provider-b"
+prefixes = ["192.0.2.0/25", "203.0.113.0/24", "2001:db8:25:bad::/64"]
+[[scope.deny]]
+name = "abuser-b"
+prefixes = ["192.0.2.64/26", "2001:db8:25:bad::25"]
 "#;
 
 /// The guarded ports of [`policy_toml`].

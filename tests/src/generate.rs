@@ -38,7 +38,11 @@ pub struct Generator {
 }
 
 /// Sources inside and around the nested prefixes of [`crate::fuzz::POLICY`].
-const SOURCES_V4: [[u8; 4]; 18] = [
+const SOURCES_V4: [[u8; 4]; 22] = [
+    [192, 0, 2, 100],
+    [10, 1, 2, 200],
+    [203, 0, 113, 7],
+    [10, 1, 3, 77],
     [192, 0, 2, 10],
     [192, 0, 2, 77],
     [192, 0, 2, 130],
@@ -59,7 +63,8 @@ const SOURCES_V4: [[u8; 4]; 18] = [
     [100, 64, 0, 1],
 ];
 
-const SOURCES_V6: [u128; 9] = [
+const SOURCES_V6: [u128; 10] = [
+    0x2001_0db8_0025_00ff_0000_0000_0000_0001,
     0x2001_0db8_0025_0001_0000_0000_0000_0001,
     0x2001_0db8_0025_0bad_0000_0000_0000_0001,
     0x2001_0db8_0025_0bad_0000_0000_0000_0025,

@@ -4,7 +4,7 @@
 use std::{fmt::Write as _, net::IpAddr};
 
 use crate::{
-    policy::{Policy, Verdict},
+    policy::{List, Policy, Verdict},
     source::config::{Action, Mode},
 };
 
@@ -52,9 +52,13 @@ pub fn explain(policy: &Policy, source: IpAddr, destination: Option<IpAddr>, por
     if let Some((net, entry)) = scope.longest_match(source)
         && let Some(by) = entry.decided_by
     {
+        let by_list = scope
+            .entries
+            .get(&by)
+            .map_or(List::Allow, |decider| decider.list);
         let _ = writeln!(
             out,
-            "longest match: {net} on the {} list, rule {:?}, from {} ({}), precedence {}: outranked by {by}",
+            "longest match: {net} on the {} list, rule {:?}, from {} ({}), precedence {}: outranked by {by_list} {by}",
             entry.list, entry.rule, entry.origin, entry.at, entry.precedence
         );
     }

@@ -48,11 +48,29 @@ pub struct Stats {
     /// Names and list files whose last good answer stands in for a fresh one (stale, or held
     /// back by the growth guard).
     pub sources: Vec<SourceNote>,
+    /// The scopes of the policy: only "default" for a policy without `[[scope]]`s.
+    pub scopes: Vec<ScopeStats>,
     pub prefixes: Vec<PrefixStats>,
+}
+
+/// One scope's settings and the SYNs its prefixes decided.
+#[derive(Clone, Debug, Serialize)]
+pub struct ScopeStats {
+    pub name: String,
+    pub destinations: Vec<String>,
+    pub guarded: bool,
+    pub ports: Vec<u16>,
+    pub mode: crate::source::config::Mode,
+    pub action: crate::source::config::Action,
+    /// SYNs its allow prefixes let in.
+    pub syn_allowed: u64,
+    /// SYNs its deny prefixes stopped (or would have, in audit mode).
+    pub syn_denied: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
 pub struct PrefixStats {
+    pub scope: String,
     pub list: List,
     pub rule: String,
     pub prefix: String,
@@ -65,6 +83,7 @@ impl Stats {
             .prefixes
             .iter()
             .map(|prefix| PrefixStats {
+                scope: prefix.scope.clone(),
                 list: prefix.list,
                 rule: prefix.rule.clone(),
                 prefix: prefix.prefix.to_string(),
@@ -75,7 +94,44 @@ impl Stats {
                     .unwrap_or(0),
             })
             .collect();
-        prefixes.sort_by(|a, b| (a.list, &a.rule, b.syns).cmp(&(b.list, &b.rule, a.syns)));
+        prefixes.sort_by(|a, b| {
+            (&a.scope, a.list, &a.rule, b.syns).cmp(&(&b.scope, b.list, &b.rule, a.syns))
+        });
+        let scopes = if state.scopes.is_empty() {
+            // A state from before scopes: the top level is the only scope.
+            vec![crate::instance::ScopeState {
+                name: "default".into(),
+                destinations: Vec::new(),
+                guarded: true,
+                ports: state.ports.clone(),
+                mode: state.mode,
+                action: state.action,
+            }]
+        } else {
+            state.scopes.clone()
+        };
+        let scopes = scopes
+            .into_iter()
+            .map(|scope| {
+                let syns = |list: List| {
+                    prefixes
+                        .iter()
+                        .filter(|prefix| prefix.scope == scope.name && prefix.list == list)
+                        .map(|prefix| prefix.syns)
+                        .sum()
+                };
+                ScopeStats {
+                    syn_allowed: syns(List::Allow),
+                    syn_denied: syns(List::Deny),
+                    destinations: scope.destinations.iter().map(ToString::to_string).collect(),
+                    name: scope.name,
+                    guarded: scope.guarded,
+                    ports: scope.ports,
+                    mode: scope.mode,
+                    action: scope.action,
+                }
+            })
+            .collect();
         Self {
             instance: instance.to_owned(),
             pid: state.pid,
@@ -102,6 +158,7 @@ impl Stats {
             boot: state.boot,
             waiting: state.waiting.clone(),
             sources: state.sources.clone(),
+            scopes,
             prefixes,
         }
     }
@@ -181,6 +238,50 @@ impl Stats {
         for note in &self.sources {
             let _ = writeln!(out, "{}: {}: {}", note.status, note.source, note.detail);
         }
+        if self.scopes.len() > 1 {
+            let _ = writeln!(out);
+            for scope in &self.scopes {
+                let to = if scope.destinations.is_empty() {
+                    "every other destination".to_owned()
+                } else {
+                    scope.destinations.join(", ")
+                };
+                if !scope.guarded {
+                    let _ = writeln!(out, "scope {:?} ({to}): not guarded", scope.name);
+                    continue;
+                }
+                let ports: Vec<String> = scope.ports.iter().map(ToString::to_string).collect();
+                let _ = writeln!(
+                    out,
+                    "scope {:?} ({to}): port {}, {} mode, unlisted sources: {}; allowed {}, denied {}",
+                    scope.name,
+                    ports.join(", "),
+                    scope.mode,
+                    scope.action,
+                    scope.syn_allowed,
+                    scope.syn_denied
+                );
+            }
+        }
+        let scoped = self.scopes.len() > 1;
+        let scope_width = if scoped {
+            self.prefixes
+                .iter()
+                .map(|prefix| prefix.scope.len())
+                .max()
+                .unwrap_or(5)
+                .max(5)
+                + 2
+        } else {
+            0
+        };
+        let scope_cell = |scope: &str| {
+            if scoped {
+                format!("{scope:<width$}", width = scope_width)
+            } else {
+                String::new()
+            }
+        };
         let rule_width = self
             .prefixes
             .iter()
@@ -197,13 +298,18 @@ impl Stats {
             .max(6);
         let _ = writeln!(
             out,
-            "\n{:<5}  {:<rule_width$}  {:<prefix_width$}  {:>10}",
-            "LIST", "RULE", "PREFIX", "SYNS"
+            "\n{}{:<5}  {:<rule_width$}  {:<prefix_width$}  {:>10}",
+            scope_cell("SCOPE"),
+            "LIST",
+            "RULE",
+            "PREFIX",
+            "SYNS"
         );
         for prefix in &self.prefixes {
             let _ = writeln!(
                 out,
-                "{:<5}  {:<rule_width$}  {:<prefix_width$}  {:>10}",
+                "{}{:<5}  {:<rule_width$}  {:<prefix_width$}  {:>10}",
+                scope_cell(&prefix.scope),
                 prefix.list.as_str(),
                 prefix.rule,
                 prefix.prefix,

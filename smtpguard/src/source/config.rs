@@ -20,7 +20,9 @@ pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
 /// The file is opened once and everything is decided on that descriptor: `O_NONBLOCK` so a
 /// FIFO cannot block the daemon at open, `fstat` of the opened file (not of the path, which may
 /// be replaced in between) so only regular files are read, and at most `limit + 1` bytes read
-/// so a file that grows while it is read cannot exhaust memory.
+/// so a file that grows while it is read cannot exhaust memory. The path is also looked at
+/// before it is opened: opening some devices does something (a watchdog starts, a tape
+/// rewinds), so one is refused without being opened.
 pub fn read_text(path: &Path, limit: u64) -> Result<String, ConfigError> {
     use std::{io::Read as _, os::unix::fs::OpenOptionsExt as _};
 
@@ -28,6 +30,13 @@ pub fn read_text(path: &Path, limit: u64) -> Result<String, ConfigError> {
         path: path.to_owned(),
         source,
     };
+    let before = std::fs::metadata(path).map_err(read_error)?;
+    if let Some(kind) = not_regular(&before.file_type()) {
+        return Err(ConfigError::NotRegular {
+            path: path.to_owned(),
+            kind,
+        });
+    }
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)

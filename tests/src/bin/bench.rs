@@ -7,7 +7,9 @@
 //!    packet and drop rate for the floor, smtpguard and the same policy in nftables;
 //! 3. policy apply through the real daemon: SIGHUP to the new policy in force, and map memory;
 //! 4. the size of a Prometheus scrape of a 100,000-prefix policy under each `[metrics]
-//!    prefixes` setting.
+//!    prefixes` setting;
+//! 5. per-packet cost with destination scopes: the same prefixes in one scope, and spread over
+//!    100 scopes, beside the floor.
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr},
@@ -68,6 +70,96 @@ fn main() {
     }
     if run(4) {
         scrape_size(if quick { 10_000 } else { 100_000 });
+    }
+    if run(5) {
+        scopes(if quick { 1_000 } else { 10_000 });
+    }
+}
+
+/// Part 5: unlisted and allowed SYNs with `size` IPv4 and `size` IPv6 allow prefixes in the
+/// default scope alone, then spread over 100 scopes (the SYN's destination in one of them).
+fn scopes(size: usize) {
+    println!(
+        "5. destination scopes, BPF_PROG_TEST_RUN (median of {ROUNDS} runs of {REPEAT} repetitions), {size}+{size} allow prefixes"
+    );
+    println!(
+        "{:>7}  {:<24} {:>10} {:>10} {:>7}",
+        "scopes", "case", "smtpguard", "floor", "ratio"
+    );
+    let mut floor = Floor::load();
+    let (mut filter, mut maps) = Filter::load(None).expect("load smtpguard");
+    let mut rng = Rng::new(0x5c0e);
+    let mut nets = random_v4_prefixes(&mut rng, size);
+    nets.extend(random_v6_prefixes(&mut rng, size));
+    nets.push("192.0.2.0/28".parse().expect("prefix"));
+    let single = allow_policy(nets.iter().copied());
+    let unlisted = unlisted_v4(&mut rng, &single);
+    let cases: [(&str, Vec<u8>); 3] = [
+        ("unlisted IPv4 SYN", syn4(&[], unlisted, SYN)),
+        ("allowed IPv4 SYN", syn4(&[], ALLOWED4, SYN)),
+        (
+            "unlisted IPv6 SYN",
+            frames::segment_frame(
+                frames::DST_MAC,
+                &[],
+                UNLISTED6.into(),
+                DST6.into(),
+                40000,
+                25,
+                SYN,
+            ),
+        ),
+    ];
+    for (count, policy) in [(1, single.clone()), (100, spread(&single, 100))] {
+        maps.apply(&policy).expect("apply");
+        for (name, frame) in &cases {
+            let ours = timed(|| filter.time_run(frame, REPEAT).expect("test run"));
+            let base = timed(|| floor.time_run(frame, REPEAT));
+            println!(
+                "{count:>7}  {name:<24} {ours:>8.1}ns {base:>8.1}ns {:>6.2}x",
+                ours / base
+            );
+        }
+    }
+    println!();
+}
+
+/// `policy`'s default scope split into `count` scopes: scope 1 decides for the benchmark's
+/// destinations and keeps the provider's /28; the others take their share of the prefixes
+/// for destinations of their own.
+fn spread(policy: &smtpguard::policy::Policy, count: usize) -> smtpguard::policy::Policy {
+    let default = policy.default_scope().clone();
+    let mut scopes: Vec<smtpguard::policy::Scope> = (0..count)
+        .map(|index| smtpguard::policy::Scope {
+            name: format!("scope-{index}"),
+            destinations: if index == 1 {
+                vec![
+                    IpNet::from(std::net::IpAddr::from(DST4)),
+                    IpNet::from(std::net::IpAddr::from(DST6)),
+                ]
+            } else {
+                vec![
+                    format!("10.{index}.0.0/16").parse().expect("prefix"),
+                    format!("2001:db8:{index:x}::/48").parse().expect("prefix"),
+                ]
+            },
+            entries: Default::default(),
+            ..default.clone()
+        })
+        .collect();
+    scopes[0].destinations.clear();
+    scopes[0].name = "default".to_owned();
+    for (index, (net, entry)) in default.entries.into_iter().enumerate() {
+        let scope = if net == "192.0.2.0/28".parse::<IpNet>().expect("prefix") {
+            1
+        } else {
+            index % count
+        };
+        scopes[scope].entries.insert(net, entry);
+    }
+    smtpguard::policy::Policy {
+        scopes,
+        refused: Vec::new(),
     }
 }
 

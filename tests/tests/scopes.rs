@@ -242,7 +242,6 @@ fn each_destination_is_guarded_by_its_own_scope_and_feeds_never_cut_the_provider
     let explained = explain("192.0.2.9", "203.0.113.1");
     assert!(explained.contains("not guarded"), "{explained}");
 
-    drop(explain);
     drop(daemon);
     let _ = std::fs::remove_dir_all(&dir);
 }

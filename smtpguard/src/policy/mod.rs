@@ -370,20 +370,22 @@ impl Building<'_> {
                 .map(|(origin, nets)| (safety::Coverage::of(nets).get(family), origin))
                 .max()
                 .map_or_else(String::new, |(count, origin)| format!("{origin} ({count})"));
-            return Err(ConfigError::AllowCoverage {
-                path: self.path.clone(),
-                scope: scope.to_owned(),
-                family: if family == safety::Family::V4 {
-                    "IPv4"
-                } else {
-                    "IPv6"
+            return Err(ConfigError::AllowCoverage(Box::new(
+                crate::source::config::CoverageExceeded {
+                    path: self.path.clone(),
+                    scope: scope.to_owned(),
+                    family: if family == safety::Family::V4 {
+                        "IPv4"
+                    } else {
+                        "IPv6"
+                    },
+                    suffix,
+                    coverage: coverage.get(family),
+                    cap,
+                    cap_len,
+                    biggest,
                 },
-                suffix,
-                coverage: coverage.get(family),
-                cap,
-                cap_len,
-                biggest,
-            });
+            )));
         }
         Ok(())
     }

@@ -205,20 +205,8 @@ pub enum ConfigError {
         "{at}: scope {scope:?} has no allow prefix at all: every source would be blocked for its destinations; add [[scope.allow]] entries, or set allow_none = true in the scope if that is what you mean"
     )]
     ScopeNoAllow { at: Location, scope: String },
-    #[error(
-        "{path}: allow prefixes from list files, host names and SPF in scope {scope:?} cover {coverage} {family} addresses, more than max_coverage_{suffix} = {cap_len} allows ({cap}, one /{cap_len}); the most from {biggest}; automatic sources may not open the lock-down this far: raise max_coverage_{suffix} in [safety] if that is what you mean",
-        path = path.display()
-    )]
-    AllowCoverage {
-        path: PathBuf,
-        scope: String,
-        family: &'static str,
-        suffix: &'static str,
-        coverage: u128,
-        cap: u128,
-        cap_len: u8,
-        biggest: String,
-    },
+    #[error(transparent)]
+    AllowCoverage(Box<CoverageExceeded>),
     #[error(
         "{at}: destination {prefix} is already in scope {first:?} ({first_at}): which scope decides would be a guess"
     )]
@@ -228,6 +216,24 @@ pub enum ConfigError {
         first: String,
         first_at: Location,
     },
+}
+
+/// Automatic allow sources (list files, host names, SPF) that would open more of the address
+/// space than `[safety]` allows. Boxed in [`ConfigError`]: it is the largest refusal.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{path}: allow prefixes from list files, host names and SPF in scope {scope:?} cover {coverage} {family} addresses, more than max_coverage_{suffix} = {cap_len} allows ({cap}, one /{cap_len}); the most from {biggest}; automatic sources may not open the lock-down this far: raise max_coverage_{suffix} in [safety] if that is what you mean",
+    path = path.display()
+)]
+pub struct CoverageExceeded {
+    pub path: PathBuf,
+    pub scope: String,
+    pub family: &'static str,
+    pub suffix: &'static str,
+    pub coverage: u128,
+    pub cap: u128,
+    pub cap_len: u8,
+    pub biggest: String,
 }
 
 /// One prefix on both lists: which of them wins would be a guess, so the file is refused.

@@ -63,9 +63,15 @@ pub mod map_name {
     /// `PerCpuArray<u64>` of one entry: a word the parser stores an offset into and reads
     /// back, so the verifier merges the paths that reach a layer at different offsets.
     pub const SCRATCH: &str = "SG_SCRATCH";
+    /// `LruHashMap<[u8; 16], CanarySighting>`: while a canary runs, each source (IPv4 as
+    /// `::ffff:a.b.c.d`) whose verdict the candidate policy would change, and how often.
+    pub const CANARY: &str = "SG_CANARY";
+    /// `PerCpuArray<CanarySighting>` of one entry: where the program builds a new canary
+    /// sighting before inserting it (the stack has no room).
+    pub const CANARY_NEW: &str = "SG_CANARY_NEW";
 
     /// Every map, in a stable order (pinning, listing, tests).
-    pub const ALL: [&str; 20] = [
+    pub const ALL: [&str; 22] = [
         ACTIVE_SLOT,
         SLOT_CONFIG,
         SCOPES,
@@ -86,6 +92,8 @@ pub mod map_name {
         IFACES,
         LAYOUT,
         SCRATCH,
+        CANARY,
+        CANARY_NEW,
     ];
 }
 
@@ -176,8 +184,13 @@ pub struct SlotConfig {
     /// 1 when no guarded scope enforces (all audit): a frame too opaque to decide is passed
     /// and counted rather than dropped.
     pub audit_only: u32,
+    /// 1 on the active slot while a canary runs: the other slot holds a candidate policy,
+    /// and every SYN is also decided by it, only to record where the two differ
+    /// ([`map_name::CANARY`]). Read on every SYN: off, it costs one branch.
+    pub canary: u32,
+    pub _pad: [u32; 3],
 }
-const _: () = assert!(size_of::<SlotConfig>() == 16);
+const _: () = assert!(size_of::<SlotConfig>() == 32);
 
 /// How one scope of a policy slot decides.
 #[repr(C)]
@@ -325,10 +338,46 @@ pub mod counter {
     /// Guarded SYNs found inside a tunnel (IPIP, 6in4, GRE, IPv6-in-IPv6) and decided by
     /// their inner source.
     pub const TUNNELLED: u32 = 12;
+    /// SYNs the running policy let through that a canary's candidate would stop.
+    pub const CANARY_NEWLY_BLOCKED: u32 = 13;
+    /// SYNs the running policy stopped that a canary's candidate would let through.
+    pub const CANARY_NEWLY_ALLOWED: u32 = 14;
     /// Number of global counters. Indices are only ever added at the end: an upgrade
     /// carries counters over by index.
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 15;
 }
+
+/// Sources a canary remembers: the least recently seen go first when it is full (the global
+/// counters stay exact).
+pub const MAX_CANARY_SOURCES: u32 = 16384;
+
+/// What decided a SYN, on one side of a canary: a prefix's counter id, or one of these.
+pub mod canary_rule {
+    /// No prefix matched: the scope's action for unlisted sources.
+    pub const UNLISTED: u32 = u32::MAX - 1;
+    /// The destination port (or the destination's scope) is not guarded by that policy.
+    pub const NOT_GUARDED: u32 = u32::MAX;
+}
+
+/// What [`map_name::CANARY`] records about one source whose verdict a candidate changes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CanarySighting {
+    /// SYNs the running policy passed and the candidate would stop.
+    pub newly_blocked: u64,
+    /// SYNs the running policy stopped and the candidate would pass.
+    pub newly_allowed: u64,
+    pub first_seen_ns: u64,
+    pub last_seen_ns: u64,
+    /// The counter id of the running policy's deciding prefix, or a [`canary_rule`] code.
+    pub running_rule: u32,
+    /// The same in the candidate policy.
+    pub candidate_rule: u32,
+    /// The scope that decided, in the running policy and in the candidate.
+    pub running_scope: u32,
+    pub candidate_scope: u32,
+}
+const _: () = assert!(size_of::<CanarySighting>() == 48);
 
 /// What [`map_name::OFFENDERS`] remembers about one source. Times are `bpf_ktime_get_boot_ns`.
 #[repr(C)]
@@ -373,7 +422,7 @@ const fn layout(
 
 /// Every map's layout, in the order of [`map_name::ALL`]. LPM trie keys carry a 4-byte
 /// prefix length before the address.
-pub const MAP_LAYOUTS: [MapLayout; 20] = [
+pub const MAP_LAYOUTS: [MapLayout; 22] = [
     layout(map_name::ACTIVE_SLOT, 4, 4, 1),
     layout(map_name::SLOT_CONFIG, 4, size_of::<SlotConfig>(), SLOTS),
     layout(
@@ -419,6 +468,13 @@ pub const MAP_LAYOUTS: [MapLayout; 20] = [
     layout(map_name::IFACES, 4, size_of::<IfaceInfo>(), MAX_INTERFACES),
     layout(map_name::LAYOUT, 4, 8, 1),
     layout(map_name::SCRATCH, 4, 8, 1),
+    layout(
+        map_name::CANARY,
+        16,
+        size_of::<CanarySighting>(),
+        MAX_CANARY_SOURCES,
+    ),
+    layout(map_name::CANARY_NEW, 4, size_of::<CanarySighting>(), 1),
 ];
 
 /// Bumped by hand when the meaning of a map's bytes changes without its sizes changing.
@@ -463,4 +519,5 @@ mod pod {
     unsafe impl aya::Pod for super::Offender {}
     unsafe impl aya::Pod for super::RecordBudget {}
     unsafe impl aya::Pod for super::IfaceInfo {}
+    unsafe impl aya::Pod for super::CanarySighting {}
 }

@@ -16,15 +16,16 @@ use aya_ebpf::{
         generated::{bpf_csum_diff, bpf_xdp_load_bytes},
     },
     macros::{map, xdp},
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
     programs::XdpContext,
 };
 use parse::{Ip, Layers, Sighting, Source, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use smtpguard_common::{
-    IfaceInfo, MAX_INTERFACES, MAX_OFFENDERS, MAX_PREFIX_COUNTERS, MAX_PREFIXES_PER_FAMILY,
-    MAX_SCOPE_DESTINATIONS, MAX_SCOPES, Offender, RECORD_BUDGET_PER_SECOND, RECORD_SAMPLE,
-    RecordBudget, RuleValue, SLOTS, ScopeConfig, SlotConfig, V4_COARSE_WORDS, V4_GUARD_WORDS,
-    V4_KEY_BYTES, V6_KEY_BYTES, action, counter, iface, mode, offender_slot,
+    CanarySighting, IfaceInfo, MAX_CANARY_SOURCES, MAX_INTERFACES, MAX_OFFENDERS,
+    MAX_PREFIX_COUNTERS, MAX_PREFIXES_PER_FAMILY, MAX_SCOPE_DESTINATIONS, MAX_SCOPES, Offender,
+    RECORD_BUDGET_PER_SECOND, RECORD_SAMPLE, RecordBudget, RuleValue, SLOTS, ScopeConfig,
+    SlotConfig, V4_COARSE_WORDS, V4_GUARD_WORDS, V4_KEY_BYTES, V6_KEY_BYTES, action, canary_rule,
+    counter, iface, mode, offender_slot,
 };
 
 #[map(name = "SG_ACTIVE")]
@@ -85,6 +86,10 @@ static OFFENDERS: Array<Offender> = Array::with_max_entries(MAX_OFFENDERS, 0);
 
 #[map(name = "SG_IFACES")]
 static IFACES: HashMap<u32, IfaceInfo> = HashMap::with_max_entries(MAX_INTERFACES, 0);
+
+#[map(name = "SG_CANARY")]
+static CANARY: LruHashMap<[u8; 16], CanarySighting> =
+    LruHashMap::with_max_entries(MAX_CANARY_SOURCES, 0);
 
 /// Read by the daemon only: the layout stamp of the program that made the maps.
 #[map(name = "SG_LAYOUT")]
@@ -180,7 +185,8 @@ struct Reply<'a> {
 
 /// Decides a (possible) SYN by its source, if its destination port is guarded in the active
 /// policy. A `None` port is out of sight and treated as guarded; without `reply` (headers out
-/// of sight) the segment cannot be answered, so a reject becomes a drop.
+/// of sight) the segment cannot be answered, so a reject becomes a drop. While a canary runs,
+/// the candidate policy in the other slot decides the same SYN too, only to be compared.
 #[inline(always)]
 fn decide_guarded(ctx: &XdpContext, ip: Ip, dport: Option<u16>, reply: Option<Reply<'_>>) -> u32 {
     let Some(slot) = ACTIVE_SLOT.get(0) else {
@@ -190,49 +196,66 @@ fn decide_guarded(ctx: &XdpContext, ip: Ip, dport: Option<u16>, reply: Option<Re
     let Some(config) = SLOT_CONFIG.get(slot) else {
         return xdp_action::XDP_PASS;
     };
-    let (v4_guard, scoped) = (config.v4_guard == 1, config.scoped == 1);
+    let (v4_guard, scoped, canary) = (config.v4_guard == 1, config.scoped == 1, config.canary == 1);
     // One scope (the common case) needs no look at the destination.
     let scope = if scoped { scope_of(ctx, slot, &ip) } else { 0 };
     let Some(scope_config) = SCOPES.get(slot * MAX_SCOPES + (scope & (MAX_SCOPES - 1))) else {
         return xdp_action::XDP_PASS;
     };
-    if scope_config.guarded != 1 {
+    let guarded = scope_config.guarded == 1 && dport.is_none_or(|port| scope_config.guards(port));
+    if !guarded && !canary {
         return xdp_action::XDP_PASS;
-    }
-    if let Some(port) = dport
-        && !scope_config.guards(port)
-    {
-        return xdp_action::XDP_PASS;
-    }
-    let (audit, unlisted_action) = (
-        scope_config.mode == mode::AUDIT,
-        scope_config.unlisted_action,
-    );
-    if reply.is_none() {
-        count(counter::HIDDEN_DECIDED);
     }
     // The parser saw the whole IP header: this cannot fail, but must be checked.
     let Some(src) = ip.address(ctx, false) else {
+        if !guarded {
+            return xdp_action::XDP_PASS;
+        }
         count(counter::OPAQUE_DROPPED);
         return drop_packet();
     };
     let src = &src;
-    let stop = match lookup(slot, scope, src, v4_guard) {
-        Some(rule) if u32::from(rule.action) == action::ALLOW => {
+    // The deciding rule (a prefix's counter id, or a `canary_rule` code) and what it does.
+    let (rule, verdict) = if guarded {
+        match lookup(slot, scope, src, v4_guard) {
+            Some(rule) => (rule.counter_id, u32::from(rule.action)),
+            None => (canary_rule::UNLISTED, scope_config.unlisted_action),
+        }
+    } else {
+        (canary_rule::NOT_GUARDED, action::ALLOW)
+    };
+    if canary {
+        let (high, low) = address_words(src);
+        let (dst_high, dst_low) = ip
+            .address(ctx, true)
+            .map_or((0, 0), |dst| address_words(&dst));
+        let port = dport.map_or(PORT_UNSEEN, u32::from);
+        let running = Running::pack(rule, scope, verdict != action::ALLOW, ip.v6, port);
+        let change = compare_candidate(high, low, dst_high, dst_low, running);
+        if change != 0 {
+            record_change(high, low, running, change);
+        }
+    }
+    if !guarded {
+        return xdp_action::XDP_PASS;
+    }
+    if reply.is_none() {
+        count(counter::HIDDEN_DECIDED);
+    }
+    let audit = scope_config.mode == mode::AUDIT;
+    match (rule, verdict) {
+        (_, action::ALLOW) => {
             count(counter::SYN_ALLOWED);
-            count_prefix(rule.counter_id);
+            count_prefix(rule);
             return xdp_action::XDP_PASS;
         }
-        Some(rule) => {
+        (canary_rule::UNLISTED, _) => count(counter::SYN_UNLISTED),
+        _ => {
             count(counter::SYN_DENIED);
-            count_prefix(rule.counter_id);
-            u32::from(rule.action)
+            count_prefix(rule);
         }
-        None => {
-            count(counter::SYN_UNLISTED);
-            unlisted_action
-        }
-    };
+    }
+    let stop = verdict;
     if should_record() {
         let (high, low) = address_words(src);
         remember(high, low, audit, scope);
@@ -253,6 +276,160 @@ fn decide_guarded(ctx: &XdpContext, ip: Ip, dport: Option<u16>, reply: Option<Re
         }
     }
     drop_packet()
+}
+
+/// A port value no TCP port has: the destination port was out of sight.
+const PORT_UNSEEN: u32 = 1 << 16;
+
+/// What the running policy decided about a SYN, and what the candidate needs to know to
+/// decide it too, packed in one register: the running rule (32 bits), the running scope (8),
+/// whether the running policy stops it (1), the family (1, IPv6), the destination port (17,
+/// [`PORT_UNSEEN`] when out of sight). Scalars cross into [`compare_candidate`] in registers:
+/// the caller's stack, deep with the parser's state, has no room for a struct.
+struct Running;
+
+impl Running {
+    #[inline(always)]
+    fn pack(rule: u32, scope: u32, stops: bool, v6: bool, port: u32) -> u64 {
+        u64::from(rule)
+            | u64::from(scope & 0xff) << 32
+            | u64::from(stops) << 40
+            | u64::from(v6) << 41
+            | u64::from(port & 0x1_ffff) << 42
+    }
+}
+
+/// Scratch space for a new canary sighting: built here rather than on the stack.
+#[map(name = "SG_CANARY_NEW")]
+static CANARY_NEW: PerCpuArray<CanarySighting> = PerCpuArray::with_max_entries(1, 0);
+
+/// Decides the SYN from `src` to `dst` (each as the two words of [`address_words`]) by the
+/// candidate policy in the standby slot. Returns 0 when the candidate agrees with the running
+/// policy; else the candidate's rule (low 32 bits), scope (8 bits from 32), whether it stops
+/// the SYN (bit 40), and bit 63 set. A BPF-to-BPF call with scalar arguments: the second
+/// lookup is walked by the verifier once per kind of sighting, on a stack of its own.
+#[inline(never)]
+fn compare_candidate(
+    src_high: u64,
+    src_low: u64,
+    dst_high: u64,
+    dst_low: u64,
+    running: u64,
+) -> u64 {
+    let Some(active) = ACTIVE_SLOT.get(0) else {
+        return 0;
+    };
+    let slot = (*active & 1) ^ 1;
+    let Some(config) = SLOT_CONFIG.get(slot) else {
+        return 0;
+    };
+    let running_stops = (running >> 40) & 1 == 1;
+    let v6 = (running >> 41) & 1 == 1;
+    let port = (running >> 42) as u32 & 0x1_ffff;
+    // Each family on its own path, its key built there from the words: an enum built on
+    // one path and matched on another leaves the compiler free to read registers the
+    // verifier has not seen written.
+    let scope = match (config.scoped == 1, v6) {
+        (false, _) => 0,
+        (true, true) => scope_of_address(slot, &Source::V6(words_address(dst_high, dst_low))),
+        (true, false) => scope_of_address(slot, &Source::V4(low_v4(dst_low))),
+    };
+    let Some(scope_config) = SCOPES.get(slot * MAX_SCOPES + (scope & (MAX_SCOPES - 1))) else {
+        return 0;
+    };
+    let guarded =
+        scope_config.guarded == 1 && (port == PORT_UNSEEN || scope_config.guards(port as u16));
+    let found = match (guarded, v6) {
+        (false, _) => None,
+        (true, true) => find_v6(slot, scope, &words_address(src_high, src_low)),
+        (true, false) => {
+            let addr = low_v4(src_low);
+            if config.v4_guard == 1 && !v4_listed(slot, &addr) {
+                None
+            } else {
+                find_v4(slot, scope, &addr)
+            }
+        }
+    };
+    let (rule, stops) = match (guarded, found) {
+        (false, _) => (canary_rule::NOT_GUARDED, false),
+        (true, Some(rule)) => (rule.counter_id, u32::from(rule.action) != action::ALLOW),
+        (true, None) => (canary_rule::UNLISTED, true),
+    };
+    if stops == running_stops {
+        return 0;
+    }
+    u64::from(rule) | u64::from(scope & 0xff) << 32 | u64::from(stops) << 40 | 1 << 63
+}
+
+/// Counts a SYN whose verdict the candidate changes ([`compare_candidate`]'s `change`)
+/// against its source in the canary's table.
+#[inline(never)]
+fn record_change(src_high: u64, src_low: u64, running: u64, change: u64) {
+    let stops = (change >> 40) & 1 == 1;
+    let (rule, scope) = (change as u32, (change >> 32) as u32 & 0xff);
+    let (running_rule, running_scope) = (running as u32, (running >> 32) as u32 & 0xff);
+    count(if stops {
+        counter::CANARY_NEWLY_BLOCKED
+    } else {
+        counter::CANARY_NEWLY_ALLOWED
+    });
+    let key = words_address(src_high, src_low);
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    if let Some(seen) = CANARY.get_ptr_mut(key) {
+        // SAFETY: the value of a live entry, valid for the program run; counts are added
+        // atomically (every CPU may write it), the rest is last-writer-wins.
+        unsafe {
+            let count = if stops {
+                &raw mut (*seen).newly_blocked
+            } else {
+                &raw mut (*seen).newly_allowed
+            };
+            atomic_add(count, 1);
+            (*seen).last_seen_ns = now;
+            (*seen).running_rule = running_rule;
+            (*seen).candidate_rule = rule;
+            (*seen).running_scope = running_scope;
+            (*seen).candidate_scope = scope;
+        }
+        return;
+    }
+    let Some(new) = CANARY_NEW.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's scratch value; XDP runs are not preempted.
+    unsafe {
+        *new = CanarySighting {
+            newly_blocked: u64::from(stops),
+            newly_allowed: u64::from(!stops),
+            first_seen_ns: now,
+            last_seen_ns: now,
+            running_rule,
+            candidate_rule: rule,
+            running_scope,
+            candidate_scope: scope,
+        };
+        // A racing first sighting on another CPU may win the insert: this one is then only
+        // in the global counter.
+        let _ = CANARY.insert(key, &*new, u64::from(BPF_NOEXIST));
+    }
+}
+
+/// The IPv4 address in the low word of an [`address_words`] pair.
+#[inline(always)]
+fn low_v4(low: u64) -> [u8; 4] {
+    let bytes = low.to_ne_bytes();
+    [bytes[4], bytes[5], bytes[6], bytes[7]]
+}
+
+/// The 16 bytes of an address from its two words ([`address_words`]).
+#[inline(always)]
+fn words_address(high: u64, low: u64) -> [u8; 16] {
+    let (high, low) = (high.to_ne_bytes(), low.to_ne_bytes());
+    [
+        high[0], high[1], high[2], high[3], high[4], high[5], high[6], high[7], low[0], low[1],
+        low[2], low[3], low[4], low[5], low[6], low[7],
+    ]
 }
 
 /// Whether a reset may answer this SYN: only one addressed to this host, by unicast addresses
@@ -459,40 +636,50 @@ fn remember(high: u64, low: u64, audit: bool, scope: u32) {
     }
 }
 
-/// Longest-prefix match of `src` among the prefixes of `scope` in the active slot's trie for
+/// Longest-prefix match of `src` among the prefixes of `scope` in the trie of `slot` for
 /// its family (keys are the scope id, then the address). An IPv4 source whose /24 no prefix
 /// of any scope overlaps is settled by the guard bitmap, without the trie walk.
 #[inline(always)]
 fn lookup(slot: u32, scope: u32, src: &Source, v4_guard: bool) -> Option<RuleValue> {
-    let scope = scope.to_be_bytes();
     match src {
         Source::V4(addr) => {
             if v4_guard && !v4_listed(slot, addr) {
                 return None;
             }
-            let key = Key::new(
-                (V4_KEY_BYTES * 8) as u32,
-                [
-                    scope[0], scope[1], scope[2], scope[3], addr[0], addr[1], addr[2], addr[3],
-                ],
-            );
-            if slot == 0 {
-                V4_SLOT0.get(&key).copied()
-            } else {
-                V4_SLOT1.get(&key).copied()
-            }
+            find_v4(slot, scope, addr)
         }
-        Source::V6(addr) => {
-            let mut data = [0u8; V6_KEY_BYTES];
-            data[..4].copy_from_slice(&scope);
-            data[4..].copy_from_slice(addr);
-            let key = Key::new((V6_KEY_BYTES * 8) as u32, data);
-            if slot == 0 {
-                V6_SLOT0.get(&key).copied()
-            } else {
-                V6_SLOT1.get(&key).copied()
-            }
-        }
+        Source::V6(addr) => find_v6(slot, scope, addr),
+    }
+}
+
+/// The trie walk for an IPv4 source.
+#[inline(always)]
+fn find_v4(slot: u32, scope: u32, addr: &[u8; 4]) -> Option<RuleValue> {
+    let scope = scope.to_be_bytes();
+    let key = Key::new(
+        (V4_KEY_BYTES * 8) as u32,
+        [
+            scope[0], scope[1], scope[2], scope[3], addr[0], addr[1], addr[2], addr[3],
+        ],
+    );
+    if slot == 0 {
+        V4_SLOT0.get(&key).copied()
+    } else {
+        V4_SLOT1.get(&key).copied()
+    }
+}
+
+/// The trie walk for an IPv6 source.
+#[inline(always)]
+fn find_v6(slot: u32, scope: u32, addr: &[u8; 16]) -> Option<RuleValue> {
+    let mut data = [0u8; V6_KEY_BYTES];
+    data[..4].copy_from_slice(&scope.to_be_bytes());
+    data[4..].copy_from_slice(addr);
+    let key = Key::new((V6_KEY_BYTES * 8) as u32, data);
+    if slot == 0 {
+        V6_SLOT0.get(&key).copied()
+    } else {
+        V6_SLOT1.get(&key).copied()
     }
 }
 
@@ -500,24 +687,32 @@ fn lookup(slot: u32, scope: u32, src: &Source, v4_guard: bool) -> Option<RuleVal
 /// the default scope (0) when none does.
 #[inline(always)]
 fn scope_of(ctx: &XdpContext, slot: u32, ip: &Ip) -> u32 {
-    let found = match ip.address(ctx, true) {
-        Some(Source::V4(addr)) => {
-            let key = Key::new(32, addr);
+    match ip.address(ctx, true) {
+        Some(dst) => scope_of_address(slot, &dst),
+        None => 0,
+    }
+}
+
+/// The scope of destination `dst` in `slot`.
+#[inline(always)]
+fn scope_of_address(slot: u32, dst: &Source) -> u32 {
+    let found = match dst {
+        Source::V4(addr) => {
+            let key = Key::new(32, *addr);
             if slot == 0 {
                 DST_V4_SLOT0.get(&key).copied()
             } else {
                 DST_V4_SLOT1.get(&key).copied()
             }
         }
-        Some(Source::V6(addr)) => {
-            let key = Key::new(128, addr);
+        Source::V6(addr) => {
+            let key = Key::new(128, *addr);
             if slot == 0 {
                 DST_V6_SLOT0.get(&key).copied()
             } else {
                 DST_V6_SLOT1.get(&key).copied()
             }
         }
-        None => None,
     };
     found.unwrap_or(0)
 }

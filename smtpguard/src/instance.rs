@@ -137,6 +137,16 @@ impl Instance {
         self.run_dir().join("state.json")
     }
 
+    /// What the current (or last) canary compares: see [`CanaryState`].
+    pub fn canary_path(&self) -> PathBuf {
+        self.run_dir().join("canary.json")
+    }
+
+    /// The running daemon's control socket (`smtpguard try`).
+    pub fn control_path(&self) -> PathBuf {
+        self.run_dir().join("control.sock")
+    }
+
     /// Where the last-good store of the instance's names and list files lives
     /// ([`crate::source::store`]): persistent, unlike the run directory.
     pub fn state_dir(&self) -> PathBuf {
@@ -246,6 +256,32 @@ impl Instance {
             .map_err(|source| InstanceError::Io { path, source })
     }
 
+    /// Replaces the canary record atomically.
+    pub fn write_canary(&self, canary: &CanaryState) -> Result<(), InstanceError> {
+        let path = self.canary_path();
+        let temporary = path.with_extension("json.tmp");
+        let text = serde_json::to_vec(canary).map_err(|source| InstanceError::BadState {
+            path: path.clone(),
+            source,
+        })?;
+        std::fs::write(&temporary, text)
+            .and_then(|()| std::fs::rename(&temporary, &path))
+            .map_err(|source| InstanceError::Io { path, source })
+    }
+
+    /// The record of the current or last canary; `None` when none ran since the daemon
+    /// started.
+    pub fn read_canary(&self) -> Result<Option<CanaryState>, InstanceError> {
+        let path = self.canary_path();
+        match std::fs::read(&path) {
+            Ok(text) => serde_json::from_slice(&text)
+                .map(Some)
+                .map_err(|source| InstanceError::BadState { path, source }),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(InstanceError::Io { path, source }),
+        }
+    }
+
     pub fn read_state(&self) -> Result<RunState, InstanceError> {
         let path = self.state_path();
         let text = std::fs::read(&path).map_err(|source| InstanceError::NotRunning {
@@ -324,6 +360,28 @@ pub struct RunState {
     /// Names and list files whose last good answer is in force instead of a fresh one.
     #[serde(default)]
     pub sources: Vec<crate::source::fetch::SourceNote>,
+}
+
+/// What a canary compares the running policy with, for `report --canary`, `stats` and the
+/// metrics. The program records the deciding rule of each side by counter id; the running
+/// side's ids are in [`RunState::prefixes`], the candidate's here.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CanaryState {
+    /// The candidate configuration file.
+    pub config: PathBuf,
+    pub started_unix: u64,
+    /// When the canary ends by itself (`try --for`).
+    pub until_unix: Option<u64>,
+    /// When and how it ended (`aborted`, `expired`, `committed`, ...); `None` while it runs.
+    pub ended_unix: Option<u64>,
+    pub ended: Option<String>,
+    /// The global canary counters (newly blocked, newly allowed) when it started: its counts
+    /// are the counters minus these.
+    pub baseline: [u64; 2],
+    /// The candidate's scopes, by id.
+    pub scopes: Vec<String>,
+    /// The candidate's prefixes, with the counter ids the program names them by.
+    pub prefixes: Vec<PrefixState>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -5,11 +5,14 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use smtpguard::{
-    command::{check, explain, report::Report, stats::Stats, top},
+    command::{canary::CanaryReport, check, explain, report::Report, stats::Stats, top},
     instance::Instance,
     kernel::maps::open_counters,
     policy::Policy,
-    service::daemon,
+    service::{
+        control::{self, Request},
+        daemon,
+    },
     source::{
         config::Config,
         dns::Dns,
@@ -105,6 +108,29 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// List the sources whose verdict the canary's candidate policy would change
+        /// (`smtpguard try`) instead, with the rule on each side.
+        #[arg(long)]
+        canary: bool,
+    },
+    /// Try a candidate configuration on live traffic before it decides anything (a canary):
+    /// every SYN is also decided by the candidate, and the sources whose verdict would
+    /// change (newly blocked, newly allowed) are recorded; no verdict changes. Read them
+    /// with `report --canary`; `--commit` makes the candidate the configuration (the old
+    /// file is kept as NAME.prev) and applies it atomically; `--abort` ends the canary.
+    Try {
+        /// The candidate configuration file.
+        #[arg(long, short, required_unless_present_any = ["commit", "abort"], conflicts_with_all = ["commit", "abort"])]
+        config: Option<PathBuf>,
+        /// End the canary by itself after this long (30m, 2h, 1d).
+        #[arg(long = "for", value_name = "DURATION", value_parser = humantime::parse_duration, requires = "config")]
+        duration: Option<std::time::Duration>,
+        /// Make the candidate the configuration and apply it.
+        #[arg(long, conflicts_with = "abort")]
+        commit: bool,
+        /// End the canary; the running policy stays.
+        #[arg(long)]
+        abort: bool,
     },
     /// A live view of the running instance, refreshed like top(1): guarded SYNs per second
     /// by class, the busiest rules and the busiest stopped sources. `q` quits. Prints one
@@ -222,7 +248,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let state = instance.read_state()?;
             let maps = open_counters(&instance.maps_dir_of(&state), state.counter_map_ids)
                 .with_context(|| format!("instance {:?}", instance.name()))?;
-            let stats = Stats::new(instance.name(), &state, &maps.read()?);
+            let counters = maps.read()?;
+            let canary = instance.read_canary().ok().flatten();
+            let stats = Stats::new(instance.name(), &state, &counters)
+                .with_canary(canary.as_ref(), &counters);
             let report = (top > 0)
                 .then(|| {
                     anyhow::Ok(Report::new(
@@ -247,7 +276,72 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Report { top, json } => {
+        Command::Report {
+            top,
+            json,
+            canary: true,
+        } => {
+            let state = instance.read_state()?;
+            let canary = instance.read_canary()?.with_context(|| {
+                format!(
+                    "instance {:?}: no canary since the daemon started; `smtpguard try --config FILE` starts one",
+                    instance.name()
+                )
+            })?;
+            let dir = instance.maps_dir_of(&state);
+            let counters = open_counters(&dir, state.counter_map_ids)
+                .with_context(|| format!("instance {:?}", instance.name()))?;
+            let sightings = smtpguard::kernel::maps::read_canary(
+                &smtpguard::kernel::maps::open_canary(&dir)
+                    .with_context(|| format!("instance {:?}", instance.name()))?,
+            )?;
+            let report = CanaryReport::new(
+                instance.name(),
+                &state,
+                &canary,
+                &counters.read()?,
+                &sightings,
+                top,
+            );
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.to_text());
+            }
+            Ok(())
+        }
+        Command::Try {
+            config,
+            duration,
+            commit,
+            abort,
+        } => {
+            let request = match (config, commit, abort) {
+                (Some(config), _, _) => Request::Try {
+                    // The daemon reads the file: a relative path means the admin's directory.
+                    config: std::path::absolute(&config)
+                        .with_context(|| format!("{}", config.display()))?,
+                    for_secs: duration.map(|duration| duration.as_secs().max(1)),
+                },
+                (None, true, _) => Request::Commit,
+                _ => Request::Abort,
+            };
+            let response = control::call(
+                &instance.control_path(),
+                &request,
+                std::time::Duration::from_secs(300),
+            )?;
+            if !response.ok {
+                anyhow::bail!("{}", response.message);
+            }
+            println!("{}", response.message);
+            Ok(())
+        }
+        Command::Report {
+            top,
+            json,
+            canary: false,
+        } => {
             let state = instance.read_state()?;
             let maps = open_counters(&instance.maps_dir_of(&state), state.counter_map_ids)
                 .with_context(|| format!("instance {:?}", instance.name()))?;

@@ -51,6 +51,32 @@ name = "abuser-b"
 prefixes = ["192.0.2.64/26", "2001:db8:25:bad::25"]
 "#;
 
+/// A candidate for the canary runs, as unlike [`RULES`] as a candidate gets: other ports,
+/// half the address space allowed, the provider's range denied, a scope of its own on the
+/// second destination that only audits, a feed that outranks nothing.
+pub const CANDIDATE: &str = r#"
+interfaces = ["lo"]
+ports = [25, 587]
+action = "reject"
+
+[[allow]]
+name = "half"
+prefixes = ["0.0.0.0/1", "2001:db8::/33", "192.0.2.128/25"]
+
+[[deny]]
+name = "provider-denied"
+prefixes = ["192.0.2.0/24", "10.1.2.0/24", "2001:db8:25::/48"]
+
+[[scope]]
+name = "second-audit"
+destinations = ["198.51.100.2", "2001:db8:100::/64"]
+ports = [25, 2525]
+mode = "audit"
+[[scope.allow]]
+name = "tiny"
+prefixes = ["203.0.113.5"]
+"#;
+
 /// The guarded ports of [`policy_toml`].
 pub const PORTS: [u16; 2] = [25, 2525];
 
@@ -95,6 +121,9 @@ pub struct Outcome {
     pub dropped: u64,
     /// Under the reject policy.
     pub reset: u64,
+    /// In canary runs: SYNs whose verdict the candidate would change (summed over both
+    /// policies), as the program counted them.
+    pub canary_changes: u64,
     pub disagreements: u64,
     /// Disagreements by kind (policy, reference, program, what the frame is).
     pub kinds: BTreeMap<String, u64>,
@@ -104,11 +133,23 @@ pub struct Outcome {
 
 /// Runs frames from `seed` until `count` of them went through the program.
 pub fn run(seed: u64, count: u64) -> Outcome {
+    run_with(seed, count, false)
+}
+
+/// As [`run`]; with `canary`, a canary compares every frame with [`CANDIDATE`], which must
+/// change no verdict: the reference still judges by the running policy.
+pub fn run_with(seed: u64, count: u64, canary: bool) -> Outcome {
     let mut outcome = Outcome::default();
     let mut runs = [("drop", "drop"), ("reject", "reject")].map(|(name, action)| {
         let toml = policy_toml("lo", action);
         let mut kernel = Kernel::with_policy(&toml);
         kernel.set_lo(LO_MAC, smtpguard_common::iface::REPLIES);
+        if canary {
+            kernel
+                .maps
+                .start_canary(&policy(CANDIDATE), &Default::default(), true)
+                .expect("canary");
+        }
         (name, kernel, policy(&toml))
     });
     let iface = Iface {
@@ -149,6 +190,13 @@ pub fn run(seed: u64, count: u64) -> Outcome {
                         .push(format!("{kind}: {problem}\n    {}", hex(&frame)));
                 }
             }
+        }
+    }
+    if canary {
+        for (_, kernel, _) in &runs {
+            let counters = kernel.counters();
+            outcome.canary_changes += counters.get(smtpguard_common::counter::CANARY_NEWLY_BLOCKED)
+                + counters.get(smtpguard_common::counter::CANARY_NEWLY_ALLOWED);
         }
     }
     outcome

@@ -27,3 +27,20 @@ fn the_program_agrees_with_the_reference_on_random_and_mutated_frames() {
     );
     assert!(outcome.reset > outcome.frames / 50, "resets: {outcome:?}");
 }
+
+/// A canary compares every frame with a candidate policy unlike the running one: it records
+/// changes, and changes no verdict (the reference judges by the running policy alone).
+#[test]
+fn a_running_canary_changes_no_verdict() {
+    let outcome = fuzz::run_with(0x5347_0002, 20_000, true);
+    assert_eq!(
+        outcome.disagreements,
+        0,
+        "the canary changed verdicts; first ones:\n{}",
+        outcome.examples.join("\n")
+    );
+    assert!(
+        outcome.canary_changes > outcome.frames / 50,
+        "the canary compared frames: {outcome:?}"
+    );
+}

@@ -206,9 +206,7 @@ fn kernel_policy(instance: &str) -> (u32, BTreeSet<IpNet>) {
             let data = key.data();
             assert_eq!(data[..4], [0; 4], "one scope, the default one");
             let address: [u8; 4] = data[4..].try_into().expect("four bytes");
-            IpNet::V4(
-                Ipv4Net::new(address.into(), (key.prefix_len() - 32) as u8).expect("prefix"),
-            )
+            IpNet::V4(Ipv4Net::new(address.into(), (key.prefix_len() - 32) as u8).expect("prefix"))
         })
         .collect();
     (generation, nets)

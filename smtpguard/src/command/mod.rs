@@ -2,6 +2,7 @@
 //! configuration; `stats` and `report` read the counters of a running instance, and `top`
 //! shows them live.
 
+pub mod canary;
 pub mod check;
 pub mod explain;
 pub mod report;

@@ -181,13 +181,13 @@ pub(crate) fn decided_by(state: &RunState, scope: u32, source: IpAddr) -> String
 }
 
 /// Converts the program's `bpf_ktime_get_boot_ns` stamps into wall-clock time.
-struct BootClock {
+pub(crate) struct BootClock {
     wall: SystemTime,
     boot: Duration,
 }
 
 impl BootClock {
-    fn now() -> Self {
+    pub(crate) fn now() -> Self {
         let mut spec = libc::timespec {
             tv_sec: 0,
             tv_nsec: 0,
@@ -200,7 +200,7 @@ impl BootClock {
         }
     }
 
-    fn wall(&self, boot_ns: u64) -> SystemTime {
+    pub(crate) fn wall(&self, boot_ns: u64) -> SystemTime {
         self.wall - self.boot.saturating_sub(Duration::from_nanos(boot_ns))
     }
 }

@@ -6,7 +6,7 @@ use serde::Serialize;
 use smtpguard_common::counter;
 
 use crate::{
-    instance::{InterfaceState, RunState},
+    instance::{CanaryState, InterfaceState, RunState},
     kernel::maps::CounterSnapshot,
     policy::List,
     source::fetch::SourceNote,
@@ -51,6 +51,20 @@ pub struct Stats {
     /// The scopes of the policy: only "default" for a policy without `[[scope]]`s.
     pub scopes: Vec<ScopeStats>,
     pub prefixes: Vec<PrefixStats>,
+    /// The canary running (or the last one, ended), if any ran since the daemon started.
+    pub canary: Option<CanaryStats>,
+}
+
+/// What the canary compares, and what it found so far.
+#[derive(Clone, Debug, Serialize)]
+pub struct CanaryStats {
+    pub candidate: String,
+    /// `running`, or how it ended.
+    pub state: String,
+    pub started_unix: u64,
+    pub until_unix: Option<u64>,
+    pub newly_blocked: u64,
+    pub newly_allowed: u64,
 }
 
 /// One scope's settings and the SYNs its prefixes decided.
@@ -78,6 +92,24 @@ pub struct PrefixStats {
 }
 
 impl Stats {
+    /// Adds what `canary` compares and found, by `counters`.
+    #[must_use]
+    pub fn with_canary(mut self, canary: Option<&CanaryState>, counters: &CounterSnapshot) -> Self {
+        self.canary = canary.map(|canary| CanaryStats {
+            candidate: canary.config.display().to_string(),
+            state: canary.ended.clone().unwrap_or_else(|| "running".to_owned()),
+            started_unix: canary.started_unix,
+            until_unix: canary.until_unix,
+            newly_blocked: counters
+                .get(counter::CANARY_NEWLY_BLOCKED)
+                .saturating_sub(canary.baseline[0]),
+            newly_allowed: counters
+                .get(counter::CANARY_NEWLY_ALLOWED)
+                .saturating_sub(canary.baseline[1]),
+        });
+        self
+    }
+
     pub fn new(instance: &str, state: &RunState, counters: &CounterSnapshot) -> Self {
         let mut prefixes: Vec<PrefixStats> = state
             .prefixes
@@ -160,6 +192,7 @@ impl Stats {
             sources: state.sources.clone(),
             scopes,
             prefixes,
+            canary: None,
         }
     }
 
@@ -202,6 +235,25 @@ impl Stats {
             let _ = writeln!(
                 out,
                 "BOOT: the policy is being built; every guarded SYN is dropped until it is in force"
+            );
+        }
+        if let Some(canary) = self
+            .canary
+            .as_ref()
+            .filter(|canary| canary.state == "running")
+        {
+            let until = canary.until_unix.map_or_else(String::new, |until| {
+                format!(
+                    " until {}",
+                    humantime::format_rfc3339_seconds(
+                        std::time::UNIX_EPOCH + std::time::Duration::from_secs(until)
+                    )
+                )
+            });
+            let _ = writeln!(
+                out,
+                "CANARY of {}{until}: {} SYNs would be newly blocked, {} newly allowed (no verdict changed); `smtpguard report --canary` lists the sources",
+                canary.candidate, canary.newly_blocked, canary.newly_allowed
             );
         }
         let _ = writeln!(

@@ -24,8 +24,8 @@ use aya::maps::{
 };
 use ipnet::IpNet;
 use smtpguard_common::{
-    IfaceInfo, MAX_SCOPES, Offender, RuleValue, SLOTS, ScopeConfig, SlotConfig, V4_COARSE_WORDS,
-    V4_GUARD_WORDS, V4_KEY_BYTES, V6_KEY_BYTES, action, counter, map_name, mode,
+    CanarySighting, IfaceInfo, MAX_SCOPES, Offender, RuleValue, SLOTS, ScopeConfig, SlotConfig,
+    V4_COARSE_WORDS, V4_GUARD_WORDS, V4_KEY_BYTES, V6_KEY_BYTES, action, counter, map_name, mode,
 };
 
 use crate::{
@@ -84,10 +84,12 @@ pub enum MapsError {
         pins: Box<MapsError>,
         ids: Box<MapsError>,
     },
+    #[error("taking over the pinned maps: {0}")]
+    Recover(String),
 }
 
 /// The identity of a per-prefix counter: it survives reloads as long as this triple does.
-type CounterKey = (u32, IpNet, List);
+pub type CounterKey = (u32, IpNet, List);
 
 /// Where an entry sits in a slot's source trie: its scope id and prefix.
 type SlotKey = (u32, IpNet);
@@ -130,6 +132,9 @@ pub struct PolicyMaps {
     v4_guard: Array<MapData, V4Guard>,
     v4_coarse: Array<MapData, V4Coarse>,
     ifaces: KernelHashMap<MapData, u32, IfaceInfo>,
+    canary: KernelHashMap<MapData, [u8; 16], CanarySighting>,
+    /// The standby slot holds a candidate the program compares every SYN against.
+    canary_on: bool,
     /// The entries each slot holds, as written by this process.
     slots: [BTreeMap<SlotKey, RuleValue>; 2],
     /// The destination prefixes each slot maps to a scope id.
@@ -174,6 +179,8 @@ impl PolicyMaps {
             v4_guard: typed(map_name::V4_GUARD, take(map_name::V4_GUARD)?)?,
             v4_coarse: typed(map_name::V4_COARSE, take(map_name::V4_COARSE)?)?,
             ifaces: typed(map_name::IFACES, take(map_name::IFACES)?)?,
+            canary: typed(map_name::CANARY, take(map_name::CANARY)?)?,
+            canary_on: false,
             slots: [BTreeMap::new(), BTreeMap::new()],
             destinations: [BTreeMap::new(), BTreeMap::new()],
             scope_counts: [MAX_SCOPES, MAX_SCOPES],
@@ -234,6 +241,17 @@ impl PolicyMaps {
             .get(&self.active_slot, 0)
             .map_err(map_error(map_name::SLOT_CONFIG))?;
         self.generation = config.generation;
+        if config.canary != 0 {
+            // Left by a daemon that ran a canary and is gone: this one knows no candidate.
+            self.write_slot_config(
+                self.active_slot,
+                SlotConfig {
+                    canary: 0,
+                    ..config
+                },
+            )
+            .map_err(|error| MapsError::Recover(error.to_string()))?;
+        }
         let active = &self.slots[self.active_slot as usize];
         self.counter_ids = active
             .iter()
@@ -252,7 +270,7 @@ impl PolicyMaps {
             .counter_ids
             .values()
             .max()
-            .map_or(1, |max| max.wrapping_add(1).max(1));
+            .map_or(1, |max| next_counter_id(*max));
         self.sweep_counters();
         Ok(())
     }
@@ -351,40 +369,16 @@ impl PolicyMaps {
 
     fn install(&mut self, policy: &Policy, generation: u32) -> Result<ApplyReport, ApplyError> {
         let started = Instant::now();
-        if let Some(elapsed) = self.last_flip.map(|flip| flip.elapsed())
-            && elapsed < FLIP_GRACE
-        {
-            std::thread::sleep(FLIP_GRACE - elapsed);
-        }
+        // A canary's candidate is in the standby slot: the program stops comparing before
+        // the slot is rewritten. The caller puts a candidate back after the flip.
+        self.end_canary()?;
+        self.wait_for_flip_grace();
         let standby = (self.active_slot + 1) % SLOTS;
         let counter_ids = self.assign_counter_ids(policy);
-        let target: BTreeMap<SlotKey, RuleValue> = policy
-            .entries()
-            .map(|(scope_id, net, entry)| {
-                let scope = &policy.scopes[scope_id as usize];
-                // A deny prefix an allow match outranks takes the verdict of what outranks it,
-                // and its SYNs count there: they were let in by that rule.
-                let (decider_net, decider) = entry
-                    .decided_by
-                    .and_then(|by| scope.entries.get(&by).map(|decider| (by, decider)))
-                    .unwrap_or((*net, entry));
-                let code = match (decider.list, decider.action) {
-                    (List::Allow, _) => action::ALLOW,
-                    (List::Deny, action) => action_code(action.unwrap_or(scope.unlisted_action)),
-                };
-                let value = RuleValue {
-                    action: code as u8,
-                    deny: u8::from(entry.list == List::Deny),
-                    outranked: u8::from(entry.decided_by.is_some()),
-                    _pad: 0,
-                    counter_id: counter_ids[&(scope_id, decider_net, decider.list)],
-                };
-                ((scope_id, *net), value)
-            })
-            .collect();
-
+        let target = slot_entries(policy, &counter_ids);
         // Nothing reaches the active slot unless all of it is written.
-        let written = self.stage_and_flip(standby, &target, policy, generation)?;
+        let written = self.stage(standby, &target, policy, generation)?;
+        self.flip(standby)?;
         self.last_flip = Some(Instant::now());
         self.counter_ids = counter_ids;
         self.active_slot = standby;
@@ -400,9 +394,134 @@ impl PolicyMaps {
         })
     }
 
-    /// Brings the standby slot to `target` with the policy's ports, then makes it the active
-    /// one. Returns the trie entries written.
-    fn stage_and_flip(
+    /// Packets that read the slot index before the last flip may still be reading the
+    /// standby slot: give them time before it is rewritten.
+    fn wait_for_flip_grace(&self) {
+        if let Some(elapsed) = self.last_flip.map(|flip| flip.elapsed())
+            && elapsed < FLIP_GRACE
+        {
+            std::thread::sleep(FLIP_GRACE - elapsed);
+        }
+    }
+
+    /// Writes `policy` into the standby slot as a canary's candidate, and has the program
+    /// decide every SYN by it as well, only to record the sources whose verdict would change
+    /// (`SG_CANARY`, which is emptied first). No verdict changes. Returns the counter ids of
+    /// the candidate's prefixes (by which the program names what decided on its side) and
+    /// the entries written.
+    ///
+    /// `previous` are the ids the candidate had before (a candidate put back after an apply
+    /// keeps them); `fresh` empties the table of sightings (a new canary).
+    pub fn start_canary(
+        &mut self,
+        policy: &Policy,
+        previous: &HashMap<CounterKey, u32>,
+        fresh: bool,
+    ) -> Result<(HashMap<CounterKey, u32>, usize), ApplyError> {
+        self.end_canary()?;
+        self.wait_for_flip_grace();
+        let standby = (self.active_slot + 1) % SLOTS;
+        let mut counter_ids = HashMap::new();
+        for (scope, net, entry) in policy.entries() {
+            let key = (scope, *net, entry.list);
+            let id = match self.counter_ids.get(&key).or_else(|| previous.get(&key)) {
+                Some(id) => *id,
+                None => {
+                    let id = self.next_counter_id;
+                    self.next_counter_id = next_counter_id(id);
+                    id
+                }
+            };
+            counter_ids.insert(key, id);
+        }
+        let target = slot_entries(policy, &counter_ids);
+        let written = self.stage(standby, &target, policy, self.generation)?;
+        if fresh {
+            self.clear_canary_sightings()?;
+        }
+        self.set_canary_flag(true)?;
+        self.canary_on = true;
+        Ok((counter_ids, written))
+    }
+
+    /// Whether the program compares SYNs with a candidate now.
+    pub fn canary_on(&self) -> bool {
+        self.canary_on
+    }
+
+    /// Stops comparing SYNs with a candidate (if a canary runs). The standby slot keeps the
+    /// candidate until the next apply; its sightings stay readable until the next canary.
+    pub fn end_canary(&mut self) -> Result<(), ApplyError> {
+        if self.canary_on {
+            self.set_canary_flag(false)?;
+            self.canary_on = false;
+        }
+        Ok(())
+    }
+
+    /// Every source the last canary recorded (IPv4 as `::ffff:a.b.c.d` in the map).
+    pub fn canary_sightings(&self) -> Result<Vec<(IpAddr, CanarySighting)>, ApplyError> {
+        read_canary(&self.canary)
+    }
+
+    fn clear_canary_sightings(&mut self) -> Result<(), ApplyError> {
+        let keys: Vec<u8> = self
+            .canary
+            .keys()
+            .filter_map(Result::ok)
+            .flatten()
+            .collect();
+        let fd = self.canary.map().fd().as_fd();
+        batch::delete_present(fd, &keys, 16).map_err(|(done, source)| ApplyError::Batch {
+            map: map_name::CANARY,
+            what: format!("removal of {} canary sightings", keys.len() / 16 - done),
+            source,
+        })
+    }
+
+    /// Sets the canary flag of the active slot's settings, leaving the rest as it is: the
+    /// program reads each field on its own, and only this one changes.
+    fn set_canary_flag(&mut self, on: bool) -> Result<(), ApplyError> {
+        let config = self
+            .slot_config
+            .get(&self.active_slot, 0)
+            .map_err(|source| ApplyError::Read {
+                map: map_name::SLOT_CONFIG,
+                source,
+            })?;
+        self.write_slot_config(
+            self.active_slot,
+            SlotConfig {
+                canary: u32::from(on),
+                ..config
+            },
+        )
+    }
+
+    fn write_slot_config(&mut self, slot: u32, config: SlotConfig) -> Result<(), ApplyError> {
+        self.slot_config
+            .set(slot, config, 0)
+            .map_err(|source| ApplyError::Write {
+                map: map_name::SLOT_CONFIG,
+                what: format!("slot {slot} settings"),
+                source,
+            })
+    }
+
+    /// Makes `slot` the one the program reads, with one 4-byte store.
+    fn flip(&mut self, slot: u32) -> Result<(), ApplyError> {
+        self.active
+            .set(0, slot, 0)
+            .map_err(|source| ApplyError::Write {
+                map: map_name::ACTIVE_SLOT,
+                what: format!("active slot {slot}"),
+                source,
+            })
+    }
+
+    /// Brings the standby slot to `target` with the policy's ports and settings. Returns the
+    /// trie entries written.
+    fn stage(
         &mut self,
         standby: u32,
         target: &BTreeMap<SlotKey, RuleValue>,
@@ -439,21 +558,10 @@ impl PolicyMaps {
                     .filter(|scope| scope.guarded)
                     .all(|scope| scope.mode == Mode::Audit),
             ),
+            canary: 0,
+            _pad: [0; 3],
         };
-        self.slot_config
-            .set(standby, config, 0)
-            .map_err(|source| ApplyError::Write {
-                map: map_name::SLOT_CONFIG,
-                what: format!("slot {standby} settings"),
-                source,
-            })?;
-        self.active
-            .set(0, standby, 0)
-            .map_err(|source| ApplyError::Write {
-                map: map_name::ACTIVE_SLOT,
-                what: format!("active slot {standby}"),
-                source,
-            })?;
+        self.write_slot_config(standby, config)?;
         Ok(written)
     }
 
@@ -569,7 +677,7 @@ impl PolicyMaps {
                 Some(id) => *id,
                 None => {
                     let id = self.next_counter_id;
-                    self.next_counter_id = self.next_counter_id.wrapping_add(1).max(1);
+                    self.next_counter_id = next_counter_id(id);
                     id
                 }
             };
@@ -830,6 +938,48 @@ impl PolicyMaps {
     }
 }
 
+/// The counter id after `id`: ids run from 1, and never take the values the program uses to
+/// say that no prefix decided ([`smtpguard_common::canary_rule`]).
+fn next_counter_id(id: u32) -> u32 {
+    let next = id.wrapping_add(1);
+    if next == 0 || next >= smtpguard_common::canary_rule::UNLISTED {
+        1
+    } else {
+        next
+    }
+}
+
+/// The trie entries of `policy`, each with the counter its SYNs count in.
+fn slot_entries(
+    policy: &Policy,
+    counter_ids: &HashMap<CounterKey, u32>,
+) -> BTreeMap<SlotKey, RuleValue> {
+    policy
+        .entries()
+        .map(|(scope_id, net, entry)| {
+            let scope = &policy.scopes[scope_id as usize];
+            // A deny prefix an allow match outranks takes the verdict of what outranks it,
+            // and its SYNs count there: they were let in by that rule.
+            let (decider_net, decider) = entry
+                .decided_by
+                .and_then(|by| scope.entries.get(&by).map(|decider| (by, decider)))
+                .unwrap_or((*net, entry));
+            let code = match (decider.list, decider.action) {
+                (List::Allow, _) => action::ALLOW,
+                (List::Deny, action) => action_code(action.unwrap_or(scope.unlisted_action)),
+            };
+            let value = RuleValue {
+                action: code as u8,
+                deny: u8::from(entry.list == List::Deny),
+                outranked: u8::from(entry.decided_by.is_some()),
+                _pad: 0,
+                counter_id: counter_ids[&(scope_id, decider_net, decider.list)],
+            };
+            ((scope_id, *net), value)
+        })
+        .collect()
+}
+
 /// How many CPUs a per-CPU map holds a value for.
 fn possible_cpus() -> Result<usize, ApplyError> {
     aya::util::nr_cpus().map_err(|(_, error)| ApplyError::Cpus(error.to_string()))
@@ -977,6 +1127,38 @@ impl CounterMaps {
     pub fn offenders(&self) -> Result<Vec<(IpAddr, Offender)>, ApplyError> {
         read_offenders(&self.offenders)
     }
+}
+
+/// The sources a canary recorded.
+pub fn read_canary(
+    map: &KernelHashMap<MapData, [u8; 16], CanarySighting>,
+) -> Result<Vec<(IpAddr, CanarySighting)>, ApplyError> {
+    let mut out = Vec::new();
+    for item in map.iter() {
+        let (key, seen) = item.map_err(|source| ApplyError::Read {
+            map: map_name::CANARY,
+            source,
+        })?;
+        let address = Ipv6Addr::from(key);
+        let address = match address.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(address),
+        };
+        out.push((address, seen));
+    }
+    Ok(out)
+}
+
+/// Opens the canary's table of sources through the pins in `pin_dir`.
+pub fn open_canary(
+    pin_dir: &Path,
+) -> Result<KernelHashMap<MapData, [u8; 16], CanarySighting>, MapsError> {
+    let path = pin_dir.join(map_name::CANARY);
+    let data = MapData::from_pin(&path).map_err(|source| MapsError::Map {
+        name: map_name::CANARY,
+        source,
+    })?;
+    typed_from_data(map_name::CANARY, data)
 }
 
 /// The sources in the table of stopped sources (IPv4 is stored as `::ffff:a.b.c.d`).

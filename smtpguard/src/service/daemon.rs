@@ -14,6 +14,7 @@ use std::{
 use sd_notify::NotifyState;
 use tokio::{
     signal::unix::{SignalKind, signal},
+    sync::mpsc,
     task::JoinHandle,
     time::Instant as TokioInstant,
 };
@@ -45,6 +46,8 @@ use crate::{
         url::{UrlError, Web},
     },
 };
+
+mod canary;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -81,6 +84,11 @@ pub enum DaemonError {
         interfaces.join(", ")
     )]
     UpgradeIncomplete { interfaces: Vec<String> },
+    #[error(transparent)]
+    Control(#[from] crate::service::control::ControlError),
+    /// A canary request that cannot be carried out, and why.
+    #[error("{0}")]
+    Canary(String),
     #[error("{what} changed from {from} to {to}: restart smtpguard to change it")]
     NeedsRestart {
         what: &'static str,
@@ -111,6 +119,7 @@ pub async fn run(
     let mut interrupt = listen(SignalKind::interrupt(), "SIGINT")?;
 
     let mut daemon = Daemon::start(config_path, instance).await?;
+    let mut control = daemon.control.take().unwrap_or_else(|| mpsc::channel(1).1);
     notify(&[NotifyState::Ready, NotifyState::Status(&daemon.status())]);
     tokio::pin!(shutdown);
     let mut interface_check = tokio::time::interval(INTERFACE_CHECK);
@@ -124,7 +133,19 @@ pub async fn run(
                 None => std::future::pending().await,
             }
         };
+        let canary_deadline = daemon.canary.as_ref().and_then(|canary| canary.deadline);
+        let canary_end = async {
+            match canary_deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            Some(call) = control.recv() => daemon.serve(call).await,
+            () = canary_end => match daemon.end_canary("expired") {
+                Ok(summary) => log::info!("{summary}"),
+                Err(error) => log::error!("{error}"),
+            },
             () = refresh => {
                 match daemon.refresh_sources().await {
                     Ok(Some(report)) => {
@@ -140,6 +161,7 @@ pub async fn run(
                         );
                     }
                 }
+                daemon.keep_canary();
                 // Failures and stale answers change without a new policy.
                 daemon.publish_dns();
             }
@@ -159,6 +181,7 @@ pub async fn run(
                         );
                     }
                 }
+                daemon.keep_canary();
                 notify(&[NotifyState::Ready, NotifyState::Status(&daemon.status())]);
             }
             _ = interface_check.tick() => daemon.check_interfaces(),
@@ -168,6 +191,13 @@ pub async fn run(
         }
     }
     notify(&[NotifyState::Stopping]);
+    if daemon.canary.is_some() {
+        match daemon.end_canary("ended: the daemon stopped") {
+            Ok(summary) => log::info!("{summary}"),
+            Err(error) => log::error!("{error}"),
+        }
+    }
+    let _ = std::fs::remove_file(instance.control_path());
     daemon.stop();
     Ok(())
 }
@@ -214,6 +244,10 @@ struct Daemon {
     boot: bool,
     /// Configured interfaces that do not exist (yet), attached when they appear.
     waiting: BTreeSet<String>,
+    /// A candidate policy compared with the one in force (`smtpguard try`).
+    canary: Option<canary::Canary>,
+    /// Requests from the control socket, until the loop takes them.
+    control: Option<mpsc::Receiver<crate::service::control::Call>>,
     _lock: InstanceLock,
 }
 
@@ -227,6 +261,9 @@ impl Daemon {
         let dns = Dns::new(&config.dns)?;
         let web = Web::new(&config.urls)?;
         let lock = instance.lock()?;
+        // Listening before the first state is written: whoever sees the daemon running can
+        // reach it.
+        let control = crate::service::control::listen(&instance.control_path())?;
         let pin_dir = instance.prepare_pin_dir()?;
         let pinned_links = instance.pinned_links()?;
         let previous = instance.read_state().ok();
@@ -263,6 +300,8 @@ impl Daemon {
             pins,
             boot: false,
             waiting: BTreeSet::new(),
+            canary: None,
+            control: Some(control),
             _lock: lock,
         };
         if in_force {

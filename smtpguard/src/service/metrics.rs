@@ -87,6 +87,8 @@ pub struct Telemetry {
     pub urls: BTreeMap<String, UrlTelemetry>,
     /// URL fetches, per URL and result.
     pub url_fetches: BTreeMap<(String, &'static str), u64>,
+    /// A canary runs (`smtpguard try`).
+    pub canary_active: bool,
 }
 
 /// What the metrics say about one DNS name.
@@ -240,6 +242,10 @@ mod labels {
 
     pub fn result(result: &str) -> Labels {
         vec![("result", result.to_owned())]
+    }
+
+    pub fn change(change: &str) -> Labels {
+        vec![("change", change.to_owned())]
     }
 
     pub fn info(version: &str, xdp_mode: String, interface: &str) -> Labels {
@@ -441,6 +447,27 @@ impl prometheus_client::collector::Collector for Exporter {
         ] {
             counter_family(&mut encoder, name, help, &[(none(), global(index))])?;
         }
+        counter_family(
+            &mut encoder,
+            "smtpguard_canary_syn",
+            "SYNs whose verdict a canary's candidate policy would change (smtpguard try), by change: newly_blocked (passed now, stopped by the candidate), newly_allowed (stopped now, passed by the candidate). Counted only while a canary runs.",
+            &[
+                (
+                    labels::change("newly_blocked"),
+                    global(counter::CANARY_NEWLY_BLOCKED),
+                ),
+                (
+                    labels::change("newly_allowed"),
+                    global(counter::CANARY_NEWLY_ALLOWED),
+                ),
+            ],
+        )?;
+        gauge_family(
+            &mut encoder,
+            "smtpguard_canary_active",
+            "1 while a canary compares a candidate policy with the one in force (smtpguard try).",
+            &[(none(), i64::from(telemetry.canary_active))],
+        )?;
         counter_family(
             &mut encoder,
             "smtpguard_reloads",

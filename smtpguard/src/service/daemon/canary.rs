@@ -1,0 +1,338 @@
+//! A canary for a policy change: the candidate policy sits in the standby slot and the
+//! program decides every SYN by it as well, only to record the sources whose verdict would
+//! change. `try --commit` makes the candidate the configuration and applies it through the
+//! reload path; `try --abort`, the end of `--for` or the daemon's exit end it. No verdict
+//! changes while it runs.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use smtpguard_common::counter;
+use tokio::time::Instant as TokioInstant;
+
+use super::{Daemon, DaemonError, build_policy, count_notes, log_warnings, unix_now};
+use crate::{
+    instance::{CanaryState, PrefixState},
+    kernel::maps::CounterKey,
+    policy::{List, Policy},
+    service::control::{Call, Request, Response},
+    source::{
+        config::{self, Config},
+        dns::Dns,
+        fetch::{self as sources, Previous},
+        url::Web,
+    },
+};
+
+/// A running canary.
+pub(super) struct Canary {
+    /// The candidate file, and its text as it was read: what `--commit` installs is what
+    /// was compared, whatever happened to the file since.
+    path: PathBuf,
+    text: String,
+    policy: Policy,
+    /// The counter ids the program names the candidate's prefixes by; kept across the
+    /// re-staging after a reload so the sightings keep their meaning.
+    counter_ids: HashMap<CounterKey, u32>,
+    record: CanaryState,
+    pub(super) deadline: Option<TokioInstant>,
+}
+
+impl Daemon {
+    /// Carries out a request from the control socket and answers it.
+    pub(super) async fn serve(&mut self, call: Call) {
+        let outcome = match call.request {
+            Request::Try { config, for_secs } => self.start_canary(&config, for_secs).await,
+            Request::Commit => self.commit_canary().await,
+            Request::Abort => self.end_canary("aborted"),
+        };
+        let response = match outcome {
+            Ok(message) => {
+                log::info!("{message}");
+                Response { ok: true, message }
+            }
+            Err(error) => {
+                let message = error.to_string();
+                log::warn!("control request refused: {message}");
+                Response { ok: false, message }
+            }
+        };
+        let _ = call.reply.send(response);
+    }
+
+    /// `try --config PATH [--for DURATION]`.
+    async fn start_canary(
+        &mut self,
+        path: &Path,
+        for_secs: Option<u64>,
+    ) -> Result<String, DaemonError> {
+        if let Some(canary) = &self.canary {
+            return Err(DaemonError::Canary(format!(
+                "a canary already runs ({} since {}); `smtpguard try --abort` ends it",
+                canary.path.display(),
+                humantime::format_rfc3339_seconds(unix_time(canary.record.started_unix))
+            )));
+        }
+        let text = config::read_text(path, config::MAX_CONFIG_BYTES)?;
+        let candidate = Config::parse(path, &text)?;
+        let dns = if candidate.dns == self.config.dns {
+            None
+        } else {
+            Some(Dns::new(&candidate.dns)?)
+        };
+        let web = Web::new(&candidate.urls)?;
+        let previous = Previous {
+            fetched: &self.fetched,
+            store: Some(&self.store),
+            hold_growth: false,
+        };
+        let (fetched, notes) = sources::fetch(
+            &candidate,
+            dns.as_ref().unwrap_or(&self.dns),
+            &web,
+            &previous,
+        )
+        .await
+        .map_err(Box::new)?;
+        log_warnings(&notes.warnings);
+        count_notes(&self.telemetry, &notes);
+        let (policy, warnings) = build_policy(&candidate, &fetched)?;
+        log_warnings(&warnings);
+        let counters = self.maps.counters()?;
+        let baseline = [
+            counters.get(counter::CANARY_NEWLY_BLOCKED),
+            counters.get(counter::CANARY_NEWLY_ALLOWED),
+        ];
+        let (counter_ids, _) = self.maps.start_canary(&policy, &HashMap::new(), true)?;
+        let started_unix = unix_now();
+        let until_unix = for_secs.map(|secs| started_unix + secs);
+        let mut canary = Canary {
+            path: path.to_owned(),
+            text,
+            record: CanaryState {
+                config: path.to_owned(),
+                started_unix,
+                until_unix,
+                ended_unix: None,
+                ended: None,
+                baseline,
+                scopes: Vec::new(),
+                prefixes: Vec::new(),
+            },
+            policy,
+            counter_ids,
+            deadline: for_secs.map(|secs| TokioInstant::now() + Duration::from_secs(secs)),
+        };
+        canary.describe_candidate();
+        let mut notes: Vec<String> = warnings.iter().map(ToString::to_string).collect();
+        if candidate.interfaces != self.config.interfaces {
+            notes.push(format!(
+                "the candidate names other interfaces ({}): the canary compares policies on the interfaces in force; a commit attaches as the candidate says",
+                candidate.interfaces.join(", ")
+            ));
+        }
+        if candidate.xdp_mode != self.config.xdp_mode {
+            notes.push(format!(
+                "the candidate's xdp_mode is {} (in force: {}): a commit is refused until smtpguard restarts",
+                candidate.xdp_mode, self.config.xdp_mode
+            ));
+        }
+        let message = format!(
+            "canary started: {} decides every SYN beside generation {} (in force), without changing any verdict; candidate: {} allow and {} deny prefixes{}{}. `smtpguard report --canary` lists the sources whose verdict would change; `smtpguard try --commit` applies the candidate, `smtpguard try --abort` ends the canary{}",
+            path.display(),
+            self.maps.generation(),
+            canary.policy.count(List::Allow),
+            canary.policy.count(List::Deny),
+            match canary
+                .policy
+                .scopes
+                .iter()
+                .filter(|scope| scope.guarded)
+                .count()
+            {
+                1 => String::new(),
+                scopes => format!(" in {scopes} scopes"),
+            },
+            match until_unix {
+                Some(until) => format!(
+                    ", until {}",
+                    humantime::format_rfc3339_seconds(unix_time(until))
+                ),
+                None => String::new(),
+            },
+            notes
+                .iter()
+                .map(|note| format!("\nnote: {note}"))
+                .collect::<String>()
+        );
+        self.instance.write_canary(&canary.record)?;
+        self.canary = Some(canary);
+        self.publish_canary();
+        Ok(message)
+    }
+
+    /// `try --commit`: the candidate's text (as it was compared) replaces the configuration
+    /// file (the old one is kept beside it as `NAME.prev`) and is applied as a SIGHUP would;
+    /// if that fails, the configuration file is put back and the canary goes on. List files
+    /// are named by absolute paths, so the text means the same policy in either place.
+    async fn commit_canary(&mut self) -> Result<String, DaemonError> {
+        let Some(canary) = &self.canary else {
+            return Err(DaemonError::Canary(
+                "no canary runs: `smtpguard try --config FILE` starts one".into(),
+            ));
+        };
+        let text = canary.text.clone();
+        let candidate = canary.path.clone();
+        let previous = with_suffix(&self.config_path, ".prev");
+        let staged = with_suffix(&self.config_path, ".canary");
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| DaemonError::Canary(format!("{}: {source}", path.display()))
+        };
+        std::fs::copy(&self.config_path, &previous).map_err(io(&previous))?;
+        std::fs::write(&staged, &text).map_err(io(&staged))?;
+        std::fs::rename(&staged, &self.config_path).map_err(io(&self.config_path))?;
+        match self.reload().await {
+            Ok(report) => {
+                let summary = self.end_canary("committed")?;
+                Ok(format!(
+                    "committed: {} is now {} (the previous configuration is {}); {}; {summary}",
+                    candidate.display(),
+                    self.config_path.display(),
+                    previous.display(),
+                    self.describe(&report)
+                ))
+            }
+            Err(error) => {
+                std::fs::rename(&previous, &self.config_path).map_err(io(&self.config_path))?;
+                self.keep_canary();
+                Err(DaemonError::Canary(format!(
+                    "the candidate was not applied ({error}); {} is back as it was, the running policy stays and the canary goes on",
+                    self.config_path.display()
+                )))
+            }
+        }
+    }
+
+    /// Ends the canary (`how`: aborted, expired, committed, ...). Its sightings stay readable
+    /// until the next one starts. Returns a summary.
+    pub(super) fn end_canary(&mut self, how: &str) -> Result<String, DaemonError> {
+        let Some(mut canary) = self.canary.take() else {
+            return Err(DaemonError::Canary("no canary runs".into()));
+        };
+        self.maps.end_canary()?;
+        canary.record.ended_unix = Some(unix_now());
+        canary.record.ended = Some(how.to_owned());
+        let (blocked, allowed) = self.canary_counts(&canary.record);
+        let summary = format!(
+            "canary of {} {how}: {blocked} SYNs would have been newly blocked and {allowed} newly allowed; `smtpguard report --canary` lists the sources until the next canary",
+            canary.path.display()
+        );
+        self.instance.write_canary(&canary.record)?;
+        self.publish_canary();
+        Ok(summary)
+    }
+
+    /// Puts the candidate back beside a policy just applied (an apply rewrites the standby
+    /// slot, where the candidate was): the sightings so far stay.
+    pub(super) fn keep_canary(&mut self) {
+        let Some(canary) = &mut self.canary else {
+            return;
+        };
+        if self.maps.canary_on() {
+            return;
+        }
+        match self
+            .maps
+            .start_canary(&canary.policy, &canary.counter_ids, false)
+        {
+            Ok((counter_ids, _)) => {
+                canary.counter_ids = counter_ids;
+                canary.describe_candidate();
+                if let Err(error) = self.instance.write_canary(&canary.record) {
+                    log::error!("{error}");
+                }
+                log::info!(
+                    "canary of {} goes on beside generation {}",
+                    canary.path.display(),
+                    self.maps.generation()
+                );
+            }
+            Err(error) => {
+                log::error!(
+                    "the canary's candidate could not be put back beside generation {}: {error}; the canary ends",
+                    self.maps.generation()
+                );
+                if let Err(error) = self.end_canary("ended: its candidate could not be put back") {
+                    log::error!("{error}");
+                }
+            }
+        }
+    }
+
+    /// SYNs newly blocked and newly allowed since `record` started.
+    fn canary_counts(&self, record: &CanaryState) -> (u64, u64) {
+        self.maps.counters().map_or((0, 0), |counters| {
+            (
+                counters
+                    .get(counter::CANARY_NEWLY_BLOCKED)
+                    .saturating_sub(record.baseline[0]),
+                counters
+                    .get(counter::CANARY_NEWLY_ALLOWED)
+                    .saturating_sub(record.baseline[1]),
+            )
+        })
+    }
+
+    /// Tells the metrics endpoint whether a canary runs.
+    fn publish_canary(&self) {
+        if let Ok(mut telemetry) = self.telemetry.lock() {
+            telemetry.canary_active = self.canary.is_some();
+        }
+    }
+}
+
+impl Canary {
+    /// Records the candidate's scopes and prefixes (with their counter ids) for readers.
+    fn describe_candidate(&mut self) {
+        self.record.scopes = self
+            .policy
+            .scopes
+            .iter()
+            .map(|scope| scope.name.clone())
+            .collect();
+        self.record.prefixes = self
+            .counter_ids
+            .iter()
+            .map(|(&(scope_id, net, list), &counter_id)| {
+                let scope = self.policy.scopes.get(scope_id as usize);
+                PrefixState {
+                    counter_id,
+                    list,
+                    rule: scope
+                        .and_then(|scope| scope.entries.get(&net))
+                        .map(|entry| entry.rule.clone())
+                        .unwrap_or_default(),
+                    prefix: net,
+                    scope_id,
+                    scope: scope.map_or_else(|| "default".to_owned(), |scope| scope.name.clone()),
+                }
+            })
+            .collect();
+        self.record.prefixes.sort_by_key(|prefix| prefix.counter_id);
+    }
+}
+
+/// `path` with `suffix` added to its file name.
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(suffix);
+    path.with_file_name(name)
+}
+
+fn unix_time(secs: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+}

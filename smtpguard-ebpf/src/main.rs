@@ -230,8 +230,11 @@ fn decide_guarded(ctx: &XdpContext, ip: Ip, dport: Option<u16>, reply: Option<Re
             .address(ctx, true)
             .map_or((0, 0), |dst| address_words(&dst));
         let port = dport.map_or(PORT_UNSEEN, u32::from);
-        let running = Running::pack(rule, scope, verdict != action::ALLOW, ip.v6, port);
-        let change = compare_candidate(high, low, dst_high, dst_low, running);
+        // What counts is the effect: a SYN an audit scope would stop still gets through.
+        let stops = verdict != action::ALLOW && scope_config.mode != mode::AUDIT;
+        let running = Running::pack(rule, scope, stops, ip.v6, port);
+        let scope = candidate_scope(dst_high, dst_low, running);
+        let change = compare_candidate(high, low, running, scope);
         if change != 0 {
             record_change(high, low, running, change);
         }
@@ -283,7 +286,7 @@ const PORT_UNSEEN: u32 = 1 << 16;
 
 /// What the running policy decided about a SYN, and what the candidate needs to know to
 /// decide it too, packed in one register: the running rule (32 bits), the running scope (8),
-/// whether the running policy stops it (1), the family (1, IPv6), the destination port (17,
+/// whether the running policy stops it (1: denied or unlisted in an enforcing scope), the family (1, IPv6), the destination port (17,
 /// [`PORT_UNSEEN`] when out of sight). Scalars cross into [`compare_candidate`] in registers:
 /// the caller's stack, deep with the parser's state, has no room for a struct.
 struct Running;
@@ -303,19 +306,13 @@ impl Running {
 #[map(name = "SG_CANARY_NEW")]
 static CANARY_NEW: PerCpuArray<CanarySighting> = PerCpuArray::with_max_entries(1, 0);
 
-/// Decides the SYN from `src` to `dst` (each as the two words of [`address_words`]) by the
-/// candidate policy in the standby slot. Returns 0 when the candidate agrees with the running
-/// policy; else the candidate's rule (low 32 bits), scope (8 bits from 32), whether it stops
-/// the SYN (bit 40), and bit 63 set. A BPF-to-BPF call with scalar arguments: the second
-/// lookup is walked by the verifier once per kind of sighting, on a stack of its own.
+/// The candidate slot's scope for a SYN to `dst` (the two words of [`address_words`]), and
+/// how it treats it: the scope id (low 8 bits), whether it guards the port (bit 8),
+/// whether it enforces (bit 9), whether the slot's IPv4 guard bitmap may be trusted (bit
+/// 10); 0 when the slot cannot be read. A BPF-to-BPF call of its own, as
+/// [`compare_candidate`] is: each runs on its own stack frame beside the parser's deep one.
 #[inline(never)]
-fn compare_candidate(
-    src_high: u64,
-    src_low: u64,
-    dst_high: u64,
-    dst_low: u64,
-    running: u64,
-) -> u64 {
+fn candidate_scope(dst_high: u64, dst_low: u64, running: u64) -> u64 {
     let Some(active) = ACTIVE_SLOT.get(0) else {
         return 0;
     };
@@ -323,7 +320,6 @@ fn compare_candidate(
     let Some(config) = SLOT_CONFIG.get(slot) else {
         return 0;
     };
-    let running_stops = (running >> 40) & 1 == 1;
     let v6 = (running >> 41) & 1 == 1;
     let port = (running >> 42) as u32 & 0x1_ffff;
     // Each family on its own path, its key built there from the words: an enum built on
@@ -339,12 +335,37 @@ fn compare_candidate(
     };
     let guarded =
         scope_config.guarded == 1 && (port == PORT_UNSEEN || scope_config.guards(port as u16));
+    u64::from(scope & 0xff)
+        | u64::from(guarded) << 8
+        | u64::from(scope_config.mode != mode::AUDIT) << 9
+        | u64::from(config.v4_guard == 1) << 10
+}
+
+/// Decides the SYN from `src` (the two words of [`address_words`]) by the candidate policy in
+/// the standby slot, in the scope [`candidate_scope`] found. Returns 0 when the candidate's
+/// effect is the running policy's (both let it in, or both stop it, counting an audit
+/// scope's stop as letting in); else the candidate's rule (low 32 bits), scope (8 bits from
+/// 32), whether it stops the SYN (bit 40), and bit 63 set.
+#[inline(never)]
+fn compare_candidate(src_high: u64, src_low: u64, running: u64, scope: u64) -> u64 {
+    let Some(active) = ACTIVE_SLOT.get(0) else {
+        return 0;
+    };
+    let slot = (*active & 1) ^ 1;
+    let running_stops = (running >> 40) & 1 == 1;
+    let v6 = (running >> 41) & 1 == 1;
+    let (guarded, enforces, v4_guard) = (
+        (scope >> 8) & 1 == 1,
+        (scope >> 9) & 1 == 1,
+        (scope >> 10) & 1 == 1,
+    );
+    let scope = scope as u32 & 0xff;
     let found = match (guarded, v6) {
         (false, _) => None,
         (true, true) => find_v6(slot, scope, &words_address(src_high, src_low)),
         (true, false) => {
             let addr = low_v4(src_low);
-            if config.v4_guard == 1 && !v4_listed(slot, &addr) {
+            if v4_guard && !v4_listed(slot, &addr) {
                 None
             } else {
                 find_v4(slot, scope, &addr)
@@ -353,13 +374,16 @@ fn compare_candidate(
     };
     let (rule, stops) = match (guarded, found) {
         (false, _) => (canary_rule::NOT_GUARDED, false),
-        (true, Some(rule)) => (rule.counter_id, u32::from(rule.action) != action::ALLOW),
-        (true, None) => (canary_rule::UNLISTED, true),
+        (true, Some(rule)) => (
+            rule.counter_id,
+            u32::from(rule.action) != action::ALLOW && enforces,
+        ),
+        (true, None) => (canary_rule::UNLISTED, enforces),
     };
     if stops == running_stops {
         return 0;
     }
-    u64::from(rule) | u64::from(scope & 0xff) << 32 | u64::from(stops) << 40 | 1 << 63
+    u64::from(rule) | u64::from(scope) << 32 | u64::from(stops) << 40 | 1 << 63
 }
 
 /// Counts a SYN whose verdict the candidate changes ([`compare_candidate`]'s `change`)
@@ -411,6 +435,8 @@ fn record_change(src_high: u64, src_low: u64, running: u64, change: u64) {
         };
         // A racing first sighting on another CPU may win the insert: this one is then only
         // in the global counter.
+        // A reference into the scratch map, not a copy: the copy would go on the stack.
+        #[allow(clippy::needless_borrows_for_generic_args)]
         let _ = CANARY.insert(key, &*new, u64::from(BPF_NOEXIST));
     }
 }

@@ -142,6 +142,12 @@ impl Instance {
         self.run_dir().join("canary.json")
     }
 
+    /// The candidate text the current (or last) canary compares, as the daemon received it:
+    /// what `try --commit` installs.
+    pub fn candidate_path(&self) -> PathBuf {
+        self.run_dir().join("candidate.toml")
+    }
+
     /// The running daemon's control socket (`smtpguard try`).
     pub fn control_path(&self) -> PathBuf {
         self.run_dir().join("control.sock")

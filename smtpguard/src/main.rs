@@ -5,7 +5,13 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use smtpguard::{
-    command::{canary::CanaryReport, check, explain, report::Report, stats::Stats, top},
+    command::{
+        canary::{self, CanaryReport},
+        check, explain,
+        report::Report,
+        stats::Stats,
+        top,
+    },
     instance::Instance,
     kernel::maps::open_counters,
     policy::Policy,
@@ -123,7 +129,7 @@ enum Command {
         #[arg(long, short, required_unless_present_any = ["commit", "abort"], conflicts_with_all = ["commit", "abort"])]
         config: Option<PathBuf>,
         /// End the canary by itself after this long (30m, 2h, 1d).
-        #[arg(long = "for", value_name = "DURATION", value_parser = humantime::parse_duration, requires = "config")]
+        #[arg(long = "for", value_name = "DURATION", value_parser = canary_duration, requires = "config")]
         duration: Option<std::time::Duration>,
         /// Make the candidate the configuration and apply it.
         #[arg(long, conflicts_with = "abort")]
@@ -166,6 +172,16 @@ enum Command {
         #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+}
+
+/// A `--for` duration: humantime's notation (30m, 2h, 1d), at most the daemon's limit.
+fn canary_duration(text: &str) -> Result<std::time::Duration, String> {
+    let duration = humantime::parse_duration(text).map_err(|error| error.to_string())?;
+    let most = daemon::MAX_CANARY_SECS;
+    if duration.as_secs() > most {
+        return Err(format!("at most {} days", most / 86400));
+    }
+    Ok(duration)
 }
 
 /// The error and its causes on one line, leaving out a cause whose text the layer above
@@ -316,21 +332,67 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             commit,
             abort,
         } => {
-            let request = match (config, commit, abort) {
-                (Some(config), _, _) => Request::Try {
-                    // The daemon reads the file: a relative path means the admin's directory.
-                    config: std::path::absolute(&config)
-                        .with_context(|| format!("{}", config.display()))?,
-                    for_secs: duration.map(|duration| duration.as_secs().max(1)),
-                },
-                (None, true, _) => Request::Commit,
-                _ => Request::Abort,
+            let socket = instance.control_path();
+            let call = |request: &Request| {
+                control::call(&socket, request, std::time::Duration::from_secs(300))
             };
-            let response = control::call(
-                &instance.control_path(),
-                &request,
-                std::time::Duration::from_secs(300),
-            )?;
+            let response = match (config, commit, abort) {
+                (Some(config), _, _) => {
+                    // Read here: the daemon's sandbox may not see the admin's directories.
+                    let text = smtpguard::source::config::read_text(
+                        &config,
+                        smtpguard::source::config::MAX_CONFIG_BYTES,
+                    )?;
+                    call(&Request::Try {
+                        config: std::path::absolute(&config)
+                            .with_context(|| format!("{}", config.display()))?,
+                        text,
+                        for_secs: duration.map(|duration| duration.as_secs().max(1)),
+                    })?
+                }
+                (None, true, _) => {
+                    // The file is replaced here, by the admin's root shell, not by the
+                    // sandboxed daemon; the daemon then applies it as on SIGHUP.
+                    let state = instance.read_state()?;
+                    let canary = instance
+                        .read_canary()?
+                        .filter(|canary| canary.ended.is_none());
+                    if canary.is_none() {
+                        anyhow::bail!(
+                            "instance {:?}: no canary runs: `smtpguard try --config FILE` starts one",
+                            instance.name()
+                        );
+                    }
+                    let candidate = instance.candidate_path();
+                    let text = std::fs::read_to_string(&candidate)
+                        .with_context(|| format!("{}", candidate.display()))?;
+                    let installed = canary::install_candidate(&state.config, &text)
+                        .with_context(|| format!("replacing {}", state.config.display()))?;
+                    let response = call(&Request::Commit)?;
+                    if !response.ok {
+                        installed.restore().with_context(|| {
+                            format!(
+                                "putting {} back from {} after the refusal: {}",
+                                installed.target.display(),
+                                installed.previous.display(),
+                                response.message
+                            )
+                        })?;
+                        anyhow::bail!(
+                            "{}; {} is back as it was",
+                            response.message,
+                            installed.target.display()
+                        );
+                    }
+                    println!(
+                        "{} now holds the candidate; the previous configuration is {}",
+                        installed.target.display(),
+                        installed.previous.display()
+                    );
+                    response
+                }
+                _ => call(&Request::Abort)?,
+            };
             if !response.ok {
                 anyhow::bail!("{}", response.message);
             }

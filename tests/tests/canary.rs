@@ -295,6 +295,25 @@ fn a_candidate_is_compared_on_live_traffic_without_changing_a_verdict_then_commi
     }
     assert_eq!(canary_report(&daemon)["state"], "expired");
 
+    // A candidate that only audits would let in what is stopped now: that is what it shows.
+    let audit = drafts.join("audit.toml");
+    std::fs::write(
+        &audit,
+        format!("mode = \"audit\"\n{}", candidate(&pair.server_if)),
+    )
+    .unwrap();
+    daemon.cli(&["try", "--config", audit.to_str().unwrap()]);
+    let (got, _) = connect(&pair.client, SPAMMER.into(), v4(25), WAIT);
+    assert_eq!(got, TimedOut, "the audit candidate decided nothing");
+    let report = canary_report(&daemon);
+    let spammer = row(&report, SPAMMER.into()).expect("spammer row");
+    assert_eq!(spammer["newly_allowed"], 1, "{report:#}");
+    daemon.cli(&["try", "--abort"]);
+
+    // A canary cannot be set to outlive any sensible review.
+    let error = cli_fails(&daemon, &["try", "--config", draft_arg, "--for", "1000d"]);
+    assert!(error.contains("at most 90 days"), "{error}");
+
     // A candidate that does not validate is refused with its file and line.
     let broken = drafts.join("broken.toml");
     std::fs::write(

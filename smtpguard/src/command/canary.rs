@@ -242,3 +242,73 @@ impl Names {
         }
     }
 }
+
+/// The configuration file replaced by a candidate (`try --commit`), and its previous content
+/// kept beside it, to put back if the daemon refuses the candidate.
+pub struct Installed {
+    pub target: PathBuf,
+    pub previous: PathBuf,
+}
+
+/// Replaces the configuration file `config` (the file a symbolic link names, if it is one)
+/// with `text`: the old content is kept as `NAME.prev`; each file is written beside its
+/// place, with the original's owner and mode, synced, and renamed over it, so a crash
+/// leaves the old file or the new one, whole.
+pub fn install_candidate(config: &std::path::Path, text: &str) -> std::io::Result<Installed> {
+    let target = std::fs::canonicalize(config)?;
+    let like = std::fs::metadata(&target)?;
+    let previous = with_suffix(&target, ".prev");
+    write_beside(&previous, &std::fs::read(&target)?, &like)?;
+    write_beside(&target, text.as_bytes(), &like)?;
+    Ok(Installed { target, previous })
+}
+
+impl Installed {
+    /// Puts the previous content back.
+    pub fn restore(&self) -> std::io::Result<()> {
+        let like = std::fs::metadata(&self.target)?;
+        write_beside(&self.target, &std::fs::read(&self.previous)?, &like)
+    }
+}
+
+/// Writes `bytes` to a new file beside `path` with `like`'s owner and mode, syncs it, renames
+/// it over `path` and syncs the directory.
+fn write_beside(
+    path: &std::path::Path,
+    bytes: &[u8],
+    like: &std::fs::Metadata,
+) -> std::io::Result<()> {
+    use std::{
+        io::Write as _,
+        os::unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _},
+    };
+    let temporary = with_suffix(path, &format!(".smtpguard-{}", std::process::id()));
+    let written = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .mode(0o600)
+            .open(&temporary)?;
+        file.write_all(bytes)?;
+        std::os::unix::fs::fchown(&file, Some(like.uid()), Some(like.gid()))?;
+        file.set_permissions(std::fs::Permissions::from_mode(like.mode() & 0o7777))?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temporary);
+    }
+    written?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// `path` with `suffix` added to its file name.
+fn with_suffix(path: &std::path::Path, suffix: &str) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(suffix);
+    path.with_file_name(name)
+}

@@ -333,7 +333,7 @@ impl PolicyMaps {
     pub fn seed_counter_ids(&mut self, ids: impl IntoIterator<Item = (u32, IpNet, List, u32)>) {
         for (scope, net, list, id) in ids {
             self.counter_ids.insert((scope, net, list), id);
-            self.next_counter_id = self.next_counter_id.max(id.wrapping_add(1).max(1));
+            self.next_counter_id = self.next_counter_id.max(next_counter_id(id));
         }
     }
 

@@ -21,12 +21,16 @@ use tokio::{
 #[serde(rename_all = "snake_case")]
 pub enum Request {
     /// Start a canary: decide every SYN by the candidate configuration too, and record the
-    /// sources whose verdict would change. `for_secs` ends it by itself.
+    /// sources whose verdict would change. `for_secs` ends it by itself. The client reads
+    /// the file (the daemon's sandbox may not see the admin's directories): `config` names
+    /// it in messages, `text` is what is compared.
     Try {
         config: PathBuf,
+        text: String,
         for_secs: Option<u64>,
     },
-    /// Make the candidate the configuration and apply it.
+    /// Apply the configuration file, which the client has just replaced with the candidate,
+    /// and end the canary; if it is refused, the canary goes on.
     Commit,
     /// End the canary; the running policy stays as it is.
     Abort,
@@ -67,8 +71,11 @@ pub enum ControlError {
     },
 }
 
-/// Longest request line accepted: a path and a few words.
-const MAX_REQUEST: u64 = 64 * 1024;
+/// Longest request line accepted: a configuration file at its limit, escaped as JSON.
+const MAX_REQUEST: u64 = 2 * crate::source::config::MAX_CONFIG_BYTES + 64 * 1024;
+
+/// How long a client may take to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Listens on `path` (replacing a socket left by a daemon of this instance that is gone:
 /// the caller holds the instance lock) and hands each request to the returned channel.
@@ -88,6 +95,8 @@ pub fn listen(path: &Path) -> Result<mpsc::Receiver<Call>, ControlError> {
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
+                // Out of descriptors, say: try again later rather than spin.
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             };
             let sender = sender.clone();
@@ -96,7 +105,13 @@ pub fn listen(path: &Path) -> Result<mpsc::Receiver<Call>, ControlError> {
                 let mut line = String::new();
                 let mut reader =
                     tokio::io::BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST));
-                let response = match reader.read_line(&mut line).await {
+                let read = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await;
+                let response = match read.unwrap_or_else(|_| {
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "no request within 30 s",
+                    ))
+                }) {
                     Ok(_) => match serde_json::from_str::<Request>(&line) {
                         Ok(request) => {
                             let (reply, answer) = oneshot::channel();

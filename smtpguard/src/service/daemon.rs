@@ -49,6 +49,8 @@ use crate::{
 
 mod canary;
 
+pub use canary::MAX_CANARY_SECS;
+
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error(transparent)]
@@ -264,6 +266,7 @@ impl Daemon {
         // Listening before the first state is written: whoever sees the daemon running can
         // reach it.
         let control = crate::service::control::listen(&instance.control_path())?;
+        canary::end_orphaned(instance);
         let pin_dir = instance.prepare_pin_dir()?;
         let pinned_links = instance.pinned_links()?;
         let previous = instance.read_state().ok();

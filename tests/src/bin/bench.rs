@@ -363,10 +363,22 @@ enum Receiver {
     Smtpguard {
         prefixes: usize,
         native: bool,
+        canary: Canary,
     },
     Nftables {
         prefixes: usize,
     },
+}
+
+/// Whether a canary runs beside the daemon's policy in a flood run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Canary {
+    Off,
+    /// The candidate decides every flood SYN as the policy does: the cost of comparing.
+    Alike,
+    /// The candidate lets every flood SYN in: each one is recorded (random sources, more
+    /// than the table holds: the worst case).
+    Differs,
 }
 
 /// Flood runs per receiver; the median is reported.
@@ -382,7 +394,7 @@ fn flood(packets: usize) {
         "2. SYN flood over a veth pair, {packets} frames from an AF_PACKET socket, random sources, all unlisted (median of {FLOOD_ROUNDS} runs)"
     );
     println!(
-        "{:<36} {:>11} {:>15} {:>12} {:>9}",
+        "{:<48} {:>11} {:>15} {:>12} {:>9}",
         "receiver", "CPU ns/pkt", "receive ns/pkt", "prog ns/pkt", "dropped"
     );
     let _stats =
@@ -395,19 +407,33 @@ fn flood(packets: usize) {
         Receiver::Smtpguard {
             prefixes: 10,
             native: true,
+            canary: Canary::Off,
+        },
+        Receiver::Smtpguard {
+            prefixes: 10,
+            native: true,
+            canary: Canary::Alike,
+        },
+        Receiver::Smtpguard {
+            prefixes: 10,
+            native: true,
+            canary: Canary::Differs,
         },
         Receiver::Smtpguard {
             prefixes: 100_000,
             native: true,
+            canary: Canary::Off,
         },
         Receiver::Floor { native: false },
         Receiver::Smtpguard {
             prefixes: 10,
             native: false,
+            canary: Canary::Off,
         },
         Receiver::Smtpguard {
             prefixes: 100_000,
             native: false,
+            canary: Canary::Off,
         },
         Receiver::Nftables { prefixes: 10 },
         Receiver::Nftables { prefixes: 100_000 },
@@ -428,7 +454,7 @@ fn flood(packets: usize) {
             sender_only = cpu_ns;
         }
         println!(
-            "{name:<36} {cpu_ns:>11.0} {:>15} {:>12} {:>8.2}%",
+            "{name:<48} {cpu_ns:>11.0} {:>15} {:>12} {:>8.2}%",
             if matches!(receiver, Receiver::SenderOnly) {
                 "-".to_owned()
             } else {
@@ -460,6 +486,15 @@ fn flood(packets: usize) {
             get("nftables, 100000 prefixes") / many,
         );
     }
+    let ten = get("smtpguard, 10 prefixes, native");
+    println!(
+        "canary, native XDP, 10 prefixes: smtpguard/floor {:.2}x without, {:.2}x with a canary that agrees, {:.2}x with one that records every SYN (vs no canary: {:.2}x, {:.2}x)",
+        ten / get("floor (XDP_DROP), native"),
+        get("smtpguard, 10 prefixes, native, canary alike") / get("floor (XDP_DROP), native"),
+        get("smtpguard, 10 prefixes, native, canary differs") / get("floor (XDP_DROP), native"),
+        get("smtpguard, 10 prefixes, native, canary alike") / ten,
+        get("smtpguard, 10 prefixes, native, canary differs") / ten,
+    );
     println!();
 }
 
@@ -521,7 +556,11 @@ fn flood_once(receiver: &Receiver, packets: usize) -> (String, f64, Option<f64>,
             floor = Some(program);
             format!("floor (XDP_DROP), {}", mode_name(*native))
         }
-        Receiver::Smtpguard { prefixes, native } => {
+        Receiver::Smtpguard {
+            prefixes,
+            native,
+            canary,
+        } => {
             let list = dir.join("allow.txt");
             let text: String = nets.iter().map(|net| format!("{net}\n")).collect();
             std::fs::write(&list, text).expect("list");
@@ -531,8 +570,34 @@ fn flood_once(receiver: &Receiver, packets: usize) -> (String, f64, Option<f64>,
                 if *native { "native" } else { "skb" },
                 list.display()
             );
-            daemon = Some(Daemon::start(&pair.server, &config));
-            format!("smtpguard, {prefixes} prefixes, {}", mode_name(*native))
+            let started = Daemon::start(&pair.server, &config);
+            let canary_name = match canary {
+                Canary::Off => "",
+                Canary::Alike => ", canary alike",
+                Canary::Differs => ", canary differs",
+            };
+            if *canary != Canary::Off {
+                let allow = if *canary == Canary::Alike {
+                    format!("files = [\"{}\"]", list.display())
+                } else {
+                    "prefixes = [\"0.0.0.0/1\", \"128.0.0.0/1\"]".to_owned()
+                };
+                let candidate = dir.join("candidate.toml");
+                std::fs::write(
+                    &candidate,
+                    format!(
+                        "interfaces = [\"{}\"]\nxdp_mode = \"native\"\non_exit = \"detach\"\n[[allow]]\nname = \"candidate\"\n{allow}\n[[deny]]\nname = \"other\"\nprefixes = [\"192.0.2.99\"]\n",
+                        pair.server_if
+                    ),
+                )
+                .expect("candidate");
+                started.cli(&["try", "--config", candidate.to_str().expect("path")]);
+            }
+            daemon = Some(started);
+            format!(
+                "smtpguard, {prefixes} prefixes, {}{canary_name}",
+                mode_name(*native)
+            )
         }
         Receiver::Nftables { prefixes } => {
             nftables(&pair, &nets, &dir);

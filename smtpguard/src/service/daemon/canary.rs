@@ -27,12 +27,14 @@ use crate::{
     },
 };
 
+/// The longest a canary may run by itself (`--for`).
+pub const MAX_CANARY_SECS: u64 = 90 * 24 * 3600;
+
 /// A running canary.
 pub(super) struct Canary {
-    /// The candidate file, and its text as it was read: what `--commit` installs is what
-    /// was compared, whatever happened to the file since.
+    /// The candidate file, as named in messages; its text as compared is in the run
+    /// directory, where `try --commit` takes it from.
     path: PathBuf,
-    text: String,
     policy: Policy,
     /// The counter ids the program names the candidate's prefixes by; kept across the
     /// re-staging after a reload so the sightings keep their meaning.
@@ -45,7 +47,11 @@ impl Daemon {
     /// Carries out a request from the control socket and answers it.
     pub(super) async fn serve(&mut self, call: Call) {
         let outcome = match call.request {
-            Request::Try { config, for_secs } => self.start_canary(&config, for_secs).await,
+            Request::Try {
+                config,
+                text,
+                for_secs,
+            } => self.start_canary(&config, text, for_secs).await,
             Request::Commit => self.commit_canary().await,
             Request::Abort => self.end_canary("aborted"),
         };
@@ -67,8 +73,19 @@ impl Daemon {
     async fn start_canary(
         &mut self,
         path: &Path,
+        text: String,
         for_secs: Option<u64>,
     ) -> Result<String, DaemonError> {
+        let deadline = match for_secs {
+            Some(secs) if secs > MAX_CANARY_SECS => {
+                return Err(DaemonError::Canary(format!(
+                    "--for: at most {} days",
+                    MAX_CANARY_SECS / 86400
+                )));
+            }
+            Some(secs) => Some(TokioInstant::now() + Duration::from_secs(secs)),
+            None => None,
+        };
         if let Some(canary) = &self.canary {
             return Err(DaemonError::Canary(format!(
                 "a canary already runs ({} since {}); `smtpguard try --abort` ends it",
@@ -76,7 +93,13 @@ impl Daemon {
                 humantime::format_rfc3339_seconds(unix_time(canary.record.started_unix))
             )));
         }
-        let text = config::read_text(path, config::MAX_CONFIG_BYTES)?;
+        if text.len() as u64 > config::MAX_CONFIG_BYTES {
+            return Err(DaemonError::Canary(format!(
+                "{}: over {} bytes",
+                path.display(),
+                config::MAX_CONFIG_BYTES
+            )));
+        }
         let candidate = Config::parse(path, &text)?;
         let dns = if candidate.dns == self.config.dns {
             None
@@ -106,12 +129,10 @@ impl Daemon {
             counters.get(counter::CANARY_NEWLY_BLOCKED),
             counters.get(counter::CANARY_NEWLY_ALLOWED),
         ];
-        let (counter_ids, _) = self.maps.start_canary(&policy, &HashMap::new(), true)?;
         let started_unix = unix_now();
         let until_unix = for_secs.map(|secs| started_unix + secs);
         let mut canary = Canary {
             path: path.to_owned(),
-            text,
             record: CanaryState {
                 config: path.to_owned(),
                 started_unix,
@@ -123,9 +144,25 @@ impl Daemon {
                 prefixes: Vec::new(),
             },
             policy,
-            counter_ids,
-            deadline: for_secs.map(|secs| TokioInstant::now() + Duration::from_secs(secs)),
+            counter_ids: HashMap::new(),
+            deadline,
         };
+        // The text as compared, for `--commit`, before the program compares anything.
+        write_private(&self.instance.candidate_path(), &text)?;
+        let (counter_ids, _) = match self
+            .maps
+            .start_canary(&canary.policy, &HashMap::new(), true)
+        {
+            Ok(started) => started,
+            Err(error) => {
+                // Whatever was staged, the program compares nothing.
+                if let Err(error) = self.maps.end_canary() {
+                    log::error!("{error}");
+                }
+                return Err(error.into());
+            }
+        };
+        canary.counter_ids = counter_ids;
         canary.describe_candidate();
         let mut notes: Vec<String> = warnings.iter().map(ToString::to_string).collect();
         if candidate.interfaces != self.config.interfaces {
@@ -168,50 +205,42 @@ impl Daemon {
                 .map(|note| format!("\nnote: {note}"))
                 .collect::<String>()
         );
-        self.instance.write_canary(&canary.record)?;
+        // Running from here on: `try --abort` must find it even if the record cannot be
+        // written.
+        let written = self.instance.write_canary(&canary.record);
         self.canary = Some(canary);
         self.publish_canary();
+        written?;
         Ok(message)
     }
 
-    /// `try --commit`: the candidate's text (as it was compared) replaces the configuration
-    /// file (the old one is kept beside it as `NAME.prev`) and is applied as a SIGHUP would;
-    /// if that fails, the configuration file is put back and the canary goes on. List files
-    /// are named by absolute paths, so the text means the same policy in either place.
+    /// `try --commit`: the client has replaced the configuration file with the candidate's
+    /// text as compared; it is applied as a SIGHUP would. If that is refused, the canary
+    /// goes on (and the client puts the file back).
     async fn commit_canary(&mut self) -> Result<String, DaemonError> {
         let Some(canary) = &self.canary else {
             return Err(DaemonError::Canary(
                 "no canary runs: `smtpguard try --config FILE` starts one".into(),
             ));
         };
-        let text = canary.text.clone();
         let candidate = canary.path.clone();
-        let previous = with_suffix(&self.config_path, ".prev");
-        let staged = with_suffix(&self.config_path, ".canary");
-        let io = |path: &Path| {
-            let path = path.to_owned();
-            move |source| DaemonError::Canary(format!("{}: {source}", path.display()))
-        };
-        std::fs::copy(&self.config_path, &previous).map_err(io(&previous))?;
-        std::fs::write(&staged, &text).map_err(io(&staged))?;
-        std::fs::rename(&staged, &self.config_path).map_err(io(&self.config_path))?;
         match self.reload().await {
             Ok(report) => {
+                self.count_reload(true);
                 let summary = self.end_canary("committed")?;
                 Ok(format!(
-                    "committed: {} is now {} (the previous configuration is {}); {}; {summary}",
+                    "committed: the candidate {} is applied from {}; {}; {summary}",
                     candidate.display(),
                     self.config_path.display(),
-                    previous.display(),
                     self.describe(&report)
                 ))
             }
             Err(error) => {
-                std::fs::rename(&previous, &self.config_path).map_err(io(&self.config_path))?;
+                self.count_reload(false);
                 self.keep_canary();
                 Err(DaemonError::Canary(format!(
-                    "the candidate was not applied ({error}); {} is back as it was, the running policy stays and the canary goes on",
-                    self.config_path.display()
+                    "the candidate was not applied ({error}); generation {} stays in force and the canary goes on",
+                    self.maps.generation()
                 )))
             }
         }
@@ -220,10 +249,14 @@ impl Daemon {
     /// Ends the canary (`how`: aborted, expired, committed, ...). Its sightings stay readable
     /// until the next one starts. Returns a summary.
     pub(super) fn end_canary(&mut self, how: &str) -> Result<String, DaemonError> {
+        if self.canary.is_none() {
+            return Err(DaemonError::Canary("no canary runs".into()));
+        }
+        // The program stops comparing first: a canary that cannot be stopped stays known.
+        self.maps.end_canary()?;
         let Some(mut canary) = self.canary.take() else {
             return Err(DaemonError::Canary("no canary runs".into()));
         };
-        self.maps.end_canary()?;
         canary.record.ended_unix = Some(unix_now());
         canary.record.ended = Some(how.to_owned());
         let (blocked, allowed) = self.canary_counts(&canary.record);
@@ -326,11 +359,33 @@ impl Canary {
     }
 }
 
-/// `path` with `suffix` added to its file name.
-fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_owned();
-    name.push(suffix);
-    path.with_file_name(name)
+/// Writes `text` to `path` (replacing it) readable by root alone.
+fn write_private(path: &Path, text: &str) -> Result<(), DaemonError> {
+    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+    let temporary = path.with_extension("tmp");
+    let outcome = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temporary)
+        .and_then(|mut file| file.write_all(text.as_bytes()))
+        .and_then(|()| std::fs::rename(&temporary, path));
+    outcome.map_err(|source| DaemonError::Canary(format!("{}: {source}", path.display())))
+}
+
+/// Marks a canary a previous daemon left running as ended: the program no longer compares
+/// (the pinned maps' flag is cleared on takeover).
+pub(super) fn end_orphaned(instance: &crate::instance::Instance) {
+    if let Ok(Some(mut record)) = instance.read_canary()
+        && record.ended.is_none()
+    {
+        record.ended_unix = Some(unix_now());
+        record.ended = Some("ended: the daemon restarted".to_owned());
+        if let Err(error) = instance.write_canary(&record) {
+            log::warn!("{error}");
+        }
+    }
 }
 
 fn unix_time(secs: u64) -> SystemTime {

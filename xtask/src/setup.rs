@@ -24,8 +24,9 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// to serve the lists fetched by URL (with `openssl` making the test CA for HTTPS), `tmux` as
 /// the real terminal `smtpguard top` is tested in, `etcd-server` as the cluster a fleet follows
 /// (`etcd-client` for its `etcdctl`), and `protobuf-compiler`, which the etcd client crate's
-/// build runs on etcd's API definitions.
-const DEBIAN_PACKAGES: [&str; 12] = [
+/// build runs on etcd's API definitions, with `libprotobuf-dev` for the well-known types they
+/// import (`google/protobuf/descriptor.proto`).
+const DEBIAN_PACKAGES: [&str; 13] = [
     "iproute2",
     "util-linux",
     "dnsmasq-base",
@@ -38,6 +39,7 @@ const DEBIAN_PACKAGES: [&str; 12] = [
     "etcd-server",
     "etcd-client",
     "protobuf-compiler",
+    "libprotobuf-dev",
 ];
 
 pub fn run(root: &Path) -> anyhow::Result<()> {

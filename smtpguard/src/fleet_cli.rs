@@ -77,6 +77,10 @@ pub struct PublishArgs {
     /// The largest request the cluster takes (etcd's --max-request-bytes).
     #[arg(long, value_name = "BYTES", default_value_t = 1_572_864)]
     max_request_bytes: usize,
+    /// Wait this long between reading the group and writing it: reproduces a race with
+    /// another publisher (tests).
+    #[arg(long, value_name = "MS", default_value_t = 0, hide = true)]
+    pause_before_write_ms: u64,
 }
 
 #[derive(Subcommand)]
@@ -175,6 +179,9 @@ pub fn publish(args: &PublishArgs, instance: &Instance) -> anyhow::Result<ExitCo
         if args.dry_run {
             println!("dry run: nothing written");
             return Ok(ExitCode::SUCCESS);
+        }
+        if args.pause_before_write_ms > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(args.pause_before_write_ms)).await;
         }
         let written = std::time::Instant::now();
         let revision = publishing::write(

@@ -289,3 +289,36 @@ impl Drop for Cluster {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A gateway's configuration that follows `group` on `cluster`, reporting as `host`.
+pub fn follower_config(interface: &str, cluster: &Cluster, group: &str, host: &str) -> String {
+    format!(
+        "interfaces = [\"{interface}\"]\non_exit = \"detach\"\n\n[fleet]\netcd = {}\ngroup = \"{group}\"\nhost = \"{host}\"\n",
+        cluster.endpoints_toml()
+    )
+}
+
+/// The group revision `daemon` has in force, as its `fleet.json` says (0: none yet).
+pub fn fleet_revision(daemon: &crate::daemon::Daemon) -> i64 {
+    let path = std::path::Path::new("/run/smtpguard")
+        .join(&daemon.instance)
+        .join("fleet.json");
+    std::fs::read(path)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+        .and_then(|state| state["revision"].as_i64())
+        .unwrap_or(0)
+}
+
+/// The revision a `smtpguard publish` output says it wrote.
+pub fn published_revision(output: &str) -> Option<i64> {
+    output.lines().find_map(|line| {
+        line.strip_prefix("published group ")?
+            .split(" revision ")
+            .nth(1)?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    })
+}

@@ -148,15 +148,15 @@ async fn timed<T>(
         Ok(result) => result.map_err(|source| FleetError::Etcd {
             endpoints: endpoints.to_owned(),
             what,
-            source,
+            source: Box::new(source),
         }),
         Err(_) => Err(FleetError::Etcd {
             endpoints: endpoints.to_owned(),
             what,
-            source: etcd_client::Error::IoError(std::io::Error::new(
+            source: Box::new(etcd_client::Error::IoError(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 format!("no answer within {} s", REQUEST_TIMEOUT.as_secs()),
-            )),
+            ))),
         }),
     }
 }
@@ -227,17 +227,17 @@ impl Session<'_> {
                     let message = message.map_err(|source| FleetError::Etcd {
                         endpoints: endpoints.clone(),
                         what: "watching the policy",
-                        source,
+                        source: Box::new(source),
                     })?;
                     match message {
                         Some(response) if response.canceled() => {
                             return Err(FleetError::Etcd {
                                 endpoints: endpoints.clone(),
                                 what: "watching the policy",
-                                source: etcd_client::Error::WatchError(format!(
+                                source: Box::new(etcd_client::Error::WatchError(format!(
                                     "watch cancelled: {}",
                                     response.cancel_reason()
-                                )),
+                                ))),
                             });
                         }
                         Some(response) if !response.events().is_empty() => {
@@ -248,7 +248,7 @@ impl Session<'_> {
                             return Err(FleetError::Etcd {
                                 endpoints: endpoints.clone(),
                                 what: "watching the policy",
-                                source: etcd_client::Error::WatchError("the watch ended".to_owned()),
+                                source: Box::new(etcd_client::Error::WatchError("the watch ended".to_owned())),
                             });
                         }
                     }
@@ -260,9 +260,9 @@ impl Session<'_> {
                         return Err(FleetError::Etcd {
                             endpoints: endpoints.clone(),
                             what: "keeping the lease",
-                            source: etcd_client::Error::LeaseKeepAliveError(
+                            source: Box::new(etcd_client::Error::LeaseKeepAliveError(
                                 "the lease expired".to_owned(),
-                            ),
+                            )),
                         });
                     }
                     // Refreshes `reported_at` and the counters the daemon last gave.
@@ -288,21 +288,22 @@ impl Session<'_> {
 
     /// Reads the published policy and hands it to the daemon; the cluster's revision.
     async fn read(&mut self, client: &mut Client) -> Result<i64, FleetError> {
-        let (published, revision) = tokio::time::timeout(
+        let read = tokio::time::timeout(
             REQUEST_TIMEOUT,
             read_published(client, &self.keys, &self.endpoints),
         )
-        .await
-        .unwrap_or_else(|_| {
-            Err(FleetError::Etcd {
+        .await;
+        let Ok(read) = read else {
+            return Err(FleetError::Etcd {
                 endpoints: self.endpoints.clone(),
                 what: "reading the published policy",
-                source: etcd_client::Error::IoError(std::io::Error::new(
+                source: Box::new(etcd_client::Error::IoError(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     "no answer",
-                )),
-            })
-        })?;
+                ))),
+            });
+        };
+        let (published, revision) = read?;
         if let Some(published) = published {
             let _ = self.events.send(Event::Published(published)).await;
         }

@@ -64,13 +64,13 @@ pub enum FleetError {
         endpoints: String,
         what: &'static str,
         #[source]
-        source: etcd_client::Error,
+        source: Box<etcd_client::Error>,
     },
     #[error("{path}: cannot read: {source}", path = path.display())]
     Read {
         path: PathBuf,
         #[source]
-        source: crate::source::config::ConfigError,
+        source: Box<crate::source::config::ConfigError>,
     },
     #[error("group {group:?}: the published policy does not validate: {source}")]
     Snapshot {
@@ -240,7 +240,7 @@ pub async fn connect(connection: &Connection) -> Result<Client, FleetError> {
     let etcd = |what, source| FleetError::Etcd {
         endpoints: connection.endpoints.join(","),
         what,
-        source,
+        source: Box::new(source),
     };
     let mut options = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(2))
@@ -268,7 +268,7 @@ pub async fn connect(connection: &Connection) -> Result<Client, FleetError> {
 fn read(path: &Path) -> Result<String, FleetError> {
     read_text(path, MAX_CONFIG_BYTES).map_err(|source| FleetError::Read {
         path: path.to_owned(),
-        source,
+        source: Box::new(source),
     })
 }
 
@@ -285,7 +285,7 @@ pub async fn read_published(
         .map_err(|source| FleetError::Etcd {
             endpoints: endpoints.to_owned(),
             what: "reading the published policy",
-            source,
+            source: Box::new(source),
         })?;
     let at = response.header().map_or(0, |header| header.revision());
     let mut manifest = None;

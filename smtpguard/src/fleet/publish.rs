@@ -61,10 +61,14 @@ impl Current {
     }
 }
 
+/// A rule of a scope: scope name, list, rule name.
+pub type RuleKey = (String, List, String);
+
 /// Prefixes added and removed, per scope, list and rule.
 #[derive(Debug, Default)]
 pub struct Diff {
-    pub rules: BTreeMap<(String, List, String), (Vec<IpNet>, Vec<IpNet>)>,
+    /// Per rule: the prefixes added, and those removed.
+    pub rules: BTreeMap<RuleKey, (Vec<IpNet>, Vec<IpNet>)>,
     /// Scope settings that changed, in words.
     pub settings: Vec<String>,
     pub allow_removed: usize,
@@ -236,7 +240,7 @@ pub async fn write(
     let response = client.txn(txn).await.map_err(|source| FleetError::Etcd {
         endpoints: endpoints.to_owned(),
         what: "writing the policy",
-        source,
+        source: Box::new(source),
     })?;
     let revision = response.header().map_or(0, |header| header.revision());
     if !response.succeeded() {

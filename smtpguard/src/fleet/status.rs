@@ -78,7 +78,7 @@ pub async fn read(
             .map_err(|source| FleetError::Etcd {
                 endpoints: endpoints.to_owned(),
                 what: "reading the hosts",
-                source,
+                source: Box::new(source),
             })?;
         for kv in response.kvs() {
             let name = String::from_utf8_lossy(&kv.key()[prefix.len()..]).into_owned();

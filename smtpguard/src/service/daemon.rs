@@ -71,7 +71,7 @@ pub enum DaemonError {
     #[error("applying the policy: {0}")]
     Apply(#[from] ApplyError),
     #[error(transparent)]
-    Fleet(#[from] crate::fleet::FleetError),
+    Fleet(Box<crate::fleet::FleetError>),
     #[error("cannot listen for {signal}: {source}")]
     Signal {
         signal: &'static str,
@@ -1115,6 +1115,12 @@ fn open_store(instance: &Instance) -> Store {
         );
     }
     store
+}
+
+impl From<crate::fleet::FleetError> for DaemonError {
+    fn from(error: crate::fleet::FleetError) -> Self {
+        Self::Fleet(Box::new(error))
+    }
 }
 
 /// `[fleet]` in a few words, for a refused reload.

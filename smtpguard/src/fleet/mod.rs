@@ -235,13 +235,56 @@ impl Published {
     }
 }
 
-/// Opens a client for `connection` (connections are made as requests need them).
+/// Where the next connection starts looking: successive sessions try the members in turn.
+static NEXT_MEMBER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How long a member has to answer before the next one is tried.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Opens a client on the first member (in turn) that answers a linearizable read: one that
+/// is down, or cut off from the quorum, is passed over. One member per client, not the
+/// crate's balanced channel: that one hands a request to a member it has not yet found dead
+/// (a publish then fails while two members of three are fine).
 pub async fn connect(connection: &Connection) -> Result<Client, FleetError> {
-    let etcd = |what, source| FleetError::Etcd {
+    let options = connect_options(connection)?;
+    let count = connection.endpoints.len().max(1);
+    let first = NEXT_MEMBER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut failure = None;
+    for offset in 0..count {
+        let Some(endpoint) = connection.endpoints.get((first + offset) % count) else {
+            break;
+        };
+        let attempt = async {
+            let mut client = Client::connect([endpoint], Some(options.clone())).await?;
+            client
+                .get(
+                    "/smtpguard/",
+                    Some(GetOptions::new().with_keys_only().with_limit(1)),
+                )
+                .await?;
+            Ok::<_, etcd_client::Error>(client)
+        };
+        match tokio::time::timeout(PROBE_TIMEOUT, attempt).await {
+            Ok(Ok(client)) => return Ok(client),
+            Ok(Err(error)) => failure = Some(error),
+            Err(_) => {
+                failure = Some(etcd_client::Error::IoError(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("{endpoint}: no answer within {} s", PROBE_TIMEOUT.as_secs()),
+                )));
+            }
+        }
+    }
+    Err(FleetError::Etcd {
         endpoints: connection.endpoints.join(","),
-        what,
-        source: Box::new(source),
-    };
+        what: "connecting (no member answered)",
+        source: Box::new(
+            failure.unwrap_or_else(|| etcd_client::Error::InvalidArgs("no endpoints".to_owned())),
+        ),
+    })
+}
+
+fn connect_options(connection: &Connection) -> Result<ConnectOptions, FleetError> {
     let mut options = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(2))
         .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
@@ -260,9 +303,7 @@ pub async fn connect(connection: &Connection) -> Result<Client, FleetError> {
         let password = read(path)?;
         options = options.with_user(user, password.trim_end_matches(['\r', '\n']));
     }
-    Client::connect(&connection.endpoints, Some(options))
-        .await
-        .map_err(|source| etcd("connecting", source))
+    Ok(options)
 }
 
 fn read(path: &Path) -> Result<String, FleetError> {

@@ -190,7 +190,7 @@ fn fleet(rounds: usize, large: usize) {
     std::fs::write(&v4, lines(random_v4_prefixes(&mut rng, large))).expect("v4");
     std::fs::write(&v6, lines(random_v6_prefixes(&mut rng, large))).expect("v6");
     let text = format!(
-        "[[allow]]\nname = \"large\"\nfiles = [\"{}\", \"{}\"]\n",
+        "[safety]\nmax_coverage_v4 = 0\nmax_coverage_v6 = 0\n[[allow]]\nname = \"large\"\nfiles = [\"{}\", \"{}\"]\n",
         v4.display(),
         v6.display()
     );

@@ -318,6 +318,8 @@ fn three_gateways_follow_one_group_through_a_real_cluster() {
                 (UNLISTED, Outcome::TimedOut),
             ],
         );
+        // The kept revision, recorded for `stats` as soon as the follower starts.
+        wait_all(&[&*gateway], revision, Duration::from_secs(5));
         assert_eq!(
             gateway.revision(),
             revision,

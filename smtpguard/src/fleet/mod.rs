@@ -18,44 +18,15 @@ pub mod publish;
 pub mod snapshot;
 pub mod status;
 
-use std::{
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{path::Path, path::PathBuf, time::Duration};
 
 use etcd_client::{Certificate, Client, ConnectOptions, GetOptions, Identity, TlsOptions};
 use serde::{Deserialize, Serialize};
 
 use crate::source::config::{MAX_CONFIG_BYTES, read_text};
-
-/// How the daemon, `publish` and `fleet status` reach the cluster.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Connection {
-    /// `http://` or `https://` URLs of the cluster's members.
-    pub endpoints: Vec<String>,
-    /// PEM CA certificate that signs the members' certificates (HTTPS).
-    pub ca_file: Option<PathBuf>,
-    /// PEM client certificate and key, for clusters that ask for one.
-    pub cert_file: Option<PathBuf>,
-    pub key_file: Option<PathBuf>,
-    /// etcd user, with its password in `password_file` (one line).
-    pub user: Option<String>,
-    pub password_file: Option<PathBuf>,
-}
-
-/// A daemon's `[fleet]` section.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FleetSettings {
-    pub connection: Connection,
-    pub group: String,
-    /// The name this host reports under: the `host` key, else the system's host name.
-    pub host: String,
-    /// The lease of the host's report: it disappears this long after the host does.
-    pub report_ttl: Duration,
-}
-
-/// The lease of a host's report when `[fleet]` does not say.
-pub const DEFAULT_REPORT_TTL: Duration = Duration::from_secs(10);
+pub use crate::source::fleet::{
+    Connection, DEFAULT_REPORT_TTL, FleetSettings, name_problem, system_host_name,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FleetError {
@@ -104,22 +75,6 @@ pub enum FleetError {
         value: String,
         reason: &'static str,
     },
-}
-
-/// What is wrong with `name` as a group or host name (it becomes part of an etcd key).
-pub fn name_problem(name: &str) -> Option<&'static str> {
-    if name.is_empty() {
-        Some("empty")
-    } else if name.len() > 64 {
-        Some("longer than 64 bytes")
-    } else if !name
-        .bytes()
-        .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.'))
-    {
-        Some("only letters, digits, '-', '_' and '.' may be used")
-    } else {
-        None
-    }
 }
 
 /// Checks a group name given on the command line.
@@ -203,6 +158,9 @@ pub struct HostReport {
     pub syn_denied: u64,
     pub syn_unlisted: u64,
     pub version: String,
+    /// The lease of the report: it is written again within a third of it.
+    #[serde(default)]
+    pub report_ttl_secs: u64,
 }
 
 /// What a host records that it follows the group (`members/HOST`).
@@ -353,11 +311,4 @@ pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_secs())
-}
-
-/// The system's host name.
-pub fn system_host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|name| name.trim().to_owned())
-        .unwrap_or_default()
 }

@@ -91,11 +91,20 @@ pub async fn read(
             }
         }
     }
-    let silent_after = super::DEFAULT_REPORT_TTL.as_secs() * SILENT_AFTER_TTLS;
     for (host, report) in hosts {
+        let silent_after = |report: &HostReport| {
+            let ttl = if report.report_ttl_secs > 0 {
+                report.report_ttl_secs
+            } else {
+                super::DEFAULT_REPORT_TTL.as_secs()
+            };
+            ttl * SILENT_AFTER_TTLS
+        };
         let state = match &report {
             None => "silent",
-            Some(report) if now_unix.saturating_sub(report.reported_at_unix) > silent_after => {
+            Some(report)
+                if now_unix.saturating_sub(report.reported_at_unix) > silent_after(report) =>
+            {
                 "silent"
             }
             Some(report) if report.revision == status.revision && report.hash == status.hash => {

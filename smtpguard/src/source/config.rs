@@ -665,7 +665,7 @@ pub struct Config {
     pub scopes: Vec<ScopeSpec>,
     /// The group this host follows (`[fleet]`): its rules come from there, and the file's
     /// own `[[allow]]` and `[[deny]]` are merged into them.
-    pub fleet: Option<crate::fleet::FleetSettings>,
+    pub fleet: Option<crate::source::fleet::FleetSettings>,
 }
 
 /// One `[[scope]]` table: its own destinations, ports, mode, action and rules.
@@ -807,7 +807,7 @@ fn fleet_settings(
     table: &FleetTable,
     file: &File,
     lines: &LineIndex<'_>,
-) -> Result<crate::fleet::FleetSettings, ConfigError> {
+) -> Result<crate::source::fleet::FleetSettings, ConfigError> {
     let group_only = [
         file.ports
             .as_ref()
@@ -856,17 +856,17 @@ fn fleet_settings(
         endpoints.push(text.to_owned());
     }
     let group = table.group.get_ref().trim();
-    if let Some(reason) = crate::fleet::name_problem(group) {
+    if let Some(reason) = crate::source::fleet::name_problem(group) {
         return Err(bad(&table.group, "group", reason));
     }
     let host = match &table.host {
         Some(host) => {
-            if let Some(reason) = crate::fleet::name_problem(host.get_ref().trim()) {
+            if let Some(reason) = crate::source::fleet::name_problem(host.get_ref().trim()) {
                 return Err(bad(host, "host", reason));
             }
             host.get_ref().trim().to_owned()
         }
-        None => crate::fleet::system_host_name(),
+        None => crate::source::fleet::system_host_name(),
     };
     let path = |value: &Option<Spanned<String>>, key| {
         value
@@ -881,7 +881,7 @@ fn fleet_settings(
             })
             .transpose()
     };
-    let connection = crate::fleet::Connection {
+    let connection = crate::source::fleet::Connection {
         endpoints,
         ca_file: path(&table.ca_file, "ca_file")?,
         cert_file: path(&table.cert_file, "cert_file")?,
@@ -930,9 +930,9 @@ fn fleet_settings(
                 value: secs.get_ref().to_string(),
                 reason: "seconds from 2 to 300",
             })?,
-        None => crate::fleet::DEFAULT_REPORT_TTL,
+        None => crate::source::fleet::DEFAULT_REPORT_TTL,
     };
-    Ok(crate::fleet::FleetSettings {
+    Ok(crate::source::fleet::FleetSettings {
         connection,
         group: group.to_owned(),
         host,

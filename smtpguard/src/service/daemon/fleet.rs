@@ -147,10 +147,12 @@ impl Daemon {
         self.record_fleet();
     }
 
-    /// Withdraws the host's report before the daemon exits.
+    /// Withdraws the host's report before the daemon exits; `stats` has no link to show once
+    /// no daemon runs.
     pub(super) async fn leave_fleet(&mut self) {
         if let Some(follower) = self.fleet.as_mut().and_then(|fleet| fleet.follower.take()) {
             follower.leave(Duration::from_secs(1)).await;
+            let _ = std::fs::remove_file(self.instance.run_dir().join(FLEET_STATE));
         }
     }
 
@@ -299,6 +301,7 @@ impl Daemon {
             syn_denied: counters.get(counter::SYN_DENIED),
             syn_unlisted: counters.get(counter::SYN_UNLISTED),
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            report_ttl_secs: fleet.settings.report_ttl.as_secs(),
         }
     }
 

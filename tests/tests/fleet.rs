@@ -157,7 +157,9 @@ fn publish_output(cluster: &Cluster, version: u32, extra: &[&str]) -> Output {
         GROUP,
     ];
     args.extend_from_slice(extra);
-    cluster.smtpguard(&args)
+    let output = cluster.smtpguard(&args);
+    let _ = std::fs::remove_dir_all(&dir);
+    output
 }
 
 fn published_revision(text: &str) -> i64 {
@@ -388,6 +390,9 @@ fn races_tampering_and_expired_reports() {
     std::thread::sleep(Duration::from_millis(1000));
     let fast = publish(&cluster, 2, &[]);
     let slow = slow.wait_with_output().expect("slow publisher");
+    let _ = std::fs::remove_dir_all(
+        std::env::temp_dir().join(format!("sg-{}-race", std::process::id())),
+    );
     let slow_err = String::from_utf8_lossy(&slow.stderr);
     assert!(
         !slow.status.success()

@@ -9,12 +9,14 @@
 //! - [`kernel`]: the XDP program and its maps: load, attach and take over, apply a policy in
 //!   one atomic step, read the counters back;
 //! - [`service`]: the daemon (signals, reloads, DNS refreshes) and its metrics endpoint;
-//! - [`command`]: read-only views for the admin: check, explain, stats, report.
+//! - [`command`]: read-only views for the admin: check, explain, stats, report;
+//! - [`fleet`]: one policy for many gateways through etcd: publish, follow, status.
 //!
 //! [`instance`] says where a running instance keeps its pins and state; [`progress`] reports
 //! long work while it runs.
 
 pub mod command;
+pub mod fleet;
 pub mod instance;
 pub mod kernel;
 pub mod policy;

@@ -2,6 +2,9 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
+mod fleet_cli;
+use fleet_cli as fleet;
+
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use smtpguard::{
@@ -153,6 +156,14 @@ enum Command {
     /// killed): detach the program from every interface, remove the pinned links and maps and
     /// the state file. Port 25 is open afterwards. Refused while a daemon runs the instance.
     Detach,
+    /// Compile a central configuration once (list files, host names, SPF records and URLs
+    /// resolved to prefixes) and publish it to a group of gateways through etcd: prints the
+    /// difference to what the group has, then writes it in one transaction that fails if
+    /// anyone else published since it read. Each daemon with `[fleet] group = NAME` applies it.
+    Publish(fleet::PublishArgs),
+    /// The fleet: what a group has published and what each of its hosts applied.
+    #[command(subcommand)]
+    Fleet(fleet::FleetCommand),
     /// Print the manual page (roff) generated from this help, for packaging.
     #[command(hide = true)]
     Manpage,
@@ -206,7 +217,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match dispatch(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(error) => {
             eprintln!("smtpguard: {}", explain_chain(&error));
             ExitCode::FAILURE
@@ -243,9 +254,20 @@ fn build(config: &Config, instance: &Instance) -> anyhow::Result<Policy> {
     Ok(policy)
 }
 
-fn dispatch(cli: Cli) -> anyhow::Result<()> {
+fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let instance = Instance::new(&cli.instance)?;
     match cli.command {
+        Command::Publish(args) => return fleet::publish(&args, &instance),
+        Command::Fleet(command) => return fleet::dispatch(command),
+        command => dispatch_local(command, &instance)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn dispatch_local(command: Command, instance: &Instance) -> anyhow::Result<()> {
+    let instance = instance.clone();
+    match command {
+        Command::Publish(_) | Command::Fleet(_) => unreachable!("dispatched above"),
         Command::Run { config } => {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -278,14 +300,21 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     ))
                 })
                 .transpose()?;
+            let fleet_state = daemon::read_fleet_state(&instance.run_dir());
             if json {
                 let mut value = serde_json::to_value(&stats)?;
                 if let Some(report) = report {
                     value["top"] = serde_json::to_value(&report.rows)?;
                 }
+                if let Some(fleet_state) = &fleet_state {
+                    value["fleet"] = serde_json::to_value(fleet_state)?;
+                }
                 println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
                 print!("{}", stats.to_text());
+                if let Some(fleet_state) = &fleet_state {
+                    print!("{}", fleet::state_text(fleet_state));
+                }
                 if let Some(report) = report {
                     print!("\n{}", report.to_text());
                 }

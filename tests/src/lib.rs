@@ -6,6 +6,7 @@ pub mod corpus;
 pub mod daemon;
 pub mod dns;
 pub mod encap;
+pub mod etcd;
 pub mod frames;
 pub mod fuzz;
 pub mod generate;

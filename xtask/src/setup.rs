@@ -22,8 +22,11 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// metrics endpoint, `nft` for the benchmark's nftables comparison, `ethtool` to switch a
 /// test veth's VLAN offload (the program withholds resets where the NIC strips tags), `nginx`
 /// to serve the lists fetched by URL (with `openssl` making the test CA for HTTPS), `tmux` as
-/// the real terminal `smtpguard top` is tested in.
-const DEBIAN_PACKAGES: [&str; 9] = [
+/// the real terminal `smtpguard top` is tested in, `etcd-server` as the cluster a fleet follows
+/// (`etcd-client` for its `etcdctl`), and `protobuf-compiler`, which the etcd client crate's
+/// build runs on etcd's API definitions, with `libprotobuf-dev` for the well-known types they
+/// import (`google/protobuf/descriptor.proto`).
+const DEBIAN_PACKAGES: [&str; 13] = [
     "iproute2",
     "util-linux",
     "dnsmasq-base",
@@ -33,6 +36,10 @@ const DEBIAN_PACKAGES: [&str; 9] = [
     "nginx",
     "openssl",
     "tmux",
+    "etcd-server",
+    "etcd-client",
+    "protobuf-compiler",
+    "libprotobuf-dev",
 ];
 
 pub fn run(root: &Path) -> anyhow::Result<()> {

@@ -35,6 +35,8 @@ use crate::source::{
 
 pub use crate::source::config::List;
 
+pub mod merge;
+
 /// What the policy says about one prefix.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {

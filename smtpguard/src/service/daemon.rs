@@ -51,6 +51,10 @@ mod canary;
 
 pub use canary::MAX_CANARY_SECS;
 
+mod fleet;
+
+pub use fleet::{FLEET_STATE, FleetState, read_fleet_state};
+
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error(transparent)]
@@ -71,6 +75,8 @@ pub enum DaemonError {
     Metrics(#[from] MetricsError),
     #[error("applying the policy: {0}")]
     Apply(#[from] ApplyError),
+    #[error(transparent)]
+    Fleet(Box<crate::fleet::FleetError>),
     #[error("cannot listen for {signal}: {source}")]
     Signal {
         signal: &'static str,
@@ -126,6 +132,8 @@ pub async fn run(
     tokio::pin!(shutdown);
     let mut interface_check = tokio::time::interval(INTERFACE_CHECK);
     interface_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut fleet_report = tokio::time::interval(fleet::REPORT_EVERY);
+    fleet_report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         // With no names to resolve, the refresh branch never fires.
         let refresh_at = daemon.fetched.next_refresh();
@@ -187,6 +195,12 @@ pub async fn run(
                 notify(&[NotifyState::Ready, NotifyState::Status(&daemon.status())]);
             }
             _ = interface_check.tick() => daemon.check_interfaces(),
+            event = fleet::next_event(&mut daemon.fleet) => {
+                daemon.on_fleet_event(event).await;
+                // A revision applied rewrote the standby slot, where a candidate sits.
+                daemon.keep_canary();
+            }
+            _ = fleet_report.tick(), if daemon.fleet.is_some() => daemon.report_fleet(),
             _ = terminate.recv() => { log::info!("SIGTERM: stopping"); break; }
             _ = interrupt.recv() => { log::info!("SIGINT: stopping"); break; }
             () = &mut shutdown => { log::info!("shutdown requested: stopping"); break; }
@@ -200,6 +214,7 @@ pub async fn run(
         }
     }
     let _ = std::fs::remove_file(instance.control_path());
+    daemon.leave_fleet().await;
     daemon.stop();
     Ok(())
 }
@@ -250,6 +265,8 @@ struct Daemon {
     canary: Option<canary::Canary>,
     /// Requests from the control socket, until the loop takes them.
     control: Option<mpsc::Receiver<crate::service::control::Call>>,
+    /// The group this host follows, with `[fleet]`.
+    fleet: Option<fleet::FleetLink>,
     _lock: InstanceLock,
 }
 
@@ -286,6 +303,10 @@ impl Daemon {
         let counter_map_ids = pinned_counter_ids(&maps_dir)?;
         let telemetry = SharedTelemetry::default();
         let store = open_store(instance);
+        let fleet = config
+            .fleet
+            .clone()
+            .map(|settings| fleet::FleetLink::load(settings, &store));
         let mut daemon = Self {
             config_path: config_path.to_owned(),
             config,
@@ -305,6 +326,7 @@ impl Daemon {
             waiting: BTreeSet::new(),
             canary: None,
             control: Some(control),
+            fleet,
             _lock: lock,
         };
         if in_force {
@@ -355,9 +377,10 @@ impl Daemon {
                 .map_err(Box::new)?;
         log_warnings(&notes.warnings);
         count_notes(&daemon.telemetry, &notes);
-        let (policy, warnings) = build_policy(&daemon.config, &fetched)?;
+        let (policy, warnings) = fleet::compose(&daemon.config, &fetched, daemon.fleet.as_ref())?;
         log_warnings(&warnings);
         count_refused(&daemon.telemetry, &policy.refused);
+        daemon.fleet_started();
         // The policy is in the maps before any program of this build sees a packet.
         let report = apply(&mut daemon.maps, &policy)?;
         daemon.note_applied();
@@ -400,6 +423,7 @@ impl Daemon {
         daemon.write_state(true)?;
         daemon.save_store();
         log::info!("{}", daemon.describe(&report));
+        daemon.start_fleet();
         Ok(daemon)
     }
 
@@ -660,7 +684,7 @@ impl Daemon {
             }
             return Ok(None);
         }
-        let outcome = build_policy(&self.config, &fetched)
+        let outcome = fleet::compose(&self.config, &fetched, self.fleet.as_ref())
             .map_err(DaemonError::from)
             .and_then(|(policy, warnings)| {
                 log_warnings(&warnings);
@@ -725,7 +749,14 @@ impl Daemon {
                 .map_err(Box::new)?;
         log_warnings(&notes.warnings);
         count_notes(&self.telemetry, &notes);
-        let (policy, warnings) = build_policy(&config, &fetched)?;
+        if config.fleet != self.config.fleet {
+            return Err(DaemonError::NeedsRestart {
+                what: "[fleet]",
+                from: describe_fleet(self.config.fleet.as_ref()),
+                to: describe_fleet(config.fleet.as_ref()),
+            });
+        }
+        let (policy, warnings) = fleet::compose(&config, &fetched, self.fleet.as_ref())?;
         log_warnings(&warnings);
         log::info!(
             "read, resolved and built {} prefixes in {:.0} ms",
@@ -1130,6 +1161,26 @@ fn open_store(instance: &Instance) -> Store {
         );
     }
     store
+}
+
+impl From<crate::fleet::FleetError> for DaemonError {
+    fn from(error: crate::fleet::FleetError) -> Self {
+        Self::Fleet(Box::new(error))
+    }
+}
+
+/// `[fleet]` in a few words, for a refused reload.
+fn describe_fleet(settings: Option<&crate::fleet::FleetSettings>) -> String {
+    settings.map_or_else(
+        || "none".to_owned(),
+        |settings| {
+            format!(
+                "group {:?} through {}",
+                settings.group,
+                settings.connection.endpoints.join(",")
+            )
+        },
+    )
 }
 
 /// Builds the policy, saying what it is doing if that takes more than a second.

@@ -89,6 +89,18 @@ pub struct Telemetry {
     pub url_fetches: BTreeMap<(String, &'static str), u64>,
     /// A canary runs (`smtpguard try`).
     pub canary_active: bool,
+    /// The group this host follows, with `[fleet]`.
+    pub fleet: Option<FleetTelemetry>,
+}
+
+/// What the metrics say about the link to the fleet's etcd cluster.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FleetTelemetry {
+    pub connected: bool,
+    /// The group revision in force (0: none).
+    pub revision: i64,
+    /// When a group revision was last applied (Unix seconds; 0: never by this daemon).
+    pub last_applied_unix: u64,
 }
 
 /// What the metrics say about one DNS name.
@@ -486,6 +498,27 @@ impl prometheus_client::collector::Collector for Exporter {
                 i64::try_from(telemetry.last_apply_unix).unwrap_or(i64::MAX),
             )],
         )?;
+        if let Some(fleet) = telemetry.fleet {
+            for (name, help, value) in [
+                (
+                    "smtpguard_fleet_connected",
+                    "Whether the fleet's etcd cluster answers (1) or not (0); the policy in force stays either way.",
+                    i64::from(fleet.connected),
+                ),
+                (
+                    "smtpguard_fleet_revision",
+                    "The group revision in force (0: none yet).",
+                    fleet.revision,
+                ),
+                (
+                    "smtpguard_fleet_last_applied_timestamp_seconds",
+                    "When a group revision was last applied, in Unix seconds.",
+                    i64::try_from(fleet.last_applied_unix).unwrap_or(i64::MAX),
+                ),
+            ] {
+                gauge_family(&mut encoder, name, help, &[(none(), value)])?;
+            }
+        }
         let count = |list: List| {
             telemetry
                 .prefixes

@@ -501,14 +501,13 @@ pub enum PrefixSeries {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
-    interfaces: Spanned<Vec<Spanned<String>>>,
+    /// Required, except in a central configuration (`smtpguard publish`).
+    interfaces: Option<Spanned<Vec<Spanned<String>>>>,
     ports: Option<Spanned<Vec<Spanned<i64>>>>,
     #[serde(default)]
     xdp_mode: XdpMode,
-    #[serde(default)]
-    mode: Mode,
-    #[serde(default)]
-    action: Action,
+    mode: Option<Spanned<Mode>>,
+    action: Option<Spanned<Action>>,
     #[serde(default)]
     allow_none: bool,
     #[serde(default)]
@@ -523,6 +522,22 @@ struct File {
     deny: Vec<RuleTable>,
     #[serde(default)]
     scope: Vec<ScopeTable>,
+    fleet: Option<FleetTable>,
+}
+
+/// `[fleet]`: the group this host follows, and how to reach its etcd cluster.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FleetTable {
+    etcd: Spanned<Vec<Spanned<String>>>,
+    group: Spanned<String>,
+    host: Option<Spanned<String>>,
+    ca_file: Option<Spanned<String>>,
+    cert_file: Option<Spanned<String>>,
+    key_file: Option<Spanned<String>>,
+    user: Option<Spanned<String>>,
+    password_file: Option<Spanned<String>>,
+    report_ttl_secs: Option<Spanned<i64>>,
 }
 
 /// A `[[scope]]`: rules for SYNs to some destinations only.
@@ -648,6 +663,9 @@ pub struct Config {
     pub deny: Vec<RuleSpec>,
     /// The `[[scope]]`s, in the file's order.
     pub scopes: Vec<ScopeSpec>,
+    /// The group this host follows (`[fleet]`): its rules come from there, and the file's
+    /// own `[[allow]]` and `[[deny]]` are merged into them.
+    pub fleet: Option<crate::source::fleet::FleetSettings>,
 }
 
 /// One `[[scope]]` table: its own destinations, ports, mode, action and rules.
@@ -690,16 +708,51 @@ impl Config {
 
     /// Validates `text` as if read from `path`.
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        Self::parse_as(path, text, true)
+    }
+
+    /// Reads and validates a central configuration, the policy `smtpguard publish` compiles
+    /// for a group: `interfaces` may be left out (each host names its own), `[fleet]` may not.
+    pub fn load_central(path: &Path) -> Result<Self, ConfigError> {
+        Self::parse_as(path, &read_text(path, MAX_CONFIG_BYTES)?, false)
+    }
+
+    fn parse_as(path: &Path, text: &str, host: bool) -> Result<Self, ConfigError> {
         let lines = LineIndex::new(path, text);
         let file: File = toml::from_str(text).map_err(|error| ConfigError::Syntax {
             at: lines.at(error.span().map_or(0, |span| span.start)),
             message: error.message().trim_end().to_owned(),
         })?;
 
-        let interfaces = validate_interfaces(&file.interfaces, &lines)?;
+        let interfaces = match &file.interfaces {
+            Some(interfaces) => validate_interfaces(interfaces, &lines)?,
+            None if host => {
+                return Err(ConfigError::Syntax {
+                    at: lines.at(0),
+                    message: "missing field `interfaces`".to_owned(),
+                });
+            }
+            None => Vec::new(),
+        };
+        let fleet = match &file.fleet {
+            Some(table) if host => Some(fleet_settings(table, &file, &lines)?),
+            Some(table) => {
+                return Err(ConfigError::BadValue {
+                    at: lines.at(table.group.span().start),
+                    key: "[fleet]",
+                    value: table.group.get_ref().clone(),
+                    reason: "a central configuration is the group's policy; [fleet] belongs in each host's file",
+                });
+            }
+            None => None,
+        };
+        let action = file
+            .action
+            .as_ref()
+            .map_or(Action::default(), |a| *a.get_ref());
         let ports = validate_ports(file.ports.as_ref(), &lines)?;
         let allow = rule_specs(&file.allow, None, &lines)?;
-        let deny = rule_specs(&file.deny, Some(file.action), &lines)?;
+        let deny = rule_specs(&file.deny, Some(action), &lines)?;
         let scopes = scope_specs(&file, &ports, &lines)?;
         let dns = dns_settings(file.dns.as_ref(), &lines)?;
         let safety = safety(file.safety.as_ref(), &lines)?;
@@ -725,8 +778,11 @@ impl Config {
             interfaces,
             ports,
             xdp_mode: file.xdp_mode,
-            mode: file.mode,
-            action: file.action,
+            mode: file
+                .mode
+                .as_ref()
+                .map_or(Mode::default(), |mode| *mode.get_ref()),
+            action,
             allow_none: file.allow_none,
             on_exit: file.on_exit,
             metrics_listen,
@@ -740,8 +796,148 @@ impl Config {
             allow,
             deny,
             scopes,
+            fleet,
         })
     }
+}
+
+/// Validates `[fleet]`. A host that follows a group takes the guarded ports, mode, action
+/// and scopes from the group: the file saying them too would be a second truth.
+fn fleet_settings(
+    table: &FleetTable,
+    file: &File,
+    lines: &LineIndex<'_>,
+) -> Result<crate::source::fleet::FleetSettings, ConfigError> {
+    let group_only = [
+        file.ports
+            .as_ref()
+            .map(|ports| ("ports", ports.span().start)),
+        file.mode.as_ref().map(|mode| ("mode", mode.span().start)),
+        file.action
+            .as_ref()
+            .map(|action| ("action", action.span().start)),
+        file.scope
+            .first()
+            .map(|scope| ("[[scope]]", scope.name.span().start)),
+    ];
+    if let Some((key, offset)) = group_only.into_iter().flatten().next() {
+        return Err(ConfigError::BadValue {
+            at: lines.at(offset),
+            key,
+            value: String::new(),
+            reason: "with [fleet], the group's published policy says this; the host's file keeps interfaces, xdp_mode, on_exit, metrics and its own [[allow]] and [[deny]] rules",
+        });
+    }
+    let bad = |value: &Spanned<String>, key, reason| ConfigError::BadValue {
+        at: lines.at(value.span().start),
+        key,
+        value: value.get_ref().clone(),
+        reason,
+    };
+    if table.etcd.get_ref().is_empty() {
+        return Err(ConfigError::BadValue {
+            at: lines.at(table.etcd.span().start),
+            key: "etcd",
+            value: String::new(),
+            reason: "name at least one member, e.g. etcd = [\"http://127.0.0.1:2379\"]",
+        });
+    }
+    let mut endpoints = Vec::new();
+    for endpoint in table.etcd.get_ref() {
+        let text = endpoint.get_ref().trim();
+        let scheme = text.starts_with("http://") || text.starts_with("https://");
+        if !scheme || text.parse::<hyper::Uri>().is_err() || text.contains('@') {
+            return Err(bad(
+                endpoint,
+                "etcd",
+                "an http:// or https:// URL of an etcd member, without credentials",
+            ));
+        }
+        endpoints.push(text.to_owned());
+    }
+    let group = table.group.get_ref().trim();
+    if let Some(reason) = crate::source::fleet::name_problem(group) {
+        return Err(bad(&table.group, "group", reason));
+    }
+    let host = match &table.host {
+        Some(host) => {
+            if let Some(reason) = crate::source::fleet::name_problem(host.get_ref().trim()) {
+                return Err(bad(host, "host", reason));
+            }
+            host.get_ref().trim().to_owned()
+        }
+        None => crate::source::fleet::system_host_name(),
+    };
+    let path = |value: &Option<Spanned<String>>, key| {
+        value
+            .as_ref()
+            .map(|value| {
+                let path = PathBuf::from(value.get_ref().trim());
+                if path.is_absolute() {
+                    Ok(path)
+                } else {
+                    Err(bad(value, key, "not an absolute path"))
+                }
+            })
+            .transpose()
+    };
+    let connection = crate::source::fleet::Connection {
+        endpoints,
+        ca_file: path(&table.ca_file, "ca_file")?,
+        cert_file: path(&table.cert_file, "cert_file")?,
+        key_file: path(&table.key_file, "key_file")?,
+        user: table.user.as_ref().map(|user| user.get_ref().clone()),
+        password_file: path(&table.password_file, "password_file")?,
+    };
+    for (one, other, key, reason) in [
+        (
+            &table.cert_file,
+            &table.key_file,
+            "cert_file",
+            "cert_file and key_file go together",
+        ),
+        (
+            &table.key_file,
+            &table.cert_file,
+            "key_file",
+            "cert_file and key_file go together",
+        ),
+        (
+            &table.user,
+            &table.password_file,
+            "user",
+            "user and password_file go together",
+        ),
+        (
+            &table.password_file,
+            &table.user,
+            "password_file",
+            "user and password_file go together",
+        ),
+    ] {
+        if let (Some(value), None) = (one, other) {
+            return Err(bad(value, key, reason));
+        }
+    }
+    let report_ttl = match &table.report_ttl_secs {
+        Some(secs) => u64::try_from(*secs.get_ref())
+            .ok()
+            .filter(|secs| (2..=300).contains(secs))
+            .map(Duration::from_secs)
+            .ok_or_else(|| ConfigError::BadValue {
+                at: lines.at(secs.span().start),
+                key: "report_ttl_secs",
+                value: secs.get_ref().to_string(),
+                reason: "seconds from 2 to 300",
+            })?,
+        None => crate::source::fleet::DEFAULT_REPORT_TTL,
+    };
+    Ok(crate::source::fleet::FleetSettings {
+        connection,
+        group: group.to_owned(),
+        host,
+        report_ttl,
+    })
 }
 
 fn scope_specs(
@@ -780,7 +976,10 @@ fn scope_specs(
                 reason: "a scope needs at least one destination address or prefix",
             });
         }
-        let action = table.action.unwrap_or(file.action);
+        let action = table
+            .action
+            .or(file.action.as_ref().map(|action| *action.get_ref()))
+            .unwrap_or_default();
         scopes.push(ScopeSpec {
             name: name.to_owned(),
             at,
@@ -799,7 +998,10 @@ fn scope_specs(
                 Some(_) => validate_ports(table.ports.as_ref(), lines)?,
                 None => ports.to_vec(),
             },
-            mode: table.mode.unwrap_or(file.mode),
+            mode: table
+                .mode
+                .or(file.mode.as_ref().map(|mode| *mode.get_ref()))
+                .unwrap_or_default(),
             action,
             allow_none: table.allow_none,
             allow: rule_specs(&table.allow, None, lines)?,

@@ -388,7 +388,7 @@ fn create_dir(dir: &Path) -> Result<(), StoreError> {
 
 /// Replaces `dir/name` with `bytes` so that a crash leaves the old file or the new one: a
 /// temporary file (0600), fsync, rename, fsync of the directory.
-fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
     let path = dir.join(name);
     let temporary = dir.join(format!(".{name}.tmp"));
     let io = |source| StoreError::Io {

@@ -9,7 +9,10 @@
 //! 4. the size of a Prometheus scrape of a 100,000-prefix policy under each `[metrics]
 //!    prefixes` setting;
 //! 5. per-packet cost with destination scopes: the same prefixes in one scope, and spread over
-//!    100 scopes, beside the floor.
+//!    100 scopes, beside the floor;
+//! 6. the fleet: publish -> enforced on three real daemons following one group through a real
+//!    three-member etcd cluster, median and worst of 100 publishes of 10 and of 10,000
+//!    prefixes, and the time to publish and to apply 100,000 + 100,000.
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr},
@@ -74,6 +77,162 @@ fn main() {
     if run(5) {
         scopes(if quick { 1_000 } else { 10_000 });
     }
+    if run(6) {
+        fleet(
+            if quick { 20 } else { 100 },
+            if quick { 10_000 } else { 100_000 },
+        );
+    }
+}
+
+/// Part 6: `rounds` publishes of 10 and of 10,000 prefixes, each timed from the start of
+/// `smtpguard publish` to its revision in force on all three daemons; then one publish of
+/// `large` IPv4 + `large` IPv6 prefixes.
+fn fleet(rounds: usize, large: usize) {
+    use smtpguard_tests::etcd::{Cluster, fleet_revision, follower_config, published_revision};
+
+    println!(
+        "6. fleet: three daemons following one group through a real 3-member etcd cluster (one machine, 2 cores shared by all)"
+    );
+    let mut cluster = Cluster::start();
+    let pairs: Vec<Pair> = (0..3).map(|_| Pair::new(&[])).collect();
+    for pair in &pairs {
+        cluster.join(&pair.server);
+    }
+    let daemons: Vec<Daemon> = pairs
+        .iter()
+        .enumerate()
+        .map(|(index, pair)| {
+            let config = follower_config(&pair.server_if, &cluster, "bench", &format!("gw{index}"));
+            Daemon::start_timeout(&pair.server, &config, Duration::from_secs(60))
+        })
+        .collect();
+    let dir = std::env::temp_dir().join(format!("sg-fleet-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let endpoints = cluster.endpoints();
+    let central = dir.join("central.toml");
+    // Publishes `text`; the publish command's duration, publish start -> in force on all
+    // three, and the publish's output.
+    let publish = |text: &str| {
+        std::fs::write(&central, text).expect("central");
+        let started = Instant::now();
+        let output = cluster.smtpguard(&[
+            "publish",
+            "--config",
+            central.to_str().expect("utf-8"),
+            "--etcd",
+            &endpoints,
+            "--group",
+            "bench",
+            "--force",
+        ]);
+        let command = started.elapsed();
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        let revision = published_revision(&stdout).unwrap_or_else(|| {
+            panic!(
+                "publish failed: {stdout}{}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        });
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while daemons
+            .iter()
+            .any(|daemon| fleet_revision(daemon) < revision)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "revision {revision} not in force"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        (command, started.elapsed(), stdout)
+    };
+    println!(
+        "{:>10} {:>9} {:>16} {:>26} {:>14}",
+        "prefixes", "publishes", "publish command", "publish -> all 3 enforce", "worst"
+    );
+    for size in [10usize, 10_000] {
+        let mut rng = Rng::new(0xf1ee7 + size as u64);
+        let list = dir.join(format!("list-{size}.txt"));
+        let text: String = random_v4_prefixes(&mut rng, size - 1)
+            .iter()
+            .map(|net| format!("{net}\n"))
+            .collect();
+        std::fs::write(&list, text).expect("list");
+        let mut commands = Vec::new();
+        let mut totals = Vec::new();
+        for round in 0..rounds {
+            // One literal moves each round: every publish is a new revision.
+            let text = format!(
+                "[[allow]]\nname = \"bench\"\nfiles = [\"{}\"]\nprefixes = [\"192.0.2.{}/32\"]\n",
+                list.display(),
+                round % 250
+            );
+            let (command, total, _) = publish(&text);
+            commands.push(command.as_secs_f64() * 1e3);
+            totals.push(total.as_secs_f64() * 1e3);
+        }
+        let worst = totals.iter().copied().fold(0.0, f64::max);
+        println!(
+            "{size:>10} {rounds:>9} {:>13.1} ms {:>23.1} ms {:>11.1} ms",
+            median(&mut commands),
+            median(&mut totals),
+            worst
+        );
+    }
+    let mut rng = Rng::new(0xb16);
+    let (v4, v6) = (dir.join("v4.txt"), dir.join("v6.txt"));
+    let lines = |nets: Vec<IpNet>| {
+        nets.iter()
+            .map(|net| format!("{net}\n"))
+            .collect::<String>()
+    };
+    std::fs::write(&v4, lines(random_v4_prefixes(&mut rng, large))).expect("v4");
+    std::fs::write(&v6, lines(random_v6_prefixes(&mut rng, large))).expect("v6");
+    let text = format!(
+        "[safety]\nmax_coverage_v4 = 0\nmax_coverage_v6 = 0\n[[allow]]\nname = \"large\"\nfiles = [\"{}\", \"{}\"]\n",
+        v4.display(),
+        v6.display()
+    );
+    let (command, total, stdout) = publish(&text);
+    let compressed = stdout
+        .lines()
+        .find_map(|line| {
+            line.split(" bytes compressed")
+                .next()?
+                .rsplit(' ')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .unwrap_or(0);
+    let applied: Vec<String> = daemons
+        .iter()
+        .map(|daemon| {
+            daemon
+                .log()
+                .lines()
+                .rev()
+                .find_map(|line| {
+                    let ms = line
+                        .split(" ms after it arrived")
+                        .next()?
+                        .rsplit(' ')
+                        .next()?;
+                    ms.parse::<f64>().ok()
+                })
+                .map_or_else(|| "?".to_owned(), |ms| format!("{ms:.0} ms"))
+        })
+        .collect();
+    println!(
+        "{large} + {large} (IPv4 + IPv6): snapshot {compressed} bytes compressed; publish command {:.2} s (compile, diff, one transaction); publish -> all 3 enforce {:.2} s; apply on each daemon (arrival -> in force): {}",
+        command.as_secs_f64(),
+        total.as_secs_f64(),
+        applied.join(", ")
+    );
+    drop(daemons);
+    let _ = std::fs::remove_dir_all(&dir);
+    println!();
 }
 
 /// Part 5: unlisted and allowed SYNs with `size` IPv4 and `size` IPv6 allow prefixes in the

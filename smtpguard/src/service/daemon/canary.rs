@@ -13,7 +13,7 @@ use std::{
 use smtpguard_common::counter;
 use tokio::time::Instant as TokioInstant;
 
-use super::{Daemon, DaemonError, build_policy, count_notes, log_warnings, unix_now};
+use super::{Daemon, DaemonError, count_notes, fleet, log_warnings, unix_now};
 use crate::{
     instance::{CanaryState, PrefixState},
     kernel::maps::CounterKey,
@@ -122,7 +122,9 @@ impl Daemon {
         .map_err(Box::new)?;
         log_warnings(&notes.warnings);
         count_notes(&self.telemetry, &notes);
-        let (policy, warnings) = build_policy(&candidate, &fetched)?;
+        // On a fleet host the candidate is the host's file with the group's policy, as a
+        // commit would apply it.
+        let (policy, warnings) = fleet::compose(&candidate, &fetched, self.fleet.as_ref())?;
         log_warnings(&warnings);
         let counters = self.maps.counters()?;
         let baseline = [

@@ -251,28 +251,12 @@ impl Instance {
 
     /// Replaces the state file atomically.
     pub fn write_state(&self, state: &RunState) -> Result<(), InstanceError> {
-        let path = self.state_path();
-        let temporary = path.with_extension("json.tmp");
-        let text = serde_json::to_vec(state).map_err(|source| InstanceError::BadState {
-            path: path.clone(),
-            source,
-        })?;
-        std::fs::write(&temporary, text)
-            .and_then(|()| std::fs::rename(&temporary, &path))
-            .map_err(|source| InstanceError::Io { path, source })
+        write_json(&self.state_path(), state)
     }
 
     /// Replaces the canary record atomically.
     pub fn write_canary(&self, canary: &CanaryState) -> Result<(), InstanceError> {
-        let path = self.canary_path();
-        let temporary = path.with_extension("json.tmp");
-        let text = serde_json::to_vec(canary).map_err(|source| InstanceError::BadState {
-            path: path.clone(),
-            source,
-        })?;
-        std::fs::write(&temporary, text)
-            .and_then(|()| std::fs::rename(&temporary, &path))
-            .map_err(|source| InstanceError::Io { path, source })
+        write_json(&self.canary_path(), canary)
     }
 
     /// The record of the current or last canary; `None` when none ran since the daemon
@@ -366,6 +350,21 @@ pub struct RunState {
     /// Names and list files whose last good answer is in force instead of a fresh one.
     #[serde(default)]
     pub sources: Vec<crate::source::fetch::SourceNote>,
+}
+
+/// Replaces the JSON file at `path` with `value`: written beside it, then renamed over it.
+fn write_json(path: &Path, value: &impl Serialize) -> Result<(), InstanceError> {
+    let temporary = path.with_extension("json.tmp");
+    let text = serde_json::to_vec(value).map_err(|source| InstanceError::BadState {
+        path: path.to_owned(),
+        source,
+    })?;
+    std::fs::write(&temporary, text)
+        .and_then(|()| std::fs::rename(&temporary, path))
+        .map_err(|source| InstanceError::Io {
+            path: path.to_owned(),
+            source,
+        })
 }
 
 /// What a canary compares the running policy with, for `report --canary`, `stats` and the

@@ -14,7 +14,7 @@ use serde::Serialize;
 use smtpguard_common::{CanarySighting, canary_rule, counter};
 
 use crate::{
-    command::report::BootClock,
+    command::report::{BootClock, rfc3339},
     instance::{CanaryState, PrefixState, RunState},
     kernel::maps::CounterSnapshot,
     policy::List,
@@ -54,10 +54,6 @@ pub struct CanaryRow {
     /// What decides the source's SYNs now, and what would under the candidate.
     pub running: String,
     pub candidate: String,
-}
-
-fn rfc3339<S: serde::Serializer>(time: &SystemTime, serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.collect_str(&humantime::format_rfc3339_seconds(*time))
 }
 
 fn rfc3339_option<S: serde::Serializer>(

@@ -1129,6 +1129,15 @@ impl CounterMaps {
     }
 }
 
+/// An address in the program's 16-byte form: IPv4 as `::ffff:a.b.c.d`.
+fn unmapped(address: [u8; 16]) -> IpAddr {
+    let address = Ipv6Addr::from(address);
+    match address.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(address),
+    }
+}
+
 /// The sources a canary recorded.
 pub fn read_canary(
     map: &KernelHashMap<MapData, [u8; 16], CanarySighting>,
@@ -1139,12 +1148,7 @@ pub fn read_canary(
             map: map_name::CANARY,
             source,
         })?;
-        let address = Ipv6Addr::from(key);
-        let address = match address.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(address),
-        };
-        out.push((address, seen));
+        out.push((unmapped(key), seen));
     }
     Ok(out)
 }
@@ -1172,12 +1176,7 @@ fn read_offenders(map: &Array<MapData, Offender>) -> Result<Vec<(IpAddr, Offende
         if seen.blocked + seen.would_block == 0 {
             continue;
         }
-        let address = Ipv6Addr::from(seen.addr);
-        let address = match address.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(address),
-        };
-        out.push((address, seen));
+        out.push((unmapped(seen.addr), seen));
     }
     Ok(out)
 }

@@ -1001,18 +1001,7 @@ impl Daemon {
             .maps
             .counter_ids()
             .map(|(scope_id, net, list, counter_id)| {
-                let scope = self.policy.scopes.get(scope_id as usize);
-                PrefixState {
-                    counter_id,
-                    list,
-                    rule: scope
-                        .and_then(|scope| scope.entries.get(net))
-                        .map(|entry| entry.rule.clone())
-                        .unwrap_or_default(),
-                    prefix: *net,
-                    scope_id,
-                    scope: scope.map_or_else(|| "default".to_owned(), |scope| scope.name.clone()),
-                }
+                prefix_state(&self.policy, (scope_id, *net, list), counter_id)
             })
             .collect();
         let state = RunState {
@@ -1215,6 +1204,27 @@ fn apply(maps: &mut PolicyMaps, policy: &Policy) -> Result<ApplyReport, ApplyErr
         0,
     );
     maps.apply(policy)
+}
+
+/// How `stats`, `report` and the canary's record name the prefix `key` of `policy` and the
+/// counter its SYNs count in.
+fn prefix_state(
+    policy: &Policy,
+    (scope_id, net, list): crate::kernel::maps::CounterKey,
+    counter_id: u32,
+) -> PrefixState {
+    let scope = policy.scopes.get(scope_id as usize);
+    PrefixState {
+        counter_id,
+        list,
+        rule: scope
+            .and_then(|scope| scope.entries.get(&net))
+            .map(|entry| entry.rule.clone())
+            .unwrap_or_default(),
+        prefix: net,
+        scope_id,
+        scope: scope.map_or_else(|| "default".to_owned(), |scope| scope.name.clone()),
+    }
 }
 
 fn unix_now() -> u64 {

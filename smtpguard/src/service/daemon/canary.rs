@@ -13,9 +13,9 @@ use std::{
 use smtpguard_common::counter;
 use tokio::time::Instant as TokioInstant;
 
-use super::{Daemon, DaemonError, count_notes, fleet, log_warnings, unix_now};
+use super::{Daemon, DaemonError, count_notes, fleet, log_warnings, prefix_state, unix_now};
 use crate::{
-    instance::{CanaryState, PrefixState},
+    instance::CanaryState,
     kernel::maps::CounterKey,
     policy::{List, Policy},
     service::control::{Call, Request, Response},
@@ -342,20 +342,7 @@ impl Canary {
         self.record.prefixes = self
             .counter_ids
             .iter()
-            .map(|(&(scope_id, net, list), &counter_id)| {
-                let scope = self.policy.scopes.get(scope_id as usize);
-                PrefixState {
-                    counter_id,
-                    list,
-                    rule: scope
-                        .and_then(|scope| scope.entries.get(&net))
-                        .map(|entry| entry.rule.clone())
-                        .unwrap_or_default(),
-                    prefix: net,
-                    scope_id,
-                    scope: scope.map_or_else(|| "default".to_owned(), |scope| scope.name.clone()),
-                }
-            })
+            .map(|(&key, &counter_id)| prefix_state(&self.policy, key, counter_id))
             .collect();
         self.record.prefixes.sort_by_key(|prefix| prefix.counter_id);
     }

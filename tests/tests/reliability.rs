@@ -196,12 +196,15 @@ fn kernel_policy(instance: &str) -> (u32, BTreeSet<IpNet>) {
     } else {
         map_name::V4_SLOT1
     };
-    let trie: LpmTrie<MapData, [u8; 4], RuleValue> = LpmTrie::try_from(open(name)).expect("trie");
+    // Keys are the scope id, then the address; the prefix length counts both.
+    let trie: LpmTrie<MapData, [u8; 8], RuleValue> = LpmTrie::try_from(open(name)).expect("trie");
     let nets = trie
         .keys()
         .map(|key| {
             let key = key.expect("key");
-            IpNet::V4(Ipv4Net::new(key.data().into(), key.prefix_len() as u8).expect("prefix"))
+            let data = key.data();
+            let address = [data[4], data[5], data[6], data[7]];
+            IpNet::V4(Ipv4Net::new(address.into(), (key.prefix_len() - 32) as u8).expect("prefix"))
         })
         .collect();
     (generation, nets)

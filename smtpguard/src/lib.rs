@@ -12,12 +12,13 @@
 //! - [`command`]: read-only views for the admin: check, explain, stats, report.
 //!
 //! [`instance`] says where a running instance keeps its pins and state; [`progress`] reports
-//! long work while it runs.
+//! long work while it runs; [`reclaim`] frees what a reload replaced off its path.
 
 pub mod command;
 pub mod instance;
 pub mod kernel;
 pub mod policy;
 pub mod progress;
+pub mod reclaim;
 pub mod service;
 pub mod source;

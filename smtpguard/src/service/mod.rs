@@ -3,3 +3,4 @@
 
 pub mod daemon;
 pub mod metrics;
+pub mod state;

@@ -24,7 +24,8 @@ use smtpguard_common::{
     IfaceInfo, MAX_INTERFACES, MAX_OFFENDERS, MAX_PREFIX_COUNTERS, MAX_PREFIXES_PER_FAMILY,
     MAX_SCOPE_DESTINATIONS, MAX_SCOPES, Offender, RECORD_BUDGET_PER_SECOND, RECORD_SAMPLE,
     RecordBudget, RuleValue, SLOTS, ScopeConfig, SlotConfig, V4_COARSE_WORDS, V4_GUARD_WORDS,
-    V4_KEY_BYTES, V6_KEY_BYTES, action, counter, iface, mode, offender_slot,
+    V4_KEY_BYTES, V6_GUARD_WORDS, V6_KEY_BYTES, action, counter, iface, mode, offender_slot,
+    v6_guard_bit,
 };
 
 #[map(name = "SG_ACTIVE")]
@@ -69,6 +70,9 @@ static V4_GUARD: Array<[u32; V4_GUARD_WORDS]> = Array::with_max_entries(SLOTS, 0
 
 #[map(name = "SG_V4_COARSE")]
 static V4_COARSE: Array<[u32; V4_COARSE_WORDS]> = Array::with_max_entries(SLOTS, 0);
+
+#[map(name = "SG_V6_GUARD")]
+static V6_GUARD: Array<[u32; V6_GUARD_WORDS]> = Array::with_max_entries(SLOTS, 0);
 
 #[map(name = "SG_REC_BUDGET")]
 static RECORD_BUDGET: PerCpuArray<RecordBudget> = PerCpuArray::with_max_entries(1, 0);
@@ -190,7 +194,11 @@ fn decide_guarded(ctx: &XdpContext, ip: Ip, dport: Option<u16>, reply: Option<Re
     let Some(config) = SLOT_CONFIG.get(slot) else {
         return xdp_action::XDP_PASS;
     };
-    let (v4_guard, scoped) = (config.v4_guard == 1, config.scoped == 1);
+    let (v4_guard, v6_guard, scoped) = (
+        config.v4_guard == 1,
+        config.v6_guard == 1,
+        config.scoped == 1,
+    );
     // One scope (the common case) needs no look at the destination.
     let scope = if scoped { scope_of(ctx, slot, &ip) } else { 0 };
     let Some(scope_config) = SCOPES.get(slot * MAX_SCOPES + (scope & (MAX_SCOPES - 1))) else {
@@ -217,7 +225,7 @@ fn decide_guarded(ctx: &XdpContext, ip: Ip, dport: Option<u16>, reply: Option<Re
         return drop_packet();
     };
     let src = &src;
-    let stop = match lookup(slot, scope, src, v4_guard) {
+    let stop = match lookup(slot, scope, src, v4_guard, v6_guard) {
         Some(rule) if u32::from(rule.action) == action::ALLOW => {
             count(counter::SYN_ALLOWED);
             count_prefix(rule.counter_id);
@@ -459,11 +467,18 @@ fn remember(high: u64, low: u64, audit: bool, scope: u32) {
     }
 }
 
-/// Longest-prefix match of `src` among the prefixes of `scope` in the active slot's trie for
-/// its family (keys are the scope id, then the address). An IPv4 source whose /24 no prefix
-/// of any scope overlaps is settled by the guard bitmap, without the trie walk.
+/// Longest-prefix match of `src` among the prefixes of `scope` in `slot`'s trie for its
+/// family (keys are the scope id, then the address). An IPv4 source whose /24 no prefix of
+/// any scope overlaps, or an IPv6 source whose /32 none does, is settled by that slot's guard
+/// bitmap (when `v4_guard` / `v6_guard` say it is written), without the trie walk.
 #[inline(always)]
-fn lookup(slot: u32, scope: u32, src: &Source, v4_guard: bool) -> Option<RuleValue> {
+fn lookup(
+    slot: u32,
+    scope: u32,
+    src: &Source,
+    v4_guard: bool,
+    v6_guard: bool,
+) -> Option<RuleValue> {
     let scope = scope.to_be_bytes();
     match src {
         Source::V4(addr) => {
@@ -483,6 +498,9 @@ fn lookup(slot: u32, scope: u32, src: &Source, v4_guard: bool) -> Option<RuleVal
             }
         }
         Source::V6(addr) => {
+            if v6_guard && !v6_listed(slot, addr) {
+                return None;
+            }
             let mut data = [0u8; V6_KEY_BYTES];
             data[..4].copy_from_slice(&scope);
             data[4..].copy_from_slice(addr);
@@ -562,6 +580,19 @@ fn v4_listed(slot: u32, addr: &[u8; 4]) -> bool {
     let word = (block >> 5) as usize & (V4_GUARD_WORDS - 1);
     // SAFETY: as above.
     unsafe { *(fine as *const u32).add(word) & (1 << (block & 31)) != 0 }
+}
+
+/// Whether the IPv6 guard bitmap of `slot` has the bit of the /32 of `addr` set: some
+/// prefix overlaps that /32 (or one sharing its bit does).
+#[inline(always)]
+fn v6_listed(slot: u32, addr: &[u8; 16]) -> bool {
+    let Some(bits) = V6_GUARD.get_ptr(slot) else {
+        return true;
+    };
+    let bit = v6_guard_bit(u32::from_be_bytes([addr[0], addr[1], addr[2], addr[3]]));
+    let word = (bit >> 5) as usize & (V6_GUARD_WORDS - 1);
+    // SAFETY: `word` is masked below the array's length; the pointer is the map value.
+    unsafe { *(bits as *const u32).add(word) & (1 << (bit & 31)) != 0 }
 }
 
 #[inline(always)]

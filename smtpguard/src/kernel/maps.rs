@@ -26,7 +26,8 @@ use aya::maps::{
 use ipnet::IpNet;
 use smtpguard_common::{
     IfaceInfo, MAX_SCOPES, Offender, RuleValue, SLOTS, ScopeConfig, SlotConfig, V4_COARSE_WORDS,
-    V4_GUARD_WORDS, V4_KEY_BYTES, V6_KEY_BYTES, action, counter, map_name, mode,
+    V4_GUARD_WORDS, V4_KEY_BYTES, V6_GUARD_WORDS, V6_KEY_BYTES, action, counter, map_name, mode,
+    v6_guard_bit,
 };
 
 use crate::{
@@ -148,6 +149,7 @@ pub struct PolicyMaps {
     offenders: Array<MapData, Offender>,
     v4_guard: Array<MapData, V4Guard>,
     v4_coarse: Array<MapData, V4Coarse>,
+    v6_guard: Array<MapData, V6Guard>,
     ifaces: KernelHashMap<MapData, u32, IfaceInfo>,
     /// The entries each slot holds, as written by this process.
     slots: [BTreeMap<SlotKey, RuleValue>; 2],
@@ -192,6 +194,7 @@ impl PolicyMaps {
             offenders: typed(map_name::OFFENDERS, take(map_name::OFFENDERS)?)?,
             v4_guard: typed(map_name::V4_GUARD, take(map_name::V4_GUARD)?)?,
             v4_coarse: typed(map_name::V4_COARSE, take(map_name::V4_COARSE)?)?,
+            v6_guard: typed(map_name::V6_GUARD, take(map_name::V6_GUARD)?)?,
             ifaces: typed(map_name::IFACES, take(map_name::IFACES)?)?,
             slots: [BTreeMap::new(), BTreeMap::new()],
             destinations: [BTreeMap::new(), BTreeMap::new()],
@@ -464,9 +467,19 @@ impl PolicyMaps {
                 what: format!("slot {standby} coarse IPv4 guard bitmap"),
                 source,
             })?;
+        let v6: Box<V6Guard> = v6_blocks(target.iter().map(|((_, net), _)| net));
+        self.v6_guard
+            .set(standby, v6.as_ref(), 0)
+            .map_err(|source| ApplyError::Write {
+                map: map_name::V6_GUARD,
+                what: format!("slot {standby} IPv6 guard bitmap"),
+                source,
+            })?;
         let config = SlotConfig {
             generation,
             v4_guard: 1,
+            v6_guard: 1,
+            _pad: [0; 3],
             scoped: u32::from(policy.scoped()),
             audit_only: u32::from(
                 policy
@@ -948,6 +961,33 @@ pub fn v4_blocks<'a, const WORDS: usize>(
     bits
 }
 
+/// One slot's IPv6 guard bitmap, one bit per hash of a /32.
+type V6Guard = [u32; V6_GUARD_WORDS];
+
+/// The IPv6 guard bitmap for `nets`: the bit of every /32 an IPv6 prefix overlaps (the /32
+/// holding a longer prefix, each /32 inside a shorter one; every bit for a /8 or shorter).
+pub fn v6_blocks<'a>(nets: impl Iterator<Item = &'a IpNet>) -> Box<V6Guard> {
+    let mut bits: Box<V6Guard> = vec![0u32; V6_GUARD_WORDS]
+        .into_boxed_slice()
+        .try_into()
+        .expect("V6_GUARD_WORDS words");
+    for net in nets {
+        let IpNet::V6(net) = net else { continue };
+        let len = u32::from(net.prefix_len());
+        if len <= 8 {
+            bits.fill(u32::MAX);
+            return bits;
+        }
+        let top = (u128::from(net.network()) >> 96) as u32;
+        let count = 1u32 << (32 - len.min(32));
+        for block in top..=top + (count - 1) {
+            let bit = v6_guard_bit(block);
+            bits[(bit >> 5) as usize] |= 1 << (bit & 31);
+        }
+    }
+    bits
+}
+
 fn action_code(action: Action) -> u32 {
     match action {
         Action::Drop => action::DROP,
@@ -1172,6 +1212,19 @@ mod tests {
         assert_eq!(set, 65536 + 1 + 2);
         let everything: Box<V4Guard> = v4_blocks(["0.0.0.0/0".parse().unwrap()].iter(), 24);
         assert!(everything.iter().all(|word| *word == u32::MAX));
+        let v6 = v6_blocks(nets.iter());
+        let v6_listed = |addr: &str| {
+            let top = (u128::from(addr.parse::<std::net::Ipv6Addr>().unwrap()) >> 96) as u32;
+            let bit = v6_guard_bit(top);
+            v6[(bit >> 5) as usize] & (1 << (bit & 31)) != 0
+        };
+        assert!(v6_listed("2001:db8::1") && v6_listed("2001:db8:ffff::"));
+        assert!(!v6_listed("2001:db9::1") && !v6_listed("3fff:ffff::1"));
+        let set: u32 = v6.iter().map(|word| word.count_ones()).sum();
+        assert_eq!(set, 1, "one /32, and no IPv4 prefix, sets one bit");
+        let wide = v6_blocks(["2001:db8::/29".parse().unwrap()].iter());
+        let set: u32 = wide.iter().map(|word| word.count_ones()).sum();
+        assert_eq!(set, 8, "a /29 is eight /32s");
         let coarse: Box<V4Coarse> = v4_blocks(nets.iter(), 20);
         let set: u32 = coarse.iter().map(|word| word.count_ones()).sum();
         assert_eq!(

@@ -53,8 +53,8 @@ fn prometheus_scrapes_the_contract_series() {
     let (status, text) = http_get(&pair.server, LISTEN, "/metrics").expect("scrape");
     assert_eq!(status, 200, "{text}");
     for line in [
-        "smtpguard_rule_matches_total{list=\"allow\",rule=\"provider\",prefix=\"192.0.2.0/28\"} 2",
-        "smtpguard_rule_matches_total{list=\"deny\",rule=\"abuser\",prefix=\"192.0.2.9/32\"} 1",
+        "smtpguard_rule_matches_total{scope=\"default\",list=\"allow\",rule=\"provider\",prefix=\"192.0.2.0/28\"} 2",
+        "smtpguard_rule_matches_total{scope=\"default\",list=\"deny\",rule=\"abuser\",prefix=\"192.0.2.9/32\"} 1",
         "smtpguard_syn_total{class=\"unlisted\"} 1",
         "smtpguard_dropped_total 2",
         "smtpguard_policy_prefixes{list=\"allow\"} 1",
@@ -66,7 +66,7 @@ fn prometheus_scrapes_the_contract_series() {
 
     let prometheus = Prometheus::start(&pair.server, LISTEN);
     let answer = prometheus.wait_for(
-        "smtpguard_rule_matches_total{list=\"allow\",rule=\"provider\",prefix=\"192.0.2.0/28\"}",
+        "smtpguard_rule_matches_total{scope=\"default\",list=\"allow\",rule=\"provider\",prefix=\"192.0.2.0/28\"}",
         2.0,
         WAIT,
     );

@@ -42,6 +42,11 @@ pub mod map_name {
     /// `Array<[u32; V4_COARSE_WORDS]>` of [`super::SLOTS`] entries: the same per /20, small
     /// enough (128 KiB) to stay in a CPU's cache; checked before [`V4_GUARD`].
     pub const V4_COARSE: &str = "SG_V4_COARSE";
+    /// `Array<[u32; V6_GUARD_WORDS]>` of [`super::SLOTS`] entries: per policy slot, one bit
+    /// per hash of an IPv6 /32 ([`super::v6_guard_bit`]), set when some prefix of the slot
+    /// overlaps that /32. A clear bit settles an IPv6 source as unlisted without the trie
+    /// walk; a set bit (the /32 is listed, or shares its bit with one that is) sends it on.
+    pub const V6_GUARD: &str = "SG_V6_GUARD";
     /// `PerCpuArray<RecordBudget>` of one entry: how many stopped sources this CPU recorded
     /// in the current second.
     pub const RECORD_BUDGET: &str = "SG_REC_BUDGET";
@@ -71,7 +76,7 @@ pub mod map_name {
     pub const CANARY_NEW: &str = "SG_CANARY_NEW";
 
     /// Every map, in a stable order (pinning, listing, tests).
-    pub const ALL: [&str; 22] = [
+    pub const ALL: [&str; 23] = [
         ACTIVE_SLOT,
         SLOT_CONFIG,
         SCOPES,
@@ -85,6 +90,7 @@ pub mod map_name {
         V6_SLOT1,
         V4_GUARD,
         V4_COARSE,
+        V6_GUARD,
         RECORD_BUDGET,
         PREFIX_HITS,
         GLOBAL,
@@ -122,6 +128,16 @@ pub const MAX_PREFIX_COUNTERS: u32 = 2 * MAX_PREFIXES_PER_FAMILY;
 pub const V4_GUARD_WORDS: usize = 1 << 19;
 /// Words of one slot's coarse IPv4 guard bitmap: 2^20 bits, one per /20 (128 KiB).
 pub const V4_COARSE_WORDS: usize = 1 << 15;
+
+/// Words of one slot's IPv6 guard bitmap: 2^24 bits (2 MiB), one per hash of a /32.
+pub const V6_GUARD_WORDS: usize = 1 << 19;
+
+/// The bit of [`map_name::V6_GUARD`] for the IPv6 /32 whose first 32 bits are `top`
+/// (big-endian): Fibonacci hashing, whose top 24 bits spread neighbouring /32s apart.
+#[inline(always)]
+pub const fn v6_guard_bit(top: u32) -> u32 {
+    top.wrapping_mul(0x9e37_79b1) >> 8
+}
 
 /// Stopped SYNs a CPU records exactly in the table of stopped sources per second; beyond
 /// that (a flood), one in [`RECORD_SAMPLE`] is recorded and the rest counted as skipped.
@@ -188,7 +204,10 @@ pub struct SlotConfig {
     /// and every SYN is also decided by it, only to record where the two differ
     /// ([`map_name::CANARY`]). Read on every SYN: off, it costs one branch.
     pub canary: u32,
-    pub _pad: [u32; 3],
+    /// 1 when this slot's IPv6 guard bitmap ([`map_name::V6_GUARD`]) is written and may be
+    /// trusted; 0 sends every IPv6 source to the trie.
+    pub v6_guard: u32,
+    pub _pad: [u32; 2],
 }
 const _: () = assert!(size_of::<SlotConfig>() == 32);
 
@@ -422,7 +441,7 @@ const fn layout(
 
 /// Every map's layout, in the order of [`map_name::ALL`]. LPM trie keys carry a 4-byte
 /// prefix length before the address.
-pub const MAP_LAYOUTS: [MapLayout; 22] = [
+pub const MAP_LAYOUTS: [MapLayout; 23] = [
     layout(map_name::ACTIVE_SLOT, 4, 4, 1),
     layout(map_name::SLOT_CONFIG, 4, size_of::<SlotConfig>(), SLOTS),
     layout(
@@ -461,6 +480,7 @@ pub const MAP_LAYOUTS: [MapLayout; 22] = [
     ),
     layout(map_name::V4_GUARD, 4, V4_GUARD_WORDS * 4, SLOTS),
     layout(map_name::V4_COARSE, 4, V4_COARSE_WORDS * 4, SLOTS),
+    layout(map_name::V6_GUARD, 4, V6_GUARD_WORDS * 4, SLOTS),
     layout(map_name::RECORD_BUDGET, 4, size_of::<RecordBudget>(), 1),
     layout(map_name::PREFIX_HITS, 4, 8, MAX_PREFIX_COUNTERS),
     layout(map_name::GLOBAL, 4, 8, counter::COUNT),
@@ -478,7 +498,7 @@ pub const MAP_LAYOUTS: [MapLayout; 22] = [
 ];
 
 /// Bumped by hand when the meaning of a map's bytes changes without its sizes changing.
-const LAYOUT_REVISION: u64 = 3;
+const LAYOUT_REVISION: u64 = 4;
 
 /// A fingerprint of [`MAP_LAYOUTS`] and [`LAYOUT_REVISION`] (FNV-1a): two builds share
 /// pinned maps only when their stamps are equal.

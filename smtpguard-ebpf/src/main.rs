@@ -24,8 +24,8 @@ use smtpguard_common::{
     CanarySighting, IfaceInfo, MAX_CANARY_SOURCES, MAX_INTERFACES, MAX_OFFENDERS,
     MAX_PREFIX_COUNTERS, MAX_PREFIXES_PER_FAMILY, MAX_SCOPE_DESTINATIONS, MAX_SCOPES, Offender,
     RECORD_BUDGET_PER_SECOND, RECORD_SAMPLE, RecordBudget, RuleValue, SLOTS, ScopeConfig,
-    SlotConfig, V4_COARSE_WORDS, V4_GUARD_WORDS, V4_KEY_BYTES, V6_KEY_BYTES, action, canary_rule,
-    counter, iface, mode, offender_slot,
+    SlotConfig, V4_COARSE_WORDS, V4_GUARD_WORDS, V4_KEY_BYTES, V6_GUARD_WORDS, V6_KEY_BYTES,
+    action, canary_rule, counter, iface, mode, offender_slot, v6_guard_bit,
 };
 
 #[map(name = "SG_ACTIVE")]
@@ -70,6 +70,9 @@ static V4_GUARD: Array<[u32; V4_GUARD_WORDS]> = Array::with_max_entries(SLOTS, 0
 
 #[map(name = "SG_V4_COARSE")]
 static V4_COARSE: Array<[u32; V4_COARSE_WORDS]> = Array::with_max_entries(SLOTS, 0);
+
+#[map(name = "SG_V6_GUARD")]
+static V6_GUARD: Array<[u32; V6_GUARD_WORDS]> = Array::with_max_entries(SLOTS, 0);
 
 #[map(name = "SG_REC_BUDGET")]
 static RECORD_BUDGET: PerCpuArray<RecordBudget> = PerCpuArray::with_max_entries(1, 0);
@@ -196,7 +199,12 @@ fn decide_guarded(ctx: &XdpContext, ip: Ip, dport: Option<u16>, reply: Option<Re
     let Some(config) = SLOT_CONFIG.get(slot) else {
         return xdp_action::XDP_PASS;
     };
-    let (v4_guard, scoped, canary) = (config.v4_guard == 1, config.scoped == 1, config.canary == 1);
+    let (v4_guard, v6_guard, scoped, canary) = (
+        config.v4_guard == 1,
+        config.v6_guard == 1,
+        config.scoped == 1,
+        config.canary == 1,
+    );
     // One scope (the common case) needs no look at the destination.
     let scope = if scoped { scope_of(ctx, slot, &ip) } else { 0 };
     let Some(scope_config) = SCOPES.get(slot * MAX_SCOPES + (scope & (MAX_SCOPES - 1))) else {
@@ -217,7 +225,7 @@ fn decide_guarded(ctx: &XdpContext, ip: Ip, dport: Option<u16>, reply: Option<Re
     let src = &src;
     // The deciding rule (a prefix's counter id, or a `canary_rule` code) and what it does.
     let (rule, verdict) = if guarded {
-        match lookup(slot, scope, src, v4_guard) {
+        match lookup(slot, scope, src, v4_guard, v6_guard) {
             Some(rule) => (rule.counter_id, u32::from(rule.action)),
             None => (canary_rule::UNLISTED, scope_config.unlisted_action),
         }
@@ -309,7 +317,7 @@ static CANARY_NEW: PerCpuArray<CanarySighting> = PerCpuArray::with_max_entries(1
 /// The candidate slot's scope for a SYN to `dst` (the two words of [`address_words`]), and
 /// how it treats it: the scope id (low 8 bits), whether it guards the port (bit 8),
 /// whether it enforces (bit 9), whether the slot's IPv4 guard bitmap may be trusted (bit
-/// 10); 0 when the slot cannot be read. A BPF-to-BPF call of its own, as
+/// 10), whether its IPv6 one may (bit 11); 0 when the slot cannot be read. A BPF-to-BPF call of its own, as
 /// [`compare_candidate`] is: each runs on its own stack frame beside the parser's deep one.
 #[inline(never)]
 fn candidate_scope(dst_high: u64, dst_low: u64, running: u64) -> u64 {
@@ -339,6 +347,7 @@ fn candidate_scope(dst_high: u64, dst_low: u64, running: u64) -> u64 {
         | u64::from(guarded) << 8
         | u64::from(scope_config.mode != mode::AUDIT) << 9
         | u64::from(config.v4_guard == 1) << 10
+        | u64::from(config.v6_guard == 1) << 11
 }
 
 /// Decides the SYN from `src` (the two words of [`address_words`]) by the candidate policy in
@@ -354,15 +363,28 @@ fn compare_candidate(src_high: u64, src_low: u64, running: u64, scope: u64) -> u
     let slot = (*active & 1) ^ 1;
     let running_stops = (running >> 40) & 1 == 1;
     let v6 = (running >> 41) & 1 == 1;
-    let (guarded, enforces, v4_guard) = (
+    let (guarded, enforces, v4_guard, v6_guard) = (
         (scope >> 8) & 1 == 1,
         (scope >> 9) & 1 == 1,
         (scope >> 10) & 1 == 1,
+        (scope >> 11) & 1 == 1,
     );
     let scope = scope as u32 & 0xff;
     let found = match (guarded, v6) {
         (false, _) => None,
-        (true, true) => find_v6(slot, scope, &words_address(src_high, src_low)),
+        (true, true) => {
+            let high = src_high.to_ne_bytes();
+            if v6_guard
+                && !v6_listed(
+                    slot,
+                    u32::from_be_bytes([high[0], high[1], high[2], high[3]]),
+                )
+            {
+                None
+            } else {
+                find_v6(slot, scope, &words_address(src_high, src_low))
+            }
+        }
         (true, false) => {
             let addr = low_v4(src_low);
             if v4_guard && !v4_listed(slot, &addr) {
@@ -662,11 +684,18 @@ fn remember(high: u64, low: u64, audit: bool, scope: u32) {
     }
 }
 
-/// Longest-prefix match of `src` among the prefixes of `scope` in the trie of `slot` for
-/// its family (keys are the scope id, then the address). An IPv4 source whose /24 no prefix
-/// of any scope overlaps is settled by the guard bitmap, without the trie walk.
+/// Longest-prefix match of `src` among the prefixes of `scope` in `slot`'s trie for its
+/// family (keys are the scope id, then the address). An IPv4 source whose /24 no prefix of
+/// any scope overlaps, or an IPv6 source whose /32 none does, is settled by that slot's guard
+/// bitmap (when `v4_guard` / `v6_guard` say it is written), without the trie walk.
 #[inline(always)]
-fn lookup(slot: u32, scope: u32, src: &Source, v4_guard: bool) -> Option<RuleValue> {
+fn lookup(
+    slot: u32,
+    scope: u32,
+    src: &Source,
+    v4_guard: bool,
+    v6_guard: bool,
+) -> Option<RuleValue> {
     match src {
         Source::V4(addr) => {
             if v4_guard && !v4_listed(slot, addr) {
@@ -674,7 +703,17 @@ fn lookup(slot: u32, scope: u32, src: &Source, v4_guard: bool) -> Option<RuleVal
             }
             find_v4(slot, scope, addr)
         }
-        Source::V6(addr) => find_v6(slot, scope, addr),
+        Source::V6(addr) => {
+            if v6_guard
+                && !v6_listed(
+                    slot,
+                    u32::from_be_bytes([addr[0], addr[1], addr[2], addr[3]]),
+                )
+            {
+                return None;
+            }
+            find_v6(slot, scope, addr)
+        }
     }
 }
 
@@ -783,6 +822,19 @@ fn v4_listed(slot: u32, addr: &[u8; 4]) -> bool {
     let word = (block >> 5) as usize & (V4_GUARD_WORDS - 1);
     // SAFETY: as above.
     unsafe { *(fine as *const u32).add(word) & (1 << (block & 31)) != 0 }
+}
+
+/// Whether the IPv6 guard bitmap of `slot` has the bit of the /32 whose first 32 bits are
+/// `top` (big-endian) set: some prefix overlaps that /32 (or one sharing its bit does).
+#[inline(always)]
+fn v6_listed(slot: u32, top: u32) -> bool {
+    let Some(bits) = V6_GUARD.get_ptr(slot) else {
+        return true;
+    };
+    let bit = v6_guard_bit(top);
+    let word = (bit >> 5) as usize & (V6_GUARD_WORDS - 1);
+    // SAFETY: `word` is masked below the array's length; the pointer is the map value.
+    unsafe { *(bits as *const u32).add(word) & (1 << (bit & 31)) != 0 }
 }
 
 #[inline(always)]

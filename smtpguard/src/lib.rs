@@ -13,7 +13,7 @@
 //! - [`fleet`]: one policy for many gateways through etcd: publish, follow, status.
 //!
 //! [`instance`] says where a running instance keeps its pins and state; [`progress`] reports
-//! long work while it runs.
+//! long work while it runs; [`reclaim`] frees what a reload replaced off its path.
 
 pub mod command;
 pub mod fleet;
@@ -21,5 +21,6 @@ pub mod instance;
 pub mod kernel;
 pub mod policy;
 pub mod progress;
+pub mod reclaim;
 pub mod service;
 pub mod source;

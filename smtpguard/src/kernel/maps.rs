@@ -9,6 +9,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     path::Path,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -25,7 +26,8 @@ use aya::maps::{
 use ipnet::IpNet;
 use smtpguard_common::{
     CanarySighting, IfaceInfo, MAX_SCOPES, Offender, RuleValue, SLOTS, ScopeConfig, SlotConfig,
-    V4_COARSE_WORDS, V4_GUARD_WORDS, V4_KEY_BYTES, V6_KEY_BYTES, action, counter, map_name, mode,
+    V4_COARSE_WORDS, V4_GUARD_WORDS, V4_KEY_BYTES, V6_GUARD_WORDS, V6_KEY_BYTES, action, counter,
+    map_name, mode, v6_guard_bit,
 };
 
 use crate::{
@@ -91,6 +93,24 @@ pub enum MapsError {
 /// The identity of a per-prefix counter: it survives reloads as long as this triple does.
 pub type CounterKey = (u32, IpNet, List);
 
+/// Counter ids by prefix. Millions of keys are hashed on every apply: foldhash (seeded per
+/// process) instead of SipHash, which took a third of the bookkeeping time.
+type CounterIds = HashMap<CounterKey, u32, foldhash::fast::RandomState>;
+
+/// The counter ids of a policy in force, shared: the state writer lists them while the
+/// daemon goes on to the next apply, which replaces them rather than changing them.
+#[derive(Clone, Default)]
+pub struct CounterIdSnapshot(Arc<CounterIds>);
+
+impl CounterIdSnapshot {
+    /// Each prefix's scope id, prefix, list and counter id.
+    pub fn iter(&self) -> impl Iterator<Item = (u32, &IpNet, List, u32)> {
+        self.0
+            .iter()
+            .map(|((scope, net, list), id)| (*scope, net, *list, *id))
+    }
+}
+
 /// Where an entry sits in a slot's source trie: its scope id and prefix.
 type SlotKey = (u32, IpNet);
 
@@ -131,6 +151,7 @@ pub struct PolicyMaps {
     offenders: Array<MapData, Offender>,
     v4_guard: Array<MapData, V4Guard>,
     v4_coarse: Array<MapData, V4Coarse>,
+    v6_guard: Array<MapData, V6Guard>,
     ifaces: KernelHashMap<MapData, u32, IfaceInfo>,
     canary: KernelHashMap<MapData, [u8; 16], CanarySighting>,
     /// The standby slot holds a candidate the program compares every SYN against.
@@ -142,7 +163,7 @@ pub struct PolicyMaps {
     /// How many scope ids each slot configures (those beyond are unguarded).
     scope_counts: [u32; 2],
     active_slot: u32,
-    counter_ids: HashMap<CounterKey, u32>,
+    counter_ids: Arc<CounterIds>,
     next_counter_id: u32,
     generation: u32,
     last_flip: Option<Instant>,
@@ -178,6 +199,7 @@ impl PolicyMaps {
             offenders: typed(map_name::OFFENDERS, take(map_name::OFFENDERS)?)?,
             v4_guard: typed(map_name::V4_GUARD, take(map_name::V4_GUARD)?)?,
             v4_coarse: typed(map_name::V4_COARSE, take(map_name::V4_COARSE)?)?,
+            v6_guard: typed(map_name::V6_GUARD, take(map_name::V6_GUARD)?)?,
             ifaces: typed(map_name::IFACES, take(map_name::IFACES)?)?,
             canary: typed(map_name::CANARY, take(map_name::CANARY)?)?,
             canary_on: false,
@@ -185,7 +207,7 @@ impl PolicyMaps {
             destinations: [BTreeMap::new(), BTreeMap::new()],
             scope_counts: [MAX_SCOPES, MAX_SCOPES],
             active_slot: 0,
-            counter_ids: HashMap::new(),
+            counter_ids: Arc::default(),
             next_counter_id: 1,
             generation: 0,
             last_flip: None,
@@ -253,19 +275,21 @@ impl PolicyMaps {
             .map_err(|error| MapsError::Recover(error.to_string()))?;
         }
         let active = &self.slots[self.active_slot as usize];
-        self.counter_ids = active
-            .iter()
-            // An outranked prefix counts in another entry's counter, not its own.
-            .filter(|(_, value)| value.outranked == 0)
-            .map(|((scope, net), value)| {
-                let list = if value.deny == 1 {
-                    List::Deny
-                } else {
-                    List::Allow
-                };
-                ((*scope, *net, list), value.counter_id)
-            })
-            .collect();
+        self.counter_ids = Arc::new(
+            active
+                .iter()
+                // An outranked prefix counts in another entry's counter, not its own.
+                .filter(|(_, value)| value.outranked == 0)
+                .map(|((scope, net), value)| {
+                    let list = if value.deny == 1 {
+                        List::Deny
+                    } else {
+                        List::Allow
+                    };
+                    ((*scope, *net, list), value.counter_id)
+                })
+                .collect(),
+        );
         self.next_counter_id = self
             .counter_ids
             .values()
@@ -290,6 +314,11 @@ impl PolicyMaps {
         self.counter_ids
             .iter()
             .map(|((scope, net, list), id)| (*scope, net, *list, *id))
+    }
+
+    /// The counter ids of the policy in force, to list after this apply.
+    pub fn counter_id_snapshot(&self) -> CounterIdSnapshot {
+        CounterIdSnapshot(Arc::clone(&self.counter_ids))
     }
 
     /// Tells the program about an interface it runs on (what a reset sent out of it needs).
@@ -331,8 +360,9 @@ impl PolicyMaps {
     /// Gives the prefixes of an earlier policy their counter ids back (an upgrade, whose new
     /// maps start empty, carries the counts over under the same ids).
     pub fn seed_counter_ids(&mut self, ids: impl IntoIterator<Item = (u32, IpNet, List, u32)>) {
+        let counter_ids = Arc::make_mut(&mut self.counter_ids);
         for (scope, net, list, id) in ids {
-            self.counter_ids.insert((scope, net, list), id);
+            counter_ids.insert((scope, net, list), id);
             self.next_counter_id = self.next_counter_id.max(next_counter_id(id));
         }
     }
@@ -380,7 +410,10 @@ impl PolicyMaps {
         let written = self.stage(standby, &target, policy, generation)?;
         self.flip(standby)?;
         self.last_flip = Some(Instant::now());
-        self.counter_ids = counter_ids;
+        crate::reclaim::drop_later(std::mem::replace(
+            &mut self.counter_ids,
+            Arc::new(counter_ids),
+        ));
         self.active_slot = standby;
         self.generation = generation;
         // The new policy is in force: counters of prefixes that left it go.
@@ -524,14 +557,14 @@ impl PolicyMaps {
     fn stage(
         &mut self,
         standby: u32,
-        target: &BTreeMap<SlotKey, RuleValue>,
+        target: &[(SlotKey, RuleValue)],
         policy: &Policy,
         generation: u32,
     ) -> Result<usize, ApplyError> {
         let written = self.write_slot(standby, target)?;
         self.write_destinations(standby, policy)?;
         self.write_scopes(standby, policy)?;
-        let fine: Box<V4Guard> = v4_blocks(target.keys().map(|(_, net)| net), 24);
+        let fine: Box<V4Guard> = v4_blocks(target.iter().map(|((_, net), _)| net), 24);
         self.v4_guard
             .set(standby, fine.as_ref(), 0)
             .map_err(|source| ApplyError::Write {
@@ -539,7 +572,7 @@ impl PolicyMaps {
                 what: format!("slot {standby} IPv4 guard bitmap"),
                 source,
             })?;
-        let coarse: Box<V4Coarse> = v4_blocks(target.keys().map(|(_, net)| net), 20);
+        let coarse: Box<V4Coarse> = v4_blocks(target.iter().map(|((_, net), _)| net), 20);
         self.v4_coarse
             .set(standby, coarse.as_ref(), 0)
             .map_err(|source| ApplyError::Write {
@@ -547,9 +580,18 @@ impl PolicyMaps {
                 what: format!("slot {standby} coarse IPv4 guard bitmap"),
                 source,
             })?;
+        let v6: Box<V6Guard> = v6_blocks(target.iter().map(|((_, net), _)| net));
+        self.v6_guard
+            .set(standby, v6.as_ref(), 0)
+            .map_err(|source| ApplyError::Write {
+                map: map_name::V6_GUARD,
+                what: format!("slot {standby} IPv6 guard bitmap"),
+                source,
+            })?;
         let config = SlotConfig {
             generation,
             v4_guard: 1,
+            v6_guard: 1,
             scoped: u32::from(policy.scoped()),
             audit_only: u32::from(
                 policy
@@ -559,7 +601,7 @@ impl PolicyMaps {
                     .all(|scope| scope.mode == Mode::Audit),
             ),
             canary: 0,
-            _pad: [0; 3],
+            _pad: [0; 2],
         };
         self.write_slot_config(standby, config)?;
         Ok(written)
@@ -669,8 +711,9 @@ impl PolicyMaps {
     }
 
     /// Keeps the id of every prefix that stays; hands new ones out for the rest.
-    fn assign_counter_ids(&mut self, policy: &Policy) -> HashMap<CounterKey, u32> {
-        let mut ids = HashMap::new();
+    fn assign_counter_ids(&mut self, policy: &Policy) -> CounterIds {
+        let mut ids = CounterIds::default();
+        ids.reserve(policy.entries().size_hint().0);
         for (scope, net, entry) in policy.entries() {
             let key = (scope, *net, entry.list);
             let id = match self.counter_ids.get(&key) {
@@ -691,11 +734,14 @@ impl PolicyMaps {
     /// creates a prefix's counter at its first match, so only prefixes that saw traffic have
     /// one, and this reads few keys. Returns how many went.
     fn sweep_counters(&mut self) -> usize {
-        let live: std::collections::HashSet<u32> = self.counter_ids.values().copied().collect();
-        let unused: Vec<u32> = self
-            .prefix_hits
-            .keys()
-            .filter_map(Result::ok)
+        let present: Vec<u32> = self.prefix_hits.keys().filter_map(Result::ok).collect();
+        if present.is_empty() {
+            return 0;
+        }
+        let live: std::collections::HashSet<u32, foldhash::fast::RandomState> =
+            self.counter_ids.values().copied().collect();
+        let unused: Vec<u32> = present
+            .into_iter()
             .filter(|id| !live.contains(id))
             .collect();
         self.remove_counters(&unused);
@@ -711,42 +757,83 @@ impl PolicyMaps {
         }
     }
 
-    /// Brings `slot` to exactly `target`, writing only what differs, a batch per family.
-    /// What the slot holds is tracked entry by entry (the kernel says how far a failed batch
-    /// got), so a failure part-way leaves an exact record for the next try.
+    /// Brings `slot` to exactly `target` (sorted by key), writing only what differs, a batch
+    /// per family. What the slot holds and `target` are both in key order, so one merge
+    /// finds what goes and what changes without a lookup per prefix. What the slot holds is
+    /// tracked entry by entry when a batch fails (the kernel says how far it got), so a
+    /// failure part-way leaves an exact record for the next try.
     fn write_slot(
         &mut self,
         slot: u32,
-        target: &BTreeMap<SlotKey, RuleValue>,
+        target: &[(SlotKey, RuleValue)],
     ) -> Result<usize, ApplyError> {
         let index = slot as usize;
-        let stale: Vec<SlotKey> = self.slots[index]
-            .keys()
-            .filter(|key| !target.contains_key(key))
-            .copied()
-            .collect();
-        let changed: Vec<(SlotKey, RuleValue)> = target
-            .iter()
-            .filter(|(key, value)| self.slots[index].get(key) != Some(value))
-            .map(|(key, value)| (*key, *value))
-            .collect();
-        for v4 in [true, false] {
-            let keys: Vec<SlotKey> = stale
-                .iter()
-                .filter(|(_, net)| net.addr().is_ipv4() == v4)
-                .copied()
-                .collect();
-            self.remove_entries(index, v4, &keys)?;
+        let mut stale: [Vec<SlotKey>; 2] = [Vec::new(), Vec::new()];
+        let mut changed: [Vec<(SlotKey, RuleValue)>; 2] = [Vec::new(), Vec::new()];
+        let family = |key: &SlotKey| usize::from(key.1.addr().is_ipv4());
+        let mut held = self.slots[index].iter().peekable();
+        for &(key, value) in target {
+            while let Some((old, _)) = held.next_if(|(old, _)| **old < key) {
+                stale[family(old)].push(*old);
+            }
+            match held.next_if(|(old, _)| **old == key) {
+                Some((_, old)) if *old == value => {}
+                _ => changed[family(&key)].push((key, value)),
+            }
         }
-        for v4 in [true, false] {
-            let entries: Vec<(SlotKey, RuleValue)> = changed
-                .iter()
-                .filter(|((_, net), _)| net.addr().is_ipv4() == v4)
-                .copied()
-                .collect();
-            self.insert_entries(index, v4, &entries)?;
+        for (old, _) in held {
+            stale[family(old)].push(*old);
         }
-        Ok(changed.len())
+        // Removals first, then writes; each step says how far it got.
+        let mut done: Vec<(bool, usize, usize)> = Vec::with_capacity(4);
+        let mut failure = None;
+        for (remove, family) in [(true, 1), (true, 0), (false, 1), (false, 0)] {
+            let v4 = family == 1;
+            let (outcome, total) = if remove {
+                let keys = &stale[family];
+                (self.remove_entries(index, v4, keys), keys.len())
+            } else {
+                let entries = &changed[family];
+                (self.insert_entries(index, v4, entries), entries.len())
+            };
+            match outcome {
+                Ok(count) => done.push((remove, family, count)),
+                Err((count, source)) => {
+                    done.push((remove, family, count));
+                    failure = Some(ApplyError::Batch {
+                        map: trie_name(v4, index),
+                        what: if remove {
+                            format!("removal of {} prefixes", total - count)
+                        } else {
+                            format!("{total} prefixes ({count} written)")
+                        },
+                        source,
+                    });
+                    break;
+                }
+            }
+        }
+        let written = changed[0].len() + changed[1].len();
+        if failure.is_none() && written + stale[0].len() + stale[1].len() > target.len() / 4 {
+            // Much replaced: the record is the target, built in one sorted pass rather than
+            // an insert or a removal per prefix; the old one is freed off the apply's path.
+            let old = std::mem::replace(&mut self.slots[index], target.iter().copied().collect());
+            crate::reclaim::drop_later(old);
+            return Ok(written);
+        }
+        let record = &mut self.slots[index];
+        for (remove, family, count) in done {
+            if remove {
+                for key in &stale[family][..count] {
+                    record.remove(key);
+                }
+            } else {
+                for (key, value) in &changed[family][..count] {
+                    record.insert(*key, *value);
+                }
+            }
+        }
+        failure.map_or(Ok(written), Err)
     }
 
     /// The trie of `slot` for the family of `v4`, as a file descriptor, and its key size.
@@ -764,72 +851,45 @@ impl PolicyMaps {
         }
     }
 
-    /// Removes `keys` (one family) from the trie of `slot`.
+    /// Removes `keys` (one family) from the trie of `slot`; returns how many went, or how
+    /// many had gone when it failed.
     fn remove_entries(
-        &mut self,
+        &self,
         slot: usize,
         v4: bool,
         keys: &[SlotKey],
-    ) -> Result<(), ApplyError> {
+    ) -> Result<usize, (usize, std::io::Error)> {
         if keys.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
-        let bytes: Vec<u8> = keys
-            .iter()
-            .flat_map(|(scope, net)| trie_key(*scope, net))
-            .collect();
         let (fd, key_size) = self.trie(slot, v4);
-        let outcome = batch::delete_present(fd, &bytes, key_size);
-        let done = match &outcome {
-            Ok(()) => keys.len(),
-            Err((done, _)) => *done,
-        };
-        for key in &keys[..done] {
-            self.slots[slot].remove(key);
+        let mut bytes = Vec::with_capacity(keys.len() * key_size);
+        for (scope, net) in keys {
+            push_trie_key(&mut bytes, *scope, net);
         }
-        outcome.map_err(|(done, source)| ApplyError::Batch {
-            map: trie_name(v4, slot),
-            what: format!("removal of {} prefixes", keys.len() - done),
-            source,
-        })
+        batch::delete_present(fd, &bytes, key_size).map(|()| keys.len())
     }
 
-    /// Writes `entries` (one family) into the trie of `slot`.
+    /// Writes `entries` (one family) into the trie of `slot`; returns how many were
+    /// written, or how many had been when it failed.
     fn insert_entries(
-        &mut self,
+        &self,
         slot: usize,
         v4: bool,
         entries: &[(SlotKey, RuleValue)],
-    ) -> Result<(), ApplyError> {
+    ) -> Result<usize, (usize, std::io::Error)> {
         if entries.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
-        let keys: Vec<u8> = entries
-            .iter()
-            .flat_map(|((scope, net), _)| trie_key(*scope, net))
-            .collect();
-        let values: Vec<u8> = entries
-            .iter()
-            .flat_map(|(_, value)| {
-                let mut bytes = vec![value.action, value.deny, value.outranked, 0];
-                bytes.extend_from_slice(&value.counter_id.to_ne_bytes());
-                bytes
-            })
-            .collect();
         let (fd, key_size) = self.trie(slot, v4);
-        let outcome = batch::update(fd, &keys, key_size, &values, size_of::<RuleValue>());
-        let done = match &outcome {
-            Ok(()) => entries.len(),
-            Err((done, _)) => *done,
-        };
-        for (key, value) in &entries[..done] {
-            self.slots[slot].insert(*key, *value);
+        let mut keys = Vec::with_capacity(entries.len() * key_size);
+        let mut values = Vec::with_capacity(entries.len() * size_of::<RuleValue>());
+        for ((scope, net), value) in entries {
+            push_trie_key(&mut keys, *scope, net);
+            values.extend_from_slice(&[value.action, value.deny, value.outranked, 0]);
+            values.extend_from_slice(&value.counter_id.to_ne_bytes());
         }
-        outcome.map_err(|(done, source)| ApplyError::Batch {
-            map: trie_name(v4, slot),
-            what: format!("{} prefixes ({done} written)", entries.len()),
-            source,
-        })
+        batch::update(fd, &keys, key_size, &values, size_of::<RuleValue>()).map(|()| entries.len())
     }
 
     /// Adds `values` (by index) to the global counters, on the first CPU; returns how many
@@ -950,11 +1010,11 @@ fn next_counter_id(id: u32) -> u32 {
 }
 
 /// The trie entries of `policy`, each with the counter its SYNs count in.
-fn slot_entries(
+fn slot_entries<S: std::hash::BuildHasher>(
     policy: &Policy,
-    counter_ids: &HashMap<CounterKey, u32>,
-) -> BTreeMap<SlotKey, RuleValue> {
-    policy
+    counter_ids: &HashMap<CounterKey, u32, S>,
+) -> Vec<(SlotKey, RuleValue)> {
+    let mut target: Vec<(SlotKey, RuleValue)> = policy
         .entries()
         .map(|(scope_id, net, entry)| {
             let scope = &policy.scopes[scope_id as usize];
@@ -977,7 +1037,14 @@ fn slot_entries(
             };
             ((scope_id, *net), value)
         })
-        .collect()
+        .collect();
+    // Scopes in id order, each one's prefixes in order: sorted already, as the merge in
+    // `write_slot` needs.
+    if !target.is_sorted_by(|(a, _), (b, _)| a < b) {
+        target.sort_unstable_by_key(|(key, _)| *key);
+        target.dedup_by(|(a, _), (b, _)| a == b);
+    }
+    target
 }
 
 /// How many CPUs a per-CPU map holds a value for.
@@ -985,16 +1052,15 @@ fn possible_cpus() -> Result<usize, ApplyError> {
     aya::util::nr_cpus().map_err(|(_, error)| ApplyError::Cpus(error.to_string()))
 }
 
-/// The bytes of a source trie key: the prefix length (host order) counting the scope id's 32
-/// bits, then the scope id (big-endian) and the address.
-fn trie_key(scope: u32, net: &IpNet) -> Vec<u8> {
-    let mut key = (32 + u32::from(net.prefix_len())).to_ne_bytes().to_vec();
-    key.extend_from_slice(&scope.to_be_bytes());
+/// Appends the bytes of a source trie key to `out`: the prefix length (host order) counting
+/// the scope id's 32 bits, then the scope id (big-endian) and the address.
+fn push_trie_key(out: &mut Vec<u8>, scope: u32, net: &IpNet) {
+    out.extend_from_slice(&(32 + u32::from(net.prefix_len())).to_ne_bytes());
+    out.extend_from_slice(&scope.to_be_bytes());
     match net {
-        IpNet::V4(v4) => key.extend_from_slice(&v4.network().octets()),
-        IpNet::V6(v6) => key.extend_from_slice(&v6.network().octets()),
+        IpNet::V4(v4) => out.extend_from_slice(&v4.network().octets()),
+        IpNet::V6(v6) => out.extend_from_slice(&v6.network().octets()),
     }
-    key
 }
 
 /// The scope id and prefix of a source trie key read back from the kernel.
@@ -1040,6 +1106,33 @@ pub fn v4_blocks<'a, const WORDS: usize>(
             for block in first..first + count {
                 bits[block >> 5] |= 1 << (block & 31);
             }
+        }
+    }
+    bits
+}
+
+/// One slot's IPv6 guard bitmap, one bit per hash of a /32.
+type V6Guard = [u32; V6_GUARD_WORDS];
+
+/// The IPv6 guard bitmap for `nets`: the bit of every /32 an IPv6 prefix overlaps (the /32
+/// holding a longer prefix, each /32 inside a shorter one; every bit for a /8 or shorter).
+pub fn v6_blocks<'a>(nets: impl Iterator<Item = &'a IpNet>) -> Box<V6Guard> {
+    let mut bits: Box<V6Guard> = vec![0u32; V6_GUARD_WORDS]
+        .into_boxed_slice()
+        .try_into()
+        .expect("V6_GUARD_WORDS words");
+    for net in nets {
+        let IpNet::V6(net) = net else { continue };
+        let len = u32::from(net.prefix_len());
+        if len <= 8 {
+            bits.fill(u32::MAX);
+            return bits;
+        }
+        let top = (u128::from(net.network()) >> 96) as u32;
+        let count = 1u32 << (32 - len.min(32));
+        for block in top..=top + (count - 1) {
+            let bit = v6_guard_bit(block);
+            bits[(bit >> 5) as usize] |= 1 << (bit & 31);
         }
     }
     bits
@@ -1300,6 +1393,19 @@ mod tests {
         assert_eq!(set, 65536 + 1 + 2);
         let everything: Box<V4Guard> = v4_blocks(["0.0.0.0/0".parse().unwrap()].iter(), 24);
         assert!(everything.iter().all(|word| *word == u32::MAX));
+        let v6 = v6_blocks(nets.iter());
+        let v6_listed = |addr: &str| {
+            let top = (u128::from(addr.parse::<std::net::Ipv6Addr>().unwrap()) >> 96) as u32;
+            let bit = v6_guard_bit(top);
+            v6[(bit >> 5) as usize] & (1 << (bit & 31)) != 0
+        };
+        assert!(v6_listed("2001:db8::1") && v6_listed("2001:db8:ffff::"));
+        assert!(!v6_listed("2001:db9::1") && !v6_listed("3fff:ffff::1"));
+        let set: u32 = v6.iter().map(|word| word.count_ones()).sum();
+        assert_eq!(set, 1, "one /32, and no IPv4 prefix, sets one bit");
+        let wide = v6_blocks(["2001:db8::/29".parse().unwrap()].iter());
+        let set: u32 = wide.iter().map(|word| word.count_ones()).sum();
+        assert_eq!(set, 8, "a /29 is eight /32s");
         let coarse: Box<V4Coarse> = v4_blocks(nets.iter(), 20);
         let set: u32 = coarse.iter().map(|word| word.count_ones()).sum();
         assert_eq!(

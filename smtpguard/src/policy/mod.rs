@@ -444,6 +444,8 @@ impl Building<'_> {
                     .map(|(text, at)| (text.as_str(), entry(Origin::Url(source.url.clone()), at))),
             );
         }
+        let mut nets: Vec<(IpNet, usize)> = Vec::with_capacity(written.len());
+        let mut entries: Vec<Option<Entry>> = Vec::with_capacity(written.len());
         for (text, entry) in written {
             let parsed = prefix::parse(text).map_err(|reason| ConfigError::BadPrefix {
                 at: entry.at.clone(),
@@ -474,7 +476,17 @@ impl Building<'_> {
                     value: text.to_owned(),
                 });
             }
-            self.add(parsed.net, entry)?;
+            nets.push((parsed.net, entries.len()));
+            entries.push(Some(entry));
+        }
+        // Added in prefix order: a list in random order cost a cache miss per level of the
+        // map for each of its prefixes. The sort is stable, so repeats of a prefix keep the
+        // order of their lines (the first one is kept).
+        nets.sort_by_key(|(net, _)| *net);
+        for (net, index) in nets {
+            if let Some(entry) = entries.get_mut(index).and_then(Option::take) {
+                self.add(net, entry)?;
+            }
         }
         let names = spec
             .hosts

@@ -22,9 +22,7 @@ use tokio::{
 use smtpguard_common::LAYOUT_STAMP;
 
 use crate::{
-    instance::{
-        Instance, InstanceError, InstanceLock, InterfaceState, PrefixState, RunState, ScopeState,
-    },
+    instance::{Instance, InstanceError, InstanceLock, InterfaceState, RunState, ScopeState},
     kernel::{
         filter::{AttachedMode, Filter, FilterError},
         interface::{Interface, InterfaceError},
@@ -36,7 +34,10 @@ use crate::{
         upgrade,
     },
     policy::{List, Policy},
-    service::metrics::{self, MetricsError, SharedTelemetry},
+    service::{
+        metrics::{self, MetricsError, SharedTelemetry},
+        state::{StateJob, StateWriter},
+    },
     source::{
         config::{Action, Config, ConfigError, Mode, OnExit, Warning},
         dns::{Dns, DnsError},
@@ -247,7 +248,8 @@ struct Daemon {
     fetched: Fetched,
     /// The last-good copy of `fetched` on disk, for a restart without DNS.
     store: Store,
-    policy: Policy,
+    /// Shared with the state writer, which lists its prefixes after the apply.
+    policy: Arc<Policy>,
     instance: Instance,
     // Field order is drop order: detach first, then remove the pins, then release the lock.
     filter: Filter,
@@ -256,6 +258,9 @@ struct Daemon {
     telemetry: SharedTelemetry,
     /// The metrics endpoint, while one is configured.
     metrics: Option<(SocketAddr, JoinHandle<()>)>,
+    /// Writes the state file off the reload path; dropped (its last record written) before
+    /// the pins, which may remove the file.
+    state_writer: StateWriter,
     pins: PinsGuard,
     /// The closed boot policy is in force while the real one is built.
     boot: bool,
@@ -314,11 +319,12 @@ impl Daemon {
             web,
             fetched: Fetched::default(),
             store,
-            policy: Policy::default(),
+            policy: Arc::default(),
             instance: instance.clone(),
             filter,
             maps,
             counter_map_ids,
+            state_writer: StateWriter::new(instance.clone(), Arc::clone(&telemetry)),
             telemetry,
             metrics: None,
             pins,
@@ -385,7 +391,7 @@ impl Daemon {
         let report = apply(&mut daemon.maps, &policy)?;
         daemon.note_applied();
         daemon.fetched = fetched;
-        daemon.policy = policy;
+        daemon.policy = Arc::new(policy);
         daemon.boot = false;
         let kept = daemon.take_over(&pinned_links)?;
         if !older_layouts.is_empty() {
@@ -446,7 +452,7 @@ impl Daemon {
         }
         let recovered = self.maps.recovered();
         // What the state file shows until the policy is built.
-        self.policy = Policy {
+        self.policy = Arc::new(Policy {
             scopes: vec![crate::policy::Scope {
                 name: "default".to_owned(),
                 guarded: true,
@@ -455,7 +461,7 @@ impl Daemon {
                 ..Default::default()
             }],
             refused: Vec::new(),
-        };
+        });
         if !recovered {
             if self.config.mode != Mode::Enforce {
                 return Ok(());
@@ -646,9 +652,7 @@ impl Daemon {
         if let Err(error) = set_link_pins(&mut self.filter, &self.instance, self.config.on_exit) {
             log::error!("{error}");
         }
-        if let Err(error) = self.write_state(true) {
-            log::error!("{error}");
-        }
+        self.record_state();
     }
 
     /// Whether the configuration asks for resets anywhere.
@@ -695,14 +699,11 @@ impl Daemon {
             Ok((policy, report)) => {
                 self.note_applied();
                 count_refused(&self.telemetry, &policy.refused);
-                self.policy = policy;
-                self.fetched = fetched;
-                if let Err(error) = self.write_state(true) {
-                    log::error!(
-                        "generation {} is in force, but the state file could not be written: {error}",
-                        report.generation
-                    );
-                }
+                crate::reclaim::drop_later((
+                    std::mem::replace(&mut self.policy, Arc::new(policy)),
+                    std::mem::replace(&mut self.fetched, fetched),
+                ));
+                self.record_state();
                 self.save_store();
                 Ok(Some(report))
             }
@@ -871,8 +872,10 @@ impl Daemon {
         }
         count_refused(&self.telemetry, &policy.refused);
         self.config = config;
-        self.policy = policy;
-        self.fetched = fetched;
+        crate::reclaim::drop_later((
+            std::mem::replace(&mut self.policy, Arc::new(policy)),
+            std::mem::replace(&mut self.fetched, fetched),
+        ));
         if let Some(dns) = dns {
             self.dns = dns;
         }
@@ -882,18 +885,14 @@ impl Daemon {
         if let Err(error) = self.sync_interfaces() {
             log::error!("{error}");
         }
-        let written = std::time::Instant::now();
-        // The new policy is in force whatever happens to the record of it.
-        if let Err(error) = self.write_state(true) {
-            log::error!(
-                "generation {} is in force, but the state file could not be written: {error}",
-                report.generation
-            );
-        }
+        // The new policy is in force whatever happens to the record of it, which is
+        // written off this path.
+        self.record_state();
+        let stored = std::time::Instant::now();
         self.save_store();
         log::info!(
-            "state recorded in {:.0} ms; reload done {:.0} ms after the signal",
-            written.elapsed().as_secs_f64() * 1e3,
+            "state queued, last good answers stored in {:.0} ms; reload done {:.0} ms after the signal",
+            stored.elapsed().as_secs_f64() * 1e3,
             started.elapsed().as_secs_f64() * 1e3
         );
         Ok(report)
@@ -926,18 +925,6 @@ impl Daemon {
         if let Ok(mut telemetry) = self.telemetry.lock() {
             telemetry.last_apply_unix = unix_now();
         }
-    }
-
-    /// Shares the state just recorded, and the DNS answers, with the metrics endpoint.
-    fn publish(&self, state: RunState) {
-        if let Ok(mut telemetry) = self.telemetry.lock() {
-            telemetry.interfaces = state.interfaces;
-            telemetry.mode = state.mode;
-            telemetry.generation = state.generation;
-            telemetry.prefixes = state.prefixes;
-            telemetry.prefix_series = self.config.metrics_prefixes;
-        }
-        self.publish_dns();
     }
 
     /// Shares what DNS last said (failures, stale or held-back answers) and which list files
@@ -994,16 +981,28 @@ impl Daemon {
         )
     }
 
-    /// Records the instance for `stats`, `report` and the next daemon; `running` is false
-    /// once this daemon has exited and left the filter in place.
+    /// Records the instance for `stats`, `report` and the next daemon, before returning;
+    /// `running` is false once this daemon has exited and left the filter in place. Records
+    /// queued before are written first.
     fn write_state(&self, running: bool) -> Result<(), DaemonError> {
-        let prefixes = self
-            .maps
-            .counter_ids()
-            .map(|(scope_id, net, list, counter_id)| {
-                prefix_state(&self.policy, (scope_id, *net, list), counter_id)
-            })
-            .collect();
+        self.state_writer.flush();
+        self.state_job(running)
+            .write(&self.instance, &self.telemetry)?;
+        self.publish_dns();
+        Ok(())
+    }
+
+    /// Queues the record of the running daemon for the state writer: the policy is in
+    /// force already, and listing a large one must not hold up what comes next. A failure
+    /// is logged there.
+    fn record_state(&self) {
+        self.state_writer
+            .submit(self.state_job(true), &self.instance, &self.telemetry);
+        self.publish_dns();
+    }
+
+    /// A snapshot of what the state file records: the prefixes are listed by the writer.
+    fn state_job(&self, running: bool) -> StateJob {
         let state = RunState {
             pid: if running { std::process::id() } else { 0 },
             on_exit: self.config.on_exit,
@@ -1040,16 +1039,19 @@ impl Daemon {
                     action: scope.unlisted_action,
                 })
                 .collect(),
-            prefixes,
+            prefixes: Vec::new(),
             counter_map_ids: self.counter_map_ids,
             boot: self.boot,
             waiting: self.waiting.iter().cloned().collect(),
             layout: LAYOUT_STAMP,
             sources: self.fetched.not_current(),
         };
-        self.instance.write_state(&state)?;
-        self.publish(state);
-        Ok(())
+        StateJob {
+            state,
+            policy: Arc::clone(&self.policy),
+            counter_ids: self.maps.counter_id_snapshot(),
+            prefix_series: self.config.metrics_prefixes,
+        }
     }
 
     fn stop(mut self) {
@@ -1204,27 +1206,6 @@ fn apply(maps: &mut PolicyMaps, policy: &Policy) -> Result<ApplyReport, ApplyErr
         0,
     );
     maps.apply(policy)
-}
-
-/// How `stats`, `report` and the canary's record name the prefix `key` of `policy` and the
-/// counter its SYNs count in.
-fn prefix_state(
-    policy: &Policy,
-    (scope_id, net, list): crate::kernel::maps::CounterKey,
-    counter_id: u32,
-) -> PrefixState {
-    let scope = policy.scopes.get(scope_id as usize);
-    PrefixState {
-        counter_id,
-        list,
-        rule: scope
-            .and_then(|scope| scope.entries.get(&net))
-            .map(|entry| entry.rule.clone())
-            .unwrap_or_default(),
-        prefix: net,
-        scope_id,
-        scope: scope.map_or_else(|| "default".to_owned(), |scope| scope.name.clone()),
-    }
 }
 
 fn unix_now() -> u64 {

@@ -4,3 +4,4 @@
 pub mod control;
 pub mod daemon;
 pub mod metrics;
+pub mod state;

@@ -43,6 +43,74 @@ const ROUNDS: usize = 5;
 /// Distinct sources in the many-sources case, each run once.
 const MANY_SOURCES: usize = 20_000;
 
+/// The rows of issue 12's table: the figure, what the issue measured ("today"), the target.
+const ISSUE_ROWS: [(&str, &str, &str); 11] = [
+    (
+        "SIGHUP to flip, 100k+100k, every prefix replaced",
+        "0.70 s",
+        "<= 0.3 s",
+    ),
+    ("SIGHUP to state recorded, 100k+100k", "1.70 s", "<= 0.5 s"),
+    ("SIGHUP to flip, 1M+1M", "14.5 s", "<= 3 s"),
+    ("daemon start, 1M+1M", "24.4 s", "<= 5 s"),
+    ("SIGHUP to state recorded, 1M+1M", "30.5 s", "<= 5 s"),
+    (
+        "second SIGHUP to flip, 1M+1M, while the first's state is written",
+        "-",
+        "not delayed",
+    ),
+    (
+        "many unlisted IPv4 sources (cold cache), 1M prefixes, vs floor",
+        "2.83x",
+        "<= 1.5x",
+    ),
+    ("allowed IPv4 SYN, 1M prefixes, vs floor", "7.7x", "<= 3x"),
+    (
+        "unlisted IPv6 SYN, 100k prefixes, vs floor",
+        "6.1x",
+        "<= 2x",
+    ),
+    (
+        "veth SYN flood, 10 prefixes, CPU per packet vs floor",
+        "1.17x",
+        "<= 1.1x",
+    ),
+    ("map memory, 1M+1M", "296 MiB", "report"),
+];
+
+/// This run's figure for each row of [`ISSUE_ROWS`], as measured by the parts that ran.
+static FIGURES: std::sync::Mutex<[Option<String>; ISSUE_ROWS.len()]> =
+    std::sync::Mutex::new([const { None }; ISSUE_ROWS.len()]);
+
+/// Records this run's figure for row `row` of [`ISSUE_ROWS`].
+fn figure(row: usize, value: String) {
+    if let Ok(mut figures) = FIGURES.lock() {
+        figures[row] = Some(value);
+    }
+}
+
+/// Issue 12's table with this run's figures beside the issue's.
+fn issue_table() {
+    let Ok(figures) = FIGURES.lock() else { return };
+    if figures.iter().all(Option::is_none) {
+        return;
+    }
+    println!(
+        "issue 12: today (the issue's figure) beside this run's; '-' where no part measured it"
+    );
+    println!(
+        "{:<68} {:>9} {:>12} {:>12}",
+        "figure", "today", "this run", "target"
+    );
+    for ((name, today, target), now) in ISSUE_ROWS.iter().zip(figures.iter()) {
+        println!(
+            "{name:<68} {today:>9} {:>12} {target:>12}",
+            now.as_deref().unwrap_or("-")
+        );
+    }
+    println!();
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|arg| arg == "--quick");
@@ -65,11 +133,15 @@ fn main() {
         flood(if quick { 300_000 } else { 2_000_000 });
     }
     if run(3) {
-        apply(if quick {
-            &[10_000]
-        } else {
-            &[100_000, 1_000_000]
-        });
+        let sizes: Vec<usize> = match std::env::var("SMTPGUARD_BENCH_APPLY") {
+            Ok(sizes) => sizes
+                .split(',')
+                .filter_map(|size| size.parse().ok())
+                .collect(),
+            Err(_) if quick => vec![10_000],
+            Err(_) => vec![100_000, 1_000_000],
+        };
+        apply(&sizes);
     }
     if run(4) {
         scrape_size(if quick { 10_000 } else { 100_000 });
@@ -83,6 +155,7 @@ fn main() {
             if quick { 10_000 } else { 100_000 },
         );
     }
+    issue_table();
 }
 
 /// Part 6: `rounds` publishes of 10 and of 10,000 prefixes, each timed from the start of
@@ -480,6 +553,11 @@ fn per_packet(sizes: &[usize]) {
                 "{size:>9}  {name:<32} {ours:>8.1}ns {base:>8.1}ns {:>6.2}x",
                 ours / base
             );
+            match (size, *name) {
+                (1_000_000, "allowed IPv4 SYN") => figure(7, format!("{:.2}x", ours / base)),
+                (100_000, "unlisted IPv6 SYN") => figure(8, format!("{:.2}x", ours / base)),
+                _ => {}
+            }
         }
         // Many distinct sources, one run each: no source is hot in the cache.
         let sources: Vec<Vec<u8>> = (0..MANY_SOURCES)
@@ -501,6 +579,9 @@ fn per_packet(sizes: &[usize]) {
             "many unlisted IPv4 sources",
             ours_median / base_median
         );
+        if size == 1_000_000 {
+            figure(6, format!("{:.2}x", ours_median / base_median));
+        }
         println!(
             "{size:>9}  applied {} + {} prefixes through the maps in {:.0} ms ({} entries written)",
             size,
@@ -559,6 +640,7 @@ fn flood(packets: usize) {
     let _stats =
         aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("enable BPF run-time stats");
     let mut results: Vec<(String, f64)> = Vec::new();
+    let mut cpu: Vec<(String, f64)> = Vec::new();
     let mut sender_only = 0.0;
     for receiver in [
         Receiver::SenderOnly,
@@ -622,8 +704,21 @@ fn flood(packets: usize) {
             program_ns.map_or("-".to_owned(), |ns| format!("{ns:.1}")),
             dropped * 100.0
         );
-        results.push((name, receive));
+        results.push((name.clone(), receive));
+        cpu.push((name, cpu_ns));
     }
+    let cpu_of = |name: &str| {
+        cpu.iter()
+            .find(|(label, _)| label == name)
+            .map_or(f64::NAN, |(_, value)| *value)
+    };
+    figure(
+        9,
+        format!(
+            "{:.2}x",
+            cpu_of("smtpguard, 10 prefixes, native") / cpu_of("floor (XDP_DROP), native")
+        ),
+    );
     let get = |name: &str| {
         results
             .iter()
@@ -895,7 +990,7 @@ fn apply(sizes: &[usize]) {
         };
         write_lists(1);
         let config = format!(
-            "interfaces = [\"{}\"]\non_exit = \"detach\"\n[[allow]]\nname = \"bench\"\nfiles = [\"{}\", \"{}\"]\n",
+            "interfaces = [\"{}\"]\non_exit = \"detach\"\n[safety]\nmax_coverage_v4 = 0\nmax_coverage_v6 = 0\n[[allow]]\nname = \"bench\"\nfiles = [\"{}\", \"{}\"]\n",
             pair.server_if,
             v4.display(),
             v6.display()
@@ -928,6 +1023,7 @@ fn apply(sizes: &[usize]) {
         let write_ms = log
             .split("reloaded:")
             .nth(before + 1)
+            .and_then(|rest| rest.lines().next())
             .and_then(|line| line.split(" in ").last())
             .and_then(|rest| rest.split(" ms").next())
             .and_then(|ms| ms.trim().parse::<f64>().ok())
@@ -943,6 +1039,42 @@ fn apply(sizes: &[usize]) {
             write_ms,
             memory as f64 / (1 << 20) as f64
         );
+        let row = |hundred_k: usize, million: usize| match size {
+            100_000 => Some(hundred_k),
+            1_000_000 => Some(million),
+            _ => None,
+        };
+        if let Some(row) = row(0, 2) {
+            figure(row, format!("{:.2} s", in_force_ms / 1e3));
+        }
+        if let Some(row) = row(1, 4) {
+            figure(row, format!("{:.2} s", sighup.as_secs_f64()));
+        }
+        if size == 1_000_000 {
+            figure(3, format!("{:.1} s", start.as_secs_f64()));
+            figure(10, format!("{:.0} MiB", memory as f64 / (1 << 20) as f64));
+        }
+        // Two reloads back to back: the second's flip must not wait for the first's state
+        // file (written off the reload path).
+        write_lists(3);
+        daemon.signal(libc::SIGHUP);
+        daemon.wait_for_log("generation 3 in force", 1, Duration::from_secs(300));
+        write_lists(4);
+        let started = Instant::now();
+        daemon.signal(libc::SIGHUP);
+        daemon.wait_for_log("generation 4 in force", 1, Duration::from_secs(300));
+        let second = started.elapsed();
+        println!(
+            "{:>20} a second SIGHUP at the first one's flip, while its state is written: flip {:.3} s after it",
+            "",
+            second.as_secs_f64()
+        );
+        if size == 1_000_000 {
+            figure(5, format!("{:.2} s", second.as_secs_f64()));
+        }
+        if std::env::var_os("SMTPGUARD_BENCH_LOG").is_some() {
+            eprintln!("{log}");
+        }
         drop(daemon);
         let _ = std::fs::remove_dir_all(&dir);
     }

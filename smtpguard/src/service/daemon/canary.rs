@@ -13,7 +13,8 @@ use std::{
 use smtpguard_common::counter;
 use tokio::time::Instant as TokioInstant;
 
-use super::{Daemon, DaemonError, count_notes, fleet, log_warnings, prefix_state, unix_now};
+use super::{Daemon, DaemonError, count_notes, fleet, log_warnings, unix_now};
+use crate::service::state::prefix_state;
 use crate::{
     instance::CanaryState,
     kernel::maps::CounterKey,

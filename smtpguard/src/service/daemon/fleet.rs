@@ -244,13 +244,12 @@ impl Daemon {
                 }
                 self.note_applied();
                 self.count_reload(true);
-                self.policy = policy;
-                if let Err(error) = self.write_state(true) {
-                    log::error!(
-                        "generation {} is in force, but the state file could not be written: {error}",
-                        report.generation
-                    );
-                }
+                crate::reclaim::drop_later(std::mem::replace(
+                    &mut self.policy,
+                    std::sync::Arc::new(policy),
+                ));
+                // In force whatever happens to the record of it, written off this path.
+                self.record_state();
             }
             Err(error) => {
                 if fleet.refused_hash.as_ref() != Some(&fingerprint) {

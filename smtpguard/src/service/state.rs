@@ -1,0 +1,211 @@
+//! Records the state file (what `stats`, `report` and the next daemon read) off the reload
+//! path. A policy of millions of prefixes takes seconds to list and write; the reload that put
+//! it in force hands the writer thread a snapshot and goes on. Only the newest snapshot is
+//! written: one queued behind it is dropped, so a burst of reloads writes once, and a slow
+//! write never holds up the next reload. The file is replaced by a rename, so a reader (or a
+//! daemon killed mid-write) sees the old record or the new one whole.
+
+use std::{
+    sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError},
+    thread::JoinHandle,
+    time::Instant,
+};
+
+use crate::{
+    instance::{Instance, InstanceError, PrefixState, RunState},
+    kernel::maps::{CounterIdSnapshot, CounterKey},
+    policy::Policy,
+    service::metrics::SharedTelemetry,
+    source::config::PrefixSeries,
+};
+
+/// What a state record is made of: everything but the prefixes, which are listed from the
+/// policy and counter ids when the record is written.
+pub struct StateJob {
+    /// The record, its `prefixes` still empty.
+    pub state: RunState,
+    pub policy: Arc<Policy>,
+    pub counter_ids: CounterIdSnapshot,
+    pub prefix_series: PrefixSeries,
+}
+
+impl StateJob {
+    /// The record whole: one line per prefix of the policy in force, by counter id.
+    fn build(self) -> (RunState, PrefixSeries) {
+        let Self {
+            mut state,
+            policy,
+            counter_ids,
+            prefix_series,
+        } = self;
+        state.prefixes = counter_ids
+            .iter()
+            .map(|(scope_id, net, list, counter_id)| {
+                prefix_state(&policy, (scope_id, *net, list), counter_id)
+            })
+            .collect();
+        (state, prefix_series)
+    }
+
+    /// Lists the prefixes, writes the file and shares the record with the metrics endpoint.
+    pub fn write(
+        self,
+        instance: &Instance,
+        telemetry: &SharedTelemetry,
+    ) -> Result<(), InstanceError> {
+        let (state, prefix_series) = self.build();
+        instance.write_state(&state)?;
+        if let Ok(mut telemetry) = telemetry.lock() {
+            telemetry.interfaces = state.interfaces;
+            telemetry.mode = state.mode;
+            telemetry.generation = state.generation;
+            telemetry.prefixes = state.prefixes;
+            telemetry.prefix_series = prefix_series;
+        }
+        Ok(())
+    }
+}
+
+/// How `stats`, `report` and the canary's record name the prefix `key` of `policy` and the
+/// counter its SYNs count in.
+pub fn prefix_state(
+    policy: &Policy,
+    (scope_id, net, list): CounterKey,
+    counter_id: u32,
+) -> PrefixState {
+    let scope = policy.scopes.get(scope_id as usize);
+    PrefixState {
+        counter_id,
+        list,
+        rule: scope
+            .and_then(|scope| scope.entries.get(&net))
+            .map(|entry| entry.rule.clone())
+            .unwrap_or_default(),
+        prefix: net,
+        scope_id,
+        scope: scope.map_or_else(|| "default".to_owned(), |scope| scope.name.clone()),
+    }
+}
+
+#[derive(Default)]
+struct Queue {
+    /// The newest record not yet written.
+    next: Option<StateJob>,
+    /// A record is being written.
+    busy: bool,
+    closed: bool,
+}
+
+#[derive(Default)]
+struct Shared {
+    queue: Mutex<Queue>,
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The thread that writes state records, newest first and only.
+pub struct StateWriter {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl StateWriter {
+    pub fn new(instance: Instance, telemetry: SharedTelemetry) -> Self {
+        let shared = Arc::new(Shared::default());
+        let worker = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("state".to_owned())
+            .spawn(move || write_loop(&worker, &instance, &telemetry))
+            .ok();
+        Self { shared, thread }
+    }
+
+    /// Queues `job`, replacing one queued before it that is not being written yet. Without a
+    /// thread (it could not be started), the record is written here.
+    pub fn submit(&self, job: StateJob, instance: &Instance, telemetry: &SharedTelemetry) {
+        if self.thread.is_none() {
+            report(
+                job.state.generation,
+                Instant::now(),
+                job.write(instance, telemetry),
+            );
+            return;
+        }
+        let superseded = {
+            let mut queue = self.shared.lock();
+            queue.next.replace(job)
+        };
+        self.shared.changed.notify_all();
+        // A large snapshot is freed outside the lock.
+        drop(superseded);
+    }
+
+    /// Waits until every record queued so far is written.
+    pub fn flush(&self) {
+        if self.thread.is_none() {
+            return;
+        }
+        let mut queue = self.shared.lock();
+        while queue.next.is_some() || queue.busy {
+            queue = self
+                .shared
+                .changed
+                .wait(queue)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+impl Drop for StateWriter {
+    /// Writes what is queued, then stops the thread: the record on disk is the last one.
+    fn drop(&mut self) {
+        self.shared.lock().closed = true;
+        self.shared.changed.notify_all();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn write_loop(shared: &Shared, instance: &Instance, telemetry: &SharedTelemetry) {
+    loop {
+        let job = {
+            let mut queue = shared.lock();
+            loop {
+                if let Some(job) = queue.next.take() {
+                    queue.busy = true;
+                    break job;
+                }
+                if queue.closed {
+                    return;
+                }
+                queue = shared
+                    .changed
+                    .wait(queue)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+        };
+        let generation = job.state.generation;
+        let started = Instant::now();
+        report(generation, started, job.write(instance, telemetry));
+        shared.lock().busy = false;
+        shared.changed.notify_all();
+    }
+}
+
+fn report(generation: u32, started: Instant, outcome: Result<(), InstanceError>) {
+    match outcome {
+        Ok(()) => log::info!(
+            "state of generation {generation} recorded in {:.0} ms",
+            started.elapsed().as_secs_f64() * 1e3
+        ),
+        Err(error) => log::error!(
+            "generation {generation} is in force, but the state file could not be written: {error}"
+        ),
+    }
+}

@@ -141,8 +141,9 @@ impl StateWriter {
             queue.next.replace(job)
         };
         self.shared.changed.notify_all();
-        // A large snapshot is freed outside the lock.
-        drop(superseded);
+        // A large snapshot can hold the last reference to a replaced policy: freed on the
+        // reclaim thread, as the daemon frees what a reload replaces, not on this path.
+        crate::reclaim::drop_later(superseded);
     }
 
     /// Waits until every record queued so far is written.

@@ -19,6 +19,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, btree_map},
     net::IpAddr,
+    sync::Arc,
 };
 
 use ipnet::IpNet;
@@ -41,7 +42,8 @@ pub mod merge;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
     pub list: List,
-    pub rule: String,
+    /// Shared by every entry of the rule: a list of a million prefixes holds one copy.
+    pub rule: Arc<str>,
     /// What a deny entry does to the SYNs it matches; `None` on the allow list.
     pub action: Option<Action>,
     /// How a deny entry ranks against the allow list (allow entries: `Specific`).
@@ -406,55 +408,55 @@ impl Building<'_> {
             (List::Deny, None) if *origin == Origin::Literal => Precedence::Specific,
             (List::Deny, None) => Precedence::Allow,
         };
+        // One copy of the rule's name, and of each file's path or URL, for all its entries.
+        let rule: Arc<str> = spec.name.as_str().into();
         let entry = |origin: Origin, at: &Location| Entry {
             list,
-            rule: spec.name.clone(),
+            rule: Arc::clone(&rule),
             action: spec.action,
             precedence: precedence(&origin),
             decided_by: None,
             origin,
             at: at.clone(),
         };
-        let mut written: Vec<(&str, Entry)> = spec
+        // Each prefix as written, with its line and its origin (an index into `origins`).
+        let mut origins = vec![Origin::Literal];
+        let mut written: Vec<(&str, &Location, usize)> = spec
             .prefixes
             .iter()
-            .map(|(text, at)| (text.as_str(), entry(Origin::Literal, at)))
+            .map(|(text, at)| (text.as_str(), at, 0))
             .collect();
-        for (path, _) in &spec.files {
-            let lines = fetched
-                .files
-                .get(path)
-                .map(Vec::as_slice)
-                .unwrap_or_default();
-            written.extend(
-                lines
-                    .iter()
-                    .map(|(text, at)| (text.as_str(), entry(Origin::File(path.clone()), at))),
-            );
-        }
-        for source in &spec.urls {
+        let files = spec.files.iter().map(|(path, _)| {
+            let lines = fetched.files.get(path).map(Vec::as_slice);
+            (Origin::File(Arc::from(path.as_path())), lines)
+        });
+        let urls = spec.urls.iter().map(|source| {
             let lines = fetched
                 .urls
                 .get(&source.url)
-                .map(|content| content.entries.as_slice())
-                .unwrap_or_default();
+                .map(|content| content.entries.as_slice());
+            (Origin::Url(Arc::from(source.url.as_str())), lines)
+        });
+        for (origin, lines) in files.chain(urls) {
+            let index = origins.len();
+            origins.push(origin);
             written.extend(
                 lines
+                    .unwrap_or_default()
                     .iter()
-                    .map(|(text, at)| (text.as_str(), entry(Origin::Url(source.url.clone()), at))),
+                    .map(|(text, at)| (text.as_str(), at, index)),
             );
         }
         let mut nets: Vec<(IpNet, usize)> = Vec::with_capacity(written.len());
-        let mut entries: Vec<Option<Entry>> = Vec::with_capacity(written.len());
-        for (text, entry) in written {
+        for (index, &(text, at, origin)) in written.iter().enumerate() {
             let parsed = prefix::parse(text).map_err(|reason| ConfigError::BadPrefix {
-                at: entry.at.clone(),
+                at: at.clone(),
                 value: text.to_owned(),
                 reason,
             })?;
             if parsed.mapped {
                 self.warnings.push(Warning {
-                    at: entry.at.clone(),
+                    at: at.clone(),
                     message: format!(
                         "{text:?} is an IPv4-mapped IPv6 prefix, which IPv4 sources never match as such; using the IPv4 prefix {}",
                         parsed.net
@@ -462,31 +464,29 @@ impl Building<'_> {
                 });
             } else if parsed.had_host_bits {
                 self.warnings.push(Warning {
-                    at: entry.at.clone(),
+                    at: at.clone(),
                     message: format!("{text:?} has host bits set; using {}", parsed.net),
                 });
             }
-            if entry.origin == Origin::Literal
+            if origins[origin] == Origin::Literal
                 && list == List::Allow
                 && parsed.net.prefix_len() == 0
                 && !self.safety.allow_any_source
             {
                 return Err(ConfigError::AnySource {
-                    at: entry.at,
+                    at: at.clone(),
                     value: text.to_owned(),
                 });
             }
-            nets.push((parsed.net, entries.len()));
-            entries.push(Some(entry));
+            nets.push((parsed.net, index));
         }
         // Added in prefix order: a list in random order cost a cache miss per level of the
-        // map for each of its prefixes. The sort is stable, so repeats of a prefix keep the
-        // order of their lines (the first one is kept).
-        nets.sort_by_key(|(net, _)| *net);
+        // map for each of its prefixes. Repeats of a prefix keep the order of their lines
+        // (the first one is kept): the index breaks the tie.
+        nets.sort_unstable();
         for (net, index) in nets {
-            if let Some(entry) = entries.get_mut(index).and_then(Option::take) {
-                self.add(net, entry)?;
-            }
+            let (_, at, origin) = written[index];
+            self.add(net, entry(origins[origin].clone(), at))?;
         }
         let names = spec
             .hosts
@@ -514,7 +514,7 @@ impl Building<'_> {
         {
             self.refused.push(Refusal {
                 net,
-                rule: entry.rule,
+                rule: entry.rule.to_string(),
                 origin: entry.origin,
                 at: entry.at,
                 reason: Reason::Floor { floor },
@@ -558,9 +558,9 @@ impl Building<'_> {
                 return Err(ConfigError::Conflict(Box::new(Conflict {
                     at: entry.at.clone(),
                     prefix: net,
-                    allow_rule: allow.rule.clone(),
+                    allow_rule: allow.rule.to_string(),
                     allow_at: allow.at.clone(),
-                    deny_rule: deny.rule.clone(),
+                    deny_rule: deny.rule.to_string(),
                 })));
             }
             _ => {
@@ -987,7 +987,7 @@ prefixes = ["89.16.184.150"]
         let (policy, warnings) = build("interfaces = [\"eth0\"]\n[[allow]]\nname = \"a\"\nprefixes = [\"192.0.2.0/24\"]\n[[allow]]\nname = \"b\"\nprefixes = [\"192.0.2.0/24\"]\n").unwrap();
         assert_eq!(policy.default_scope().entries.len(), 1);
         assert_eq!(
-            policy.default_scope().entries.values().next().unwrap().rule,
+            &*policy.default_scope().entries.values().next().unwrap().rule,
             "a"
         );
         assert_eq!(warnings.len(), 1);

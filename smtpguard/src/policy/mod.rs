@@ -19,6 +19,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, btree_map},
     net::IpAddr,
+    path::Path,
     sync::Arc,
 };
 
@@ -410,22 +411,19 @@ impl Building<'_> {
         };
         // One copy of the rule's name, and of each file's path or URL, for all its entries.
         let rule: Arc<str> = spec.name.as_str().into();
-        let entry = |origin: Origin, at: &Location| Entry {
+        let entry = |origin: Origin, at: Location| Entry {
             list,
             rule: Arc::clone(&rule),
             action: spec.action,
             precedence: precedence(&origin),
             decided_by: None,
             origin,
-            at: at.clone(),
+            at,
         };
-        // Each prefix as written, with its line and its origin (an index into `origins`).
-        let mut origins = vec![Origin::Literal];
-        let mut written: Vec<(&str, &Location, usize)> = spec
-            .prefixes
-            .iter()
-            .map(|(text, at)| (text.as_str(), at, 0))
-            .collect();
+        // Each prefix as written, with its line and where it came from: an index into
+        // `sources`, one for each run of lines of one origin in one file.
+        let mut sources: Vec<(Origin, Arc<Path>)> = Vec::new();
+        let mut written: Vec<(&str, usize, usize)> = Vec::new();
         let files = spec.files.iter().map(|(path, _)| {
             let lines = fetched.files.get(path).map(Vec::as_slice);
             (Origin::File(Arc::from(path.as_path())), lines)
@@ -437,26 +435,35 @@ impl Building<'_> {
                 .map(|content| content.entries.as_slice());
             (Origin::Url(Arc::from(source.url.as_str())), lines)
         });
-        for (origin, lines) in files.chain(urls) {
-            let index = origins.len();
-            origins.push(origin);
-            written.extend(
-                lines
-                    .unwrap_or_default()
-                    .iter()
-                    .map(|(text, at)| (text.as_str(), at, index)),
-            );
+        let literal = std::iter::once((Origin::Literal, Some(spec.prefixes.as_slice())));
+        for (origin, lines) in literal.chain(files).chain(urls) {
+            let first = sources.len();
+            for (text, at) in lines.unwrap_or_default() {
+                let same_file = sources
+                    .last()
+                    .is_some_and(|(_, file)| Arc::ptr_eq(file, &at.file));
+                if sources.len() == first || !same_file {
+                    sources.push((origin.clone(), Arc::clone(&at.file)));
+                }
+                written.push((text.as_str(), at.line, sources.len() - 1));
+            }
         }
-        let mut nets: Vec<(IpNet, usize)> = Vec::with_capacity(written.len());
-        for (index, &(text, at, origin)) in written.iter().enumerate() {
+        let location = |line: usize, source: usize| Location {
+            file: Arc::clone(&sources[source].1),
+            line,
+        };
+        // With their line and source, so that adding them in prefix order needs no look back
+        // at `written`: a cache miss per prefix on a list of millions.
+        let mut nets: Vec<(IpNet, usize, usize, usize)> = Vec::with_capacity(written.len());
+        for (index, &(text, line, source)) in written.iter().enumerate() {
             let parsed = prefix::parse(text).map_err(|reason| ConfigError::BadPrefix {
-                at: at.clone(),
+                at: location(line, source),
                 value: text.to_owned(),
                 reason,
             })?;
             if parsed.mapped {
                 self.warnings.push(Warning {
-                    at: at.clone(),
+                    at: location(line, source),
                     message: format!(
                         "{text:?} is an IPv4-mapped IPv6 prefix, which IPv4 sources never match as such; using the IPv4 prefix {}",
                         parsed.net
@@ -464,30 +471,48 @@ impl Building<'_> {
                 });
             } else if parsed.had_host_bits {
                 self.warnings.push(Warning {
-                    at: at.clone(),
+                    at: location(line, source),
                     message: format!("{text:?} has host bits set; using {}", parsed.net),
                 });
             }
-            if origins[origin] == Origin::Literal
+            if sources[source].0 == Origin::Literal
                 && list == List::Allow
                 && parsed.net.prefix_len() == 0
                 && !self.safety.allow_any_source
             {
                 return Err(ConfigError::AnySource {
-                    at: at.clone(),
+                    at: location(line, source),
                     value: text.to_owned(),
                 });
             }
-            nets.push((parsed.net, index));
+            nets.push((parsed.net, index, line, source));
         }
+        drop(written);
         // Added in prefix order: a list in random order cost a cache miss per level of the
         // map for each of its prefixes. Repeats of a prefix keep the order of their lines
         // (the first one is kept): the index breaks the tie.
-        nets.sort_unstable();
-        for (net, index) in nets {
-            let (_, at, origin) = written[index];
-            self.add(net, entry(origins[origin].clone(), at))?;
+        nets.sort_unstable_by_key(|&(net, index, _, _)| (net, index));
+        // Prefixes not in the map yet are collected in order and added at once, rather than
+        // each with a search from the root.
+        let mut fresh: Vec<(IpNet, Entry)> = Vec::with_capacity(nets.len());
+        for (net, _, line, source) in nets {
+            let entry = entry(sources[source].0.clone(), location(line, source));
+            let Some(entry) = self.above_floor(net, entry) else {
+                continue;
+            };
+            let first = match self.entries.get_mut(&net) {
+                Some(first) => first,
+                None => match fresh.last_mut() {
+                    Some((last, first)) if *last == net => first,
+                    _ => {
+                        fresh.push((net, entry));
+                        continue;
+                    }
+                },
+            };
+            fold_repeat(net, first, entry, &mut self.outranked, &mut self.warnings)?;
         }
+        self.add_new(fresh);
         let names = spec
             .hosts
             .iter()
@@ -499,7 +524,7 @@ impl Building<'_> {
             );
         for (name, at) in names {
             for net in fetched.nets(&name).unwrap_or_default() {
-                self.add(*net, entry(name.origin(), at))?;
+                self.add(*net, entry(name.origin(), at.clone()))?;
             }
         }
         Ok(())
@@ -508,6 +533,15 @@ impl Building<'_> {
     /// Adds one prefix, unless it reaches the allow list from an automatic source below the
     /// floor.
     fn add(&mut self, net: IpNet, entry: Entry) -> Result<(), ConfigError> {
+        match self.above_floor(net, entry) {
+            Some(entry) => self.insert(net, entry),
+            None => Ok(()),
+        }
+    }
+
+    /// `entry`, unless it reaches the allow list from an automatic source below the floor:
+    /// then it is recorded as refused.
+    fn above_floor(&mut self, net: IpNet, entry: Entry) -> Option<Entry> {
         if entry.list == List::Allow
             && entry.origin != Origin::Literal
             && let Some(floor) = safety::below_floor(&net, self.safety)
@@ -519,65 +553,90 @@ impl Building<'_> {
                 at: entry.at,
                 reason: Reason::Floor { floor },
             });
-            return Ok(());
+            return None;
         }
-        self.insert(net, entry)
+        Some(entry)
     }
 
-    /// Adds one prefix: a repeat on one list is folded (a `specific` deny prefix replaces an
-    /// identical one of `allow` precedence); an allow prefix and an identical `specific` deny
-    /// one are a conflict; an identical deny prefix of `allow` precedence is outranked.
+    /// Adds one prefix, folding a repeat as [`fold_repeat`] says.
     fn insert(&mut self, net: IpNet, entry: Entry) -> Result<(), ConfigError> {
-        let first = match self.entries.entry(net) {
+        match self.entries.entry(net) {
             btree_map::Entry::Vacant(vacant) => {
                 vacant.insert(entry);
-                return Ok(());
+                Ok(())
             }
-            btree_map::Entry::Occupied(occupied) => occupied.into_mut(),
-        };
-        let feed =
-            |entry: &Entry| entry.list == List::Deny && entry.precedence == Precedence::Allow;
-        match (first.list, entry.list) {
-            (List::Allow, List::Deny) | (List::Deny, List::Allow)
-                if feed(&entry) || feed(first) =>
-            {
-                // The allow entry stands; the deny one is shown as outranked.
-                let deny = if feed(&entry) {
-                    entry
-                } else {
-                    std::mem::replace(first, entry)
-                };
-                self.outranked.push(Outranked { net, entry: deny });
-            }
-            (List::Allow, List::Deny) | (List::Deny, List::Allow) => {
-                let (allow, deny) = if entry.list == List::Deny {
-                    (&*first, &entry)
-                } else {
-                    (&entry, &*first)
-                };
-                return Err(ConfigError::Conflict(Box::new(Conflict {
-                    at: entry.at.clone(),
-                    prefix: net,
-                    allow_rule: allow.rule.to_string(),
-                    allow_at: allow.at.clone(),
-                    deny_rule: deny.rule.to_string(),
-                })));
-            }
-            _ => {
-                let message = format!(
-                    "{net} is already on the {} list (rule {:?}, {}); counted there",
-                    entry.list, first.rule, first.at
-                );
-                let at = entry.at.clone();
-                if feed(first) && !feed(&entry) {
-                    // The admin's own deny ranks as written.
-                    *first = entry;
-                }
-                self.warnings.push(Warning { at, message });
-            }
+            btree_map::Entry::Occupied(occupied) => fold_repeat(
+                net,
+                occupied.into_mut(),
+                entry,
+                &mut self.outranked,
+                &mut self.warnings,
+            ),
         }
-        Ok(())
     }
+
+    /// Adds `fresh`, in prefix order and none of them in the map yet: a few one by one, many
+    /// in one pass that builds the map from sorted entries.
+    fn add_new(&mut self, fresh: Vec<(IpNet, Entry)>) {
+        if fresh.len() < self.entries.len() / 8 {
+            self.entries.extend(fresh);
+        } else {
+            let mut fresh = BTreeMap::from_iter(fresh);
+            self.entries.append(&mut fresh);
+        }
+    }
+}
+
+/// Folds `entry` into `first`, an entry of the same prefix: a repeat on one list is folded
+/// (a `specific` deny prefix replaces an identical one of `allow` precedence); an allow
+/// prefix and an identical `specific` deny one are a conflict; an identical deny prefix of
+/// `allow` precedence is outranked.
+fn fold_repeat(
+    net: IpNet,
+    first: &mut Entry,
+    entry: Entry,
+    outranked: &mut Vec<Outranked>,
+    warnings: &mut Vec<Warning>,
+) -> Result<(), ConfigError> {
+    let feed = |entry: &Entry| entry.list == List::Deny && entry.precedence == Precedence::Allow;
+    match (first.list, entry.list) {
+        (List::Allow, List::Deny) | (List::Deny, List::Allow) if feed(&entry) || feed(first) => {
+            // The allow entry stands; the deny one is shown as outranked.
+            let deny = if feed(&entry) {
+                entry
+            } else {
+                std::mem::replace(first, entry)
+            };
+            outranked.push(Outranked { net, entry: deny });
+        }
+        (List::Allow, List::Deny) | (List::Deny, List::Allow) => {
+            let (allow, deny) = if entry.list == List::Deny {
+                (&*first, &entry)
+            } else {
+                (&entry, &*first)
+            };
+            return Err(ConfigError::Conflict(Box::new(Conflict {
+                at: entry.at.clone(),
+                prefix: net,
+                allow_rule: allow.rule.to_string(),
+                allow_at: allow.at.clone(),
+                deny_rule: deny.rule.to_string(),
+            })));
+        }
+        _ => {
+            let message = format!(
+                "{net} is already on the {} list (rule {:?}, {}); counted there",
+                entry.list, first.rule, first.at
+            );
+            let at = entry.at.clone();
+            if feed(first) && !feed(&entry) {
+                // The admin's own deny ranks as written.
+                *first = entry;
+            }
+            warnings.push(Warning { at, message });
+        }
+    }
+    Ok(())
 }
 
 /// Gives each deny prefix of `allow` precedence the prefix that decides for it: the longest

@@ -491,7 +491,7 @@ impl Building<'_> {
         // Added in prefix order: a list in random order cost a cache miss per level of the
         // map for each of its prefixes. Repeats of a prefix keep the order of their lines
         // (the first one is kept): the index breaks the tie.
-        nets.sort_unstable_by_key(|&(net, index, _, _)| (net, index));
+        nets.sort_unstable_by_key(|&(net, index, _, _)| (sort_key(&net), index));
         // Prefixes not in the map yet are collected in order and added at once, rather than
         // each with a search from the root.
         let mut fresh: Vec<(IpNet, Entry)> = Vec::with_capacity(nets.len());
@@ -584,6 +584,16 @@ impl Building<'_> {
             let mut fresh = BTreeMap::from_iter(fresh);
             self.entries.append(&mut fresh);
         }
+    }
+}
+
+/// The order of `IpNet` (IPv4 first, then by address, then by length) as plain integers,
+/// which compare several times faster: sorting a million prefixes was a fifth of building
+/// the policy.
+fn sort_key(net: &IpNet) -> (bool, u128, u8) {
+    match net {
+        IpNet::V4(v4) => (false, u32::from(v4.addr()).into(), v4.prefix_len()),
+        IpNet::V6(v6) => (true, u128::from(v6.addr()), v6.prefix_len()),
     }
 }
 
@@ -1039,6 +1049,30 @@ prefixes = ["89.16.184.150"]
         let (policy, _) = build("interfaces = [\"eth0\"]\n[[allow]]\nname = \"half\"\nprefixes = [\"0.0.0.0/1\"]\n[[deny]]\nname = \"rest\"\nprefixes = [\"::/0\"]\n").unwrap();
         assert_eq!(policy.default_scope().entries.len(), 2);
         assert!(policy.refused.is_empty());
+    }
+
+    #[test]
+    fn the_sort_key_orders_as_ipnet_does() {
+        let mut nets: Vec<IpNet> = [
+            "::/0",
+            "0.0.0.0/0",
+            "192.0.2.0/24",
+            "192.0.2.0/25",
+            "192.0.2.128/25",
+            "10.0.0.0/8",
+            "255.255.255.255/32",
+            "2001:db8::/32",
+            "2001:db8::/48",
+            "::ffff:0:0/96",
+            "ffff::/16",
+        ]
+        .iter()
+        .map(|net| net.parse().unwrap())
+        .collect();
+        let mut by_key = nets.clone();
+        nets.sort();
+        by_key.sort_by_key(sort_key);
+        assert_eq!(by_key, nets);
     }
 
     #[test]

@@ -4,7 +4,8 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    path::PathBuf,
+    path::Path,
+    sync::Arc,
     time::Duration,
 };
 
@@ -82,9 +83,10 @@ pub fn random_v6_prefixes(rng: &mut Rng, n: usize) -> Vec<IpNet> {
 /// An enforce-mode policy guarding port 25 that allows exactly `nets`.
 pub fn allow_policy(nets: impl IntoIterator<Item = IpNet>) -> Policy {
     let at = Location {
-        file: PathBuf::from("bench"),
+        file: Path::new("bench").into(),
         line: 0,
     };
+    let rule: Arc<str> = "bench".into();
     let entries: BTreeMap<IpNet, Entry> = nets
         .into_iter()
         .map(|net| {
@@ -92,7 +94,7 @@ pub fn allow_policy(nets: impl IntoIterator<Item = IpNet>) -> Policy {
                 net,
                 Entry {
                     list: List::Allow,
-                    rule: "bench".to_owned(),
+                    rule: Arc::clone(&rule),
                     action: None,
                     precedence: Precedence::Specific,
                     decided_by: None,

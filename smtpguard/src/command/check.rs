@@ -76,7 +76,7 @@ fn render_scope(out: &mut String, policy: &Policy, scope: &Scope, rule_width: us
                     format!(
                         ", outranked by {} {by} (rule {:?})",
                         decider.map_or("allow", |entry| entry.list.as_str()),
-                        decider.map_or("", |entry| entry.rule.as_str())
+                        decider.map_or("", |entry| &*entry.rule)
                     )
                 }
                 None => String::new(),

@@ -5,6 +5,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
+    sync::Arc,
 };
 
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
@@ -77,7 +78,7 @@ pub struct Diff {
 
 impl Diff {
     pub fn between(old: Option<&Policy>, new: &Policy) -> Self {
-        let index = |policy: &Policy| -> BTreeMap<(String, IpNet), (List, String)> {
+        let index = |policy: &Policy| -> BTreeMap<(String, IpNet), (List, Arc<str>)> {
             policy
                 .scopes
                 .iter()
@@ -93,7 +94,7 @@ impl Diff {
         let mut diff = Self::default();
         for ((scope, net), (list, rule)) in &after {
             if before.get(&(scope.clone(), *net)) != Some(&(*list, rule.clone())) {
-                let key = (scope.clone(), *list, rule.clone());
+                let key = (scope.clone(), *list, rule.to_string());
                 diff.rules.entry(key).or_default().0.push(*net);
             }
         }
@@ -107,7 +108,7 @@ impl Diff {
                 {
                     diff.allow_removed += 1;
                 }
-                let key = (scope.clone(), *list, rule.clone());
+                let key = (scope.clone(), *list, rule.to_string());
                 diff.rules.entry(key).or_default().1.push(*net);
             }
         }

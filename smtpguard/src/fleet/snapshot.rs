@@ -14,7 +14,8 @@ use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    path::PathBuf,
+    path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use ipnet::IpNet;
@@ -141,10 +142,10 @@ impl From<&Origin> for WireOrigin {
     fn from(origin: &Origin) -> Self {
         match origin {
             Origin::Literal => Self::Literal,
-            Origin::File(path) => Self::File(path.clone()),
+            Origin::File(path) => Self::File(path.to_path_buf()),
             Origin::Host(name) => Self::Host(name.clone()),
             Origin::Spf(domain) => Self::Spf(domain.clone()),
-            Origin::Url(url) => Self::Url(url.clone()),
+            Origin::Url(url) => Self::Url(url.to_string()),
         }
     }
 }
@@ -153,10 +154,10 @@ impl From<WireOrigin> for Origin {
     fn from(origin: WireOrigin) -> Self {
         match origin {
             WireOrigin::Literal => Self::Literal,
-            WireOrigin::File(path) => Self::File(path),
+            WireOrigin::File(path) => Self::File(path.into()),
             WireOrigin::Host(name) => Self::Host(name),
             WireOrigin::Spf(domain) => Self::Spf(domain),
-            WireOrigin::Url(url) => Self::Url(url),
+            WireOrigin::Url(url) => Self::Url(url.into()),
         }
     }
 }
@@ -167,7 +168,14 @@ pub fn payload(policy: &Policy) -> Vec<u8> {
     let mut body = Vec::new();
     for scope in &policy.scopes {
         // Keyed in a fixed order, so the same policy always gives the same bytes.
-        type Key = (List, String, Option<u8>, Precedence, WireOrigin, PathBuf);
+        type Key = (
+            List,
+            Arc<str>,
+            Option<u8>,
+            Precedence,
+            WireOrigin,
+            Arc<Path>,
+        );
         let mut groups: BTreeMap<Key, (GroupHeader, Vec<(usize, IpNet)>)> = BTreeMap::new();
         for (net, entry) in &scope.entries {
             let origin = WireOrigin::from(&entry.origin);
@@ -184,11 +192,11 @@ pub fn payload(policy: &Policy) -> Vec<u8> {
                 .or_insert_with(|| {
                     let header = GroupHeader {
                         list: entry.list,
-                        rule: entry.rule.clone(),
+                        rule: entry.rule.to_string(),
                         action: entry.action,
                         precedence: entry.precedence,
                         origin,
-                        file: entry.at.file.clone(),
+                        file: entry.at.file.to_path_buf(),
                         count: 0,
                     };
                     (header, Vec::new())
@@ -333,19 +341,23 @@ fn parse_payload(payload: &[u8]) -> Result<Policy, SnapshotError> {
     for scope in header.scopes {
         let mut entries = BTreeMap::new();
         for group in scope.groups {
+            // One rule name, origin and file for the whole group, shared by its entries.
+            let rule: Arc<str> = group.rule.into();
+            let origin = Origin::from(group.origin);
+            let file: Arc<Path> = group.file.into();
             let mut line = 0i64;
             for _ in 0..group.count {
                 line += unzigzag(body.varint()?);
                 let net = body.net()?;
                 let entry = Entry {
                     list: group.list,
-                    rule: group.rule.clone(),
+                    rule: Arc::clone(&rule),
                     action: group.action,
                     precedence: group.precedence,
                     decided_by: None,
-                    origin: Origin::from(group.origin.clone()),
+                    origin: origin.clone(),
                     at: Location {
-                        file: group.file.clone(),
+                        file: Arc::clone(&file),
                         line: usize::try_from(line)
                             .map_err(|_| SnapshotError::Malformed("negative line"))?,
                     },
@@ -575,7 +587,7 @@ prefixes = ["203.0.113.0/25"]
                     net,
                     Entry {
                         list,
-                        rule: format!("{list}-file"),
+                        rule: format!("{list}-file").into(),
                         action: (list == List::Deny).then_some(Action::Drop),
                         precedence: if list == List::Deny {
                             Precedence::Allow
@@ -583,9 +595,11 @@ prefixes = ["203.0.113.0/25"]
                             Precedence::Specific
                         },
                         decided_by: None,
-                        origin: Origin::File(format!("/etc/smtpguard/{list}.txt").into()),
+                        origin: Origin::File(
+                            Path::new(&format!("/etc/smtpguard/{list}.txt")).into(),
+                        ),
                         at: Location {
-                            file: format!("/etc/smtpguard/{list}.txt").into(),
+                            file: Path::new(&format!("/etc/smtpguard/{list}.txt")).into(),
                             line,
                         },
                     },

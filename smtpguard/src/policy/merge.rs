@@ -27,7 +27,7 @@ pub fn merge(group: &Policy, local: &Policy) -> Result<Policy, ConfigError> {
             .entries
             .values()
             .next()
-            .map(|entry| entry.at.file.clone())
+            .map(|entry| entry.at.file.to_path_buf())
             .unwrap_or_default(),
         entries: std::mem::take(&mut target.entries),
         outranked: std::mem::take(&mut target.outranked),
@@ -90,11 +90,11 @@ mod tests {
         assert_eq!(scope.unlisted_action, crate::source::config::Action::Reject);
         assert!(matches!(
             merged.verdict("192.0.2.9".parse().unwrap(), 25),
-            super::super::Verdict::Denied(_, entry) if entry.rule == "abuser"
+            super::super::Verdict::Denied(_, entry) if &*entry.rule == "abuser"
         ));
         assert!(matches!(
             merged.verdict("10.1.2.3".parse().unwrap(), 25),
-            super::super::Verdict::Allowed(_, entry) if entry.rule == "lan"
+            super::super::Verdict::Allowed(_, entry) if &*entry.rule == "lan"
         ));
     }
 

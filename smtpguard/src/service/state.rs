@@ -79,7 +79,7 @@ pub fn prefix_state(
         list,
         rule: scope
             .and_then(|scope| scope.entries.get(&net))
-            .map(|entry| entry.rule.clone())
+            .map(|entry| entry.rule.to_string())
             .unwrap_or_default(),
         prefix: net,
         scope_id,

@@ -5,6 +5,7 @@ use std::{
     fmt,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -97,10 +98,11 @@ fn not_regular(file_type: &std::fs::FileType) -> Option<&'static str> {
 /// The guarded port when the file does not say: SMTP.
 pub const DEFAULT_PORTS: [u16; 1] = [25];
 
-/// Where a value came from: the file and the 1-based line.
+/// Where a value came from: the file and the 1-based line. The path is shared: every line of
+/// a list file of a million prefixes names the same file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Location {
-    pub file: PathBuf,
+    pub file: Arc<Path>,
     pub line: usize,
 }
 
@@ -806,7 +808,7 @@ impl Config {
 fn fleet_settings(
     table: &FleetTable,
     file: &File,
-    lines: &LineIndex<'_>,
+    lines: &LineIndex,
 ) -> Result<crate::source::fleet::FleetSettings, ConfigError> {
     let group_only = [
         file.ports
@@ -943,7 +945,7 @@ fn fleet_settings(
 fn scope_specs(
     file: &File,
     ports: &[(u16, Location)],
-    lines: &LineIndex<'_>,
+    lines: &LineIndex,
 ) -> Result<Vec<ScopeSpec>, ConfigError> {
     let mut scopes: Vec<ScopeSpec> = Vec::new();
     for table in &file.scope {
@@ -1013,7 +1015,7 @@ fn scope_specs(
 
 fn validate_interfaces(
     interfaces: &Spanned<Vec<Spanned<String>>>,
-    lines: &LineIndex<'_>,
+    lines: &LineIndex,
 ) -> Result<Vec<String>, ConfigError> {
     if interfaces.get_ref().is_empty() {
         return Err(ConfigError::NoInterfaces {
@@ -1054,7 +1056,7 @@ fn interface_name_problem(name: &str) -> Option<&'static str> {
 
 fn validate_ports(
     ports: Option<&Spanned<Vec<Spanned<i64>>>>,
-    lines: &LineIndex<'_>,
+    lines: &LineIndex,
 ) -> Result<Vec<(u16, Location)>, ConfigError> {
     let Some(ports) = ports else {
         return Ok(DEFAULT_PORTS
@@ -1086,10 +1088,7 @@ fn validate_ports(
     Ok(out)
 }
 
-fn dns_settings(
-    table: Option<&DnsTable>,
-    lines: &LineIndex<'_>,
-) -> Result<DnsSettings, ConfigError> {
+fn dns_settings(table: Option<&DnsTable>, lines: &LineIndex) -> Result<DnsSettings, ConfigError> {
     let mut settings = DnsSettings::default();
     let Some(table) = table else {
         return Ok(settings);
@@ -1147,7 +1146,7 @@ fn dns_settings(
     Ok(settings)
 }
 
-fn safety(table: Option<&SafetyTable>, lines: &LineIndex<'_>) -> Result<Safety, ConfigError> {
+fn safety(table: Option<&SafetyTable>, lines: &LineIndex) -> Result<Safety, ConfigError> {
     let mut safety = Safety::default();
     let Some(table) = table else {
         return Ok(safety);
@@ -1210,10 +1209,7 @@ fn safety(table: Option<&SafetyTable>, lines: &LineIndex<'_>) -> Result<Safety, 
     Ok(safety)
 }
 
-fn url_settings(
-    table: Option<&UrlsTable>,
-    lines: &LineIndex<'_>,
-) -> Result<UrlSettings, ConfigError> {
+fn url_settings(table: Option<&UrlsTable>, lines: &LineIndex) -> Result<UrlSettings, ConfigError> {
     let mut settings = UrlSettings::default();
     let Some(table) = table else {
         return Ok(settings);
@@ -1287,7 +1283,7 @@ fn url_settings(
 
 /// A rule's `urls`, with its `json_key` and `refresh_secs` (bounded later, by
 /// [`settle_url_refresh`], against `[urls]`).
-fn url_sources(table: &RuleTable, lines: &LineIndex<'_>) -> Result<Vec<UrlSource>, ConfigError> {
+fn url_sources(table: &RuleTable, lines: &LineIndex) -> Result<Vec<UrlSource>, ConfigError> {
     let json_key = match &table.json_key {
         Some(key) if key.get_ref().trim().is_empty() => {
             return Err(ConfigError::BadValue {
@@ -1431,7 +1427,7 @@ fn settle_url_refresh<'a>(
 fn rule_specs(
     tables: &[RuleTable],
     default_action: Option<Action>,
-    lines: &LineIndex<'_>,
+    lines: &LineIndex,
 ) -> Result<Vec<RuleSpec>, ConfigError> {
     tables
         .iter()
@@ -1556,23 +1552,26 @@ fn domain_name_problem(name: &str) -> Option<&'static str> {
 }
 
 /// Maps byte offsets in the file to line numbers.
-struct LineIndex<'a> {
-    path: &'a Path,
+struct LineIndex {
+    path: Arc<Path>,
     line_starts: Vec<usize>,
 }
 
-impl<'a> LineIndex<'a> {
-    fn new(path: &'a Path, text: &str) -> Self {
+impl LineIndex {
+    fn new(path: &Path, text: &str) -> Self {
         let line_starts = std::iter::once(0)
             .chain(text.match_indices('\n').map(|(index, _)| index + 1))
             .collect();
-        Self { path, line_starts }
+        Self {
+            path: path.into(),
+            line_starts,
+        }
     }
 
     fn at(&self, offset: usize) -> Location {
         let line = self.line_starts.partition_point(|&start| start <= offset);
         Location {
-            file: self.path.to_owned(),
+            file: Arc::clone(&self.path),
             line: line.max(1),
         }
     }
@@ -1580,7 +1579,7 @@ impl<'a> LineIndex<'a> {
     /// For values the file leaves to their default.
     fn default_location(&self) -> Location {
         Location {
-            file: self.path.to_owned(),
+            file: Arc::clone(&self.path),
             line: 0,
         }
     }

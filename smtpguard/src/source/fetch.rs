@@ -25,6 +25,7 @@ use std::{
     fmt,
     net::IpAddr,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -41,19 +42,20 @@ use crate::source::{
     url::{Download, Get, UrlError, Validators},
 };
 
-/// Where a prefix of the policy came from.
+/// Where a prefix of the policy came from. A file's path and a URL are shared by every
+/// prefix the list brings.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Origin {
     /// Written in the configuration's `prefixes`.
     Literal,
     /// A line of a list file.
-    File(PathBuf),
+    File(Arc<Path>),
     /// An address the host name resolved to.
     Host(String),
     /// Part of the domain's SPF expansion.
     Spf(String),
     /// An entry of a list fetched from this URL.
-    Url(String),
+    Url(Arc<str>),
 }
 
 impl fmt::Display for Origin {
@@ -267,7 +269,7 @@ impl Fetched {
             })
         });
         let files = self.stale_files.iter().map(|(path, detail)| SourceNote {
-            source: Origin::File(path.clone()).to_string(),
+            source: Origin::File(path.as_path().into()).to_string(),
             status: SourceStatus::Stale,
             detail: detail.clone(),
         });
@@ -278,7 +280,7 @@ impl Fetched {
                 (None, None) => return None,
             };
             Some(SourceNote {
-                source: Origin::Url(url.clone()).to_string(),
+                source: Origin::Url(url.as_str().into()).to_string(),
                 status,
                 detail: detail.clone(),
             })
@@ -783,7 +785,7 @@ impl Pull<'_> {
                 Some(Refusal {
                     net: *net,
                     rule: rule.clone(),
-                    origin: Origin::Url(self.source.url.clone()),
+                    origin: Origin::Url(self.source.url.as_str().into()),
                     at: (*at).clone(),
                     reason: Reason::Floor { floor },
                 })

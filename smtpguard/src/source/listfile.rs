@@ -3,7 +3,7 @@
 //! (`1.10.16.0/20 ; SBL256894`) load as they are. The file is read whole; what each line says
 //! is checked when the policy is built, so a refusal names the file and line.
 
-use std::path::Path;
+use std::{path::Path, sync::Arc};
 
 use crate::source::config::{ConfigError, Location};
 
@@ -21,6 +21,7 @@ pub fn read(path: &Path) -> Result<Vec<(String, Location)>, ConfigError> {
 
 /// The non-empty, comment-stripped lines of `text`.
 pub fn entries(path: &Path, text: &str) -> Vec<(String, Location)> {
+    let file: Arc<Path> = path.into();
     text.lines()
         .enumerate()
         .filter_map(|(index, line)| {
@@ -29,7 +30,7 @@ pub fn entries(path: &Path, text: &str) -> Vec<(String, Location)> {
                 (
                     content.to_owned(),
                     Location {
-                        file: path.to_owned(),
+                        file: Arc::clone(&file),
                         line: index + 1,
                     },
                 )

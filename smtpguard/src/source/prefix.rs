@@ -63,14 +63,21 @@ pub fn unmap(net: IpNet) -> Result<(IpNet, bool), PrefixError> {
 
 /// Parses one prefix in any of the accepted notations.
 pub fn parse(text: &str) -> Result<Parsed, PrefixError> {
-    let words: Vec<&str> = text.split_whitespace().collect();
+    let text = text.trim();
+    // Lists of a million prefixes are mostly `ADDR/LEN` with no space inside: those take no
+    // allocation; the netmask notations with a space or `mask` are joined into `ADDR/MASK`.
     let joined;
-    let text = match words.as_slice() {
-        [addr, mask] | [addr, "mask" | "netmask", mask] if !addr.contains('/') => {
-            joined = format!("{addr}/{mask}");
-            joined.as_str()
+    let text = if text.contains(char::is_whitespace) {
+        let words: Vec<&str> = text.split_whitespace().collect();
+        match words.as_slice() {
+            [addr, mask] | [addr, "mask" | "netmask", mask] if !addr.contains('/') => {
+                joined = format!("{addr}/{mask}");
+                joined.as_str()
+            }
+            _ => text,
         }
-        _ => text.trim(),
+    } else {
+        text
     };
     let (addr, len) = match text.split_once('/') {
         None => {

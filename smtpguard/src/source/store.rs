@@ -19,6 +19,7 @@ use std::{
         fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _},
     },
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, UNIX_EPOCH},
 };
 
@@ -188,13 +189,14 @@ impl Store {
                 path: copy.clone(),
                 source,
             })?;
+        let file: Arc<Path> = Path::new(url).into();
         let entries = lines
             .into_iter()
             .map(|(text, line)| {
                 (
                     text,
                     Location {
-                        file: PathBuf::from(url),
+                        file: Arc::clone(&file),
                         line,
                     },
                 )
@@ -474,7 +476,7 @@ mod tests {
                         (
                             (*text).to_owned(),
                             Location {
-                                file: list.to_owned(),
+                                file: list.into(),
                                 line: *line,
                             },
                         )

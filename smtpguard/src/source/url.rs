@@ -9,7 +9,12 @@
 //! body over `max_bytes`. [`parse`] turns a body into entries, each checked as a prefix and
 //! kept with its line, so a refusal names the URL and the line.
 
-use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use http_body_util::{BodyExt as _, Empty, Limited};
 use hyper::{
@@ -397,6 +402,7 @@ fn json_entries(url: &str, text: &str, key: &str) -> Result<Vec<(String, Locatio
         });
     }
     let lines = LineFinder::new(text);
+    let file: Arc<Path> = Path::new(url).into();
     let mut entries = Vec::with_capacity(values.len());
     let mut from = 0;
     for value in values {
@@ -406,7 +412,7 @@ fn json_entries(url: &str, text: &str, key: &str) -> Result<Vec<(String, Locatio
             serde_json::Value::String(prefix) => entries.push((
                 prefix.trim().to_owned(),
                 Location {
-                    file: PathBuf::from(url),
+                    file: Arc::clone(&file),
                     line,
                 },
             )),

@@ -13,6 +13,8 @@
 //! 6. the fleet: publish -> enforced on three real daemons following one group through a real
 //!    three-member etcd cluster, median and worst of 100 publishes of 10 and of 10,000
 //!    prefixes, and the time to publish and to apply 100,000 + 100,000.
+//! 7. building the policy in-process, no kernel: reading two list files of 1,000,000 prefixes
+//!    each (part 3's) and building the `Policy` from them, median of runs (`--only 7`).
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr},
@@ -154,6 +156,9 @@ fn main() {
             if quick { 20 } else { 100 },
             if quick { 10_000 } else { 100_000 },
         );
+    }
+    if run(7) {
+        build(if quick { 100_000 } else { 1_000_000 });
     }
     issue_table();
 }
@@ -965,6 +970,74 @@ fn nft_drops(pair: &Pair) -> u64 {
 }
 
 /// Part 3: policy apply through the real daemon, from SIGHUP to the new policy in force.
+/// Part 7: what the daemon does between reading the configuration and writing the maps, for
+/// `size` IPv4 + `size` IPv6 prefixes in two list files: read the files, build the policy.
+fn build(size: usize) {
+    use smtpguard::{
+        policy::Policy,
+        source::{config::Config, fetch::Fetched, listfile},
+    };
+
+    println!(
+        "7. building the policy in-process from two list files of {size} prefixes each (median of {ROUNDS})"
+    );
+    let dir = std::env::temp_dir().join(format!("sg-build-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let (v4, v6) = (dir.join("v4.txt"), dir.join("v6.txt"));
+    let mut rng = Rng::new(1);
+    let text = |nets: Vec<IpNet>| {
+        nets.iter()
+            .map(|net| format!("{net}\n"))
+            .collect::<String>()
+    };
+    std::fs::write(&v4, text(random_v4_prefixes(&mut rng, size))).expect("v4 list");
+    std::fs::write(&v6, text(random_v6_prefixes(&mut rng, size))).expect("v6 list");
+    let config = Config::parse(
+        &dir.join("bench.toml"),
+        &format!(
+            "interfaces = [\"eth0\"]\n[safety]\nmax_coverage_v4 = 0\nmax_coverage_v6 = 0\n[[allow]]\nname = \"bench\"\nfiles = [\"{}\", \"{}\"]\n",
+            v4.display(),
+            v6.display()
+        ),
+    )
+    .expect("config");
+    let (mut read, mut built, mut dropped) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        let started = Instant::now();
+        let mut fetched = Fetched::default();
+        for path in [&v4, &v6] {
+            fetched
+                .files
+                .insert(path.clone(), listfile::read(path).expect("list file"));
+        }
+        read.push(started.elapsed().as_secs_f64());
+        let started = Instant::now();
+        let (policy, _) = Policy::build(&config, &fetched).expect("policy");
+        built.push(started.elapsed().as_secs_f64());
+        assert_eq!(
+            policy.entries().count(),
+            2 * size,
+            "every prefix in the policy"
+        );
+        let started = Instant::now();
+        drop((policy, fetched));
+        dropped.push(started.elapsed().as_secs_f64());
+    }
+    println!(
+        "{:>20} {:>14} {:>14} {:>14}",
+        "prefixes (v4 + v6)", "read files", "build policy", "free both"
+    );
+    println!(
+        "{:>20} {:>12.3} s {:>12.3} s {:>12.3} s",
+        format!("{size} + {size}"),
+        median(&mut read),
+        median(&mut built),
+        median(&mut dropped)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    println!();
+}
+
 fn apply(sizes: &[usize]) {
     println!(
         "3. policy apply through the real daemon, every prefix replaced: SIGHUP -> flip (list files re-read, policy built, maps written, one store), and -> state file recorded"

@@ -982,10 +982,10 @@ impl Daemon {
     }
 
     /// Records the instance for `stats`, `report` and the next daemon, before returning;
-    /// `running` is false once this daemon has exited and left the filter in place. Records
-    /// queued before are written first.
+    /// `running` is false once this daemon has exited and left the filter in place. A record
+    /// queued before is superseded by this one; one being written finishes first.
     fn write_state(&self, running: bool) -> Result<(), DaemonError> {
-        self.state_writer.flush();
+        self.state_writer.supersede();
         self.state_job(running)
             .write(&self.instance, &self.telemetry)?;
         self.publish_dns();

@@ -146,13 +146,20 @@ impl StateWriter {
         crate::reclaim::drop_later(superseded);
     }
 
-    /// Waits until every record queued so far is written.
-    pub fn flush(&self) {
+    /// Makes way for a newer record the caller writes itself: drops the one queued (it
+    /// would be overwritten at once) and waits only for the one being written, so the
+    /// caller's lands last. At exit this keeps a large queued policy listing out of the stop
+    /// timeout.
+    pub fn supersede(&self) {
         if self.thread.is_none() {
             return;
         }
+        let queued = self.shared.lock().next.take();
+        if let Some(job) = queued {
+            crate::reclaim::drop_later(job);
+        }
         let mut queue = self.shared.lock();
-        while queue.next.is_some() || queue.busy {
+        while queue.busy {
             queue = self
                 .shared
                 .changed

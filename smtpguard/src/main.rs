@@ -16,7 +16,7 @@ use smtpguard::{
         top,
     },
     instance::Instance,
-    kernel::maps::open_counters,
+    kernel::maps::{generation_in_force, open_counters},
     policy::Policy,
     service::{
         control::{self, Request},
@@ -289,7 +289,8 @@ fn dispatch_local(command: Command, instance: &Instance) -> anyhow::Result<()> {
             let counters = maps.read()?;
             let canary = instance.read_canary().ok().flatten();
             let stats = Stats::new(instance.name(), &state, &counters)
-                .with_canary(canary.as_ref(), &counters);
+                .with_canary(canary.as_ref(), &counters)
+                .with_generation_in_force(generation_in_force(&instance.maps_dir_of(&state)));
             let report = (top > 0)
                 .then(|| {
                     anyhow::Ok(Report::new(

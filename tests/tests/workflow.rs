@@ -259,6 +259,10 @@ fn audit_report_then_enforce() {
     );
     assert_eq!(report["rows"][0]["blocked"], 1, "{report}");
     assert_eq!(report["rows"][0]["would_block"], 2, "{report}");
+    // The record is written: the generation it describes is the one the program reads.
+    let stats = daemon.stats();
+    assert_eq!(stats["generation_in_force"], stats["generation"], "{stats}");
+    assert!(stats["generation"].as_u64() >= Some(2), "{stats}");
 }
 
 #[test]

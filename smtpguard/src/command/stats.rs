@@ -18,7 +18,11 @@ pub struct Stats {
     pub pid: u32,
     /// Whether a daemon runs the instance; if not, the filter was left in place.
     pub daemon_running: bool,
+    /// The generation the state record describes (its prefixes and scopes).
     pub generation: u32,
+    /// The generation the program reads now, where its maps are in sight. Ahead of
+    /// `generation` for the seconds a large policy's record takes to write.
+    pub generation_in_force: Option<u32>,
     pub config: String,
     pub interfaces: Vec<InterfaceState>,
     pub ports: Vec<u16>,
@@ -110,6 +114,13 @@ impl Stats {
         self
     }
 
+    /// Adds the generation the program reads now.
+    #[must_use]
+    pub fn with_generation_in_force(mut self, generation: Option<u32>) -> Self {
+        self.generation_in_force = generation;
+        self
+    }
+
     pub fn new(instance: &str, state: &RunState, counters: &CounterSnapshot) -> Self {
         let mut prefixes: Vec<PrefixStats> = state
             .prefixes
@@ -169,6 +180,7 @@ impl Stats {
             pid: state.pid,
             daemon_running: state.daemon_alive(),
             generation: state.generation,
+            generation_in_force: None,
             config: state.config.display().to_string(),
             interfaces: state.interfaces.clone(),
             ports: state.ports.clone(),
@@ -224,6 +236,16 @@ impl Stats {
             "instance {:?} ({daemon}), policy generation {}, config {}",
             self.instance, self.generation, self.config
         );
+        if let Some(in_force) = self
+            .generation_in_force
+            .filter(|in_force| *in_force != self.generation)
+        {
+            let _ = writeln!(
+                out,
+                "RECORD PENDING: generation {in_force} is in force; its state record is still being written, and the scopes and prefixes below are generation {}'s",
+                self.generation
+            );
+        }
         if !self.waiting.is_empty() {
             let _ = writeln!(
                 out,
@@ -458,5 +480,11 @@ mod tests {
         assert_eq!(json["prefixes"][0]["syns"], 7);
         assert_eq!(json["prefixes"][1]["list"], "deny");
         assert_eq!(json["sources"][0]["status"], "stale");
+        assert!(!text.contains("RECORD PENDING"), "{text}");
+        let text = stats.with_generation_in_force(Some(4)).to_text();
+        assert!(
+            text.contains("RECORD PENDING: generation 4 is in force; its state record is still being written, and the scopes and prefixes below are generation 3's"),
+            "{text}"
+        );
     }
 }

@@ -427,8 +427,8 @@ impl PolicyMaps {
         })
     }
 
-    /// Packets that read the slot index before the last flip may still be reading the
-    /// standby slot: give them time before it is rewritten.
+    /// Packets that read the slot index before the last flip (or the canary flag before it
+    /// cleared) may still be reading the standby slot: give them time before it is rewritten.
     fn wait_for_flip_grace(&self) {
         if let Some(elapsed) = self.last_flip.map(|flip| flip.elapsed())
             && elapsed < FLIP_GRACE
@@ -488,6 +488,9 @@ impl PolicyMaps {
         if self.canary_on {
             self.set_canary_flag(false)?;
             self.canary_on = false;
+            // A SYN that read the flag before it cleared may still be comparing against
+            // the standby slot: it gets the same grace as one that read a flipped index.
+            self.last_flip = Some(Instant::now());
         }
         Ok(())
     }
@@ -1303,6 +1306,18 @@ fn read_offenders(map: &Array<MapData, Offender>) -> Result<Vec<(IpAddr, Offende
         out.push((unmapped(seen.addr), seen));
     }
     Ok(out)
+}
+
+/// The generation of the policy the program reads now, through the pins under `pin_dir`;
+/// `None` where they are out of sight (`ip netns exec` mounts its own /sys).
+pub fn generation_in_force(pin_dir: &Path) -> Option<u32> {
+    let pinned = |name: &'static str| MapData::from_pin(pin_dir.join(name)).ok();
+    let active: Array<MapData, u32> =
+        typed_from_data(map_name::ACTIVE_SLOT, pinned(map_name::ACTIVE_SLOT)?).ok()?;
+    let slot = active.get(&0, 0).ok()? & 1;
+    let configs: Array<MapData, SlotConfig> =
+        typed_from_data(map_name::SLOT_CONFIG, pinned(map_name::SLOT_CONFIG)?).ok()?;
+    Some(configs.get(&slot, 0).ok()?.generation)
 }
 
 /// Kernel ids of the maps in [`CounterMaps`], recorded in the state file for readers that

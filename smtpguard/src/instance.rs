@@ -13,6 +13,7 @@ use std::{
     io,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use serde::{Deserialize, Serialize};
@@ -408,13 +409,15 @@ fn ethernet() -> LinkKind {
 pub struct PrefixState {
     pub counter_id: u32,
     pub list: List,
-    pub rule: String,
+    /// Shared with the policy and every prefix of the rule: a state of millions of prefixes
+    /// holds one copy of each name.
+    pub rule: Arc<str>,
     pub prefix: ipnet::IpNet,
     /// The scope the prefix belongs to (the default one in a state from before scopes).
     #[serde(default)]
     pub scope_id: u32,
     #[serde(default = "default_scope")]
-    pub scope: String,
+    pub scope: Arc<str>,
 }
 
 /// A scope of the policy in force, as `stats` and `report` show it.
@@ -428,8 +431,8 @@ pub struct ScopeState {
     pub action: crate::source::config::Action,
 }
 
-fn default_scope() -> String {
-    "default".to_owned()
+fn default_scope() -> Arc<str> {
+    "default".into()
 }
 
 fn ensure_bpffs() -> Result<(), InstanceError> {

@@ -126,9 +126,9 @@ impl Stats {
             .prefixes
             .iter()
             .map(|prefix| PrefixStats {
-                scope: prefix.scope.clone(),
+                scope: prefix.scope.to_string(),
                 list: prefix.list,
-                rule: prefix.rule.clone(),
+                rule: prefix.rule.to_string(),
                 prefix: prefix.prefix.to_string(),
                 syns: counters
                     .prefixes

@@ -109,6 +109,11 @@ impl CounterIdSnapshot {
             .iter()
             .map(|((scope, net, list), id)| (*scope, net, *list, *id))
     }
+
+    /// The counter id of one prefix.
+    pub fn get(&self, key: &CounterKey) -> Option<u32> {
+        self.0.get(key).copied()
+    }
 }
 
 /// Where an entry sits in a slot's source trie: its scope id and prefix.

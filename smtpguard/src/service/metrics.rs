@@ -365,7 +365,7 @@ impl prometheus_client::collector::Collector for Exporter {
         for prefix in &telemetry.prefixes {
             let count = matches(prefix.counter_id);
             *per_rule
-                .entry((prefix.scope.as_str(), prefix.list, prefix.rule.as_str()))
+                .entry((&*prefix.scope, prefix.list, &*prefix.rule))
                 .or_default() += count.unwrap_or(0);
             let carried = match telemetry.prefix_series {
                 PrefixSeries::All => true,

@@ -30,7 +30,9 @@ pub struct StateJob {
 }
 
 impl StateJob {
-    /// The record whole: one line per prefix of the policy in force, by counter id.
+    /// The record whole: one line per prefix of the policy in force, scope by scope in
+    /// prefix order. Walks the policy and looks each counter id up by hash: looking each
+    /// counter id's prefix up in the policy instead was a third of the time at 1M prefixes.
     fn build(self) -> (RunState, PrefixSeries) {
         let Self {
             mut state,
@@ -38,10 +40,21 @@ impl StateJob {
             counter_ids,
             prefix_series,
         } = self;
-        state.prefixes = counter_ids
-            .iter()
-            .map(|(scope_id, net, list, counter_id)| {
-                prefix_state(&policy, (scope_id, *net, list), counter_id)
+        state.prefixes = (0u32..)
+            .zip(&policy.scopes)
+            .flat_map(|(scope_id, scope)| {
+                let counter_ids = &counter_ids;
+                let name: Arc<str> = scope.name.as_str().into();
+                scope.entries.iter().filter_map(move |(net, entry)| {
+                    Some(PrefixState {
+                        counter_id: counter_ids.get(&(scope_id, *net, entry.list))?,
+                        list: entry.list,
+                        rule: Arc::clone(&entry.rule),
+                        prefix: *net,
+                        scope_id,
+                        scope: Arc::clone(&name),
+                    })
+                })
             })
             .collect();
         (state, prefix_series)
@@ -79,11 +92,10 @@ pub fn prefix_state(
         list,
         rule: scope
             .and_then(|scope| scope.entries.get(&net))
-            .map(|entry| entry.rule.to_string())
-            .unwrap_or_default(),
+            .map_or_else(|| "".into(), |entry| Arc::clone(&entry.rule)),
         prefix: net,
         scope_id,
-        scope: scope.map_or_else(|| "default".to_owned(), |scope| scope.name.clone()),
+        scope: scope.map_or_else(|| "default".into(), |scope| scope.name.as_str().into()),
     }
 }
 

@@ -354,3 +354,58 @@ fn https_lists_are_trusted_through_the_system_store_or_a_ca_file() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A scope's lists by URL are fetched like the top level's: a scope's deny list of
+/// `specific` precedence stops the host it names inside the scope's provider, the provider
+/// still connects, and a scope whose URL no server answers refuses the start (it used to be
+/// taken as an empty list: the deny stopped nothing, found by review).
+#[test]
+fn a_scopes_urls_are_fetched_and_enforced() {
+    let pair = Pair::new(&[RELAY_ONE.into(), RELAY_TWO.into(), UNLISTED.into()]);
+    let _smtp = Listener::start(&pair.server, 25);
+    let mut web = WebServer::start(&pair.server);
+    web.publish("drop.txt", "192.0.2.11/32\n");
+    let url = web.url("drop.txt");
+    let text = format!(
+        "interfaces = [\"{}\"]\non_exit = \"detach\"\n\n[urls]\ntimeout_secs = 2\n\n[[scope]]\nname = \"mail\"\ndestinations = [\"{SERVER_V4}\"]\n[[scope.allow]]\nname = \"provider\"\nprefixes = [\"192.0.2.0/28\"]\n[[scope.deny]]\nname = \"drop\"\nprecedence = \"specific\"\nurls = [\"{url}\"]\n",
+        pair.server_if
+    );
+    let mut daemon = Daemon::start(&pair.server, &text);
+    assert_eq!(
+        attempt(&pair, RELAY_ONE),
+        Outcome::Connected,
+        "the provider"
+    );
+    assert_eq!(
+        attempt(&pair, RELAY_TWO),
+        Outcome::TimedOut,
+        "the host the scope's list names, inside the provider"
+    );
+    assert_eq!(attempt(&pair, UNLISTED), Outcome::TimedOut);
+    assert!(
+        web.requests()
+            .iter()
+            .any(|(path, status)| path == "/drop.txt" && *status == 200),
+        "{:?}",
+        web.requests()
+    );
+    let (ok, out) = check_in(&pair.server, &daemon.config_path);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("1 deny prefix"),
+        "check lists the scope's list:\n{out}"
+    );
+    assert!(daemon.stop().success());
+
+    // No server at the URL: not an empty list, an error.
+    let dead = text.replace(&url, "http://127.0.0.1:9/none.txt");
+    let mut daemon = Daemon::launch(&pair.server, &dead);
+    let status = daemon.wait_exit(Duration::from_secs(60));
+    assert!(!status.success(), "{}", daemon.log());
+    assert!(
+        daemon.log().contains("http://127.0.0.1:9/none.txt"),
+        "{}",
+        daemon.log()
+    );
+    let _ = daemon.cli(&["detach"]);
+}

@@ -401,6 +401,20 @@ impl Building<'_> {
         spec: &RuleSpec,
         fetched: &Fetched,
     ) -> Result<(), ConfigError> {
+        // A list that was never fetched is not an empty list: a deny rule would stop nothing
+        // and an allow rule would cut its provider off.
+        if let Some(source) = spec
+            .urls
+            .iter()
+            .find(|source| !fetched.urls.contains_key(&source.url))
+        {
+            return Err(ConfigError::BadValue {
+                at: source.at.clone(),
+                key: "url",
+                value: source.url.clone(),
+                reason: "was never fetched on this host (an internal error: every URL of every scope is fetched before the policy is built)",
+            });
+        }
         // A deny rule's own prefixes are the admin's words; what it takes from elsewhere is a
         // feed, which must not cut the provider off.
         let precedence = |origin: &Origin| match (list, spec.precedence) {

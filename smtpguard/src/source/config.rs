@@ -755,12 +755,15 @@ impl Config {
         let ports = validate_ports(file.ports.as_ref(), &lines)?;
         let allow = rule_specs(&file.allow, None, &lines)?;
         let deny = rule_specs(&file.deny, Some(action), &lines)?;
-        let scopes = scope_specs(&file, &ports, &lines)?;
+        let mut scopes = scope_specs(&file, &ports, &lines)?;
         let dns = dns_settings(file.dns.as_ref(), &lines)?;
         let safety = safety(file.safety.as_ref(), &lines)?;
         let urls = url_settings(file.urls.as_ref(), &lines)?;
         let (mut allow, mut deny) = (allow, deny);
-        settle_url_refresh(allow.iter_mut().chain(deny.iter_mut()), &urls)?;
+        let scoped = scopes
+            .iter_mut()
+            .flat_map(|scope| scope.allow.iter_mut().chain(scope.deny.iter_mut()));
+        settle_url_refresh(allow.iter_mut().chain(deny.iter_mut()).chain(scoped), &urls)?;
         let metrics_listen =
             file.metrics
                 .as_ref()

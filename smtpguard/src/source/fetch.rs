@@ -450,11 +450,11 @@ fn allow_rules(config: &Config) -> BTreeMap<Name, Vec<String>> {
     rules
 }
 
-/// Every list the configuration names by URL (first mention; the shortest refresh of the
-/// rules naming it).
+/// Every list the configuration names by URL, the top level's and every scope's (first
+/// mention; the shortest refresh of the rules naming it).
 pub fn urls(config: &Config) -> BTreeMap<String, UrlSource> {
     let mut urls: BTreeMap<String, UrlSource> = BTreeMap::new();
-    for spec in config.allow.iter().chain(&config.deny) {
+    for (_, spec) in config.all_rules() {
         for source in &spec.urls {
             urls.entry(source.url.clone())
                 .and_modify(|first| first.refresh = first.refresh.min(source.refresh))
@@ -464,10 +464,14 @@ pub fn urls(config: &Config) -> BTreeMap<String, UrlSource> {
     urls
 }
 
-/// The allow rules that name each URL: the floor and the growth guard apply to these.
+/// The allow rules (of any scope) that name each URL: the floor and the growth guard apply
+/// to these.
 fn allow_url_rules(config: &Config) -> BTreeMap<String, Vec<String>> {
     let mut rules: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for spec in &config.allow {
+    let allow = config
+        .all_rules()
+        .filter_map(|(list, spec)| (list == List::Allow).then_some(spec));
+    for spec in allow {
         for source in &spec.urls {
             let names = rules.entry(source.url.clone()).or_default();
             if !names.contains(&spec.name) {

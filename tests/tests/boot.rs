@@ -104,6 +104,57 @@ fn a_boot_is_closed_until_the_policy_is_built_and_stays_closed_if_the_start_fail
     );
 }
 
+/// The boot filter follows the file's scopes: a scope's own ports and mode are closed while
+/// its policy is built and after a failed start, and a destination in no scope (with no
+/// top-level rules) is left alone. It used to close the top level's ports only, and to attach
+/// nothing when the top level audits, whatever the scopes did (found by review).
+#[test]
+fn a_boot_closes_each_scope_on_its_own_ports() {
+    const UNSCOPED: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+    let pair = Pair::new(&[UNLISTED4.into()]);
+    let _smtp = Listener::start(&pair.server, 25);
+    let _alt = Listener::start(&pair.server, 2525);
+    let _silent = pair
+        .server
+        .run(|| UdpSocket::bind("127.0.0.1:5300").expect("bind the silent resolver"));
+    let text = format!(
+        "interfaces = [\"{}\"]\nmode = \"audit\"\nports = [25]\n\n[dns]\nresolver = \"127.0.0.1:5300\"\ntimeout_secs = 2\n\n[[scope]]\nname = \"mail\"\ndestinations = [\"{SERVER_V4}\"]\nmode = \"enforce\"\nports = [25, 2525]\n[[scope.allow]]\nname = \"provider\"\nprefixes = [\"192.0.2.0/28\"]\nhosts = [\"relay.provider.test\"]\n",
+        pair.server_if
+    );
+    let to = |dst: Ipv4Addr, port: u16| {
+        connect(
+            &pair.client,
+            IpAddr::V4(UNLISTED4),
+            sock(dst, port),
+            BLOCKED_WAIT,
+        )
+        .0
+    };
+    let mut daemon = Daemon::launch(&pair.server, &text);
+    daemon.wait_for_state("the boot policy", Duration::from_secs(5), |state| {
+        state["boot"] == true
+    });
+    let expected = [
+        (SERVER_V4, 25, Outcome::TimedOut),
+        (SERVER_V4, 2525, Outcome::TimedOut),
+        (UNSCOPED, 25, Outcome::Connected),
+    ];
+    for &(dst, port, ref outcome) in &expected {
+        assert_eq!(&to(dst, port), outcome, "during the boot: {dst}:{port}");
+    }
+    let status = daemon.wait_exit(Duration::from_secs(60));
+    assert!(!status.success(), "{}", daemon.log());
+    for &(dst, port, ref outcome) in &expected {
+        assert_eq!(
+            &to(dst, port),
+            outcome,
+            "after the failed start: {dst}:{port}"
+        );
+    }
+    let text = daemon.cli(&["detach"]);
+    assert!(text.contains("detached from"), "{text}");
+}
+
 #[test]
 fn audit_mode_attaches_nothing_before_its_policy() {
     let pair = Pair::new(&[UNLISTED4.into()]);

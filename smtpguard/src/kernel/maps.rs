@@ -378,20 +378,22 @@ impl PolicyMaps {
         self.generation = self.generation.max(generation);
     }
 
-    /// Puts the boot policy in force: `policy`'s ports and mode, no prefixes, every guarded
-    /// SYN stopped, until the real policy is built. Its generation is 0: it is not a policy
-    /// a later daemon should take for one it applied.
+    /// Puts the boot policy in force: `policy`'s scopes with their ports and modes and no
+    /// prefixes (see [`Policy::closed`]), every guarded SYN stopped, until the real policy is
+    /// built. Its generation is 0: it is not a policy a later daemon should take for one it
+    /// applied.
     pub fn apply_closed(&mut self, policy: &Policy) -> Result<ApplyReport, ApplyError> {
-        let default = policy.default_scope();
         let closed = Policy {
-            scopes: vec![crate::policy::Scope {
-                name: default.name.clone(),
-                guarded: true,
-                ports: default.ports.clone(),
-                mode: default.mode,
-                unlisted_action: crate::source::config::Action::Drop,
-                ..Default::default()
-            }],
+            scopes: policy
+                .scopes
+                .iter()
+                .map(|scope| crate::policy::Scope {
+                    unlisted_action: crate::source::config::Action::Drop,
+                    entries: Default::default(),
+                    outranked: Vec::new(),
+                    ..scope.clone()
+                })
+                .collect(),
             refused: Vec::new(),
         };
         self.install(&closed, 0)

@@ -190,6 +190,77 @@ impl Policy {
         Ok((Self { scopes, refused }, warnings))
     }
 
+    /// The policy in force while the real one is built (the boot filter): the file's scopes
+    /// with their destinations, ports and modes, no prefixes, every guarded SYN dropped.
+    /// Where a scope's destinations cannot be read (the build will refuse the file), one
+    /// enforcing scope guards every port any scope names, for every destination.
+    pub fn closed(config: &Config) -> Self {
+        let closed =
+            |name: &str, destinations: Vec<IpNet>, guarded, ports: &[(u16, Location)], mode| {
+                Scope {
+                    name: name.to_owned(),
+                    destinations,
+                    guarded,
+                    ports: ports.iter().map(|(port, _)| *port).collect(),
+                    mode,
+                    unlisted_action: Action::Drop,
+                    ..Scope::default()
+                }
+            };
+        let default = closed(
+            "default",
+            Vec::new(),
+            config.has_default_rules(),
+            &config.ports,
+            config.mode,
+        );
+        let mut seen = BTreeSet::new();
+        let scopes: Option<Vec<Scope>> = config
+            .scopes
+            .iter()
+            .map(|spec| {
+                let destinations = spec
+                    .destinations
+                    .iter()
+                    .map(|(text, _)| prefix::parse(text).ok().map(|parsed| parsed.net))
+                    .collect::<Option<Vec<IpNet>>>()?;
+                destinations
+                    .iter()
+                    .all(|net| seen.insert(*net))
+                    .then(|| closed(&spec.name, destinations, true, &spec.ports, spec.mode))
+            })
+            .collect();
+        let scopes = match scopes {
+            Some(scopes) => std::iter::once(default).chain(scopes).collect(),
+            None => {
+                let every_port: Vec<(u16, Location)> = config
+                    .ports
+                    .iter()
+                    .chain(config.scopes.iter().flat_map(|scope| &scope.ports))
+                    .cloned()
+                    .collect();
+                vec![closed(
+                    "default",
+                    Vec::new(),
+                    true,
+                    &every_port,
+                    Mode::Enforce,
+                )]
+            }
+        };
+        Self {
+            scopes,
+            refused: Vec::new(),
+        }
+    }
+
+    /// Whether some guarded scope stops SYNs (rather than only counting them).
+    pub fn enforces(&self) -> bool {
+        self.scopes
+            .iter()
+            .any(|scope| scope.guarded && scope.mode == Mode::Enforce)
+    }
+
     /// The default scope: the file's top level.
     pub fn default_scope(&self) -> &Scope {
         &self.scopes[0]
@@ -1440,5 +1511,74 @@ prefixes = ["40.92.9.0/24"]
             said(&policy, "40.92.12.1", None, 25),
             "allow 40.92.0.0/15 provider"
         );
+    }
+}
+
+#[cfg(test)]
+mod closed_tests {
+    use std::path::Path;
+
+    use super::*;
+
+    const SCOPED: &str = "interfaces = [\"eth0\"]\nmode = \"audit\"\n[[scope]]\nname = \"mail\"\ndestinations = [\"198.51.100.1\"]\nmode = \"enforce\"\nports = [25, 2525]\naction = \"reject\"\n[[scope.allow]]\nname = \"p\"\nprefixes = [\"192.0.2.0/28\"]\n";
+
+    #[test]
+    fn the_boot_policy_keeps_each_scope_and_drops_everything() {
+        let config = Config::parse(Path::new("/etc/smtpguard/test.toml"), SCOPED).unwrap();
+        let closed = Policy::closed(&config);
+        assert_eq!(closed.scopes.len(), 2);
+        let (default, mail) = (&closed.scopes[0], &closed.scopes[1]);
+        assert!(!default.guarded, "no top-level rules: not guarded");
+        assert!(mail.guarded);
+        assert_eq!(
+            mail.destinations,
+            ["198.51.100.1/32".parse::<IpNet>().unwrap()]
+        );
+        assert_eq!(mail.ports, BTreeSet::from([25, 2525]));
+        assert_eq!(
+            (mail.mode, mail.unlisted_action),
+            (Mode::Enforce, Action::Drop)
+        );
+        assert!(mail.entries.is_empty());
+        assert!(
+            closed.enforces(),
+            "the scope enforces though the top level audits"
+        );
+        let audit = Config::parse(
+            Path::new("/etc/smtpguard/test.toml"),
+            &SCOPED.replace("mode = \"enforce\"\n", ""),
+        )
+        .unwrap();
+        assert!(!Policy::closed(&audit).enforces(), "every scope audits");
+    }
+
+    #[test]
+    fn unreadable_destinations_close_every_port_for_everyone() {
+        let mut config = Config::parse(Path::new("/etc/smtpguard/test.toml"), SCOPED).unwrap();
+        config.scopes[0].destinations[0].0 = "not an address".to_owned();
+        let closed = Policy::closed(&config);
+        assert_eq!(closed.scopes.len(), 1);
+        let only = &closed.scopes[0];
+        assert!(only.guarded && only.mode == Mode::Enforce);
+        assert_eq!(only.ports, BTreeSet::from([25, 2525]));
+    }
+
+    #[test]
+    fn the_file_holds_no_more_scopes_than_the_program() {
+        let mut text = "interfaces = [\"eth0\"]\n".to_owned();
+        for n in 0..255 {
+            text += &format!(
+                "[[scope]]\nname = \"s{n}\"\ndestinations = [\"10.{}.{}.0/24\"]\nallow_none = true\n",
+                n / 256,
+                n % 256
+            );
+        }
+        Config::parse(Path::new("/etc/smtpguard/test.toml"), &text).unwrap();
+        text += "[[scope]]\nname = \"one-more\"\ndestinations = [\"10.200.0.0/24\"]\nallow_none = true\n";
+        let error = Config::parse(Path::new("/etc/smtpguard/test.toml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("one scope too many"), "{error}");
+        assert!(error.contains("\"one-more\""), "{error}");
     }
 }

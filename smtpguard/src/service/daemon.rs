@@ -39,7 +39,7 @@ use crate::{
         state::{StateJob, StateWriter},
     },
     source::{
-        config::{Action, Config, ConfigError, Mode, OnExit, Warning},
+        config::{Action, Config, ConfigError, OnExit, Warning},
         dns::{Dns, DnsError},
         fetch::{self as sources, FetchError, Fetched, Previous},
         safety::Refusal,
@@ -452,18 +452,10 @@ impl Daemon {
         }
         let recovered = self.maps.recovered();
         // What the state file shows until the policy is built.
-        self.policy = Arc::new(Policy {
-            scopes: vec![crate::policy::Scope {
-                name: "default".to_owned(),
-                guarded: true,
-                ports: self.config.ports.iter().map(|(port, _)| *port).collect(),
-                mode: self.config.mode,
-                ..Default::default()
-            }],
-            refused: Vec::new(),
-        });
+        self.policy = Arc::new(Policy::closed(&self.config));
         if !recovered {
-            if self.config.mode != Mode::Enforce {
+            // Every scope only audits: on maps that hold nothing, nothing would be stopped.
+            if !self.policy.enforces() {
                 return Ok(());
             }
             self.maps.apply_closed(&self.policy)?;

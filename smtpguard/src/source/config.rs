@@ -965,6 +965,11 @@ fn scope_specs(
         } else {
             None
         };
+        // The default scope takes one of the program's scope ids.
+        let problem = problem.or_else(|| {
+            (scopes.len() + 1 >= smtpguard_common::MAX_SCOPES as usize)
+                .then_some("one scope too many: the program holds 255 besides the default")
+        });
         if let Some(reason) = problem {
             return Err(ConfigError::BadValue {
                 at,

@@ -108,6 +108,7 @@ pub(super) fn compose(
     let Some(fleet) = fleet else {
         return build_policy(config, fetched);
     };
+    host_rules_take_effect(config, fleet.group.as_ref().map(|group| &group.policy))?;
     // The host's own rules are optional: the group brings the allow list.
     let mut local = config.clone();
     local.allow_none = true;
@@ -122,6 +123,33 @@ pub(super) fn compose(
             Ok((policy, warnings))
         }
     }
+}
+
+/// Refuses a host file whose own rules the group's policy would not use: the host's
+/// `[[scope]]`s (the group brings the scopes), and top-level rules where `group` guards no
+/// destination outside its scopes (they join its default scope, and would stop nothing while
+/// `check` and `explain` said they do).
+fn host_rules_take_effect(config: &Config, group: Option<&Policy>) -> Result<(), ConfigError> {
+    if let Some(scope) = config.scopes.first() {
+        return Err(ConfigError::BadValue {
+            at: scope.at.clone(),
+            key: "scope",
+            value: scope.name.clone(),
+            reason: "a host that follows a fleet group takes its scopes from the group (publish it there); the host's own rules are top-level [[allow]] and [[deny]]",
+        });
+    }
+    if let Some(group) = group
+        && !group.default_scope().guarded
+        && let Some(rule) = config.allow.iter().chain(&config.deny).next()
+    {
+        return Err(ConfigError::BadValue {
+            at: rule.at.clone(),
+            key: "rule",
+            value: rule.name.clone(),
+            reason: "the fleet group's policy guards no destination outside its scopes, so the host's own rules would do nothing (put them in the group's scopes)",
+        });
+    }
+    Ok(())
 }
 
 /// Waits for the follower's next event; never, without one.
@@ -439,4 +467,49 @@ fn read_stored(dir: &Path, name: &str) -> Result<Option<GroupPolicy>, StoredErro
         compressed,
         policy,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::source::fetch::Fetched;
+
+    fn parse(text: &str) -> Config {
+        Config::parse(Path::new("/etc/smtpguard/host.toml"), text).unwrap()
+    }
+
+    #[test]
+    fn a_hosts_rules_must_reach_the_groups_policy() {
+        let scoped_group = parse(
+            "interfaces = [\"eth0\"]\n[[scope]]\nname = \"mail\"\ndestinations = [\"198.51.100.1\"]\n[[scope.allow]]\nname = \"p\"\nprefixes = [\"192.0.2.0/28\"]\n",
+        );
+        let (scoped_group, _) = Policy::build(&scoped_group, &Fetched::default()).unwrap();
+        let host = parse(
+            "interfaces = [\"eth0\"]\nallow_none = true\n[[deny]]\nname = \"abuser\"\nprefixes = [\"192.0.2.9\"]\n",
+        );
+        let error = host_rules_take_effect(&host, Some(&scoped_group))
+            .unwrap_err()
+            .to_string();
+        assert!(error.starts_with("/etc/smtpguard/host.toml:4:"), "{error}");
+        assert!(error.contains("\"abuser\""), "{error}");
+        let (guarded_group, _) = Policy::build(
+            &parse(
+                "interfaces = [\"eth0\"]\n[[allow]]\nname = \"p\"\nprefixes = [\"192.0.2.0/28\"]\n",
+            ),
+            &Fetched::default(),
+        )
+        .unwrap();
+        host_rules_take_effect(&host, Some(&guarded_group)).unwrap();
+        host_rules_take_effect(&host, None).unwrap();
+
+        let scoped_host = parse(
+            "interfaces = [\"eth0\"]\n[[scope]]\nname = \"own\"\ndestinations = [\"198.51.100.2\"]\nallow_none = true\n",
+        );
+        let error = host_rules_take_effect(&scoped_host, Some(&guarded_group))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("takes its scopes from the group"), "{error}");
+    }
 }

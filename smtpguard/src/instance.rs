@@ -418,6 +418,10 @@ pub struct PrefixState {
     pub scope_id: u32,
     #[serde(default = "default_scope")]
     pub scope: Arc<str>,
+    /// For a deny prefix of `allow` precedence inside an allow prefix: that prefix, which
+    /// decides the SYNs this one matches (the program counts them there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<ipnet::IpNet>,
 }
 
 /// A scope of the policy in force, as `stats` and `report` show it.

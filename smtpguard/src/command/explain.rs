@@ -11,6 +11,11 @@ use crate::{
 /// The decision for a SYN from `source` to `destination` (`None`: any destination the
 /// default scope covers), port `port`, explained.
 pub fn explain(policy: &Policy, source: IpAddr, destination: Option<IpAddr>, port: u16) -> String {
+    // An IPv4 sender as a dual-stack MTA logs it (::ffff:192.0.2.9) is IPv4 on the wire.
+    let (source, destination) = (
+        source.to_canonical(),
+        destination.map(|to| to.to_canonical()),
+    );
     let mut out = String::new();
     let (_, scope) = policy.scope_for(destination);
     if policy.scoped() {
@@ -134,6 +139,11 @@ mod tests {
         assert!(
             text.ends_with("verdict: DROP (the sender times out)\n"),
             "{text}"
+        );
+        let mapped = explain(&enforce, "::ffff:89.16.184.145".parse().unwrap(), None, 25);
+        assert!(
+            mapped.ends_with("verdict: PASS\n"),
+            "an IPv4 sender as a dual-stack MTA logs it: {mapped}"
         );
         let text = explain(&enforce, "203.0.113.9".parse().unwrap(), None, 25);
         assert!(text.contains("203.0.113.9 is unlisted"), "{text}");

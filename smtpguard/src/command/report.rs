@@ -167,13 +167,22 @@ impl Report {
     }
 }
 
-/// The most specific prefix of scope `scope` of the policy in force that holds `source`.
+/// The prefix of scope `scope` of the policy in force that decides for `source`: the most
+/// specific that holds it, or the allow prefix that outranks that one (a feed's).
 pub(crate) fn decided_by(state: &RunState, scope: u32, source: IpAddr) -> String {
-    let best = state
-        .prefixes
-        .iter()
-        .filter(|prefix| prefix.scope_id == scope && prefix.prefix.contains(&source))
+    let in_scope = || {
+        state
+            .prefixes
+            .iter()
+            .filter(move |prefix| prefix.scope_id == scope)
+    };
+    let best = in_scope()
+        .filter(|prefix| prefix.prefix.contains(&source))
         .max_by_key(|prefix| prefix.prefix.prefix_len());
+    let best = match best.and_then(|prefix| prefix.decided_by) {
+        Some(decider) => in_scope().find(|prefix| prefix.prefix == decider).or(best),
+        None => best,
+    };
     match best {
         Some(prefix) if prefix.list == List::Deny => {
             format!("deny rule {:?} ({})", prefix.rule, prefix.prefix)
@@ -233,6 +242,7 @@ mod tests {
                 prefix: "192.0.2.0/24".parse().unwrap(),
                 scope_id: 0,
                 scope: "default".into(),
+                decided_by: None,
             }],
             counter_map_ids: Default::default(),
             scopes: Vec::new(),
@@ -279,6 +289,30 @@ mod tests {
                 ),
                 ("203.0.113.5".to_owned(), 2, "unlisted"),
             ]
+        );
+        // A feed's prefix inside an allow prefix is outranked: the allow prefix decides.
+        let mut ranked = state.clone();
+        let prefix = |list, rule: &str, net: &str, decided_by: Option<&str>| PrefixState {
+            counter_id: 7,
+            list,
+            rule: rule.into(),
+            prefix: net.parse().unwrap(),
+            scope_id: 0,
+            scope: "default".into(),
+            decided_by: decided_by.map(|net| net.parse().unwrap()),
+        };
+        ranked.prefixes.extend([
+            prefix(List::Allow, "provider", "198.51.100.0/24", None),
+            prefix(
+                List::Deny,
+                "drop",
+                "198.51.100.8/29",
+                Some("198.51.100.0/24"),
+            ),
+        ]);
+        assert_eq!(
+            decided_by(&ranked, 0, "198.51.100.9".parse().unwrap()),
+            "now allowed by rule \"provider\" (198.51.100.0/24)"
         );
         let age = SystemTime::now()
             .duration_since(report.rows[1].last_seen)

@@ -428,6 +428,7 @@ mod tests {
                     prefix: "89.16.184.144/28".parse().unwrap(),
                     scope_id: 0,
                     scope: "default".into(),
+                    decided_by: None,
                 },
                 PrefixState {
                     counter_id: 2,
@@ -436,6 +437,7 @@ mod tests {
                     prefix: "89.16.184.150/32".parse().unwrap(),
                     scope_id: 0,
                     scope: "default".into(),
+                    decided_by: None,
                 },
             ],
             counter_map_ids: Default::default(),

@@ -362,6 +362,7 @@ mod tests {
             prefix: prefix.parse().unwrap(),
             scope_id: 0,
             scope: "default".into(),
+            decided_by: None,
         };
         RunState {
             pid: 0,

@@ -53,6 +53,7 @@ impl StateJob {
                         prefix: *net,
                         scope_id,
                         scope: Arc::clone(&name),
+                        decided_by: entry.decided_by,
                     })
                 })
             })
@@ -87,15 +88,15 @@ pub fn prefix_state(
     counter_id: u32,
 ) -> PrefixState {
     let scope = policy.scopes.get(scope_id as usize);
+    let entry = scope.and_then(|scope| scope.entries.get(&net));
     PrefixState {
         counter_id,
         list,
-        rule: scope
-            .and_then(|scope| scope.entries.get(&net))
-            .map_or_else(|| "".into(), |entry| Arc::clone(&entry.rule)),
+        rule: entry.map_or_else(|| "".into(), |entry| Arc::clone(&entry.rule)),
         prefix: net,
         scope_id,
         scope: scope.map_or_else(|| "default".into(), |scope| scope.name.as_str().into()),
+        decided_by: entry.and_then(|entry| entry.decided_by),
     }
 }
 

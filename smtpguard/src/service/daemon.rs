@@ -647,14 +647,17 @@ impl Daemon {
         self.record_state();
     }
 
-    /// Whether the configuration asks for resets anywhere.
+    /// Whether the configuration asks for resets anywhere: the top level, a scope, a rule.
     fn policy_may_reject(&self) -> bool {
-        self.config.action == Action::Reject
-            || self
-                .config
-                .deny
+        let config = &self.config;
+        config.action == Action::Reject
+            || config
+                .scopes
                 .iter()
-                .any(|rule| rule.action == Some(Action::Reject))
+                .any(|scope| scope.action == Action::Reject)
+            || config
+                .all_rules()
+                .any(|(_, rule)| rule.action == Some(Action::Reject))
     }
 
     /// Asks DNS again about the names that are due, and fetches the URL lists that are due;

@@ -155,6 +155,40 @@ fn a_boot_closes_each_scope_on_its_own_ports() {
     assert!(text.contains("detached from"), "{text}");
 }
 
+/// Scopes whose destinations the maps cannot hold (one more than the program's 65536): the
+/// boot filter closes every port a scope guards for every destination instead of attaching
+/// nothing, the start fails naming the line, and the closed filter stays (found by review:
+/// the boot used to end with no filter at all).
+#[test]
+fn a_boot_filter_the_maps_refuse_closes_everything_instead() {
+    let pair = Pair::new(&[UNLISTED4.into()]);
+    let _smtp = Listener::start(&pair.server, 25);
+    let destinations: Vec<String> = (0..=65536u32)
+        .map(|n| format!("\"10.{}.{}.{}\"", 1 + (n >> 16), (n >> 8) & 0xff, n & 0xff))
+        .collect();
+    let text = format!(
+        "interfaces = [\"{}\"]\n\n[[allow]]\nname = \"provider\"\nprefixes = [\"192.0.2.0/28\"]\n\n[[scope]]\nname = \"many\"\ndestinations = [{}]\nallow_none = true\n",
+        pair.server_if,
+        destinations.join(", ")
+    );
+    let mut daemon = Daemon::launch(&pair.server, &text);
+    let status = daemon.wait_exit(Duration::from_secs(60));
+    assert!(!status.success(), "{}", daemon.log());
+    let log = daemon.log();
+    assert!(log.contains("boot: the scopes cannot be written"), "{log}");
+    assert!(
+        log.contains("\"10.2.0.0\": one too many"),
+        "the refusal names the value: {log}"
+    );
+    assert_eq!(
+        attempt(&pair, UNLISTED4),
+        Outcome::TimedOut,
+        "the failed start leaves a closed filter"
+    );
+    let text = daemon.cli(&["detach"]);
+    assert!(text.contains("detached from"), "{text}");
+}
+
 #[test]
 fn audit_mode_attaches_nothing_before_its_policy() {
     let pair = Pair::new(&[UNLISTED4.into()]);

@@ -110,6 +110,15 @@ impl CounterIdSnapshot {
             .map(|((scope, net, list), id)| (*scope, net, *list, *id))
     }
 
+    /// How many prefixes have counter ids.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// The counter id of one prefix.
     pub fn get(&self, key: &CounterKey) -> Option<u32> {
         self.0.get(key).copied()
@@ -383,20 +392,7 @@ impl PolicyMaps {
     /// built. Its generation is 0: it is not a policy a later daemon should take for one it
     /// applied.
     pub fn apply_closed(&mut self, policy: &Policy) -> Result<ApplyReport, ApplyError> {
-        let closed = Policy {
-            scopes: policy
-                .scopes
-                .iter()
-                .map(|scope| crate::policy::Scope {
-                    unlisted_action: crate::source::config::Action::Drop,
-                    entries: Default::default(),
-                    outranked: Vec::new(),
-                    ..scope.clone()
-                })
-                .collect(),
-            refused: Vec::new(),
-        };
-        self.install(&closed, 0)
+        self.install(&policy.emptied(), 0)
     }
 
     /// Makes `policy` the one in force, atomically, as the next generation.

@@ -138,6 +138,8 @@ impl Policy {
         }
         let mut scopes = vec![default];
         let mut destinations: BTreeMap<IpNet, (String, Location)> = BTreeMap::new();
+        // Destinations so far, IPv4 and IPv6: the program holds so many of each.
+        let mut per_family = [0usize; 2];
         for spec in &config.scopes {
             let mut nets = Vec::new();
             for (text, at) in &spec.destinations {
@@ -152,6 +154,16 @@ impl Policy {
                         prefix: parsed.net,
                         first: first.clone(),
                         first_at: first_at.clone(),
+                    });
+                }
+                let family = &mut per_family[usize::from(parsed.net.addr().is_ipv6())];
+                *family += 1;
+                if *family > smtpguard_common::MAX_SCOPE_DESTINATIONS as usize {
+                    return Err(ConfigError::BadValue {
+                        at: at.clone(),
+                        key: "destination",
+                        value: text.clone(),
+                        reason: "one too many: the program holds 65536 scope destinations per address family",
                     });
                 }
                 destinations.insert(parsed.net, (spec.name.clone(), at.clone()));
@@ -250,6 +262,46 @@ impl Policy {
         };
         Self {
             scopes,
+            refused: Vec::new(),
+        }
+    }
+
+    /// This policy's scopes with their destinations, ports and modes, and no prefixes: every
+    /// SYN they guard is dropped. The boot filter of a host whose policy comes from elsewhere
+    /// (a fleet group's), and what [`Policy::closed`] gives the maps.
+    pub fn emptied(&self) -> Self {
+        Self {
+            scopes: self
+                .scopes
+                .iter()
+                .map(|scope| Scope {
+                    unlisted_action: Action::Drop,
+                    entries: BTreeMap::new(),
+                    outranked: Vec::new(),
+                    ..scope.clone()
+                })
+                .collect(),
+            refused: Vec::new(),
+        }
+    }
+
+    /// One enforcing scope that drops every SYN, to every destination, on every port any
+    /// scope of this policy names: the boot filter where the scoped one cannot be written
+    /// (the maps refuse its destinations).
+    pub fn closed_everywhere(&self) -> Self {
+        Self {
+            scopes: vec![Scope {
+                name: "default".to_owned(),
+                guarded: true,
+                ports: self
+                    .scopes
+                    .iter()
+                    .flat_map(|scope| scope.ports.iter().copied())
+                    .collect(),
+                mode: Mode::Enforce,
+                unlisted_action: Action::Drop,
+                ..Scope::default()
+            }],
             refused: Vec::new(),
         }
     }
@@ -1519,6 +1571,7 @@ mod closed_tests {
     use std::path::Path;
 
     use super::*;
+    use crate::source::fetch::Fetched;
 
     const SCOPED: &str = "interfaces = [\"eth0\"]\nmode = \"audit\"\n[[scope]]\nname = \"mail\"\ndestinations = [\"198.51.100.1\"]\nmode = \"enforce\"\nports = [25, 2525]\naction = \"reject\"\n[[scope.allow]]\nname = \"p\"\nprefixes = [\"192.0.2.0/28\"]\n";
 
@@ -1550,6 +1603,28 @@ mod closed_tests {
         )
         .unwrap();
         assert!(!Policy::closed(&audit).enforces(), "every scope audits");
+    }
+
+    #[test]
+    fn a_group_policy_emptied_keeps_its_scopes_and_closes_everywhere_on_their_ports() {
+        let config = Config::parse(Path::new("/etc/smtpguard/test.toml"), SCOPED).unwrap();
+        let (policy, _) = Policy::build(&config, &Fetched::default()).unwrap();
+        let emptied = policy.emptied();
+        assert_eq!(emptied.scopes.len(), 2);
+        assert!(emptied.scopes.iter().all(|scope| scope.entries.is_empty()));
+        assert_eq!(
+            emptied.scopes[1].unlisted_action,
+            Action::Drop,
+            "reject in the file"
+        );
+        assert_eq!(
+            emptied.scopes[1].destinations,
+            policy.scopes[1].destinations
+        );
+        let everywhere = policy.closed_everywhere();
+        assert_eq!(everywhere.scopes.len(), 1);
+        assert!(everywhere.enforces());
+        assert_eq!(everywhere.scopes[0].ports, BTreeSet::from([25, 2525]));
     }
 
     #[test]

@@ -451,14 +451,23 @@ impl Daemon {
             return Ok(());
         }
         let recovered = self.maps.recovered();
-        // What the state file shows until the policy is built.
-        self.policy = Arc::new(Policy::closed(&self.config));
+        // The scopes the policy will have: the fleet group's where it brings them (what its
+        // store kept), else the file's. Also what the state file shows until it is built.
+        let group = self.fleet.as_ref().and_then(fleet::FleetLink::group_policy);
+        self.policy = Arc::new(group.map_or_else(|| Policy::closed(&self.config), Policy::emptied));
         if !recovered {
             // Every scope only audits: on maps that hold nothing, nothing would be stopped.
             if !self.policy.enforces() {
                 return Ok(());
             }
-            self.maps.apply_closed(&self.policy)?;
+            if let Err(error) = self.maps.apply_closed(&self.policy) {
+                // Never nothing: the same ports, closed for every destination.
+                log::warn!(
+                    "boot: the scopes cannot be written ({error}); every port a scope guards is closed for every destination until the policy is built"
+                );
+                self.policy = Arc::new(self.policy.closed_everywhere());
+                self.maps.apply_closed(&self.policy)?;
+            }
             self.boot = true;
         }
         let outcome = self.attach_or_wait(&uncovered);

@@ -64,6 +64,11 @@ pub struct FleetState {
 }
 
 impl FleetLink {
+    /// The group's policy in force (or kept from the last run), if there is one.
+    pub(super) fn group_policy(&self) -> Option<&Policy> {
+        self.group.as_ref().map(|group| &group.policy)
+    }
+
     /// The link for `settings`, with the group policy the store kept (refused if it does
     /// not validate: the host then starts with its own rules until the cluster answers).
     pub(super) fn load(settings: FleetSettings, store: &Store) -> Self {
@@ -108,11 +113,12 @@ pub(super) fn compose(
     let Some(fleet) = fleet else {
         return build_policy(config, fetched);
     };
-    host_rules_take_effect(config, fleet.group.as_ref().map(|group| &group.policy))?;
+    let unused = host_rules_unused(config, fleet.group_policy())?;
     // The host's own rules are optional: the group brings the allow list.
     let mut local = config.clone();
     local.allow_none = true;
-    let (policy, warnings) = build_policy(&local, fetched)?;
+    let (policy, mut warnings) = build_policy(&local, fetched)?;
+    warnings.extend(unused);
     match &fleet.group {
         Some(group) => Ok((merge::merge(&group.policy, &policy)?, warnings)),
         None => {
@@ -125,11 +131,14 @@ pub(super) fn compose(
     }
 }
 
-/// Refuses a host file whose own rules the group's policy would not use: the host's
-/// `[[scope]]`s (the group brings the scopes), and top-level rules where `group` guards no
-/// destination outside its scopes (they join its default scope, and would stop nothing while
-/// `check` and `explain` said they do).
-fn host_rules_take_effect(config: &Config, group: Option<&Policy>) -> Result<(), ConfigError> {
+/// Refuses a host file with `[[scope]]`s (the group brings the scopes), and says so where
+/// `group` guards no destination outside its scopes: the host's top-level rules join its
+/// default scope and stop nothing there until a revision guards it. A warning, not a
+/// refusal: refusing would keep the host on an older revision of the group.
+fn host_rules_unused(
+    config: &Config,
+    group: Option<&Policy>,
+) -> Result<Option<Warning>, ConfigError> {
     if let Some(scope) = config.scopes.first() {
         return Err(ConfigError::BadValue {
             at: scope.at.clone(),
@@ -138,18 +147,16 @@ fn host_rules_take_effect(config: &Config, group: Option<&Policy>) -> Result<(),
             reason: "a host that follows a fleet group takes its scopes from the group (publish it there); the host's own rules are top-level [[allow]] and [[deny]]",
         });
     }
-    if let Some(group) = group
-        && !group.default_scope().guarded
-        && let Some(rule) = config.allow.iter().chain(&config.deny).next()
-    {
-        return Err(ConfigError::BadValue {
+    Ok(group
+        .filter(|group| !group.default_scope().guarded)
+        .and_then(|_| config.allow.iter().chain(&config.deny).next())
+        .map(|rule| Warning {
             at: rule.at.clone(),
-            key: "rule",
-            value: rule.name.clone(),
-            reason: "the fleet group's policy guards no destination outside its scopes, so the host's own rules would do nothing (put them in the group's scopes)",
-        });
-    }
-    Ok(())
+            message: format!(
+                "rule {:?} and the host's other rules take no effect: the fleet group's policy guards no destination outside its scopes (put them in the group's scopes)",
+                rule.name
+            ),
+        }))
 }
 
 /// Waits for the follower's next event; never, without one.
@@ -489,11 +496,15 @@ mod tests {
         let host = parse(
             "interfaces = [\"eth0\"]\nallow_none = true\n[[deny]]\nname = \"abuser\"\nprefixes = [\"192.0.2.9\"]\n",
         );
-        let error = host_rules_take_effect(&host, Some(&scoped_group))
-            .unwrap_err()
+        let warning = host_rules_unused(&host, Some(&scoped_group))
+            .unwrap()
+            .expect("said")
             .to_string();
-        assert!(error.starts_with("/etc/smtpguard/host.toml:4:"), "{error}");
-        assert!(error.contains("\"abuser\""), "{error}");
+        assert!(
+            warning.starts_with("/etc/smtpguard/host.toml:4:"),
+            "{warning}"
+        );
+        assert!(warning.contains("\"abuser\""), "{warning}");
         let (guarded_group, _) = Policy::build(
             &parse(
                 "interfaces = [\"eth0\"]\n[[allow]]\nname = \"p\"\nprefixes = [\"192.0.2.0/28\"]\n",
@@ -501,13 +512,17 @@ mod tests {
             &Fetched::default(),
         )
         .unwrap();
-        host_rules_take_effect(&host, Some(&guarded_group)).unwrap();
-        host_rules_take_effect(&host, None).unwrap();
+        assert!(
+            host_rules_unused(&host, Some(&guarded_group))
+                .unwrap()
+                .is_none()
+        );
+        assert!(host_rules_unused(&host, None).unwrap().is_none());
 
         let scoped_host = parse(
             "interfaces = [\"eth0\"]\n[[scope]]\nname = \"own\"\ndestinations = [\"198.51.100.2\"]\nallow_none = true\n",
         );
-        let error = host_rules_take_effect(&scoped_host, Some(&guarded_group))
+        let error = host_rules_unused(&scoped_host, Some(&guarded_group))
             .unwrap_err()
             .to_string();
         assert!(error.contains("takes its scopes from the group"), "{error}");

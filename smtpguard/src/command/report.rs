@@ -86,7 +86,18 @@ impl Report {
         }
         Self {
             instance: instance.to_owned(),
-            mode: state.mode,
+            // Audit only where no guarded scope enforces: the top level may audit beside a
+            // scope that blocks.
+            mode: match state
+                .scopes
+                .iter()
+                .filter(|scope| scope.guarded)
+                .any(|scope| scope.mode == Mode::Enforce)
+            {
+                true => Mode::Enforce,
+                false if state.scopes.is_empty() => state.mode,
+                false => Mode::Audit,
+            },
             sources,
             rows,
         }

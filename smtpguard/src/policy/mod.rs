@@ -313,6 +313,16 @@ impl Policy {
             .any(|scope| scope.guarded && scope.mode == Mode::Enforce)
     }
 
+    /// The mode to name the policy by: enforce where some guarded scope enforces (the top
+    /// level may audit beside a scope that blocks), else audit.
+    pub fn mode(&self) -> Mode {
+        if self.enforces() {
+            Mode::Enforce
+        } else {
+            Mode::Audit
+        }
+    }
+
     /// The default scope: the file's top level.
     pub fn default_scope(&self) -> &Scope {
         &self.scopes[0]
@@ -1597,12 +1607,14 @@ mod closed_tests {
             closed.enforces(),
             "the scope enforces though the top level audits"
         );
+        assert_eq!(closed.mode(), Mode::Enforce, "what status and metrics say");
         let audit = Config::parse(
             Path::new("/etc/smtpguard/test.toml"),
             &SCOPED.replace("mode = \"enforce\"\n", ""),
         )
         .unwrap();
         assert!(!Policy::closed(&audit).enforces(), "every scope audits");
+        assert_eq!(Policy::closed(&audit).mode(), Mode::Audit);
     }
 
     #[test]

@@ -906,7 +906,7 @@ impl Daemon {
     fn status(&self) -> String {
         format!(
             "{} mode, policy generation {}: {} allow and {} deny prefixes",
-            self.policy.default_scope().mode,
+            self.policy.mode(),
             self.maps.generation(),
             self.policy.count(List::Allow),
             self.policy.count(List::Deny)

@@ -564,7 +564,7 @@ impl prometheus_client::collector::Collector for Exporter {
         gauge_family(
             &mut encoder,
             "smtpguard_enforcing",
-            "1 in enforce mode, 0 in audit mode.",
+            "1 where some guarded scope enforces, 0 where every scope audits.",
             &[(none(), i64::from(telemetry.mode == Mode::Enforce))],
         )?;
         let failures: Vec<(Labels, u64)> = telemetry

@@ -60,11 +60,13 @@ impl StateJob {
         instance: &Instance,
         telemetry: &SharedTelemetry,
     ) -> Result<(), InstanceError> {
+        // Enforcing where any guarded scope enforces: the top level may audit beside them.
+        let mode = self.policy.mode();
         let (state, prefix_series) = self.build();
         instance.write_state(&state)?;
         if let Ok(mut telemetry) = telemetry.lock() {
             telemetry.interfaces = state.interfaces;
-            telemetry.mode = state.mode;
+            telemetry.mode = mode;
             telemetry.generation = state.generation;
             telemetry.prefixes = state.prefixes;
             telemetry.prefix_series = prefix_series;

@@ -326,7 +326,7 @@ impl Daemon {
                 .as_ref()
                 .map_or_else(String::new, |group| group.manifest.hash.clone()),
             generation: self.maps.generation(),
-            mode: self.policy.default_scope().mode.to_string(),
+            mode: self.policy.mode().to_string(),
             applied_at_unix: fleet.applied_at_unix,
             reported_at_unix: 0,
             local_prefixes: self.policy.entries().count().saturating_sub(group_entries),

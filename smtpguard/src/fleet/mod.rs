@@ -199,12 +199,57 @@ static NEXT_MEMBER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUs
 /// How long a member has to answer before the next one is tried.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long [`connect`] goes on trying the members while their answers say the cluster is
+/// busy (an election after its leader died takes a second or two): a publish at that moment
+/// waits for the new leader instead of failing.
+const CONNECT_PATIENCE: Duration = Duration::from_secs(10);
+
 /// Opens a client on the first member (in turn) that answers a linearizable read: one that
 /// is down, or cut off from the quorum, is passed over. One member per client, not the
 /// crate's balanced channel: that one hands a request to a member it has not yet found dead
-/// (a publish then fails while two members of three are fine).
+/// (a publish then fails while two members of three are fine). Where every member fails in
+/// a way that passes (down, unreachable, electing a leader), the round is tried again for
+/// up to [`CONNECT_PATIENCE`].
 pub async fn connect(connection: &Connection) -> Result<Client, FleetError> {
     let options = connect_options(connection)?;
+    let deadline = tokio::time::Instant::now() + CONNECT_PATIENCE;
+    loop {
+        match connect_round(connection, &options).await {
+            Ok(client) => return Ok(client),
+            Err(failure)
+                if passing(&failure)
+                    && tokio::time::Instant::now() + Duration::from_millis(250) < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(failure) => {
+                return Err(FleetError::Etcd {
+                    endpoints: connection.endpoints.join(","),
+                    what: "connecting (no member answered)",
+                    source: Box::new(failure),
+                });
+            }
+        }
+    }
+}
+
+/// Whether an error may be gone on the next try: a member down or out of reach, or a
+/// cluster without a leader for the moment. Not a refused password or certificate.
+fn passing(error: &etcd_client::Error) -> bool {
+    match error {
+        etcd_client::Error::IoError(_) | etcd_client::Error::TransportError(_) => true,
+        // gRPC's UNKNOWN (2), DEADLINE_EXCEEDED (4) and UNAVAILABLE (14), which etcd
+        // answers with while it has no leader ("leader changed", "no leader").
+        etcd_client::Error::GRpcStatus(status) => matches!(i32::from(status.code()), 2 | 4 | 14),
+        _ => false,
+    }
+}
+
+/// One try of each member, in turn from the next one; the last failure if none answered.
+async fn connect_round(
+    connection: &Connection,
+    options: &ConnectOptions,
+) -> Result<Client, etcd_client::Error> {
     let count = connection.endpoints.len().max(1);
     let first = NEXT_MEMBER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut failure = None;
@@ -233,13 +278,7 @@ pub async fn connect(connection: &Connection) -> Result<Client, FleetError> {
             }
         }
     }
-    Err(FleetError::Etcd {
-        endpoints: connection.endpoints.join(","),
-        what: "connecting (no member answered)",
-        source: Box::new(
-            failure.unwrap_or_else(|| etcd_client::Error::InvalidArgs("no endpoints".to_owned())),
-        ),
-    })
+    Err(failure.unwrap_or_else(|| etcd_client::Error::InvalidArgs("no endpoints".to_owned())))
 }
 
 fn connect_options(connection: &Connection) -> Result<ConnectOptions, FleetError> {

@@ -227,42 +227,25 @@ impl Policy {
             config.mode,
         );
         let mut seen = BTreeSet::new();
-        let scopes: Option<Vec<Scope>> = config
-            .scopes
-            .iter()
-            .map(|spec| {
-                let destinations = spec
-                    .destinations
-                    .iter()
-                    .map(|(text, _)| prefix::parse(text).ok().map(|parsed| parsed.net))
-                    .collect::<Option<Vec<IpNet>>>()?;
-                destinations
-                    .iter()
-                    .all(|net| seen.insert(*net))
-                    .then(|| closed(&spec.name, destinations, true, &spec.ports, spec.mode))
-            })
-            .collect();
-        let scopes = match scopes {
-            Some(scopes) => std::iter::once(default).chain(scopes).collect(),
-            None => {
-                let every_port: Vec<(u16, Location)> = config
-                    .ports
-                    .iter()
-                    .chain(config.scopes.iter().flat_map(|scope| &scope.ports))
-                    .cloned()
-                    .collect();
-                vec![closed(
-                    "default",
-                    Vec::new(),
-                    true,
-                    &every_port,
-                    Mode::Enforce,
-                )]
-            }
-        };
-        Self {
-            scopes,
+        let mut readable = true;
+        let scoped = config.scopes.iter().map(|spec| {
+            let destinations: Vec<IpNet> = spec
+                .destinations
+                .iter()
+                .filter_map(|(text, _)| prefix::parse(text).ok().map(|parsed| parsed.net))
+                .collect();
+            readable &= destinations.len() == spec.destinations.len()
+                && destinations.iter().all(|net| seen.insert(*net));
+            closed(&spec.name, destinations, true, &spec.ports, spec.mode)
+        });
+        let policy = Self {
+            scopes: std::iter::once(default).chain(scoped).collect(),
             refused: Vec::new(),
+        };
+        if readable {
+            policy
+        } else {
+            policy.closed_everywhere()
         }
     }
 

@@ -113,7 +113,7 @@ pub(super) fn compose(
     let Some(fleet) = fleet else {
         return build_policy(config, fetched);
     };
-    let unused = host_rules_unused(config, fleet.group_policy())?;
+    let unused = host_rules_unused(config, fleet.group_policy());
     // The host's own rules are optional: the group brings the allow list.
     let mut local = config.clone();
     local.allow_none = true;
@@ -131,23 +131,12 @@ pub(super) fn compose(
     }
 }
 
-/// Refuses a host file with `[[scope]]`s (the group brings the scopes), and says so where
-/// `group` guards no destination outside its scopes: the host's top-level rules join its
-/// default scope and stop nothing there until a revision guards it. A warning, not a
-/// refusal: refusing would keep the host on an older revision of the group.
-fn host_rules_unused(
-    config: &Config,
-    group: Option<&Policy>,
-) -> Result<Option<Warning>, ConfigError> {
-    if let Some(scope) = config.scopes.first() {
-        return Err(ConfigError::BadValue {
-            at: scope.at.clone(),
-            key: "scope",
-            value: scope.name.clone(),
-            reason: "a host that follows a fleet group takes its scopes from the group (publish it there); the host's own rules are top-level [[allow]] and [[deny]]",
-        });
-    }
-    Ok(group
+/// A warning where `group` guards no destination outside its scopes: the host's top-level
+/// rules join its default scope and stop nothing there until a revision guards it. Not a
+/// refusal: that would keep the host on an older revision of the group. (A host file with
+/// `[[scope]]`s is refused when it is read: the group brings the scopes.)
+fn host_rules_unused(config: &Config, group: Option<&Policy>) -> Option<Warning> {
+    group
         .filter(|group| !group.default_scope().guarded)
         .and_then(|_| config.allow.iter().chain(&config.deny).next())
         .map(|rule| Warning {
@@ -156,7 +145,7 @@ fn host_rules_unused(
                 "rule {:?} and the host's other rules take no effect: the fleet group's policy guards no destination outside its scopes (put them in the group's scopes)",
                 rule.name
             ),
-        }))
+        })
 }
 
 /// Waits for the follower's next event; never, without one.
@@ -497,7 +486,6 @@ mod tests {
             "interfaces = [\"eth0\"]\nallow_none = true\n[[deny]]\nname = \"abuser\"\nprefixes = [\"192.0.2.9\"]\n",
         );
         let warning = host_rules_unused(&host, Some(&scoped_group))
-            .unwrap()
             .expect("said")
             .to_string();
         assert!(
@@ -512,19 +500,20 @@ mod tests {
             &Fetched::default(),
         )
         .unwrap();
-        assert!(
-            host_rules_unused(&host, Some(&guarded_group))
-                .unwrap()
-                .is_none()
-        );
-        assert!(host_rules_unused(&host, None).unwrap().is_none());
+        assert!(host_rules_unused(&host, Some(&guarded_group)).is_none());
+        assert!(host_rules_unused(&host, None).is_none());
 
-        let scoped_host = parse(
-            "interfaces = [\"eth0\"]\n[[scope]]\nname = \"own\"\ndestinations = [\"198.51.100.2\"]\nallow_none = true\n",
+        // A host file with its own scopes is refused as it is read.
+        let error = Config::parse(
+            Path::new("/etc/smtpguard/host.toml"),
+            "interfaces = [\"eth0\"]\n[fleet]\netcd = [\"http://127.0.0.1:2379\"]\ngroup = \"mx\"\n[[scope]]\nname = \"own\"\ndestinations = [\"198.51.100.2\"]\nallow_none = true\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("[[scope]]"), "{error}");
+        assert!(
+            error.contains("the group's published policy says this"),
+            "{error}"
         );
-        let error = host_rules_unused(&scoped_host, Some(&guarded_group))
-            .unwrap_err()
-            .to_string();
-        assert!(error.contains("takes its scopes from the group"), "{error}");
     }
 }

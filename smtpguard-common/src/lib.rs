@@ -47,6 +47,18 @@ pub mod map_name {
     /// overlaps that /32. A clear bit settles an IPv6 source as unlisted without the trie
     /// walk; a set bit (the /32 is listed, or shares its bit with one that is) sends it on.
     pub const V6_GUARD: &str = "SG_V6_GUARD";
+    /// `Array<[u64; V4_TOP_ENTRIES]>` of [`super::SLOTS`] entries: per policy slot, one
+    /// [`super::v4_table`] word per IPv4 /16: the rule that decides the whole /16, or
+    /// (with `DEEPER`) the rule for its /24s that [`V4_BLOCKS_SLOT0`] does not hold. Written
+    /// only for a policy without destination scopes ([`super::SlotConfig::v4_table`]).
+    pub const V4_TOP: &str = "SG_V4_TOP";
+    /// `HashMap<u32, V4Block>`: per IPv4 /24 (its address shifted right by 8) that a prefix
+    /// longer than /16 overlaps, how its 256 addresses are decided, policy slot 0. Together
+    /// with [`V4_TOP`], the same verdict as the trie, in two or three reads instead of a
+    /// walk; the trie stays the source of truth where a /24 has too many ranges.
+    pub const V4_BLOCKS_SLOT0: &str = "SG_V4_BLK_0";
+    /// The same for policy slot 1.
+    pub const V4_BLOCKS_SLOT1: &str = "SG_V4_BLK_1";
     /// `PerCpuArray<RecordBudget>` of one entry: how many stopped sources this CPU recorded
     /// in the current second.
     pub const RECORD_BUDGET: &str = "SG_REC_BUDGET";
@@ -76,7 +88,7 @@ pub mod map_name {
     pub const CANARY_NEW: &str = "SG_CANARY_NEW";
 
     /// Every map, in a stable order (pinning, listing, tests).
-    pub const ALL: [&str; 23] = [
+    pub const ALL: [&str; 26] = [
         ACTIVE_SLOT,
         SLOT_CONFIG,
         SCOPES,
@@ -91,6 +103,9 @@ pub mod map_name {
         V4_GUARD,
         V4_COARSE,
         V6_GUARD,
+        V4_TOP,
+        V4_BLOCKS_SLOT0,
+        V4_BLOCKS_SLOT1,
         RECORD_BUDGET,
         PREFIX_HITS,
         GLOBAL,
@@ -128,6 +143,48 @@ pub const MAX_PREFIX_COUNTERS: u32 = 2 * MAX_PREFIXES_PER_FAMILY;
 pub const V4_GUARD_WORDS: usize = 1 << 19;
 /// Words of one slot's coarse IPv4 guard bitmap: 2^20 bits, one per /20 (128 KiB).
 pub const V4_COARSE_WORDS: usize = 1 << 15;
+
+/// Entries of one slot's IPv4 top table: one per /16 (512 KiB).
+pub const V4_TOP_ENTRIES: usize = 1 << 16;
+/// Upper bound on the /24 blocks of one slot's IPv4 table. The hash is created with
+/// `BPF_F_NO_PREALLOC`: a limit, not memory reserved up front. A policy that needs more
+/// leaves the table off for its slot (the trie decides).
+pub const MAX_V4_BLOCKS: u32 = 4 << 20;
+/// Ranges one [`V4Block`] holds: a /24 with more is left to the trie.
+pub const V4_BLOCK_RANGES: usize = 8;
+
+/// How one IPv4 /24 is decided: up to [`V4_BLOCK_RANGES`] ranges of its last byte, in
+/// ascending order of their first address, the first starting at 0. Each is a
+/// [`v4_table`] word with `USED` set and its first address at `START_SHIFT`; the range runs
+/// to the next used one. `WALK` on the first means the trie decides this /24.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct V4Block {
+    pub ranges: [u64; V4_BLOCK_RANGES],
+}
+const _: () = assert!(size_of::<V4Block>() == 64);
+
+/// The words of the IPv4 table ([`map_name::V4_TOP`], [`V4Block`]): a rule in one `u64`.
+pub mod v4_table {
+    /// Bits 0-31: the deciding prefix's counter id. Bits 32-39: its [`super::action`].
+    pub const ACTION_SHIFT: u32 = 32;
+    /// A prefix decides (else the range is unlisted).
+    pub const LISTED: u64 = 1 << 40;
+    /// Bits 48-55 of a block's range: its first address's last byte.
+    pub const START_SHIFT: u32 = 48;
+    /// A block's range that is in use.
+    pub const USED: u64 = 1 << 56;
+    /// On a /16's word: some of its /24s are in the blocks hash (the rest take this word).
+    pub const DEEPER: u64 = 1 << 62;
+    /// On a block's first range: the trie decides this /24.
+    pub const WALK: u64 = 1 << 63;
+
+    /// The word of a listed rule.
+    #[inline(always)]
+    pub const fn rule(action: u32, counter_id: u32) -> u64 {
+        LISTED | ((action as u64 & 0xff) << ACTION_SHIFT) | counter_id as u64
+    }
+}
 
 /// Words of one slot's IPv6 guard bitmap: 2^24 bits (2 MiB), one per hash of a /32.
 pub const V6_GUARD_WORDS: usize = 1 << 19;
@@ -207,7 +264,10 @@ pub struct SlotConfig {
     /// 1 when this slot's IPv6 guard bitmap ([`map_name::V6_GUARD`]) is written and may be
     /// trusted; 0 sends every IPv6 source to the trie.
     pub v6_guard: u32,
-    pub _pad: [u32; 2],
+    /// 1 when this slot's IPv4 table ([`map_name::V4_TOP`], its blocks hash) is written and
+    /// decides IPv4 sources; 0 sends them to the trie. Never set with `scoped`.
+    pub v4_table: u32,
+    pub _pad: u32,
 }
 const _: () = assert!(size_of::<SlotConfig>() == 32);
 
@@ -441,7 +501,7 @@ const fn layout(
 
 /// Every map's layout, in the order of [`map_name::ALL`]. LPM trie keys carry a 4-byte
 /// prefix length before the address.
-pub const MAP_LAYOUTS: [MapLayout; 23] = [
+pub const MAP_LAYOUTS: [MapLayout; 26] = [
     layout(map_name::ACTIVE_SLOT, 4, 4, 1),
     layout(map_name::SLOT_CONFIG, 4, size_of::<SlotConfig>(), SLOTS),
     layout(
@@ -481,6 +541,19 @@ pub const MAP_LAYOUTS: [MapLayout; 23] = [
     layout(map_name::V4_GUARD, 4, V4_GUARD_WORDS * 4, SLOTS),
     layout(map_name::V4_COARSE, 4, V4_COARSE_WORDS * 4, SLOTS),
     layout(map_name::V6_GUARD, 4, V6_GUARD_WORDS * 4, SLOTS),
+    layout(map_name::V4_TOP, 4, V4_TOP_ENTRIES * 8, SLOTS),
+    layout(
+        map_name::V4_BLOCKS_SLOT0,
+        4,
+        size_of::<V4Block>(),
+        MAX_V4_BLOCKS,
+    ),
+    layout(
+        map_name::V4_BLOCKS_SLOT1,
+        4,
+        size_of::<V4Block>(),
+        MAX_V4_BLOCKS,
+    ),
     layout(map_name::RECORD_BUDGET, 4, size_of::<RecordBudget>(), 1),
     layout(map_name::PREFIX_HITS, 4, 8, MAX_PREFIX_COUNTERS),
     layout(map_name::GLOBAL, 4, 8, counter::COUNT),
@@ -498,7 +571,7 @@ pub const MAP_LAYOUTS: [MapLayout; 23] = [
 ];
 
 /// Bumped by hand when the meaning of a map's bytes changes without its sizes changing.
-const LAYOUT_REVISION: u64 = 4;
+const LAYOUT_REVISION: u64 = 5;
 
 /// A fingerprint of [`MAP_LAYOUTS`] and [`LAYOUT_REVISION`] (FNV-1a): two builds share
 /// pinned maps only when their stamps are equal.
@@ -540,4 +613,5 @@ mod pod {
     unsafe impl aya::Pod for super::RecordBudget {}
     unsafe impl aya::Pod for super::IfaceInfo {}
     unsafe impl aya::Pod for super::CanarySighting {}
+    unsafe impl aya::Pod for super::V4Block {}
 }

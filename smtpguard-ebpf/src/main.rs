@@ -22,10 +22,11 @@ use aya_ebpf::{
 use parse::{Ip, Layers, Sighting, Source, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use smtpguard_common::{
     CanarySighting, IfaceInfo, MAX_CANARY_SOURCES, MAX_INTERFACES, MAX_OFFENDERS,
-    MAX_PREFIX_COUNTERS, MAX_PREFIXES_PER_FAMILY, MAX_SCOPE_DESTINATIONS, MAX_SCOPES, Offender,
-    RECORD_BUDGET_PER_SECOND, RECORD_SAMPLE, RecordBudget, RuleValue, SLOTS, ScopeConfig,
-    SlotConfig, V4_COARSE_WORDS, V4_GUARD_WORDS, V4_KEY_BYTES, V6_GUARD_WORDS, V6_KEY_BYTES,
-    action, canary_rule, counter, iface, mode, offender_slot, v6_guard_bit,
+    MAX_PREFIX_COUNTERS, MAX_PREFIXES_PER_FAMILY, MAX_SCOPE_DESTINATIONS, MAX_SCOPES,
+    MAX_V4_BLOCKS, Offender, RECORD_BUDGET_PER_SECOND, RECORD_SAMPLE, RecordBudget, RuleValue,
+    SLOTS, ScopeConfig, SlotConfig, V4_BLOCK_RANGES, V4_COARSE_WORDS, V4_GUARD_WORDS, V4_KEY_BYTES,
+    V4_TOP_ENTRIES, V4Block, V6_GUARD_WORDS, V6_KEY_BYTES, action, canary_rule, counter, iface,
+    mode, offender_slot, v4_table, v6_guard_bit,
 };
 
 #[map(name = "SG_ACTIVE")]
@@ -73,6 +74,17 @@ static V4_COARSE: Array<[u32; V4_COARSE_WORDS]> = Array::with_max_entries(SLOTS,
 
 #[map(name = "SG_V6_GUARD")]
 static V6_GUARD: Array<[u32; V6_GUARD_WORDS]> = Array::with_max_entries(SLOTS, 0);
+
+#[map(name = "SG_V4_TOP")]
+static V4_TOP: Array<[u64; V4_TOP_ENTRIES]> = Array::with_max_entries(SLOTS, 0);
+
+#[map(name = "SG_V4_BLK_0")]
+static V4_BLOCKS_SLOT0: HashMap<u32, V4Block> =
+    HashMap::with_max_entries(MAX_V4_BLOCKS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+#[map(name = "SG_V4_BLK_1")]
+static V4_BLOCKS_SLOT1: HashMap<u32, V4Block> =
+    HashMap::with_max_entries(MAX_V4_BLOCKS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
 #[map(name = "SG_REC_BUDGET")]
 static RECORD_BUDGET: PerCpuArray<RecordBudget> = PerCpuArray::with_max_entries(1, 0);
@@ -205,6 +217,8 @@ fn decide_guarded(ctx: &XdpContext, ip: Ip, dport: Option<u16>, reply: Option<Re
         config.scoped == 1,
         config.canary == 1,
     );
+    // The table holds scope 0 only: never trusted for a scoped slot.
+    let v4_table = config.v4_table == 1 && !scoped;
     // One scope (the common case) needs no look at the destination.
     let scope = if scoped { scope_of(ctx, slot, &ip) } else { 0 };
     let Some(scope_config) = SCOPES.get(slot * MAX_SCOPES + (scope & (MAX_SCOPES - 1))) else {
@@ -225,7 +239,7 @@ fn decide_guarded(ctx: &XdpContext, ip: Ip, dport: Option<u16>, reply: Option<Re
     let src = &src;
     // The deciding rule (a prefix's counter id, or a `canary_rule` code) and what it does.
     let (rule, verdict) = if guarded {
-        match lookup(slot, scope, src, v4_guard, v6_guard) {
+        match lookup(slot, scope, src, v4_guard, v4_table, v6_guard) {
             Some(rule) => (rule.counter_id, u32::from(rule.action)),
             None => (canary_rule::UNLISTED, scope_config.unlisted_action),
         }
@@ -687,19 +701,27 @@ fn remember(high: u64, low: u64, audit: bool, scope: u32) {
 /// Longest-prefix match of `src` among the prefixes of `scope` in `slot`'s trie for its
 /// family (keys are the scope id, then the address). An IPv4 source whose /24 no prefix of
 /// any scope overlaps, or an IPv6 source whose /32 none does, is settled by that slot's guard
-/// bitmap (when `v4_guard` / `v6_guard` say it is written), without the trie walk.
+/// bitmap (when `v4_guard` / `v6_guard` say it is written), without the trie walk; any other
+/// IPv4 source by the slot's IPv4 table when `v4_table` says it holds the policy.
 #[inline(always)]
 fn lookup(
     slot: u32,
     scope: u32,
     src: &Source,
     v4_guard: bool,
+    v4_table: bool,
     v6_guard: bool,
 ) -> Option<RuleValue> {
     match src {
         Source::V4(addr) => {
             if v4_guard && !v4_listed(slot, addr) {
                 return None;
+            }
+            if v4_table {
+                let word = table_v4(slot, addr);
+                if word & v4_table::WALK == 0 {
+                    return table_rule(word);
+                }
             }
             find_v4(slot, scope, addr)
         }
@@ -732,6 +754,65 @@ fn find_v4(slot: u32, scope: u32, addr: &[u8; 4]) -> Option<RuleValue> {
     } else {
         V4_SLOT1.get(&key).copied()
     }
+}
+
+/// The IPv4 table's word for `addr` in `slot`: its /16's word, or when that says `DEEPER`,
+/// the range of its /24's block that holds it (a block's first range may say `WALK`: the
+/// trie decides). The ranges are scanned in full, a fixed eight steps: the last used one
+/// that starts at or below the address's last byte is the one.
+#[inline(always)]
+fn table_v4(slot: u32, addr: &[u8; 4]) -> u64 {
+    let Some(top) = V4_TOP.get_ptr(slot) else {
+        return v4_table::WALK;
+    };
+    let index = (u32::from(addr[0]) << 8 | u32::from(addr[1])) as usize & (V4_TOP_ENTRIES - 1);
+    // SAFETY: `index` is masked below the array's length; the pointer is the map value.
+    let word = unsafe { *(top as *const u64).add(index) };
+    if word & v4_table::DEEPER == 0 {
+        return word;
+    }
+    let key = u32::from_be_bytes([0, addr[0], addr[1], addr[2]]);
+    // SAFETY: the values are plain data, read while the program runs.
+    let block = unsafe {
+        if slot == 0 {
+            V4_BLOCKS_SLOT0.get(key)
+        } else {
+            V4_BLOCKS_SLOT1.get(key)
+        }
+    };
+    let Some(block) = block else {
+        return word;
+    };
+    let first = block.ranges[0];
+    if first & v4_table::WALK != 0 {
+        return v4_table::WALK;
+    }
+    let host = u64::from(addr[3]);
+    let mut found = first;
+    let mut i = 1;
+    while i < V4_BLOCK_RANGES {
+        let range = block.ranges[i];
+        if range & v4_table::USED != 0 && (range >> v4_table::START_SHIFT) & 0xff <= host {
+            found = range;
+        }
+        i += 1;
+    }
+    found
+}
+
+/// The rule a table word names: `None` for an unlisted range.
+#[inline(always)]
+fn table_rule(word: u64) -> Option<RuleValue> {
+    if word & v4_table::LISTED == 0 {
+        return None;
+    }
+    Some(RuleValue {
+        action: (word >> v4_table::ACTION_SHIFT) as u8,
+        deny: 0,
+        outranked: 0,
+        _pad: 0,
+        counter_id: word as u32,
+    })
 }
 
 /// The trie walk for an IPv6 source.

@@ -1,8 +1,9 @@
 //! Differential fuzzing: frames from [`crate::generate`] through the real program
 //! (BPF_PROG_TEST_RUN), each verdict compared with [`crate::reference`]'s under the same
-//! policy, once with `action = "drop"` and once with `action = "reject"`. Under reject, a reset
-//! the reference expects must come back as `XDP_TX` with exactly the RST it describes
-//! (checked with etherparse on the program's output frame).
+//! policy, once with `action = "drop"`, once with `action = "reject"`, and once with drop
+//! and without the policy's scope (where the IPv4 table decides). Under reject, a reset the
+//! reference expects must come back as `XDP_TX` with exactly the RST it describes (checked
+//! with etherparse on the program's output frame).
 
 use std::{
     collections::BTreeMap,
@@ -23,7 +24,7 @@ use crate::{
 /// allowed /24 inside a denied /16 inside an allowed /8, an allowed /128 inside a denied /64
 /// inside an allowed /48. A feed (deny of `allow` precedence) inside allowed ranges, inside
 /// the admin's deny inside them, and outside them. A scope for a second destination with its
-/// own port, action and rules.
+/// own port, action and rules ([`SCOPE`], which follows).
 pub const RULES: &str = r#"
 [[allow]]
 name = "provider"
@@ -37,7 +38,11 @@ prefixes = ["192.0.2.128/26", "10.1.0.0/16", "2001:db8:25:bad::/64", "192.0.2.77
 name = "feed"
 precedence = "allow"
 prefixes = ["192.0.2.0/25", "10.1.2.128/25", "10.1.3.0/24", "2001:db8:25::/56", "203.0.113.0/24"]
+"#;
 
+/// The scope of [`RULES`]: with it, the trie decides IPv4 sources; without it (the policy of
+/// one scope most sites run), the IPv4 table does. The fuzzer runs both.
+pub const SCOPE: &str = r#"
 [[scope]]
 name = "second"
 destinations = ["198.51.100.2", "2001:db8:100::2"]
@@ -83,6 +88,11 @@ pub const PORTS: [u16; 2] = [25, 2525];
 /// The fuzzing policy on `interface`, with `action` ("drop" or "reject") for unlisted and
 /// denied sources.
 pub fn policy_toml(interface: &str, action: &str) -> String {
+    format!("{}{SCOPE}", unscoped_policy_toml(interface, action))
+}
+
+/// As [`policy_toml`], without its [`SCOPE`].
+pub fn unscoped_policy_toml(interface: &str, action: &str) -> String {
     format!(
         "interfaces = [\"{interface}\"]\nports = [{}, {}]\naction = \"{action}\"\n{RULES}",
         PORTS[0], PORTS[1]
@@ -140,8 +150,17 @@ pub fn run(seed: u64, count: u64) -> Outcome {
 /// change no verdict: the reference still judges by the running policy.
 pub fn run_with(seed: u64, count: u64, canary: bool) -> Outcome {
     let mut outcome = Outcome::default();
-    let mut runs = [("drop", "drop"), ("reject", "reject")].map(|(name, action)| {
-        let toml = policy_toml("lo", action);
+    let mut runs = [
+        ("drop", "drop", true),
+        ("reject", "reject", true),
+        ("drop, one scope", "drop", false),
+    ]
+    .map(|(name, action, scoped)| {
+        let toml = if scoped {
+            policy_toml("lo", action)
+        } else {
+            unscoped_policy_toml("lo", action)
+        };
         let mut kernel = Kernel::with_policy(&toml);
         kernel.set_lo(LO_MAC, smtpguard_common::iface::REPLIES);
         if canary {
@@ -159,14 +178,14 @@ pub fn run_with(seed: u64, count: u64, canary: bool) -> Outcome {
     let mut generator = Generator::new(seed, target());
     while outcome.frames < count {
         let frame = generator.next_frame();
-        let mut verdicts = Vec::with_capacity(2);
+        let mut verdicts = Vec::with_capacity(runs.len());
         for (name, kernel, policy) in &mut runs {
             let Ok(got) = kernel.filter.test_run_output(&frame) else {
                 break;
             };
             verdicts.push((*name, reference::classify(&frame, policy, &iface), got));
         }
-        if verdicts.len() < 2 {
+        if verdicts.len() < runs.len() {
             outcome.not_runnable += 1;
             continue;
         }

@@ -25,13 +25,13 @@ use aya::maps::{
 };
 use ipnet::IpNet;
 use smtpguard_common::{
-    CanarySighting, IfaceInfo, MAX_SCOPES, Offender, RuleValue, SLOTS, ScopeConfig, SlotConfig,
-    V4_COARSE_WORDS, V4_GUARD_WORDS, V4_KEY_BYTES, V6_GUARD_WORDS, V6_KEY_BYTES, action, counter,
-    map_name, mode, v6_guard_bit,
+    CanarySighting, IfaceInfo, MAX_SCOPES, MAX_V4_BLOCKS, Offender, RuleValue, SLOTS, ScopeConfig,
+    SlotConfig, V4_COARSE_WORDS, V4_GUARD_WORDS, V4_KEY_BYTES, V4_TOP_ENTRIES, V4Block,
+    V6_GUARD_WORDS, V6_KEY_BYTES, action, counter, map_name, mode, v6_guard_bit,
 };
 
 use crate::{
-    kernel::batch,
+    kernel::{batch, table},
     policy::{List, Policy},
     source::config::{Action, Mode},
 };
@@ -166,6 +166,12 @@ pub struct PolicyMaps {
     v4_guard: Array<MapData, V4Guard>,
     v4_coarse: Array<MapData, V4Coarse>,
     v6_guard: Array<MapData, V6Guard>,
+    v4_top: Array<MapData, [u64; V4_TOP_ENTRIES]>,
+    v4_blocks: [KernelHashMap<MapData, u32, V4Block>; 2],
+    /// The /24 blocks each slot's IPv4 table holds, in key order, as written by this process;
+    /// `None` when that is not known (a write or a read back failed): the map is read again
+    /// before the table is next written, and the table stays off while it cannot be.
+    blocks: [Option<Vec<(u32, V4Block)>>; 2],
     ifaces: KernelHashMap<MapData, u32, IfaceInfo>,
     canary: KernelHashMap<MapData, [u8; 16], CanarySighting>,
     /// The standby slot holds a candidate the program compares every SYN against.
@@ -214,6 +220,12 @@ impl PolicyMaps {
             v4_guard: typed(map_name::V4_GUARD, take(map_name::V4_GUARD)?)?,
             v4_coarse: typed(map_name::V4_COARSE, take(map_name::V4_COARSE)?)?,
             v6_guard: typed(map_name::V6_GUARD, take(map_name::V6_GUARD)?)?,
+            v4_top: typed(map_name::V4_TOP, take(map_name::V4_TOP)?)?,
+            v4_blocks: [
+                typed(map_name::V4_BLOCKS_SLOT0, take(map_name::V4_BLOCKS_SLOT0)?)?,
+                typed(map_name::V4_BLOCKS_SLOT1, take(map_name::V4_BLOCKS_SLOT1)?)?,
+            ],
+            blocks: [Some(Vec::new()), Some(Vec::new())],
             ifaces: typed(map_name::IFACES, take(map_name::IFACES)?)?,
             canary: typed(map_name::CANARY, take(map_name::CANARY)?)?,
             canary_on: false,
@@ -271,6 +283,7 @@ impl PolicyMaps {
                 }
             }
             self.destinations[slot] = destinations;
+            self.blocks[slot] = self.read_blocks(slot).ok();
         }
         let config = self
             .slot_config
@@ -588,6 +601,7 @@ impl PolicyMaps {
         )?;
         let v6: Box<V6Guard> = v6_blocks(target.iter().map(|((_, net), _)| net));
         write_bitmap(&mut self.v6_guard, standby, &v6, map_name::V6_GUARD, "IPv6")?;
+        let v4_table = !policy.scoped() && self.write_table(standby, target)?;
         let config = SlotConfig {
             generation,
             v4_guard: 1,
@@ -601,10 +615,85 @@ impl PolicyMaps {
                     .all(|scope| scope.mode == Mode::Audit),
             ),
             canary: 0,
-            _pad: [0; 2],
+            v4_table: u32::from(v4_table),
+            _pad: 0,
         };
         self.write_slot_config(standby, config)?;
         Ok(written)
+    }
+
+    /// Writes `slot`'s IPv4 table for the scope-0 prefixes of `target`: its /16 words whole,
+    /// its /24 blocks by difference with what the slot holds. Returns false, writing
+    /// nothing, for a policy with more blocks than the map takes (the trie decides).
+    fn write_table(
+        &mut self,
+        slot: u32,
+        target: &[(SlotKey, RuleValue)],
+    ) -> Result<bool, ApplyError> {
+        let index = slot as usize;
+        let table = table::build(target.iter().filter_map(|((scope, net), value)| match net {
+            IpNet::V4(net) if *scope == 0 => Some((net, value)),
+            _ => None,
+        }));
+        if table.blocks.len() > MAX_V4_BLOCKS as usize {
+            return Ok(false);
+        }
+        if self.blocks[index].is_none() {
+            self.blocks[index] = self.read_blocks(index).ok();
+        }
+        let Some(previous) = self.blocks[index].take() else {
+            return Ok(false);
+        };
+        let top: &[u64; V4_TOP_ENTRIES] = &table.top;
+        self.v4_top
+            .set(slot, top, 0)
+            .map_err(|source| ApplyError::Write {
+                map: map_name::V4_TOP,
+                what: format!("slot {slot} IPv4 table"),
+                source,
+            })?;
+        let mut stale: Vec<u8> = Vec::new();
+        let (mut keys, mut values): (Vec<u8>, Vec<u8>) = (Vec::new(), Vec::new());
+        let mut held = previous.iter().peekable();
+        for (key, block) in &table.blocks {
+            while let Some((old, _)) = held.next_if(|(old, _)| old < key) {
+                stale.extend_from_slice(&old.to_ne_bytes());
+            }
+            match held.next_if(|(old, _)| old == key) {
+                Some((_, old)) if old == block => {}
+                _ => {
+                    keys.extend_from_slice(&key.to_ne_bytes());
+                    for range in block.ranges {
+                        values.extend_from_slice(&range.to_ne_bytes());
+                    }
+                }
+            }
+        }
+        for (old, _) in held {
+            stale.extend_from_slice(&old.to_ne_bytes());
+        }
+        let fd = self.v4_blocks[index].map().fd().as_fd();
+        // On failure the record is unknown: it is read back from the map before the next try.
+        let outcome = batch::delete_present(fd, &stale, size_of::<u32>()).and_then(|()| {
+            batch::update(fd, &keys, size_of::<u32>(), &values, size_of::<V4Block>())
+        });
+        if let Err((_, source)) = outcome {
+            // `blocks[index]` stays `None`: read back before the next write.
+            return Err(ApplyError::Batch {
+                map: blocks_name(index),
+                what: format!("{} IPv4 table blocks", table.blocks.len()),
+                source,
+            });
+        }
+        self.blocks[index] = Some(table.blocks);
+        Ok(true)
+    }
+
+    /// The blocks `slot`'s IPv4 table holds, read back from the kernel, in key order.
+    fn read_blocks(&self, slot: usize) -> Result<Vec<(u32, V4Block)>, MapError> {
+        let mut blocks = self.v4_blocks[slot].iter().collect::<Result<Vec<_>, _>>()?;
+        blocks.sort_unstable_by_key(|(key, _)| *key);
+        Ok(blocks)
     }
 
     /// Writes each scope's ports, mode and action into `slot`, and marks the ids this policy
@@ -1202,6 +1291,14 @@ fn trie_name(v4: bool, slot: usize) -> &'static str {
         (true, _) => map_name::V4_SLOT1,
         (false, 0) => map_name::V6_SLOT0,
         (false, _) => map_name::V6_SLOT1,
+    }
+}
+
+fn blocks_name(slot: usize) -> &'static str {
+    if slot == 0 {
+        map_name::V4_BLOCKS_SLOT0
+    } else {
+        map_name::V4_BLOCKS_SLOT1
     }
 }
 

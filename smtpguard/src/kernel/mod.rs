@@ -8,4 +8,5 @@ pub mod filter;
 pub mod interface;
 pub mod link;
 pub mod maps;
+pub mod table;
 pub mod upgrade;

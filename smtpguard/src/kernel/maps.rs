@@ -16,7 +16,7 @@ use std::{
 use std::{
     mem::size_of,
     net::{IpAddr, Ipv6Addr},
-    os::fd::{AsFd as _, BorrowedFd},
+    os::fd::AsFd as _,
 };
 
 use aya::maps::{
@@ -25,13 +25,13 @@ use aya::maps::{
 };
 use ipnet::IpNet;
 use smtpguard_common::{
-    CanarySighting, IfaceInfo, MAX_SCOPES, MAX_V4_BLOCKS, Offender, RuleValue, SLOTS, ScopeConfig,
-    SlotConfig, V4_COARSE_WORDS, V4_GUARD_WORDS, V4_KEY_BYTES, V4_TOP_ENTRIES, V4Block,
-    V6_GUARD_WORDS, V6_KEY_BYTES, action, counter, map_name, mode, v6_guard_bit,
+    CanarySighting, IfaceInfo, MAX_SCOPES, Offender, RuleValue, SLOTS, ScopeConfig, SlotConfig,
+    V4_COARSE_WORDS, V4_GUARD_WORDS, V4_KEY_BYTES, V6_GUARD_WORDS, V6_KEY_BYTES, action, counter,
+    map_name, mode, v6_guard_bit,
 };
 
 use crate::{
-    kernel::{batch, table},
+    kernel::{batch, table::TableMaps},
     policy::{List, Policy},
     source::config::{Action, Mode},
 };
@@ -126,7 +126,136 @@ impl CounterIdSnapshot {
 }
 
 /// Where an entry sits in a slot's source trie: its scope id and prefix.
-type SlotKey = (u32, IpNet);
+pub(crate) type SlotKey = (u32, IpNet);
+
+/// What [`PolicyMaps::write_sources`] wrote.
+struct SourcesWritten {
+    /// Trie entries written, both families.
+    entries: usize,
+    /// Whether the IPv4 table holds the policy (the program may trust it).
+    table: bool,
+}
+
+/// What a scoped thread returned; its panic goes on in the caller.
+fn joined<T>(handle: std::thread::ScopedJoinHandle<'_, T>) -> T {
+    handle
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
+/// One family's source tries, one per slot, and what each holds as written by this
+/// process. `KEY` is the family's key size: [`V4_KEY_BYTES`] or [`V6_KEY_BYTES`].
+struct SourceTries<const KEY: usize> {
+    names: [&'static str; 2],
+    tries: [LpmTrie<MapData, [u8; KEY], RuleValue>; 2],
+    held: [BTreeMap<SlotKey, RuleValue>; 2],
+}
+
+impl<const KEY: usize> SourceTries<KEY> {
+    fn new(names: [&'static str; 2], tries: [LpmTrie<MapData, [u8; KEY], RuleValue>; 2]) -> Self {
+        Self {
+            names,
+            tries,
+            held: [BTreeMap::new(), BTreeMap::new()],
+        }
+    }
+
+    /// Whether `key` is of this family.
+    fn ours(key: &SlotKey) -> bool {
+        key.1.addr().is_ipv4() == (KEY == V4_KEY_BYTES)
+    }
+
+    /// Reads back what `slot`'s trie holds.
+    fn recover(&mut self, slot: usize) -> Result<(), MapsError> {
+        let mut entries = BTreeMap::new();
+        for item in self.tries[slot].iter() {
+            let (key, value) = item.map_err(|source| MapsError::Map {
+                name: self.names[slot],
+                source,
+            })?;
+            if let Some(entry) = read_key(key.prefix_len(), &key.data()) {
+                entries.insert(entry, value);
+            }
+        }
+        self.held[slot] = entries;
+        Ok(())
+    }
+
+    /// Brings `slot`'s trie to this family's entries of `target` (sorted by key), writing
+    /// only what differs: what the trie holds and `target` are both in key order, so one
+    /// merge finds what goes and what changes without a lookup per prefix. Removals first,
+    /// then writes, a batch each; what the trie holds is tracked entry by entry when a batch
+    /// fails (the kernel says how far it got), so a failure part-way leaves an exact record
+    /// for the next try. Returns the entries written.
+    fn write(&mut self, slot: usize, target: &[(SlotKey, RuleValue)]) -> Result<usize, ApplyError> {
+        let target = || target.iter().filter(|(key, _)| Self::ours(key));
+        let mut stale: Vec<SlotKey> = Vec::new();
+        let mut changed: Vec<(SlotKey, RuleValue)> = Vec::new();
+        let mut held = self.held[slot].iter().peekable();
+        let mut wanted = 0;
+        for &(key, value) in target() {
+            wanted += 1;
+            while let Some((old, _)) = held.next_if(|(old, _)| **old < key) {
+                stale.push(*old);
+            }
+            match held.next_if(|(old, _)| **old == key) {
+                Some((_, old)) if *old == value => {}
+                _ => changed.push((key, value)),
+            }
+        }
+        stale.extend(held.map(|(old, _)| *old));
+        let fd = self.tries[slot].map().fd().as_fd();
+        let key_size = size_of::<u32>() + KEY;
+        let mut bytes = Vec::with_capacity(stale.len() * key_size);
+        for (scope, net) in &stale {
+            push_trie_key(&mut bytes, *scope, net);
+        }
+        let removed = batch::delete_present(fd, &bytes, key_size).map_err(|(count, source)| {
+            for key in &stale[..count] {
+                self.held[slot].remove(key);
+            }
+            ApplyError::Batch {
+                map: self.names[slot],
+                what: format!("removal of {} prefixes", stale.len() - count),
+                source,
+            }
+        });
+        removed?;
+        let mut keys = Vec::with_capacity(changed.len() * key_size);
+        let mut values = Vec::with_capacity(changed.len() * size_of::<RuleValue>());
+        for ((scope, net), value) in &changed {
+            push_trie_key(&mut keys, *scope, net);
+            values.extend_from_slice(&[value.action, value.deny, value.outranked, 0]);
+            values.extend_from_slice(&value.counter_id.to_ne_bytes());
+        }
+        let outcome = batch::update(fd, &keys, key_size, &values, size_of::<RuleValue>());
+        if let Err((count, source)) = outcome {
+            for key in &stale {
+                self.held[slot].remove(key);
+            }
+            for (key, value) in &changed[..count] {
+                self.held[slot].insert(*key, *value);
+            }
+            return Err(ApplyError::Batch {
+                map: self.names[slot],
+                what: format!("{} prefixes ({count} written)", changed.len()),
+                source,
+            });
+        }
+        if changed.len() + stale.len() > wanted / 4 {
+            // Much replaced: the record is the target, built in one sorted pass rather than
+            // an insert or a removal per prefix; the old one is freed off the apply's path.
+            let old = std::mem::replace(&mut self.held[slot], target().copied().collect());
+            crate::reclaim::drop_later(old);
+        } else {
+            for key in &stale {
+                self.held[slot].remove(key);
+            }
+            self.held[slot].extend(changed.iter().copied());
+        }
+        Ok(changed.len())
+    }
+}
 
 /// What one apply did.
 #[derive(Clone, Debug)]
@@ -158,26 +287,19 @@ pub struct PolicyMaps {
     scope_config: Array<MapData, ScopeConfig>,
     dst_v4: [LpmTrie<MapData, [u8; 4], u32>; 2],
     dst_v6: [LpmTrie<MapData, [u8; 16], u32>; 2],
-    v4: [LpmTrie<MapData, [u8; V4_KEY_BYTES], RuleValue>; 2],
-    v6: [LpmTrie<MapData, [u8; V6_KEY_BYTES], RuleValue>; 2],
+    v4: SourceTries<V4_KEY_BYTES>,
+    v6: SourceTries<V6_KEY_BYTES>,
     prefix_hits: PerCpuHashMap<MapData, u32, u64>,
     global: PerCpuArray<MapData, u64>,
     offenders: Array<MapData, Offender>,
     v4_guard: Array<MapData, V4Guard>,
     v4_coarse: Array<MapData, V4Coarse>,
     v6_guard: Array<MapData, V6Guard>,
-    v4_top: Array<MapData, [u64; V4_TOP_ENTRIES]>,
-    v4_blocks: [KernelHashMap<MapData, u32, V4Block>; 2],
-    /// The /24 blocks each slot's IPv4 table holds, in key order, as written by this process;
-    /// `None` when that is not known (a write or a read back failed): the map is read again
-    /// before the table is next written, and the table stays off while it cannot be.
-    blocks: [Option<Vec<(u32, V4Block)>>; 2],
+    v4_table: TableMaps,
     ifaces: KernelHashMap<MapData, u32, IfaceInfo>,
     canary: KernelHashMap<MapData, [u8; 16], CanarySighting>,
     /// The standby slot holds a candidate the program compares every SYN against.
     canary_on: bool,
-    /// The entries each slot holds, as written by this process.
-    slots: [BTreeMap<SlotKey, RuleValue>; 2],
     /// The destination prefixes each slot maps to a scope id.
     destinations: [BTreeMap<IpNet, u32>; 2],
     /// How many scope ids each slot configures (those beyond are unguarded).
@@ -206,30 +328,36 @@ impl PolicyMaps {
                 typed(map_name::DST_V6_SLOT0, take(map_name::DST_V6_SLOT0)?)?,
                 typed(map_name::DST_V6_SLOT1, take(map_name::DST_V6_SLOT1)?)?,
             ],
-            v4: [
-                typed(map_name::V4_SLOT0, take(map_name::V4_SLOT0)?)?,
-                typed(map_name::V4_SLOT1, take(map_name::V4_SLOT1)?)?,
-            ],
-            v6: [
-                typed(map_name::V6_SLOT0, take(map_name::V6_SLOT0)?)?,
-                typed(map_name::V6_SLOT1, take(map_name::V6_SLOT1)?)?,
-            ],
+            v4: SourceTries::new(
+                [map_name::V4_SLOT0, map_name::V4_SLOT1],
+                [
+                    typed(map_name::V4_SLOT0, take(map_name::V4_SLOT0)?)?,
+                    typed(map_name::V4_SLOT1, take(map_name::V4_SLOT1)?)?,
+                ],
+            ),
+            v6: SourceTries::new(
+                [map_name::V6_SLOT0, map_name::V6_SLOT1],
+                [
+                    typed(map_name::V6_SLOT0, take(map_name::V6_SLOT0)?)?,
+                    typed(map_name::V6_SLOT1, take(map_name::V6_SLOT1)?)?,
+                ],
+            ),
             prefix_hits: typed(map_name::PREFIX_HITS, take(map_name::PREFIX_HITS)?)?,
             global: typed(map_name::GLOBAL, take(map_name::GLOBAL)?)?,
             offenders: typed(map_name::OFFENDERS, take(map_name::OFFENDERS)?)?,
             v4_guard: typed(map_name::V4_GUARD, take(map_name::V4_GUARD)?)?,
             v4_coarse: typed(map_name::V4_COARSE, take(map_name::V4_COARSE)?)?,
             v6_guard: typed(map_name::V6_GUARD, take(map_name::V6_GUARD)?)?,
-            v4_top: typed(map_name::V4_TOP, take(map_name::V4_TOP)?)?,
-            v4_blocks: [
-                typed(map_name::V4_BLOCKS_SLOT0, take(map_name::V4_BLOCKS_SLOT0)?)?,
-                typed(map_name::V4_BLOCKS_SLOT1, take(map_name::V4_BLOCKS_SLOT1)?)?,
-            ],
-            blocks: [Some(Vec::new()), Some(Vec::new())],
+            v4_table: TableMaps::new(
+                typed(map_name::V4_TOP, take(map_name::V4_TOP)?)?,
+                [
+                    typed(map_name::V4_BLOCKS_SLOT0, take(map_name::V4_BLOCKS_SLOT0)?)?,
+                    typed(map_name::V4_BLOCKS_SLOT1, take(map_name::V4_BLOCKS_SLOT1)?)?,
+                ],
+            ),
             ifaces: typed(map_name::IFACES, take(map_name::IFACES)?)?,
             canary: typed(map_name::CANARY, take(map_name::CANARY)?)?,
             canary_on: false,
-            slots: [BTreeMap::new(), BTreeMap::new()],
             destinations: [BTreeMap::new(), BTreeMap::new()],
             scope_counts: [MAX_SCOPES, MAX_SCOPES],
             active_slot: 0,
@@ -255,20 +383,8 @@ impl PolicyMaps {
             .map_err(map_error(map_name::ACTIVE_SLOT))?
             % SLOTS;
         for slot in 0..SLOTS as usize {
-            let mut entries = BTreeMap::new();
-            for item in self.v4[slot].iter() {
-                let (key, value) = item.map_err(map_error(trie_name(true, slot)))?;
-                if let Some(entry) = read_key(key.prefix_len(), &key.data()) {
-                    entries.insert(entry, value);
-                }
-            }
-            for item in self.v6[slot].iter() {
-                let (key, value) = item.map_err(map_error(trie_name(false, slot)))?;
-                if let Some(entry) = read_key(key.prefix_len(), &key.data()) {
-                    entries.insert(entry, value);
-                }
-            }
-            self.slots[slot] = entries;
+            self.v4.recover(slot)?;
+            self.v6.recover(slot)?;
             let mut destinations = BTreeMap::new();
             for item in self.dst_v4[slot].iter() {
                 let (key, scope) = item.map_err(map_error(dst_name(true, slot)))?;
@@ -283,7 +399,7 @@ impl PolicyMaps {
                 }
             }
             self.destinations[slot] = destinations;
-            self.blocks[slot] = self.read_blocks(slot).ok();
+            self.v4_table.recover(slot);
         }
         let config = self
             .slot_config
@@ -301,10 +417,11 @@ impl PolicyMaps {
             )
             .map_err(|error| MapsError::Recover(error.to_string()))?;
         }
-        let active = &self.slots[self.active_slot as usize];
+        let active = self.active_slot as usize;
         self.counter_ids = Arc::new(
-            active
+            self.v4.held[active]
                 .iter()
+                .chain(&self.v6.held[active])
                 // An outranked prefix counts in another entry's counter, not its own.
                 .filter(|(_, value)| value.outranked == 0)
                 .map(|((scope, net), value)| {
@@ -580,7 +697,7 @@ impl PolicyMaps {
         policy: &Policy,
         generation: u32,
     ) -> Result<usize, ApplyError> {
-        let written = self.write_slot(standby, target)?;
+        let written = self.write_sources(standby, target, !policy.scoped())?;
         self.write_destinations(standby, policy)?;
         self.write_scopes(standby, policy)?;
         let fine: Box<V4Guard> = v4_blocks(target.iter().map(|((_, net), _)| net), 24);
@@ -601,7 +718,6 @@ impl PolicyMaps {
         )?;
         let v6: Box<V6Guard> = v6_blocks(target.iter().map(|((_, net), _)| net));
         write_bitmap(&mut self.v6_guard, standby, &v6, map_name::V6_GUARD, "IPv6")?;
-        let v4_table = !policy.scoped() && self.write_table(standby, target)?;
         let config = SlotConfig {
             generation,
             v4_guard: 1,
@@ -615,85 +731,41 @@ impl PolicyMaps {
                     .all(|scope| scope.mode == Mode::Audit),
             ),
             canary: 0,
-            v4_table: u32::from(v4_table),
+            v4_table: u32::from(written.table),
             _pad: 0,
         };
         self.write_slot_config(standby, config)?;
-        Ok(written)
+        Ok(written.entries)
     }
 
-    /// Writes `slot`'s IPv4 table for the scope-0 prefixes of `target`: its /16 words whole,
-    /// its /24 blocks by difference with what the slot holds. Returns false, writing
-    /// nothing, for a policy with more blocks than the map takes (the trie decides).
-    fn write_table(
+    /// Brings `slot`'s source tries to `target` and, for a policy of one scope (`table`), its
+    /// IPv4 table: three maps written at once, each on its own thread (the kernel takes a
+    /// lock per trie, so the two families' tries fill in parallel, and the table beside
+    /// them). Any failure fails the whole; each map's record stays exact either way.
+    fn write_sources(
         &mut self,
         slot: u32,
         target: &[(SlotKey, RuleValue)],
-    ) -> Result<bool, ApplyError> {
+        table: bool,
+    ) -> Result<SourcesWritten, ApplyError> {
         let index = slot as usize;
-        let table = table::build(target.iter().filter_map(|((scope, net), value)| match net {
-            IpNet::V4(net) if *scope == 0 => Some((net, value)),
-            _ => None,
-        }));
-        if table.blocks.len() > MAX_V4_BLOCKS as usize {
-            return Ok(false);
-        }
-        if self.blocks[index].is_none() {
-            self.blocks[index] = self.read_blocks(index).ok();
-        }
-        let Some(previous) = self.blocks[index].take() else {
-            return Ok(false);
-        };
-        let top: &[u64; V4_TOP_ENTRIES] = &table.top;
-        self.v4_top
-            .set(slot, top, 0)
-            .map_err(|source| ApplyError::Write {
-                map: map_name::V4_TOP,
-                what: format!("slot {slot} IPv4 table"),
-                source,
-            })?;
-        let mut stale: Vec<u8> = Vec::new();
-        let (mut keys, mut values): (Vec<u8>, Vec<u8>) = (Vec::new(), Vec::new());
-        let mut held = previous.iter().peekable();
-        for (key, block) in &table.blocks {
-            while let Some((old, _)) = held.next_if(|(old, _)| old < key) {
-                stale.extend_from_slice(&old.to_ne_bytes());
-            }
-            match held.next_if(|(old, _)| old == key) {
-                Some((_, old)) if old == block => {}
-                _ => {
-                    keys.extend_from_slice(&key.to_ne_bytes());
-                    for range in block.ranges {
-                        values.extend_from_slice(&range.to_ne_bytes());
-                    }
+        let (v4, v6, v4_table) = (&mut self.v4, &mut self.v6, &mut self.v4_table);
+        let (written_v4, written_v6, table) = std::thread::scope(|scope| {
+            let v6 = scope.spawn(|| v6.write(index, target));
+            let table = scope.spawn(|| {
+                if table {
+                    v4_table.write(slot, target)
+                } else {
+                    Ok(false)
                 }
-            }
-        }
-        for (old, _) in held {
-            stale.extend_from_slice(&old.to_ne_bytes());
-        }
-        let fd = self.v4_blocks[index].map().fd().as_fd();
-        // On failure the record is unknown: it is read back from the map before the next try.
-        let outcome = batch::delete_present(fd, &stale, size_of::<u32>()).and_then(|()| {
-            batch::update(fd, &keys, size_of::<u32>(), &values, size_of::<V4Block>())
-        });
-        if let Err((_, source)) = outcome {
-            // `blocks[index]` stays `None`: read back before the next write.
-            return Err(ApplyError::Batch {
-                map: blocks_name(index),
-                what: format!("{} IPv4 table blocks", table.blocks.len()),
-                source,
             });
-        }
-        self.blocks[index] = Some(table.blocks);
-        Ok(true)
-    }
-
-    /// The blocks `slot`'s IPv4 table holds, read back from the kernel, in key order.
-    fn read_blocks(&self, slot: usize) -> Result<Vec<(u32, V4Block)>, MapError> {
-        let mut blocks = self.v4_blocks[slot].iter().collect::<Result<Vec<_>, _>>()?;
-        blocks.sort_unstable_by_key(|(key, _)| *key);
-        Ok(blocks)
+            let v4 = v4.write(index, target);
+            (v4, joined(v6), joined(table))
+        });
+        Ok(SourcesWritten {
+            entries: written_v4? + written_v6?,
+            table: table?,
+        })
     }
 
     /// Writes each scope's ports, mode and action into `slot`, and marks the ids this policy
@@ -844,141 +916,6 @@ impl PolicyMaps {
         if let Err((done, error)) = batch::delete_present(fd, &keys, size_of::<u32>()) {
             log::warn!("could not remove {} counters: {error}", ids.len() - done);
         }
-    }
-
-    /// Brings `slot` to exactly `target` (sorted by key), writing only what differs, a batch
-    /// per family. What the slot holds and `target` are both in key order, so one merge
-    /// finds what goes and what changes without a lookup per prefix. What the slot holds is
-    /// tracked entry by entry when a batch fails (the kernel says how far it got), so a
-    /// failure part-way leaves an exact record for the next try.
-    fn write_slot(
-        &mut self,
-        slot: u32,
-        target: &[(SlotKey, RuleValue)],
-    ) -> Result<usize, ApplyError> {
-        let index = slot as usize;
-        let mut stale: [Vec<SlotKey>; 2] = [Vec::new(), Vec::new()];
-        let mut changed: [Vec<(SlotKey, RuleValue)>; 2] = [Vec::new(), Vec::new()];
-        let family = |key: &SlotKey| usize::from(key.1.addr().is_ipv4());
-        let mut held = self.slots[index].iter().peekable();
-        for &(key, value) in target {
-            while let Some((old, _)) = held.next_if(|(old, _)| **old < key) {
-                stale[family(old)].push(*old);
-            }
-            match held.next_if(|(old, _)| **old == key) {
-                Some((_, old)) if *old == value => {}
-                _ => changed[family(&key)].push((key, value)),
-            }
-        }
-        for (old, _) in held {
-            stale[family(old)].push(*old);
-        }
-        // Removals first, then writes; each step says how far it got.
-        let mut done: Vec<(bool, usize, usize)> = Vec::with_capacity(4);
-        let mut failure = None;
-        for (remove, family) in [(true, 1), (true, 0), (false, 1), (false, 0)] {
-            let v4 = family == 1;
-            let (outcome, total) = if remove {
-                let keys = &stale[family];
-                (self.remove_entries(index, v4, keys), keys.len())
-            } else {
-                let entries = &changed[family];
-                (self.insert_entries(index, v4, entries), entries.len())
-            };
-            match outcome {
-                Ok(count) => done.push((remove, family, count)),
-                Err((count, source)) => {
-                    done.push((remove, family, count));
-                    failure = Some(ApplyError::Batch {
-                        map: trie_name(v4, index),
-                        what: if remove {
-                            format!("removal of {} prefixes", total - count)
-                        } else {
-                            format!("{total} prefixes ({count} written)")
-                        },
-                        source,
-                    });
-                    break;
-                }
-            }
-        }
-        let written = changed[0].len() + changed[1].len();
-        if failure.is_none() && written + stale[0].len() + stale[1].len() > target.len() / 4 {
-            // Much replaced: the record is the target, built in one sorted pass rather than
-            // an insert or a removal per prefix; the old one is freed off the apply's path.
-            let old = std::mem::replace(&mut self.slots[index], target.iter().copied().collect());
-            crate::reclaim::drop_later(old);
-            return Ok(written);
-        }
-        let record = &mut self.slots[index];
-        for (remove, family, count) in done {
-            if remove {
-                for key in &stale[family][..count] {
-                    record.remove(key);
-                }
-            } else {
-                for (key, value) in &changed[family][..count] {
-                    record.insert(*key, *value);
-                }
-            }
-        }
-        failure.map_or(Ok(written), Err)
-    }
-
-    /// The trie of `slot` for the family of `v4`, as a file descriptor, and its key size.
-    fn trie(&self, slot: usize, v4: bool) -> (BorrowedFd<'_>, usize) {
-        if v4 {
-            (
-                self.v4[slot].map().fd().as_fd(),
-                size_of::<u32>() + V4_KEY_BYTES,
-            )
-        } else {
-            (
-                self.v6[slot].map().fd().as_fd(),
-                size_of::<u32>() + V6_KEY_BYTES,
-            )
-        }
-    }
-
-    /// Removes `keys` (one family) from the trie of `slot`; returns how many went, or how
-    /// many had gone when it failed.
-    fn remove_entries(
-        &self,
-        slot: usize,
-        v4: bool,
-        keys: &[SlotKey],
-    ) -> Result<usize, (usize, std::io::Error)> {
-        if keys.is_empty() {
-            return Ok(0);
-        }
-        let (fd, key_size) = self.trie(slot, v4);
-        let mut bytes = Vec::with_capacity(keys.len() * key_size);
-        for (scope, net) in keys {
-            push_trie_key(&mut bytes, *scope, net);
-        }
-        batch::delete_present(fd, &bytes, key_size).map(|()| keys.len())
-    }
-
-    /// Writes `entries` (one family) into the trie of `slot`; returns how many were
-    /// written, or how many had been when it failed.
-    fn insert_entries(
-        &self,
-        slot: usize,
-        v4: bool,
-        entries: &[(SlotKey, RuleValue)],
-    ) -> Result<usize, (usize, std::io::Error)> {
-        if entries.is_empty() {
-            return Ok(0);
-        }
-        let (fd, key_size) = self.trie(slot, v4);
-        let mut keys = Vec::with_capacity(entries.len() * key_size);
-        let mut values = Vec::with_capacity(entries.len() * size_of::<RuleValue>());
-        for ((scope, net), value) in entries {
-            push_trie_key(&mut keys, *scope, net);
-            values.extend_from_slice(&[value.action, value.deny, value.outranked, 0]);
-            values.extend_from_slice(&value.counter_id.to_ne_bytes());
-        }
-        batch::update(fd, &keys, key_size, &values, size_of::<RuleValue>()).map(|()| entries.len())
     }
 
     /// Adds `values` (by index) to the global counters, on the first CPU; returns how many
@@ -1283,23 +1220,6 @@ fn typed_from_data<T: TryFrom<Map, Error = MapError>>(
 ) -> Result<T, MapsError> {
     let map = Map::from_map_data(data).map_err(|source| MapsError::Map { name, source })?;
     typed(name, map)
-}
-
-fn trie_name(v4: bool, slot: usize) -> &'static str {
-    match (v4, slot) {
-        (true, 0) => map_name::V4_SLOT0,
-        (true, _) => map_name::V4_SLOT1,
-        (false, 0) => map_name::V6_SLOT0,
-        (false, _) => map_name::V6_SLOT1,
-    }
-}
-
-fn blocks_name(slot: usize) -> &'static str {
-    if slot == 0 {
-        map_name::V4_BLOCKS_SLOT0
-    } else {
-        map_name::V4_BLOCKS_SLOT1
-    }
 }
 
 fn dst_name(v4: bool, slot: usize) -> &'static str {

@@ -8,8 +8,131 @@
 //! Built from the same entries the trie gets, so both give the longest prefix's rule: the
 //! kernel tests and the fuzzers check it through the real program.
 
-use ipnet::Ipv4Net;
-use smtpguard_common::{RuleValue, V4_BLOCK_RANGES, V4_TOP_ENTRIES, V4Block, v4_table};
+use std::{mem::size_of, os::fd::AsFd as _};
+
+use aya::maps::{Array, HashMap as KernelHashMap, IterableMap as _, MapData, MapError};
+use ipnet::{IpNet, Ipv4Net};
+use smtpguard_common::{
+    MAX_V4_BLOCKS, RuleValue, V4_BLOCK_RANGES, V4_TOP_ENTRIES, V4Block, map_name, v4_table,
+};
+
+use crate::kernel::{
+    batch,
+    maps::{ApplyError, SlotKey},
+};
+
+/// The table's maps (the /16 words of both slots, a blocks hash per slot) and the blocks each
+/// slot holds.
+pub struct TableMaps {
+    top: Array<MapData, [u64; V4_TOP_ENTRIES]>,
+    blocks: [KernelHashMap<MapData, u32, V4Block>; 2],
+    /// The /24 blocks each slot holds, in key order, as written by this process; `None` when
+    /// that is not known (a write failed, or reading the map back did): the map is read
+    /// again before the slot's table is next written, and the table stays off while it
+    /// cannot be.
+    held: [Option<Vec<(u32, V4Block)>>; 2],
+}
+
+impl TableMaps {
+    pub fn new(
+        top: Array<MapData, [u64; V4_TOP_ENTRIES]>,
+        blocks: [KernelHashMap<MapData, u32, V4Block>; 2],
+    ) -> Self {
+        Self {
+            top,
+            blocks,
+            held: [Some(Vec::new()), Some(Vec::new())],
+        }
+    }
+
+    /// Reads back what `slot`'s blocks hash holds (a pinned map a previous daemon wrote).
+    pub fn recover(&mut self, slot: usize) {
+        self.held[slot] = self.read(slot).ok();
+    }
+
+    /// The blocks `slot` holds, read back from the kernel, in key order.
+    fn read(&self, slot: usize) -> Result<Vec<(u32, V4Block)>, MapError> {
+        let mut blocks = self.blocks[slot].iter().collect::<Result<Vec<_>, _>>()?;
+        blocks.sort_unstable_by_key(|(key, _)| *key);
+        Ok(blocks)
+    }
+
+    /// Writes `slot`'s table for the scope-0 IPv4 prefixes of `target`: its /16 words whole,
+    /// its /24 blocks by difference with what the slot holds. Returns false, writing
+    /// nothing, for a policy with more blocks than the map takes, or when what the slot holds
+    /// cannot be read (the trie decides).
+    pub fn write(
+        &mut self,
+        slot: u32,
+        target: &[(SlotKey, RuleValue)],
+    ) -> Result<bool, ApplyError> {
+        let index = slot as usize;
+        let table = build(target.iter().filter_map(|((scope, net), value)| match net {
+            IpNet::V4(net) if *scope == 0 => Some((net, value)),
+            _ => None,
+        }));
+        if table.blocks.len() > MAX_V4_BLOCKS as usize {
+            return Ok(false);
+        }
+        if self.held[index].is_none() {
+            self.held[index] = self.read(index).ok();
+        }
+        let Some(previous) = self.held[index].take() else {
+            return Ok(false);
+        };
+        let top: &[u64; V4_TOP_ENTRIES] = &table.top;
+        self.top
+            .set(slot, top, 0)
+            .map_err(|source| ApplyError::Write {
+                map: map_name::V4_TOP,
+                what: format!("slot {slot} IPv4 table"),
+                source,
+            })?;
+        let mut stale: Vec<u8> = Vec::new();
+        let (mut keys, mut values): (Vec<u8>, Vec<u8>) = (Vec::new(), Vec::new());
+        let mut held = previous.iter().peekable();
+        for (key, block) in &table.blocks {
+            while let Some((old, _)) = held.next_if(|(old, _)| old < key) {
+                stale.extend_from_slice(&old.to_ne_bytes());
+            }
+            match held.next_if(|(old, _)| old == key) {
+                Some((_, old)) if old == block => {}
+                _ => {
+                    keys.extend_from_slice(&key.to_ne_bytes());
+                    for range in block.ranges {
+                        values.extend_from_slice(&range.to_ne_bytes());
+                    }
+                }
+            }
+        }
+        for (old, _) in held {
+            stale.extend_from_slice(&old.to_ne_bytes());
+        }
+        let fd = self.blocks[index].map().fd().as_fd();
+        let outcome = batch::delete_present(fd, &stale, size_of::<u32>()).and_then(|()| {
+            batch::update(fd, &keys, size_of::<u32>(), &values, size_of::<V4Block>())
+        });
+        if let Err((_, source)) = outcome {
+            // `held[index]` stays `None`: read back before the next write.
+            return Err(ApplyError::Batch {
+                map: blocks_name(index),
+                what: format!("{} IPv4 table blocks", table.blocks.len()),
+                source,
+            });
+        }
+        self.held[index] = Some(table.blocks);
+        crate::reclaim::drop_later(previous);
+        Ok(true)
+    }
+}
+
+fn blocks_name(slot: usize) -> &'static str {
+    if slot == 0 {
+        map_name::V4_BLOCKS_SLOT0
+    } else {
+        map_name::V4_BLOCKS_SLOT1
+    }
+}
 
 /// One slot's table: the /16 words and the /24 blocks, in key order.
 pub struct V4Table {

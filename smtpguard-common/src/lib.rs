@@ -147,9 +147,10 @@ pub const V4_COARSE_WORDS: usize = 1 << 15;
 /// Entries of one slot's IPv4 top table: one per /16 (512 KiB).
 pub const V4_TOP_ENTRIES: usize = 1 << 16;
 /// Upper bound on the /24 blocks of one slot's IPv4 table. The hash is created with
-/// `BPF_F_NO_PREALLOC`: a limit, not memory reserved up front. A policy that needs more
-/// leaves the table off for its slot (the trie decides).
-pub const MAX_V4_BLOCKS: u32 = 4 << 20;
+/// `BPF_F_NO_PREALLOC`, so its entries take memory as they come, but the kernel sizes its
+/// bucket array by this bound up front (16 bytes a bucket: 16 MiB per slot). A policy that
+/// needs more leaves the table off for its slot (the trie decides).
+pub const MAX_V4_BLOCKS: u32 = 1 << 20;
 /// Ranges one [`V4Block`] holds: a /24 with more is left to the trie.
 pub const V4_BLOCK_RANGES: usize = 8;
 

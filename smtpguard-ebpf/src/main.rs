@@ -368,7 +368,9 @@ fn candidate_scope(dst_high: u64, dst_low: u64, running: u64) -> u64 {
 /// the standby slot, in the scope [`candidate_scope`] found. Returns 0 when the candidate's
 /// effect is the running policy's (both let it in, or both stop it, counting an audit
 /// scope's stop as letting in); else the candidate's rule (low 32 bits), scope (8 bits from
-/// 32), whether it stops the SYN (bit 40), and bit 63 set.
+/// 32), whether it stops the SYN (bit 40), and bit 63 set. The candidate's IPv4 sources are
+/// decided by its trie, not its IPv4 table: the table is built from the same entries and gives
+/// the same verdicts (the kernel tests and the fuzzer's run without a scope hold it to that).
 #[inline(never)]
 fn compare_candidate(src_high: u64, src_low: u64, running: u64, scope: u64) -> u64 {
     let Some(active) = ACTIVE_SLOT.get(0) else {

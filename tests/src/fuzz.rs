@@ -162,6 +162,12 @@ pub fn run_with(seed: u64, count: u64, canary: bool) -> Outcome {
             unscoped_policy_toml("lo", action)
         };
         let mut kernel = Kernel::with_policy(&toml);
+        // The run without the scope is there for the IPv4 table: it must be the one deciding.
+        assert_eq!(
+            kernel.maps.ipv4_table_in_force().expect("slot settings"),
+            !scoped,
+            "{name}: IPv4 table"
+        );
         kernel.set_lo(LO_MAC, smtpguard_common::iface::REPLIES);
         if canary {
             kernel

@@ -912,6 +912,7 @@ fn both_programs_verify_well_inside_the_kernel_limit() {
 #[test]
 fn the_ipv4_table_decides_as_the_longest_prefix() {
     use ipnet::Ipv4Net;
+    use smtpguard::kernel::table::TableUse;
     use smtpguard_common::counter;
     use smtpguard_tests::bench::Rng;
 
@@ -958,7 +959,12 @@ fn the_ipv4_table_decides_as_the_longest_prefix() {
         (&second, &second_nets),
         (&first, &first_nets),
     ] {
-        kernel.apply(toml);
+        let report = kernel.apply(toml);
+        assert_eq!(report.ipv4_table, TableUse::On);
+        assert!(
+            kernel.maps.ipv4_table_in_force().unwrap(),
+            "the table decides"
+        );
         // Per prefix (None: unlisted), the SYNs it should have decided.
         let mut want_counts: std::collections::BTreeMap<Option<Ipv4Net>, u64> = Default::default();
         let before = kernel.counters();
@@ -997,4 +1003,67 @@ fn the_ipv4_table_decides_as_the_longest_prefix() {
             assert_eq!(moved, want, "SYNs counted for {net:?}");
         }
     }
+}
+
+/// A policy whose prefixes could reach more /24s than the IPv4 table takes leaves it off, and
+/// the trie decides as before; a smaller policy after it turns it back on.
+#[test]
+fn a_policy_too_large_for_the_ipv4_table_is_decided_by_the_trie() {
+    use smtpguard::kernel::table::TableUse;
+    use smtpguard_common::MAX_V4_BLOCKS;
+
+    // /17s from 1.0.0.0 on: 128 /24s each, one /17 more than the table takes.
+    let count = MAX_V4_BLOCKS / 128 + 1;
+    let prefixes: Vec<String> = (0..count)
+        .map(|k| format!("\"{}/17\"", Ipv4Addr::from(0x0100_0000 + (k << 15))))
+        .collect();
+    let large = format!(
+        "interfaces = [\"lo\"]\n[[allow]]\nname = \"many\"\nprefixes = [{}]\n[[deny]]\nname = \"one\"\nprefixes = [\"1.0.200.7\"]\n",
+        prefixes.join(", ")
+    );
+    let mut kernel = Kernel::with_policy(POLICY);
+    assert!(kernel.maps.ipv4_table_in_force().unwrap());
+    let report = kernel.apply(&large);
+    assert_eq!(
+        report.ipv4_table,
+        TableUse::TooLarge {
+            // And one for the /24 of the deny /32.
+            blocks: u64::from(count) * 128 + 1
+        }
+    );
+    assert!(!kernel.maps.ipv4_table_in_force().unwrap());
+    for (src, want, case) in [
+        (
+            Ipv4Addr::new(1, 0, 200, 6),
+            XDP_PASS,
+            "inside the first /17",
+        ),
+        (
+            Ipv4Addr::new(1, 0, 200, 7),
+            XDP_DROP,
+            "the deny /32 inside it",
+        ),
+        (
+            Ipv4Addr::from(0x0100_0000 + ((count - 1) << 15) + 5),
+            XDP_PASS,
+            "inside the last /17",
+        ),
+        (UNLISTED4, XDP_DROP, "unlisted"),
+    ] {
+        expect(&mut kernel, &tcp4(&[], src, DST4, 25, SYN), want, case);
+    }
+    let report = kernel.apply(POLICY);
+    assert_eq!(report.ipv4_table, TableUse::On);
+    expect(
+        &mut kernel,
+        &tcp4(&[], DENIED4, DST4, 25, SYN),
+        XDP_DROP,
+        "back on the table",
+    );
+    expect(
+        &mut kernel,
+        &tcp4(&[], ALLOWED4, DST4, 25, SYN),
+        XDP_PASS,
+        "back on the table",
+    );
 }

@@ -31,7 +31,10 @@ use smtpguard_common::{
 };
 
 use crate::{
-    kernel::{batch, table::TableMaps},
+    kernel::{
+        batch,
+        table::{TableMaps, TableUse},
+    },
     policy::{List, Policy},
     source::config::{Action, Mode},
 };
@@ -132,8 +135,8 @@ pub(crate) type SlotKey = (u32, IpNet);
 struct SourcesWritten {
     /// Trie entries written, both families.
     entries: usize,
-    /// Whether the IPv4 table holds the policy (the program may trust it).
-    table: bool,
+    /// Whether the IPv4 table holds the policy (the program may trust it), or why not.
+    table: TableUse,
 }
 
 /// What a scoped thread returned; its panic goes on in the caller.
@@ -181,6 +184,16 @@ impl<const KEY: usize> SourceTries<KEY> {
         Ok(())
     }
 
+    /// After a failed batch: the record from the trie itself. The count the kernel gives
+    /// back is not to be trusted for every error (one it returns before touching any
+    /// element leaves the count it was given); the entry-by-entry record stays only if the
+    /// trie cannot be read either.
+    fn read_back(&mut self, slot: usize) {
+        if let Err(error) = self.recover(slot) {
+            log::warn!("{error}: the record of what it holds is kept as the failed write left it");
+        }
+    }
+
     /// Brings `slot`'s trie to this family's entries of `target` (sorted by key), writing
     /// only what differs: what the trie holds and `target` are both in key order, so one
     /// merge finds what goes and what changes without a lookup per prefix. Removals first,
@@ -210,17 +223,17 @@ impl<const KEY: usize> SourceTries<KEY> {
         for (scope, net) in &stale {
             push_trie_key(&mut bytes, *scope, net);
         }
-        let removed = batch::delete_present(fd, &bytes, key_size).map_err(|(count, source)| {
+        if let Err((count, source)) = batch::delete_present(fd, &bytes, key_size) {
             for key in &stale[..count] {
                 self.held[slot].remove(key);
             }
-            ApplyError::Batch {
+            self.read_back(slot);
+            return Err(ApplyError::Batch {
                 map: self.names[slot],
                 what: format!("removal of {} prefixes", stale.len() - count),
                 source,
-            }
-        });
-        removed?;
+            });
+        }
         let mut keys = Vec::with_capacity(changed.len() * key_size);
         let mut values = Vec::with_capacity(changed.len() * size_of::<RuleValue>());
         for ((scope, net), value) in &changed {
@@ -236,6 +249,7 @@ impl<const KEY: usize> SourceTries<KEY> {
             for (key, value) in &changed[..count] {
                 self.held[slot].insert(*key, *value);
             }
+            self.read_back(slot);
             return Err(ApplyError::Batch {
                 map: self.names[slot],
                 what: format!("{} prefixes ({count} written)", changed.len()),
@@ -264,6 +278,8 @@ pub struct ApplyReport {
     pub slot: u32,
     pub written: usize,
     pub removed: usize,
+    /// Whether the IPv4 table decides IPv4 sources under this policy, or why the trie does.
+    pub ipv4_table: TableUse,
     pub elapsed: Duration,
 }
 
@@ -443,6 +459,19 @@ impl PolicyMaps {
         Ok(())
     }
 
+    /// Whether the IPv4 table decides IPv4 sources in the policy in force (the active slot's
+    /// settings say so).
+    pub fn ipv4_table_in_force(&self) -> Result<bool, ApplyError> {
+        let config = self
+            .slot_config
+            .get(&self.active_slot, 0)
+            .map_err(|source| ApplyError::Read {
+                map: map_name::SLOT_CONFIG,
+                source,
+            })?;
+        Ok(config.v4_table == 1)
+    }
+
     /// Whether the maps held a policy before this process touched them.
     pub fn recovered(&self) -> bool {
         self.generation > 0
@@ -540,8 +569,11 @@ impl PolicyMaps {
         let counter_ids = self.assign_counter_ids(policy);
         let target = slot_entries(policy, &counter_ids);
         // Nothing reaches the active slot unless all of it is written.
-        let written = self.stage(standby, &target, policy, generation)?;
+        let (written, ipv4_table) = self.stage(standby, &target, policy, generation)?;
         self.flip(standby)?;
+        if !matches!(ipv4_table, TableUse::On | TableUse::Scoped) {
+            log::warn!("IPv4 table {ipv4_table}");
+        }
         self.last_flip = Some(Instant::now());
         crate::reclaim::drop_later(std::mem::replace(
             &mut self.counter_ids,
@@ -556,6 +588,7 @@ impl PolicyMaps {
             slot: standby,
             written,
             removed,
+            ipv4_table,
             elapsed: started.elapsed(),
         })
     }
@@ -601,7 +634,7 @@ impl PolicyMaps {
             counter_ids.insert(key, id);
         }
         let target = slot_entries(policy, &counter_ids);
-        let written = self.stage(standby, &target, policy, self.generation)?;
+        let (written, _) = self.stage(standby, &target, policy, self.generation)?;
         if fresh {
             self.clear_canary_sightings()?;
         }
@@ -689,14 +722,14 @@ impl PolicyMaps {
     }
 
     /// Brings the standby slot to `target` with the policy's ports and settings. Returns the
-    /// trie entries written.
+    /// trie entries written, and whether the IPv4 table decides.
     fn stage(
         &mut self,
         standby: u32,
         target: &[(SlotKey, RuleValue)],
         policy: &Policy,
         generation: u32,
-    ) -> Result<usize, ApplyError> {
+    ) -> Result<(usize, TableUse), ApplyError> {
         let written = self.write_sources(standby, target, !policy.scoped())?;
         self.write_destinations(standby, policy)?;
         self.write_scopes(standby, policy)?;
@@ -731,17 +764,18 @@ impl PolicyMaps {
                     .all(|scope| scope.mode == Mode::Audit),
             ),
             canary: 0,
-            v4_table: u32::from(written.table),
+            v4_table: u32::from(written.table.on()),
             _pad: 0,
         };
         self.write_slot_config(standby, config)?;
-        Ok(written.entries)
+        Ok((written.entries, written.table))
     }
 
     /// Brings `slot`'s source tries to `target` and, for a policy of one scope (`table`), its
     /// IPv4 table: three maps written at once, each on its own thread (the kernel takes a
     /// lock per trie, so the two families' tries fill in parallel, and the table beside
-    /// them). Any failure fails the whole; each map's record stays exact either way.
+    /// them). A trie that fails fails the whole; a table that fails is left off. Each map's
+    /// record stays exact either way.
     fn write_sources(
         &mut self,
         slot: u32,
@@ -756,16 +790,17 @@ impl PolicyMaps {
                 if table {
                     v4_table.write(slot, target)
                 } else {
-                    Ok(false)
+                    Ok(TableUse::Scoped)
                 }
             });
             let v4 = v4.write(index, target);
             (v4, joined(v6), joined(table))
         });
-        Ok(SourcesWritten {
-            entries: written_v4? + written_v6?,
-            table: table?,
-        })
+        let entries = written_v4? + written_v6?;
+        // The tries hold the policy whole: a table that could not be written only leaves
+        // them to decide.
+        let table = table.unwrap_or_else(|error| TableUse::Failed(error.to_string()));
+        Ok(SourcesWritten { entries, table })
     }
 
     /// Writes each scope's ports, mode and action into `slot`, and marks the ids this policy

@@ -45,9 +45,10 @@ impl TableMaps {
         }
     }
 
-    /// Reads back what `slot`'s blocks hash holds (a pinned map a previous daemon wrote).
+    /// Forgets what `slot`'s blocks hash holds (a pinned map a previous daemon wrote): it is
+    /// read back when the slot's table is next written, not at start.
     pub fn recover(&mut self, slot: usize) {
-        self.held[slot] = self.read(slot).ok();
+        self.held[slot] = None;
     }
 
     /// The blocks `slot` holds, read back from the kernel, in key order.
@@ -58,28 +59,32 @@ impl TableMaps {
     }
 
     /// Writes `slot`'s table for the scope-0 IPv4 prefixes of `target`: its /16 words whole,
-    /// its /24 blocks by difference with what the slot holds. Returns false, writing
-    /// nothing, for a policy with more blocks than the map takes, or when what the slot holds
-    /// cannot be read (the trie decides).
+    /// its /24 blocks by difference with what the slot holds. Says why not, writing nothing,
+    /// for a policy whose prefixes could need more blocks than the map takes, or when what
+    /// the slot holds cannot be read back: the trie decides then.
     pub fn write(
         &mut self,
         slot: u32,
         target: &[(SlotKey, RuleValue)],
-    ) -> Result<bool, ApplyError> {
+    ) -> Result<TableUse, ApplyError> {
         let index = slot as usize;
-        let table = build(target.iter().filter_map(|((scope, net), value)| match net {
-            IpNet::V4(net) if *scope == 0 => Some((net, value)),
-            _ => None,
-        }));
-        if table.blocks.len() > MAX_V4_BLOCKS as usize {
-            return Ok(false);
+        let entries = || {
+            target.iter().filter_map(|((scope, net), value)| match net {
+                IpNet::V4(net) if *scope == 0 => Some((net, value)),
+                _ => None,
+            })
+        };
+        let most = most_blocks(entries().map(|(net, _)| net));
+        if most > u64::from(MAX_V4_BLOCKS) {
+            return Ok(TableUse::TooLarge { blocks: most });
         }
         if self.held[index].is_none() {
             self.held[index] = self.read(index).ok();
         }
         let Some(previous) = self.held[index].take() else {
-            return Ok(false);
+            return Ok(TableUse::Unreadable);
         };
+        let table = build(entries());
         let top: &[u64; V4_TOP_ENTRIES] = &table.top;
         self.top
             .set(slot, top, 0)
@@ -122,8 +127,62 @@ impl TableMaps {
         }
         self.held[index] = Some(table.blocks);
         crate::reclaim::drop_later(previous);
-        Ok(true)
+        Ok(TableUse::On)
     }
+}
+
+/// Whether a slot's IPv4 table decides, and if not, why the trie does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TableUse {
+    On,
+    /// The policy has destination scopes: the table holds one scope only.
+    Scoped,
+    /// Its prefixes longer than /16 could reach this many /24s, more than the map takes.
+    TooLarge {
+        blocks: u64,
+    },
+    /// What the slot's blocks hash holds could not be read back to write it by difference.
+    Unreadable,
+    /// Writing it failed (the error).
+    Failed(String),
+}
+
+impl TableUse {
+    pub fn on(&self) -> bool {
+        *self == Self::On
+    }
+}
+
+impl std::fmt::Display for TableUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::On => write!(f, "on"),
+            Self::Scoped => write!(
+                f,
+                "off (the policy has destination scopes; the trie decides)"
+            ),
+            Self::TooLarge { blocks } => write!(
+                f,
+                "off (prefixes longer than /16 could reach {blocks} /24s, more than the {MAX_V4_BLOCKS} the table takes; the trie decides)"
+            ),
+            Self::Unreadable => write!(
+                f,
+                "off (what the table holds could not be read back; the trie decides)"
+            ),
+            Self::Failed(error) => write!(f, "off (writing it failed: {error}; the trie decides)"),
+        }
+    }
+}
+
+/// The most /24 blocks `nets` can need, counted before anything is built: every /24 a
+/// /17-/24 prefix covers, one for each longer prefix.
+fn most_blocks<'a>(nets: impl Iterator<Item = &'a Ipv4Net>) -> u64 {
+    nets.map(|net| match net.prefix_len() {
+        0..=16 => 0,
+        len @ 17..=24 => 1u64 << (24 - len),
+        _ => 1,
+    })
+    .sum()
 }
 
 fn blocks_name(slot: usize) -> &'static str {

@@ -974,13 +974,14 @@ impl Daemon {
             })
             .collect();
         format!(
-            "generation {} ({}): {} allow and {} deny prefixes; {} entries written, {} counters retired, in {:.1} ms",
+            "generation {} ({}): {} allow and {} deny prefixes; {} entries written, {} counters retired, IPv4 table {}, in {:.1} ms",
             report.generation,
             scopes.join("; "),
             self.policy.count(List::Allow),
             self.policy.count(List::Deny),
             report.written,
             report.removed,
+            report.ipv4_table,
             report.elapsed.as_secs_f64() * 1000.0
         )
     }

@@ -19,7 +19,7 @@ fn main() {
     let outcome = fuzz::run_with(seed, frames, canary);
     let elapsed = started.elapsed().as_secs_f64();
     println!(
-        "{} frames (seed {seed:#x}) in {elapsed:.1} s ({:.0} frames/s; {} more not runnable: under 14 bytes or over a page), each under a drop and a reject policy: {} dropped, {} reset by the program, {} disagreements with the reference",
+        "{} frames (seed {seed:#x}) in {elapsed:.1} s ({:.0} frames/s; {} more not runnable: under 14 bytes or over a page), each under a drop policy, a reject policy and a drop policy without its scope (the IPv4 table decides): {} dropped, {} reset by the program, {} disagreements with the reference",
         outcome.frames,
         outcome.frames as f64 / elapsed,
         outcome.not_runnable,

@@ -59,8 +59,8 @@ pub mod map_name {
     pub const V4_BLOCKS_SLOT0: &str = "SG_V4_BLK_0";
     /// The same for policy slot 1.
     pub const V4_BLOCKS_SLOT1: &str = "SG_V4_BLK_1";
-    /// `PerCpuArray<RecordBudget>` of one entry: how many stopped sources this CPU recorded
-    /// in the current second.
+    /// `PerCpuArray<RecordBudget>` of [`super::budget::COUNT`] entries: how many stopped
+    /// sources (and canary sightings) this CPU recorded in the current second.
     pub const RECORD_BUDGET: &str = "SG_REC_BUDGET";
     /// `PerCpuHashMap<u32, u64>`: SYNs matched, keyed by [`super::RuleValue::counter_id`].
     pub const PREFIX_HITS: &str = "SG_PREFIX_HITS";
@@ -198,8 +198,17 @@ pub const fn v6_guard_bit(top: u32) -> u32 {
 }
 
 /// Stopped SYNs a CPU records exactly in the table of stopped sources per second; beyond
-/// that (a flood), one in [`RECORD_SAMPLE`] is recorded and the rest counted as skipped.
+/// that (a flood), one in [`RECORD_SAMPLE`] is recorded and the rest counted as skipped. The
+/// same holds, with a budget of its own, for the SYNs a canary records.
 pub const RECORD_BUDGET_PER_SECOND: u64 = 4096;
+/// Budgets in [`map_name::RECORD_BUDGET`]: one per table a flood could fill.
+pub mod budget {
+    /// The table of stopped sources.
+    pub const OFFENDERS: u32 = 0;
+    /// The canary's table of sources whose verdict its candidate changes.
+    pub const CANARY: u32 = 1;
+    pub const COUNT: u32 = 2;
+}
 /// Sampling rate beyond the budget.
 pub const RECORD_SAMPLE: u64 = 64;
 
@@ -422,9 +431,12 @@ pub mod counter {
     pub const CANARY_NEWLY_BLOCKED: u32 = 13;
     /// SYNs the running policy stopped that a canary's candidate would let through.
     pub const CANARY_NEWLY_ALLOWED: u32 = 14;
+    /// SYNs a canary's candidate would change that were counted above but left out of the
+    /// table of sources it changes: a flood beyond the per-CPU budget is sampled.
+    pub const CANARY_UNRECORDED: u32 = 15;
     /// Number of global counters. Indices are only ever added at the end: an upgrade
     /// carries counters over by index.
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 16;
 }
 
 /// Sources a canary remembers: the least recently seen go first when it is full (the global
@@ -555,7 +567,12 @@ pub const MAP_LAYOUTS: [MapLayout; 26] = [
         size_of::<V4Block>(),
         MAX_V4_BLOCKS,
     ),
-    layout(map_name::RECORD_BUDGET, 4, size_of::<RecordBudget>(), 1),
+    layout(
+        map_name::RECORD_BUDGET,
+        4,
+        size_of::<RecordBudget>(),
+        budget::COUNT,
+    ),
     layout(map_name::PREFIX_HITS, 4, 8, MAX_PREFIX_COUNTERS),
     layout(map_name::GLOBAL, 4, 8, counter::COUNT),
     layout(map_name::OFFENDERS, 4, size_of::<Offender>(), MAX_OFFENDERS),

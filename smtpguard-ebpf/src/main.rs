@@ -25,8 +25,8 @@ use smtpguard_common::{
     MAX_PREFIX_COUNTERS, MAX_PREFIXES_PER_FAMILY, MAX_SCOPE_DESTINATIONS, MAX_SCOPES,
     MAX_V4_BLOCKS, Offender, RECORD_BUDGET_PER_SECOND, RECORD_SAMPLE, RecordBudget, RuleValue,
     SLOTS, ScopeConfig, SlotConfig, V4_BLOCK_RANGES, V4_COARSE_WORDS, V4_GUARD_WORDS, V4_KEY_BYTES,
-    V4_TOP_ENTRIES, V4Block, V6_GUARD_WORDS, V6_KEY_BYTES, action, canary_rule, counter, iface,
-    mode, offender_slot, v4_table, v6_guard_bit,
+    V4_TOP_ENTRIES, V4Block, V6_GUARD_WORDS, V6_KEY_BYTES, action, budget, canary_rule, counter,
+    iface, mode, offender_slot, v4_table, v6_guard_bit,
 };
 
 #[map(name = "SG_ACTIVE")]
@@ -87,7 +87,7 @@ static V4_BLOCKS_SLOT1: HashMap<u32, V4Block> =
     HashMap::with_max_entries(MAX_V4_BLOCKS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
 #[map(name = "SG_REC_BUDGET")]
-static RECORD_BUDGET: PerCpuArray<RecordBudget> = PerCpuArray::with_max_entries(1, 0);
+static RECORD_BUDGET: PerCpuArray<RecordBudget> = PerCpuArray::with_max_entries(budget::COUNT, 0);
 
 #[map(name = "SG_PREFIX_HITS")]
 static PREFIX_HITS: PerCpuHashMap<u32, u64> =
@@ -258,7 +258,17 @@ fn decide_guarded(ctx: &XdpContext, ip: Ip, dport: Option<u16>, reply: Option<Re
         let scope = candidate_scope(dst_high, dst_low, running);
         let change = compare_candidate(high, low, running, scope);
         if change != 0 {
-            record_change(high, low, running, change);
+            count(if (change >> 40) & 1 == 1 {
+                counter::CANARY_NEWLY_BLOCKED
+            } else {
+                counter::CANARY_NEWLY_ALLOWED
+            });
+            // A flood of changed SYNs costs a count each, not a table write each.
+            if within_budget(budget::CANARY) {
+                record_change(high, low, running, change);
+            } else {
+                count(counter::CANARY_UNRECORDED);
+            }
         }
     }
     if !guarded {
@@ -281,7 +291,7 @@ fn decide_guarded(ctx: &XdpContext, ip: Ip, dport: Option<u16>, reply: Option<Re
         }
     }
     let stop = verdict;
-    if should_record() {
+    if within_budget(budget::OFFENDERS) {
         let (high, low) = address_words(src);
         remember(high, low, audit, scope);
     } else {
@@ -431,11 +441,6 @@ fn record_change(src_high: u64, src_low: u64, running: u64, change: u64) {
     let stops = (change >> 40) & 1 == 1;
     let (rule, scope) = (change as u32, (change >> 32) as u32 & 0xff);
     let (running_rule, running_scope) = (running as u32, (running >> 32) as u32 & 0xff);
-    count(if stops {
-        counter::CANARY_NEWLY_BLOCKED
-    } else {
-        counter::CANARY_NEWLY_ALLOWED
-    });
     let key = words_address(src_high, src_low);
     let now = unsafe { bpf_ktime_get_boot_ns() };
     if let Some(seen) = CANARY.get_ptr_mut(key) {
@@ -596,12 +601,12 @@ fn unicast(address: &Source) -> bool {
     }
 }
 
-/// Whether this stopped SYN goes into the table of stopped sources: every one up to the
-/// per-CPU budget of the current second, then one in [`RECORD_SAMPLE`]. A flood of spoofed
-/// sources thus costs an increment per SYN, not a table write.
+/// Whether this SYN goes into the table `which` budget guards ([`budget`]): every one up to
+/// the per-CPU budget of the current second, then one in [`RECORD_SAMPLE`]. A flood of
+/// spoofed sources thus costs an increment per SYN, not a table write.
 #[inline(always)]
-fn should_record() -> bool {
-    let Some(budget) = RECORD_BUDGET.get_ptr_mut(0) else {
+fn within_budget(which: u32) -> bool {
+    let Some(budget) = RECORD_BUDGET.get_ptr_mut(which) else {
         return true;
     };
     // SAFETY: per-CPU value: no other CPU touches it, and XDP runs are not preempted.

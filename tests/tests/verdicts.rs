@@ -429,3 +429,62 @@ fn a_flood_is_sampled_into_the_sources_table_beyond_the_budget() {
         "the table holds about what was recorded (less hash collisions): {recorded}"
     );
 }
+
+/// A flood of SYNs a canary's candidate would let in is counted whole, but its table of
+/// sources takes the first ones of each second and then one in the sample, as the table of
+/// stopped sources does: a canary under a spoofed flood costs a count per SYN, not a table
+/// write.
+#[test]
+fn a_canary_under_a_flood_samples_its_table_beyond_the_budget() {
+    // The budget is per CPU: stay on one.
+    // SAFETY: a zeroed cpu_set_t with one bit set, for the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set),
+            0
+        );
+    }
+    let running = policy("enforce", "drop", "drop");
+    let mut kernel = Kernel::with_policy(&running);
+    let candidate = smtpguard_tests::fuzz::policy(
+        "interfaces = [\"lo\"]\n[[allow]]\nname = \"everyone\"\nprefixes = [\"10.0.0.0/8\"]\n",
+    );
+    kernel
+        .maps
+        .start_canary(&candidate, &Default::default(), true)
+        .expect("canary");
+    let total = 6000u32;
+    for i in 0..total {
+        let src = Ipv4Addr::new(10, 1, (i >> 8) as u8, i as u8);
+        run(
+            &mut kernel,
+            &syn4(&[], src, &[], &[], SYN),
+            XDP_DROP,
+            "flood under a canary",
+        );
+    }
+    let budget = smtpguard_common::RECORD_BUDGET_PER_SECOND as u32;
+    let sample = smtpguard_common::RECORD_SAMPLE as u32;
+    let sampled = (budget + 1..=total)
+        .filter(|used| used % sample == 0)
+        .count() as u64;
+    let counters = kernel.counters();
+    assert_eq!(
+        counters.get(counter::CANARY_NEWLY_ALLOWED),
+        u64::from(total),
+        "every changed SYN counted"
+    );
+    assert_eq!(
+        counters.get(counter::CANARY_UNRECORDED),
+        u64::from(total - budget) - sampled,
+        "recorded: the first {budget}, then one in {sample}"
+    );
+    let sightings = kernel.maps.canary_sightings().expect("canary table");
+    assert_eq!(
+        sightings.len() as u64,
+        u64::from(budget) + sampled,
+        "one sighting per recorded source"
+    );
+}

@@ -442,6 +442,11 @@ impl prometheus_client::collector::Collector for Exporter {
                 counter::UNRECORDED,
             ),
             (
+                "smtpguard_canary_unrecorded",
+                "SYNs a canary's candidate would change, counted in smtpguard_canary_syn_total but left out of its table of sources: a flood beyond the per-CPU budget is sampled.",
+                counter::CANARY_UNRECORDED,
+            ),
+            (
                 "smtpguard_opaque_dropped",
                 "Frames dropped because the parser could not read them far enough to rule out a guarded SYN (too many VLAN tags, extension headers or tunnel levels, an inner header cut off).",
                 counter::OPAQUE_DROPPED,

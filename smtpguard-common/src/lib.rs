@@ -431,8 +431,9 @@ pub mod counter {
     pub const CANARY_NEWLY_BLOCKED: u32 = 13;
     /// SYNs the running policy stopped that a canary's candidate would let through.
     pub const CANARY_NEWLY_ALLOWED: u32 = 14;
-    /// SYNs a canary's candidate would change that were counted above but left out of the
-    /// table of sources it changes: a flood beyond the per-CPU budget is sampled.
+    /// SYNs a canary's candidate would change, counted above, whose source the per-CPU
+    /// budget kept out of the canary's table of sources (a flood of new sources is sampled;
+    /// a source already there is always counted).
     pub const CANARY_UNRECORDED: u32 = 15;
     /// Number of global counters. Indices are only ever added at the end: an upgrade
     /// carries counters over by index.

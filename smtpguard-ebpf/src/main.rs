@@ -263,12 +263,7 @@ fn decide_guarded(ctx: &XdpContext, ip: Ip, dport: Option<u16>, reply: Option<Re
             } else {
                 counter::CANARY_NEWLY_ALLOWED
             });
-            // A flood of changed SYNs costs a count each, not a table write each.
-            if within_budget(budget::CANARY) {
-                record_change(high, low, running, change);
-            } else {
-                count(counter::CANARY_UNRECORDED);
-            }
+            record_change(high, low, running, change);
         }
     }
     if !guarded {
@@ -435,7 +430,9 @@ fn compare_candidate(src_high: u64, src_low: u64, running: u64, scope: u64) -> u
 }
 
 /// Counts a SYN whose verdict the candidate changes ([`compare_candidate`]'s `change`)
-/// against its source in the canary's table.
+/// against its source in the canary's table. A source already there is always counted; a
+/// new one takes a place within the per-CPU budget ([`within_budget`]), so a flood of
+/// spoofed sources costs a lookup each, not a table write each.
 #[inline(never)]
 fn record_change(src_high: u64, src_low: u64, running: u64, change: u64) {
     let stops = (change >> 40) & 1 == 1;
@@ -459,6 +456,10 @@ fn record_change(src_high: u64, src_low: u64, running: u64, change: u64) {
             (*seen).running_scope = running_scope;
             (*seen).candidate_scope = scope;
         }
+        return;
+    }
+    if !within_budget(budget::CANARY) {
+        count(counter::CANARY_UNRECORDED);
         return;
     }
     let Some(new) = CANARY_NEW.get_ptr_mut(0) else {

@@ -55,7 +55,7 @@ pub fn update(
         let written = call(BPF_MAP_UPDATE_BATCH, &mut attr);
         match written {
             Ok(()) => done += n,
-            Err(error) => return Err((done + attr.count as usize, error)),
+            Err(error) => return Err((done + processed(&attr, n), error)),
         }
     }
     Ok(())
@@ -76,7 +76,7 @@ pub fn delete(map: BorrowedFd<'_>, keys: &[u8], key_size: usize) -> Result<(), (
         };
         match call(BPF_MAP_DELETE_BATCH, &mut attr) {
             Ok(()) => done += n,
-            Err(error) => return Err((done + attr.count as usize, error)),
+            Err(error) => return Err((done + processed(&attr, n), error)),
         }
     }
     Ok(())
@@ -99,6 +99,15 @@ pub fn delete_present(
         }
     }
     Ok(())
+}
+
+/// How many of the `sent` elements a failed batch call dealt with. The kernel writes the
+/// count back when an element fails, and that element is not in it, so it is below `sent`;
+/// an error it returns before the first element (no memory for its buffers, a map without
+/// batch operations) leaves the count as it was sent, and then none was dealt with.
+fn processed(attr: &BatchAttr, sent: usize) -> usize {
+    let count = attr.count as usize;
+    if count < sent { count } else { 0 }
 }
 
 fn call(command: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {

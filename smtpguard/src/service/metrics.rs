@@ -12,7 +12,8 @@
 //! - `smtpguard_reloads_total{result="ok|error"}`: policy applies after start (SIGHUP, DNS)
 //! - `smtpguard_policy_prefixes{list}`, `smtpguard_policy_generation`
 //! - `smtpguard_info{version,xdp_mode,interface}` = 1, `smtpguard_enforcing` = 1 or 0 (audit)
-//! - `smtpguard_unrecorded_total`: stopped SYNs a flood kept out of the sources table
+//! - `smtpguard_unrecorded_total`: stopped SYNs a flood kept out of the sources table;
+//!   `smtpguard_canary_unrecorded_total` the same for a canary's table of sources
 //! - `smtpguard_dns_refresh_failures_total{name}`, `smtpguard_dns_stale{name}` = 1 while a
 //!   name's last good answer is kept after a failure (or taken from the last-good store)
 //! - `smtpguard_dns_held_back{name}` = 1 while a refresh that grew the name past
@@ -443,7 +444,7 @@ impl prometheus_client::collector::Collector for Exporter {
             ),
             (
                 "smtpguard_canary_unrecorded",
-                "SYNs a canary's candidate would change, counted in smtpguard_canary_syn_total but left out of its table of sources: a flood beyond the per-CPU budget is sampled.",
+                "SYNs a canary's candidate would change, counted in smtpguard_canary_syn_total, whose new source the per-CPU budget kept out of the canary's table of sources (a flood of new sources is sampled).",
                 counter::CANARY_UNRECORDED,
             ),
             (

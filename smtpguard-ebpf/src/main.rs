@@ -722,7 +722,11 @@ fn lookup(
 ) -> Option<RuleValue> {
     match src {
         Source::V4(addr) => {
-            let flags = u32::from(v4_guard) | u32::from(v4_table) << 1;
+            // The bitmaps settle most unlisted sources (a spoofed flood's) before the call.
+            if v4_guard && !v4_listed(slot, addr) {
+                return None;
+            }
+            let flags = u32::from(v4_table) << 1;
             let found = smtpguard_source_v4(slot, scope, u32::from_be_bytes(*addr), flags);
             if found >> 63 == 0 {
                 return None;
@@ -751,7 +755,8 @@ fn lookup(
 
 /// The rule deciding IPv4 source `addr` (host order) in `scope` of `slot`: its counter id
 /// (low 32 bits) and action (bits 32-39) with bit 63 set, or 0 for none. `flags` bit 0: the
-/// slot's guard bitmaps may be trusted; bit 1: its IPv4 table may. A global function, so the
+/// slot's guard bitmaps may be trusted (the caller checks them first, so it passes 0 and
+/// saves the second look); bit 1: its IPv4 table may. A global function, so the
 /// kernel verifies it once on its own rather than once for every path the parser reaches
 /// the lookup by: scalars in, a scalar out.
 #[unsafe(no_mangle)]

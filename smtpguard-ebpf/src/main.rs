@@ -726,18 +726,12 @@ fn lookup(
             if v4_guard && !v4_listed(slot, addr) {
                 return None;
             }
-            let flags = u32::from(v4_table) << 1;
-            let found = smtpguard_source_v4(slot, scope, u32::from_be_bytes(*addr), flags);
-            if found >> 63 == 0 {
-                return None;
-            }
-            Some(RuleValue {
-                action: (found >> v4_table::ACTION_SHIFT) as u8,
-                deny: 0,
-                outranked: 0,
-                _pad: 0,
-                counter_id: found as u32,
-            })
+            table_rule(smtpguard_source_v4(
+                slot,
+                scope,
+                u32::from_be_bytes(*addr),
+                u32::from(v4_table),
+            ))
         }
         Source::V6(addr) => {
             if v6_guard
@@ -753,36 +747,26 @@ fn lookup(
     }
 }
 
-/// The rule deciding IPv4 source `addr` (host order) in `scope` of `slot`: its counter id
-/// (low 32 bits) and action (bits 32-39) with bit 63 set, or 0 for none. `flags` bit 0: the
-/// slot's guard bitmaps may be trusted (the caller checks them first, so it passes 0 and
-/// saves the second look); bit 1: its IPv4 table may. A global function, so the
-/// kernel verifies it once on its own rather than once for every path the parser reaches
-/// the lookup by: scalars in, a scalar out.
+/// The rule deciding IPv4 source `addr` (host order) in `scope` of `slot`, as a
+/// [`v4_table`] word ([`table_rule`] reads it; 0 for none): by the slot's IPv4 table when
+/// `table` is 1 and the table holds the source's /24, else by the trie. The caller has
+/// checked the guard bitmaps. A global function, so the kernel verifies it once on its own
+/// rather than once for every path the parser reaches the lookup by: scalars in, a scalar
+/// out.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn smtpguard_source_v4(slot: u32, scope: u32, addr: u32, flags: u32) -> u64 {
+pub extern "C" fn smtpguard_source_v4(slot: u32, scope: u32, addr: u32, table: u32) -> u64 {
     let slot = slot & 1;
     let addr = addr.to_be_bytes();
-    if flags & 1 != 0 && !v4_listed(slot, &addr) {
-        return 0;
-    }
-    if flags & 2 != 0 {
+    if table == 1 {
         let word = table_v4(slot, &addr);
         if word & v4_table::WALK == 0 {
-            return match table_rule(word) {
-                Some(rule) => found_word(&rule),
-                None => 0,
-            };
+            return word;
         }
     }
-    find_v4(slot, scope, &addr).map_or(0, |rule| found_word(&rule))
-}
-
-/// A found rule as [`smtpguard_source_v4`] returns it.
-#[inline(always)]
-fn found_word(rule: &RuleValue) -> u64 {
-    1 << 63 | u64::from(rule.action) << v4_table::ACTION_SHIFT | u64::from(rule.counter_id)
+    find_v4(slot, scope, &addr).map_or(0, |rule| {
+        v4_table::rule(u32::from(rule.action), rule.counter_id)
+    })
 }
 
 /// The trie walk for an IPv4 source.

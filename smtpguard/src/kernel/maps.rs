@@ -462,14 +462,17 @@ impl PolicyMaps {
     /// Whether the IPv4 table decides IPv4 sources in the policy in force (the active slot's
     /// settings say so).
     pub fn ipv4_table_in_force(&self) -> Result<bool, ApplyError> {
-        let config = self
-            .slot_config
+        Ok(self.active_config()?.v4_table == 1)
+    }
+
+    /// The settings of the slot the program reads.
+    fn active_config(&self) -> Result<SlotConfig, ApplyError> {
+        self.slot_config
             .get(&self.active_slot, 0)
             .map_err(|source| ApplyError::Read {
                 map: map_name::SLOT_CONFIG,
                 source,
-            })?;
-        Ok(config.v4_table == 1)
+            })
     }
 
     /// Whether the maps held a policy before this process touched them.
@@ -684,13 +687,7 @@ impl PolicyMaps {
     /// Sets the canary flag of the active slot's settings, leaving the rest as it is: the
     /// program reads each field on its own, and only this one changes.
     fn set_canary_flag(&mut self, on: bool) -> Result<(), ApplyError> {
-        let config = self
-            .slot_config
-            .get(&self.active_slot, 0)
-            .map_err(|source| ApplyError::Read {
-                map: map_name::SLOT_CONFIG,
-                source,
-            })?;
+        let config = self.active_config()?;
         self.write_slot_config(
             self.active_slot,
             SlotConfig {

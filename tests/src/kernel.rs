@@ -127,3 +127,17 @@ pub fn verdict_name(verdict: u32) -> &'static str {
         _ => "unknown",
     }
 }
+
+/// Pins the calling thread to CPU 0: the program's recording budgets are per CPU, and a test
+/// that counts against one must not move between them.
+pub fn stay_on_one_cpu() {
+    // SAFETY: a zeroed cpu_set_t with one bit set, for the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set),
+            0
+        );
+    }
+}

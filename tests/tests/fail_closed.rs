@@ -545,16 +545,7 @@ fn a_second_fragment_header_cannot_hide_a_first_fragment() {
 
 #[test]
 fn the_recording_budget_renews_a_window_that_ended_long_ago() {
-    // The budget is per CPU: stay on one.
-    // SAFETY: a zeroed cpu_set_t with one bit set, for the calling thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        assert_eq!(
-            libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set),
-            0
-        );
-    }
+    smtpguard_tests::kernel::stay_on_one_cpu();
     let mut kernel = Kernel::with_policy(POLICY.replace("reject", "drop").as_str());
     let budget = smtpguard_common::RECORD_BUDGET_PER_SECOND as u32;
     for i in 0..budget {

@@ -384,34 +384,32 @@ fn audit_mode_passes_and_counts_what_enforce_would_stop() {
     assert_eq!((seen.blocked, seen.would_block), (1, 2));
 }
 
-#[test]
-fn a_flood_is_sampled_into_the_sources_table_beyond_the_budget() {
-    // The budget is per CPU: stay on one.
-    // SAFETY: a zeroed cpu_set_t with one bit set, for the calling thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        assert_eq!(
-            libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set),
-            0
-        );
-    }
-    let mut kernel = Kernel::with_policy(&policy("enforce", "drop", "drop"));
-    let total = 5000u32;
+/// `total` SYNs from as many sources in 10.1.0.0/16, each dropped.
+fn flood(kernel: &mut Kernel, total: u32, case: &str) {
     for i in 0..total {
         let src = Ipv4Addr::new(10, 1, (i >> 8) as u8, i as u8);
-        run(
-            &mut kernel,
-            &syn4(&[], src, &[], &[], SYN),
-            XDP_DROP,
-            "flood",
-        );
+        run(kernel, &syn4(&[], src, &[], &[], SYN), XDP_DROP, case);
     }
+}
+
+/// For `total` sightings within one second on one CPU: the per-second budget, the sampling
+/// rate beyond it, and how many beyond it the sample takes.
+fn recorded_beyond_budget(total: u32) -> (u32, u32, u64) {
     let budget = smtpguard_common::RECORD_BUDGET_PER_SECOND as u32;
     let sample = smtpguard_common::RECORD_SAMPLE as u32;
     let sampled = (budget + 1..=total)
         .filter(|used| used % sample == 0)
         .count() as u64;
+    (budget, sample, sampled)
+}
+
+#[test]
+fn a_flood_is_sampled_into_the_sources_table_beyond_the_budget() {
+    smtpguard_tests::kernel::stay_on_one_cpu();
+    let mut kernel = Kernel::with_policy(&policy("enforce", "drop", "drop"));
+    let total = 5000u32;
+    flood(&mut kernel, total, "flood");
+    let (budget, sample, sampled) = recorded_beyond_budget(total);
     let counters = kernel.counters();
     assert_eq!(counters.get(counter::DROPPED), u64::from(total));
     assert_eq!(
@@ -436,16 +434,7 @@ fn a_flood_is_sampled_into_the_sources_table_beyond_the_budget() {
 /// write.
 #[test]
 fn a_canary_under_a_flood_samples_its_table_beyond_the_budget() {
-    // The budget is per CPU: stay on one.
-    // SAFETY: a zeroed cpu_set_t with one bit set, for the calling thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        assert_eq!(
-            libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set),
-            0
-        );
-    }
+    smtpguard_tests::kernel::stay_on_one_cpu();
     let running = policy("enforce", "drop", "drop");
     let mut kernel = Kernel::with_policy(&running);
     let candidate = smtpguard_tests::fuzz::policy(
@@ -456,20 +445,8 @@ fn a_canary_under_a_flood_samples_its_table_beyond_the_budget() {
         .start_canary(&candidate, &Default::default(), true)
         .expect("canary");
     let total = 6000u32;
-    for i in 0..total {
-        let src = Ipv4Addr::new(10, 1, (i >> 8) as u8, i as u8);
-        run(
-            &mut kernel,
-            &syn4(&[], src, &[], &[], SYN),
-            XDP_DROP,
-            "flood under a canary",
-        );
-    }
-    let budget = smtpguard_common::RECORD_BUDGET_PER_SECOND as u32;
-    let sample = smtpguard_common::RECORD_SAMPLE as u32;
-    let sampled = (budget + 1..=total)
-        .filter(|used| used % sample == 0)
-        .count() as u64;
+    flood(&mut kernel, total, "flood under a canary");
+    let (budget, sample, sampled) = recorded_beyond_budget(total);
     let counters = kernel.counters();
     assert_eq!(
         counters.get(counter::CANARY_NEWLY_ALLOWED),

@@ -184,10 +184,9 @@ impl<const KEY: usize> SourceTries<KEY> {
         Ok(())
     }
 
-    /// After a failed batch: the record from the trie itself. The count the kernel gives
-    /// back is not to be trusted for every error (one it returns before touching any
-    /// element leaves the count it was given); the entry-by-entry record stays only if the
-    /// trie cannot be read either.
+    /// After a failed batch: the record from the trie itself, a check on the entry-by-entry
+    /// record the failure left (exact as far as the kernel's count is: [`batch`] reads it
+    /// for both kinds of failure), which stays only if the trie cannot be read.
     fn read_back(&mut self, slot: usize) {
         if let Err(error) = self.recover(slot) {
             log::warn!("{error}: the record of what it holds is kept as the failed write left it");

@@ -286,13 +286,14 @@ impl Instance {
 
 impl Instance {
     /// Removes a filter left in place (`on_exit = "keep"`, or a killed daemon): each pinned
-    /// link (the program is detached as its last reference goes), the maps and the state.
+    /// link (the program is off its interface before this returns), the maps and the state.
     /// Refused while a daemon runs the instance. Returns the interfaces detached.
     pub fn detach(&self) -> Result<Vec<String>, InstanceError> {
         let _lock = self.lock()?;
         let mut detached = Vec::new();
         for (interface, path) in self.pinned_links()? {
-            std::fs::remove_file(&path).map_err(|source| InstanceError::Io { path, source })?;
+            crate::kernel::link::detach_pinned(&path)
+                .map_err(|source| InstanceError::Io { path, source })?;
             detached.push(interface);
         }
         self.clean_up()?;

@@ -49,6 +49,15 @@ pub struct Netns {
 }
 
 impl Netns {
+    /// Whether the kernel shows an XDP program on `interface` here (`ip -d link` says so).
+    pub fn has_xdp(&self, interface: &str) -> bool {
+        let output = std::process::Command::new("ip")
+            .args(["-n", &self.name, "-d", "link", "show", "dev", interface])
+            .output()
+            .expect("ip link show");
+        String::from_utf8_lossy(&output.stdout).contains("prog/xdp")
+    }
+
     pub fn new(name: String) -> Self {
         ip(&["netns", "add", &name]);
         let netns = Self { name };

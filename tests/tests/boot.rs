@@ -97,6 +97,10 @@ fn a_boot_is_closed_until_the_policy_is_built_and_stays_closed_if_the_start_fail
     );
     let text = daemon.cli(&["detach"]);
     assert!(text.contains("detached from"), "{text}");
+    assert!(
+        !pair.server.has_xdp(&pair.server_if),
+        "no program on the interface once detach has returned"
+    );
     assert_eq!(
         attempt(&pair, UNLISTED4),
         Outcome::Connected,

@@ -303,6 +303,10 @@ fn sigterm_with_on_exit_detach_detaches_and_exits_zero() {
     assert!(pins.exists(), "pins at {}", pins.display());
     let status = daemon.stop();
     assert!(status.success(), "exit status {status}:\n{}", daemon.log());
+    assert!(
+        !pair.server.has_xdp(&pair.server_if),
+        "no program on the interface once the daemon has exited"
+    );
     assert_eq!(
         attempt(&pair, UNLISTED4, 25),
         Outcome::Connected,

@@ -196,15 +196,6 @@ fn resets_are_withheld_where_the_nic_strips_vlan_tags() {
     assert_eq!(daemon.stats()["interfaces"][0]["resets_withheld"], false);
 }
 
-/// Whether the kernel shows an XDP program on `interface` in `netns` (`ip link` says so).
-fn has_xdp(netns: &Netns, interface: &str) -> bool {
-    let output = std::process::Command::new("ip")
-        .args(["-n", &netns.name, "-d", "link", "show", "dev", interface])
-        .output()
-        .expect("ip link show");
-    String::from_utf8_lossy(&output.stdout).contains("prog/xdp")
-}
-
 fn plain_config(interfaces: &str) -> String {
     format!(
         "interfaces = [{interfaces}]\n[[allow]]\nname = \"provider\"\nprefixes = [\"192.0.2.0/28\"]\n"
@@ -234,7 +225,7 @@ fn an_interface_recreated_while_the_daemon_runs_is_filtered_again() {
     // program.
     pair.recreate_link();
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while !has_xdp(&pair.server, &pair.server_if) {
+    while !pair.server.has_xdp(&pair.server_if) {
         assert!(
             std::time::Instant::now() < deadline,
             "the re-created interface was not filtered again within 15 s:\n{}",
@@ -344,18 +335,18 @@ fn a_renamed_interface_is_not_mistaken_for_the_configured_one() {
     ]);
     ip(&["-n", &pair.server.name, "link", "set", "sgpeer0", "up"]);
     assert!(
-        has_xdp(&pair.server, &old),
+        pair.server.has_xdp(&old),
         "the old link runs on the renamed device"
     );
     daemon.restart(&pair.server, daemon.generation());
     assert!(
-        has_xdp(&pair.server, &pair.server_if),
+        pair.server.has_xdp(&pair.server_if),
         "the device now named {} is filtered:\n{}",
         pair.server_if,
         daemon.log()
     );
     assert!(
-        !has_xdp(&pair.server, &old),
+        !pair.server.has_xdp(&old),
         "the renamed device, no longer configured, is left alone"
     );
 }
@@ -399,7 +390,7 @@ fn a_missing_interface_is_waited_for_while_the_others_are_filtered() {
     ip(&["-n", &pair.server.name, "link", "set", "sgpeer1", "up"]);
     let text = std::fs::read_to_string(&daemon.config_path).expect("config");
     daemon.reload(&text);
-    assert!(has_xdp(&pair.server, &later), "{}", daemon.log());
+    assert!(pair.server.has_xdp(&later), "{}", daemon.log());
     assert!(
         daemon.state().expect("state")["waiting"]
             .as_array()

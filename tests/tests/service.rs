@@ -149,6 +149,12 @@ fn the_filter_outlives_a_killed_daemon_and_a_restart_takes_over_without_a_gap() 
         text.contains(&format!("detached from {}", pair.server_if)),
         "{text}"
     );
+    // Off the interface when `detach` returns, not once the kernel gets round to releasing
+    // the unpinned link (an RCU grace period and a work queue later).
+    assert!(
+        !pair.server.has_xdp(&pair.server_if),
+        "no program on the interface once detach has returned"
+    );
     assert_eq!(
         attempt(&pair, UNLISTED4, BLOCKED_WAIT),
         Outcome::Connected,

@@ -27,6 +27,7 @@ use smtpguard_common::{LAYOUT_STAMP, MAP_LAYOUTS, PROGRAM_NAME, PROGRAM_NAME_L3,
 use crate::{
     kernel::{
         interface::{Interface, InterfaceError, LinkKind},
+        link,
         maps::{MapsError, PolicyMaps},
     },
     source::config::XdpMode,
@@ -429,7 +430,18 @@ impl Filter {
         };
         let attachment = self.attachments.remove(index);
         if let Some(pin) = &attachment.pin {
-            remove_pin(pin)?;
+            // Off the interface now: the pin's own reference would let go of the link only
+            // after the kernel's deferred release.
+            match link::detach_pinned(pin) {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(FilterError::Unpin {
+                        path: pin.clone(),
+                        source,
+                    });
+                }
+            }
         }
         xdp_program(&mut self.ebpf, program_for(attachment.facts.kind))?
             .detach(attachment.link)

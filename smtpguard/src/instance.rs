@@ -385,10 +385,54 @@ pub struct CanaryState {
     /// The global canary counters (newly blocked, newly allowed) when it started: its counts
     /// are the counters minus these.
     pub baseline: [u64; 2],
+    /// The global count of changed SYNs left out of the canary's table when it started (a
+    /// canary started by an older version has none: its count runs from the daemon's start).
+    #[serde(default)]
+    pub baseline_unrecorded: u64,
     /// The candidate's scopes, by id.
     pub scopes: Vec<String>,
     /// The candidate's prefixes, with the counter ids the program names them by.
     pub prefixes: Vec<PrefixState>,
+}
+
+/// What a canary found since it started, from the global counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct CanaryCounts {
+    /// SYNs the candidate would stop that the running policy passes.
+    pub newly_blocked: u64,
+    /// SYNs the candidate would pass that the running policy stops.
+    pub newly_allowed: u64,
+    /// Of those, SYNs whose new source the per-CPU budget kept out of the table of sources:
+    /// under a flood of new sources the table holds a sample, the counts above stay exact.
+    pub unrecorded: u64,
+}
+
+impl CanaryState {
+    /// The global canary counters when a canary starts, as its baseline.
+    pub fn set_baseline(&mut self, counters: &crate::kernel::maps::CounterSnapshot) {
+        use smtpguard_common::counter;
+        self.baseline = [
+            counters.get(counter::CANARY_NEWLY_BLOCKED),
+            counters.get(counter::CANARY_NEWLY_ALLOWED),
+        ];
+        self.baseline_unrecorded = counters.get(counter::CANARY_UNRECORDED);
+    }
+
+    /// What the canary found, from the global `counters` less its baseline.
+    pub fn counts(&self, counters: &crate::kernel::maps::CounterSnapshot) -> CanaryCounts {
+        use smtpguard_common::counter;
+        CanaryCounts {
+            newly_blocked: counters
+                .get(counter::CANARY_NEWLY_BLOCKED)
+                .saturating_sub(self.baseline[0]),
+            newly_allowed: counters
+                .get(counter::CANARY_NEWLY_ALLOWED)
+                .saturating_sub(self.baseline[1]),
+            unrecorded: counters
+                .get(counter::CANARY_UNRECORDED)
+                .saturating_sub(self.baseline_unrecorded),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

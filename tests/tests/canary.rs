@@ -15,7 +15,11 @@ use std::{
 
 use smtpguard_tests::{
     daemon::{Daemon, binary},
-    netns::{Listener, Outcome, Pair, SERVER_V4, SERVER_V6, connect, sock, unique_tag},
+    frames,
+    kernel::stay_on_one_cpu,
+    netns::{
+        Listener, Outcome, PacketSocket, Pair, SERVER_V4, SERVER_V6, connect, sock, unique_tag,
+    },
     prometheus::http_get,
 };
 
@@ -334,5 +338,99 @@ fn a_candidate_is_compared_on_live_traffic_without_changing_a_verdict_then_commi
         smtp.peers()
     );
     drop(daemon);
+    let _ = std::fs::remove_dir_all(&drafts);
+}
+
+/// A spoofed flood of new sources while a canary runs: the counts stay exact, the table of
+/// sources takes a sample beyond its per-CPU budget, and `report --canary` and `stats` say
+/// how many changed SYNs came from sources it left out, so an admin reads the rows as a
+/// sample and not as every source.
+#[test]
+fn a_flood_of_new_sources_during_a_canary_is_counted_exactly_and_sampled_in_the_report() {
+    // Well past two seconds' budget on one CPU (4,096 new sources a second), so a flood that
+    // straddles a second still overflows it.
+    const FLOOD: u32 = 20_000;
+    let pair = Pair::new(&[PROVIDER.into()]);
+    let _smtp = Listener::start(&pair.server, 25);
+    let provider_only = |extra: &str| {
+        format!(
+            "interfaces = [\"{}\"]\n\n[[allow]]\nname = \"provider\"\nprefixes = [\"192.0.2.0/28\"{extra}]\n",
+            pair.server_if
+        )
+    };
+    let daemon = Daemon::start(&pair.server, &provider_only(""));
+    let drafts = std::env::temp_dir().join(format!("sg-canary-flood-{}", unique_tag()));
+    std::fs::create_dir_all(&drafts).unwrap();
+    let draft = drafts.join("candidate.toml");
+    // The candidate lets the flood's whole range in: every flood SYN is newly allowed.
+    std::fs::write(&draft, provider_only(", \"198.18.0.0/15\"")).unwrap();
+    let started = daemon.cli(&["try", "--config", draft.to_str().unwrap()]);
+    assert!(started.contains("canary started"), "{started}");
+
+    let mac = pair.server_mac();
+    let sent = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                stay_on_one_cpu();
+                let out = PacketSocket::open(&pair.client, &pair.client_if);
+                (0..FLOOD)
+                    .filter(|n| {
+                        let src =
+                            Ipv4Addr::new(198, 18 + (n >> 16) as u8, (n >> 8) as u8, *n as u8);
+                        out.try_send(&frames::segment_frame(
+                            mac,
+                            &[],
+                            src.into(),
+                            SERVER_V4.into(),
+                            40000,
+                            25,
+                            frames::SYN,
+                        ))
+                    })
+                    .count() as u64
+            })
+            .join()
+            .expect("flood thread")
+    });
+    assert!(sent > u64::from(FLOOD) / 2, "only {sent} frames sent");
+
+    // Every frame the packet socket took reaches the program; wait for the last of them.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let report = loop {
+        let report = canary_report(&daemon);
+        if report["newly_allowed"] == sent || Instant::now() > deadline {
+            break report;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let allowed = report["newly_allowed"].as_u64().expect("newly_allowed");
+    let unrecorded = report["unrecorded"].as_u64().expect("unrecorded");
+    let sources = report["sources"].as_u64().expect("sources");
+    assert_eq!(allowed, sent, "every flood SYN counted: {report:#}");
+    assert!(unrecorded > 0, "the budget was overrun: {report:#}");
+    // One SYN per source, one CPU and far fewer sources than the table's 16,384: each SYN is
+    // either a row or unrecorded.
+    assert_eq!(sources + unrecorded, allowed, "{report:#}");
+    assert!(
+        sources < allowed / 2,
+        "the table holds a sample, not the flood: {report:#}"
+    );
+
+    let text = daemon.cli(&["report", "--canary"]);
+    assert!(
+        text.contains(&format!(
+            "{unrecorded} of those SYNs came from new sources left out of the table of sources"
+        )),
+        "{text}"
+    );
+    let stats = daemon.stats();
+    assert_eq!(stats["canary"]["unrecorded"], unrecorded, "{stats:#}");
+    let text = daemon.cli(&["stats"]);
+    assert!(
+        text.contains(&format!(
+            "({unrecorded} of those SYNs' sources are left out: a flood)"
+        )),
+        "{text}"
+    );
     let _ = std::fs::remove_dir_all(&drafts);
 }

@@ -11,11 +11,11 @@ use std::{
 };
 
 use serde::Serialize;
-use smtpguard_common::{CanarySighting, canary_rule, counter};
+use smtpguard_common::{CanarySighting, canary_rule};
 
 use crate::{
     command::report::{BootClock, rfc3339},
-    instance::{CanaryState, PrefixState, RunState},
+    instance::{CanaryCounts, CanaryState, PrefixState, RunState},
     kernel::maps::CounterSnapshot,
     policy::List,
 };
@@ -34,9 +34,10 @@ pub struct CanaryReport {
     #[serde(serialize_with = "rfc3339_option")]
     pub ended: Option<SystemTime>,
     /// SYNs the candidate would stop that the running policy passes, and the reverse, since
-    /// the canary started (exact, whatever the table of sources holds).
-    pub newly_blocked: u64,
-    pub newly_allowed: u64,
+    /// the canary started (exact, whatever the table of sources holds), and how many of them
+    /// came from new sources the table had no budget for.
+    #[serde(flatten)]
+    pub counts: CanaryCounts,
     /// Sources the table holds (it keeps the most recently seen, up to its size).
     pub sources: usize,
     pub rows: Vec<CanaryRow>,
@@ -113,12 +114,7 @@ impl CanaryReport {
             started: unix(canary.started_unix),
             until: canary.until_unix.map(unix),
             ended: canary.ended_unix.map(unix),
-            newly_blocked: counters
-                .get(counter::CANARY_NEWLY_BLOCKED)
-                .saturating_sub(canary.baseline[0]),
-            newly_allowed: counters
-                .get(counter::CANARY_NEWLY_ALLOWED)
-                .saturating_sub(canary.baseline[1]),
+            counts: canary.counts(counters),
             sources,
             rows,
         }
@@ -147,8 +143,15 @@ impl CanaryReport {
         let _ = writeln!(
             out,
             "{} SYNs would be newly blocked, {} newly allowed, from {} sources; no verdict was changed",
-            self.newly_blocked, self.newly_allowed, self.sources
+            self.counts.newly_blocked, self.counts.newly_allowed, self.sources
         );
+        if self.counts.unrecorded > 0 {
+            let _ = writeln!(
+                out,
+                "{} of those SYNs came from new sources left out of the table of sources (its per-CPU budget was spent: a flood); the sources listed are a sample, the counts above are exact",
+                self.counts.unrecorded
+            );
+        }
         if self.rows.is_empty() {
             let _ = writeln!(
                 out,

@@ -6,7 +6,7 @@ use serde::Serialize;
 use smtpguard_common::counter;
 
 use crate::{
-    instance::{CanaryState, InterfaceState, RunState},
+    instance::{CanaryCounts, CanaryState, InterfaceState, RunState},
     kernel::maps::CounterSnapshot,
     policy::List,
     source::fetch::SourceNote,
@@ -67,8 +67,8 @@ pub struct CanaryStats {
     pub state: String,
     pub started_unix: u64,
     pub until_unix: Option<u64>,
-    pub newly_blocked: u64,
-    pub newly_allowed: u64,
+    #[serde(flatten)]
+    pub counts: CanaryCounts,
 }
 
 /// One scope's settings and the SYNs its prefixes decided.
@@ -104,12 +104,7 @@ impl Stats {
             state: canary.ended.clone().unwrap_or_else(|| "running".to_owned()),
             started_unix: canary.started_unix,
             until_unix: canary.until_unix,
-            newly_blocked: counters
-                .get(counter::CANARY_NEWLY_BLOCKED)
-                .saturating_sub(canary.baseline[0]),
-            newly_allowed: counters
-                .get(counter::CANARY_NEWLY_ALLOWED)
-                .saturating_sub(canary.baseline[1]),
+            counts: canary.counts(counters),
         });
         self
     }
@@ -272,10 +267,16 @@ impl Stats {
                     )
                 )
             });
+            let sample = match canary.counts.unrecorded {
+                0 => String::new(),
+                unrecorded => {
+                    format!(" ({unrecorded} of those SYNs' sources are left out: a flood)")
+                }
+            };
             let _ = writeln!(
                 out,
-                "CANARY of {}{until}: {} SYNs would be newly blocked, {} newly allowed (no verdict changed); `smtpguard report --canary` lists the sources",
-                canary.candidate, canary.newly_blocked, canary.newly_allowed
+                "CANARY of {}{until}: {} SYNs would be newly blocked, {} newly allowed (no verdict changed); `smtpguard report --canary` lists the sources{sample}",
+                canary.candidate, canary.counts.newly_blocked, canary.counts.newly_allowed
             );
         }
         let _ = writeln!(

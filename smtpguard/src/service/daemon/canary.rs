@@ -10,7 +10,6 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use smtpguard_common::counter;
 use tokio::time::Instant as TokioInstant;
 
 use super::{Daemon, DaemonError, count_notes, fleet, log_warnings, unix_now};
@@ -128,10 +127,6 @@ impl Daemon {
         let (policy, warnings) = fleet::compose(&candidate, &fetched, self.fleet.as_ref())?;
         log_warnings(&warnings);
         let counters = self.maps.counters()?;
-        let baseline = [
-            counters.get(counter::CANARY_NEWLY_BLOCKED),
-            counters.get(counter::CANARY_NEWLY_ALLOWED),
-        ];
         let started_unix = unix_now();
         let until_unix = for_secs.map(|secs| started_unix + secs);
         let mut canary = Canary {
@@ -142,7 +137,8 @@ impl Daemon {
                 until_unix,
                 ended_unix: None,
                 ended: None,
-                baseline,
+                baseline: [0; 2],
+                baseline_unrecorded: 0,
                 scopes: Vec::new(),
                 prefixes: Vec::new(),
             },
@@ -150,6 +146,7 @@ impl Daemon {
             counter_ids: HashMap::new(),
             deadline,
         };
+        canary.record.set_baseline(&counters);
         // The text as compared, for `--commit`, before the program compares anything.
         write_private(&self.instance.candidate_path(), &text)?;
         let (counter_ids, _) = match self
@@ -262,10 +259,16 @@ impl Daemon {
         };
         canary.record.ended_unix = Some(unix_now());
         canary.record.ended = Some(how.to_owned());
-        let (blocked, allowed) = self.canary_counts(&canary.record);
+        let counts = self
+            .maps
+            .counters()
+            .map(|counters| canary.record.counts(&counters))
+            .unwrap_or_default();
         let summary = format!(
-            "canary of {} {how}: {blocked} SYNs would have been newly blocked and {allowed} newly allowed; `smtpguard report --canary` lists the sources until the next canary",
-            canary.path.display()
+            "canary of {} {how}: {} SYNs would have been newly blocked and {} newly allowed; `smtpguard report --canary` lists the sources until the next canary",
+            canary.path.display(),
+            counts.newly_blocked,
+            counts.newly_allowed
         );
         self.instance.write_canary(&canary.record)?;
         self.publish_canary();
@@ -307,20 +310,6 @@ impl Daemon {
                 }
             }
         }
-    }
-
-    /// SYNs newly blocked and newly allowed since `record` started.
-    fn canary_counts(&self, record: &CanaryState) -> (u64, u64) {
-        self.maps.counters().map_or((0, 0), |counters| {
-            (
-                counters
-                    .get(counter::CANARY_NEWLY_BLOCKED)
-                    .saturating_sub(record.baseline[0]),
-                counters
-                    .get(counter::CANARY_NEWLY_ALLOWED)
-                    .saturating_sub(record.baseline[1]),
-            )
-        })
     }
 
     /// Tells the metrics endpoint whether a canary runs.

@@ -1005,30 +1005,62 @@ fn the_ipv4_table_decides_as_the_longest_prefix() {
     }
 }
 
-/// A policy whose prefixes could reach more /24s than the IPv4 table takes leaves it off, and
-/// the trie decides as before; a smaller policy after it turns it back on.
+/// A policy whose prefixes reach more /24s than the IPv4 table takes leaves it off, and the
+/// trie decides as before; a smaller policy after it turns it back on. One that fills the
+/// table to the last block, with prefixes nested inside it, gets its table.
 #[test]
 fn a_policy_too_large_for_the_ipv4_table_is_decided_by_the_trie() {
     use smtpguard::kernel::table::TableUse;
     use smtpguard_common::MAX_V4_BLOCKS;
 
-    // /17s from 1.0.0.0 on: 128 /24s each, one /17 more than the table takes.
-    let count = MAX_V4_BLOCKS / 128 + 1;
-    let prefixes: Vec<String> = (0..count)
-        .map(|k| format!("\"{}/17\"", Ipv4Addr::from(0x0100_0000 + (k << 15))))
-        .collect();
-    let large = format!(
-        "interfaces = [\"lo\"]\n[[allow]]\nname = \"many\"\nprefixes = [{}]\n[[deny]]\nname = \"one\"\nprefixes = [\"1.0.200.7\"]\n",
-        prefixes.join(", ")
-    );
+    // /17s from 1.0.0.0 on, 128 /24s each, and a deny /32 inside the first.
+    let policy = |count: u32| {
+        let prefixes: Vec<String> = (0..count)
+            .map(|k| format!("\"{}/17\"", Ipv4Addr::from(0x0100_0000 + (k << 15))))
+            .collect();
+        format!(
+            "interfaces = [\"lo\"]\n[[allow]]\nname = \"many\"\nprefixes = [{}]\n[[deny]]\nname = \"one\"\nprefixes = [\"1.0.200.7\"]\n",
+            prefixes.join(", ")
+        )
+    };
     let mut kernel = Kernel::with_policy(POLICY);
     assert!(kernel.maps.ipv4_table_in_force().unwrap());
-    let report = kernel.apply(&large);
+
+    // Exactly as many /24s as the table takes: the /32's /24 is one of them (counted once).
+    let full = MAX_V4_BLOCKS / 128;
+    let report = kernel.apply(&policy(full));
+    assert_eq!(
+        report.ipv4_table,
+        TableUse::On,
+        "the table full to its last block"
+    );
+    assert!(kernel.maps.ipv4_table_in_force().unwrap());
+    let last = Ipv4Addr::from(0x0100_0000 + ((full - 1) << 15) + 5);
+    let past = Ipv4Addr::from(0x0100_0000 + (full << 15) + 5);
+    for (src, want, case) in [
+        (
+            Ipv4Addr::new(1, 0, 200, 6),
+            XDP_PASS,
+            "full: inside the first /17",
+        ),
+        (
+            Ipv4Addr::new(1, 0, 200, 7),
+            XDP_DROP,
+            "full: the deny /32 inside it",
+        ),
+        (last, XDP_PASS, "full: inside the last /17"),
+        (past, XDP_DROP, "full: past the last /17"),
+    ] {
+        expect(&mut kernel, &tcp4(&[], src, DST4, 25, SYN), want, case);
+    }
+
+    // One /17 more than the table takes.
+    let count = full + 1;
+    let report = kernel.apply(&policy(count));
     assert_eq!(
         report.ipv4_table,
         TableUse::TooLarge {
-            // And one for the /24 of the deny /32.
-            blocks: u64::from(count) * 128 + 1
+            blocks: u64::from(count) * 128
         }
     );
     assert!(!kernel.maps.ipv4_table_in_force().unwrap());

@@ -74,9 +74,8 @@ impl TableMaps {
                 _ => None,
             })
         };
-        let most = most_blocks(entries().map(|(net, _)| net));
-        if most > u64::from(MAX_V4_BLOCKS) {
-            return Ok(TableUse::TooLarge { blocks: most });
+        if let Some(blocks) = too_many_blocks(entries().map(|(net, _)| net)) {
+            return Ok(TableUse::TooLarge { blocks });
         }
         if self.held[index].is_none() {
             self.held[index] = self.read(index).ok();
@@ -137,7 +136,8 @@ pub enum TableUse {
     On,
     /// The policy has destination scopes: the table holds one scope only.
     Scoped,
-    /// Its prefixes longer than /16 could reach this many /24s, more than the map takes.
+    /// Its prefixes longer than /16 reach this many /24s, more than the map takes (a bound,
+    /// where it is past twice the limit).
     TooLarge {
         blocks: u64,
     },
@@ -163,7 +163,7 @@ impl std::fmt::Display for TableUse {
             ),
             Self::TooLarge { blocks } => write!(
                 f,
-                "off (prefixes longer than /16 could reach {blocks} /24s, more than the {MAX_V4_BLOCKS} the table takes; the trie decides)"
+                "off (prefixes longer than /16 reach {blocks} /24s, more than the {MAX_V4_BLOCKS} the table takes; the trie decides)"
             ),
             Self::Unreadable => write!(
                 f,
@@ -174,15 +174,46 @@ impl std::fmt::Display for TableUse {
     }
 }
 
-/// The most /24 blocks `nets` can need, counted before anything is built: every /24 a
-/// /17-/24 prefix covers, one for each longer prefix.
-fn most_blocks<'a>(nets: impl Iterator<Item = &'a Ipv4Net>) -> u64 {
-    nets.map(|net| match net.prefix_len() {
+/// How many /24 blocks `nets` need, if more than the map takes; counted before anything is
+/// built. The quick bound (every /24 a /17-/24 prefix covers, one for each longer prefix)
+/// counts a /24 once for each prefix that reaches it; only when it is over the limit are the
+/// distinct /24s counted, from the prefixes' ranges (not /24 by /24). A bound past twice the
+/// limit is refused at once: building would list that many pieces first.
+fn too_many_blocks<'a>(nets: impl Iterator<Item = &'a Ipv4Net> + Clone) -> Option<u64> {
+    let limit = u64::from(MAX_V4_BLOCKS);
+    let reach = |net: &Ipv4Net| match net.prefix_len() {
         0..=16 => 0,
         len @ 17..=24 => 1u64 << (24 - len),
         _ => 1,
-    })
-    .sum()
+    };
+    let bound: u64 = nets.clone().map(reach).sum();
+    if bound <= limit {
+        return None;
+    }
+    if bound > 2 * limit {
+        return Some(bound);
+    }
+    let blocks = distinct_blocks(nets.filter(|net| net.prefix_len() > 16).map(|net| {
+        let first = u32::from(net.network()) >> 8;
+        (first, first + reach(net) as u32)
+    }));
+    (blocks > limit).then_some(blocks)
+}
+
+/// How many /24s the ranges of /24s `[first, end)` cover together.
+fn distinct_blocks(ranges: impl Iterator<Item = (u32, u32)>) -> u64 {
+    let mut ranges: Vec<(u32, u32)> = ranges.collect();
+    ranges.sort_unstable();
+    let mut blocks = 0u64;
+    let mut covered_to = 0u32;
+    for (first, end) in ranges {
+        let first = first.max(covered_to);
+        if end > first {
+            blocks += u64::from(end - first);
+            covered_to = end;
+        }
+    }
+    blocks
 }
 
 fn blocks_name(slot: usize) -> &'static str {
@@ -394,6 +425,54 @@ mod tests {
             }
             assert!(walked < 4 * 0x1_0000 / 7, "seed {seed}: everything walked");
         }
+    }
+
+    /// The count that decides whether the table is built is the number of blocks `build`
+    /// makes: nested and overlapping prefixes are not counted twice.
+    #[test]
+    fn distinct_blocks_are_the_blocks_the_table_builds() {
+        for seed in 0..40 {
+            let mut rng = Rng(seed);
+            let mut entries = BTreeMap::new();
+            for id in 1..=(rng.next() % 400 + 1) as u32 {
+                let base = [0x0a00_0000u32, 0x0a01_0000, 0xc000_0200][(rng.next() % 3) as usize];
+                let len = 17 + (rng.next() % 16) as u8;
+                let addr = base | (rng.next() as u32 & 0x0000_ffff);
+                let net = Ipv4Net::new(addr.into(), len).expect("length").trunc();
+                entries.insert(net, value(id));
+            }
+            let built = build(entries.iter()).blocks.len() as u64;
+            let counted = distinct_blocks(entries.keys().map(|net| {
+                let first = u32::from(net.network()) >> 8;
+                (
+                    first,
+                    first + (1 << 24u32.saturating_sub(u32::from(net.prefix_len()))),
+                )
+            }));
+            assert_eq!(counted, built, "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn a_policy_over_the_quick_bound_but_within_the_map_gets_its_table() {
+        // 8,192 /17s fill the map exactly; a /24 and a /32 inside one of them push the quick
+        // bound over, but need no block of their own.
+        let mut nets: Vec<Ipv4Net> = (0..8192u32)
+            .map(|n| Ipv4Net::new((0x0a00_0000 + (n << 15)).into(), 17).expect("/17"))
+            .collect();
+        nets.push("10.0.1.0/24".parse().unwrap());
+        nets.push("10.0.1.7/32".parse().unwrap());
+        assert_eq!(too_many_blocks(nets.iter()), None);
+        nets.push("200.0.0.0/24".parse().unwrap());
+        assert_eq!(
+            too_many_blocks(nets.iter()),
+            Some(u64::from(MAX_V4_BLOCKS) + 1)
+        );
+        // Past twice the limit the bound is the answer, nothing is sorted.
+        let wide: Vec<Ipv4Net> = (0..16_385u32)
+            .map(|n| Ipv4Net::new((n << 15).into(), 17).expect("/17"))
+            .collect();
+        assert_eq!(too_many_blocks(wide.iter()), Some(16_385 * 128));
     }
 
     #[test]

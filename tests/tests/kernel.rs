@@ -1054,7 +1054,26 @@ fn a_policy_too_large_for_the_ipv4_table_is_decided_by_the_trie() {
         expect(&mut kernel, &tcp4(&[], src, DST4, 25, SYN), want, case);
     }
 
-    // One /17 more than the table takes.
+    let blocks = kernel.maps.ipv4_table_blocks().unwrap();
+    assert_eq!(
+        blocks.iter().max(),
+        Some(&(MAX_V4_BLOCKS as usize)),
+        "{blocks:?}"
+    );
+
+    // A scoped policy leaves the table off: its slot's blocks are deleted, not kept.
+    let scoped = format!(
+        "interfaces = [\"lo\"]\n[[scope]]\nname = \"mail\"\ndestinations = [\"{DST4}\"]\n[[scope.allow]]\nname = \"provider\"\nprefixes = [\"192.0.2.0/28\"]\n"
+    );
+    assert_eq!(kernel.apply(&scoped).ipv4_table, TableUse::Scoped);
+    expect(
+        &mut kernel,
+        &tcp4(&[], Ipv4Addr::new(1, 0, 200, 6), DST4, 25, SYN),
+        XDP_DROP,
+        "scoped: the /17s are gone",
+    );
+
+    // One /17 more than the table takes: off, and the full table's million blocks deleted.
     let count = full + 1;
     let report = kernel.apply(&policy(count));
     assert_eq!(
@@ -1064,6 +1083,7 @@ fn a_policy_too_large_for_the_ipv4_table_is_decided_by_the_trie() {
         }
     );
     assert!(!kernel.maps.ipv4_table_in_force().unwrap());
+    assert_eq!(kernel.maps.ipv4_table_blocks().unwrap(), [0, 0]);
     for (src, want, case) in [
         (
             Ipv4Addr::new(1, 0, 200, 6),

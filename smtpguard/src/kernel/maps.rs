@@ -464,6 +464,23 @@ impl PolicyMaps {
         Ok(self.active_config()?.v4_table == 1)
     }
 
+    /// How many /24 blocks each slot's IPv4 table holds in the kernel, read from the maps.
+    pub fn ipv4_table_blocks(&self) -> Result<[usize; SLOTS as usize], ApplyError> {
+        let count = |slot| {
+            self.v4_table
+                .blocks_in_kernel(slot)
+                .map_err(|source| ApplyError::Read {
+                    map: if slot == 0 {
+                        map_name::V4_BLOCKS_SLOT0
+                    } else {
+                        map_name::V4_BLOCKS_SLOT1
+                    },
+                    source,
+                })
+        };
+        Ok([count(0)?, count(1)?])
+    }
+
     /// The settings of the slot the program reads.
     fn active_config(&self) -> Result<SlotConfig, ApplyError> {
         self.slot_config
@@ -575,6 +592,9 @@ impl PolicyMaps {
         self.flip(standby)?;
         if !matches!(ipv4_table, TableUse::On | TableUse::Scoped) {
             log::warn!("IPv4 table {ipv4_table}");
+        }
+        if !ipv4_table.on() {
+            self.v4_table.empty(standby);
         }
         self.last_flip = Some(Instant::now());
         crate::reclaim::drop_later(std::mem::replace(

@@ -130,6 +130,44 @@ impl TableMaps {
     }
 }
 
+impl TableMaps {
+    /// How many blocks `slot`'s hash holds in the kernel.
+    pub fn blocks_in_kernel(&self, slot: usize) -> Result<usize, MapError> {
+        self.blocks[slot]
+            .keys()
+            .try_fold(0, |count, key| key.map(|_| count + 1))
+    }
+
+    /// Deletes the blocks `slot` holds, for a policy in force that leaves its table off: the
+    /// program does not read them then, and a million of them hold over 100 MiB of kernel
+    /// memory. Done after the flip, since a million take a second. What cannot be deleted
+    /// stays until the slot's table is next written (by difference).
+    pub fn empty(&mut self, slot: u32) {
+        let index = slot as usize;
+        let held = match self.held[index].take() {
+            Some(held) => Ok(held),
+            None => self.read(index),
+        };
+        let Ok(held) = held else {
+            return;
+        };
+        if held.is_empty() {
+            self.held[index] = Some(held);
+            return;
+        }
+        let keys: Vec<u8> = held.iter().flat_map(|(key, _)| key.to_ne_bytes()).collect();
+        let fd = self.blocks[index].map().fd().as_fd();
+        match batch::delete_present(fd, &keys, size_of::<u32>()) {
+            Ok(()) => self.held[index] = Some(Vec::new()),
+            Err((_, error)) => log::warn!(
+                "the {} blocks of the slot {slot} IPv4 table, which is off, stay in the kernel: {error}",
+                held.len()
+            ),
+        }
+        crate::reclaim::drop_later(held);
+    }
+}
+
 /// Whether a slot's IPv4 table decides, and if not, why the trie does.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TableUse {

@@ -386,7 +386,8 @@ pub struct CanaryState {
     /// are the counters minus these.
     pub baseline: [u64; 2],
     /// The global count of changed SYNs left out of the canary's table when it started (a
-    /// canary started by an older version has none: its count runs from the daemon's start).
+    /// canary started by an older version has none: its count runs from the counter's
+    /// creation, bounded by the canary's own changed SYNs).
     #[serde(default)]
     pub baseline_unrecorded: u64,
     /// The candidate's scopes, by id.
@@ -421,16 +422,19 @@ impl CanaryState {
     /// What the canary found, from the global `counters` less its baseline.
     pub fn counts(&self, counters: &crate::kernel::maps::CounterSnapshot) -> CanaryCounts {
         use smtpguard_common::counter;
+        let newly_blocked = counters
+            .get(counter::CANARY_NEWLY_BLOCKED)
+            .saturating_sub(self.baseline[0]);
+        let newly_allowed = counters
+            .get(counter::CANARY_NEWLY_ALLOWED)
+            .saturating_sub(self.baseline[1]);
         CanaryCounts {
-            newly_blocked: counters
-                .get(counter::CANARY_NEWLY_BLOCKED)
-                .saturating_sub(self.baseline[0]),
-            newly_allowed: counters
-                .get(counter::CANARY_NEWLY_ALLOWED)
-                .saturating_sub(self.baseline[1]),
+            newly_blocked,
+            newly_allowed,
             unrecorded: counters
                 .get(counter::CANARY_UNRECORDED)
-                .saturating_sub(self.baseline_unrecorded),
+                .saturating_sub(self.baseline_unrecorded)
+                .min(newly_blocked + newly_allowed),
         }
     }
 }

@@ -593,9 +593,6 @@ impl PolicyMaps {
         if !matches!(ipv4_table, TableUse::On | TableUse::Scoped) {
             log::warn!("IPv4 table {ipv4_table}");
         }
-        if !ipv4_table.on() {
-            self.v4_table.empty(standby);
-        }
         self.last_flip = Some(Instant::now());
         crate::reclaim::drop_later(std::mem::replace(
             &mut self.counter_ids,
@@ -603,6 +600,9 @@ impl PolicyMaps {
         ));
         self.active_slot = standby;
         self.generation = generation;
+        if !ipv4_table.on() {
+            self.v4_table.empty(standby);
+        }
         // The new policy is in force: counters of prefixes that left it go.
         let removed = self.sweep_counters();
         Ok(ApplyReport {

@@ -1117,7 +1117,9 @@ fn live_links(pinned: Vec<(String, PathBuf)>, configured: &[String]) -> Vec<(Str
         } else {
             " (no longer configured)"
         };
-        match std::fs::remove_file(&path) {
+        // Detached before the pin goes where it can be (a link on a renamed device), so the
+        // interface is free for a fresh attach at once.
+        match link::detach_pinned(&path).or_else(|_| std::fs::remove_file(&path)) {
             Ok(()) => log::warn!(
                 "the link pinned for {interface}{configured} does not filter it: {why}; pin removed"
             ),

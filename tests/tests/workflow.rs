@@ -322,6 +322,26 @@ fn list_files_load_reload_and_name_their_bad_lines() {
         Outcome::Connected
     );
     assert_eq!(smtp.accepted_settled(4), 4);
+
+    // A feed that repeats itself applies; its warnings are logged up to ten per file, the
+    // rest summed up in one line, so a big feed does not flood the log at every reload.
+    let repeats = "203.0.113.0/24\n".repeat(31);
+    std::fs::write(&list, repeats).expect("repeating list");
+    let before = daemon.log().matches("is already on the allow list").count();
+    daemon.reload(&text);
+    let log = daemon.log();
+    assert_eq!(
+        log.matches("is already on the allow list").count() - before,
+        10,
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "20 more warnings about {} not logged; `smtpguard check --config FILE` lists them all",
+            list.display()
+        )),
+        "{log}"
+    );
     drop(daemon);
     let _ = std::fs::remove_dir_all(&dir);
 }

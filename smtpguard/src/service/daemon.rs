@@ -1239,9 +1239,35 @@ fn count_refused(telemetry: &SharedTelemetry, refused: &[Refusal]) {
     }
 }
 
+/// At most this many warnings about one file are logged by an apply; the rest are summed up
+/// in one line. A feed of a million lines with thousands of repeats would otherwise write
+/// thousands of lines at every reload; `smtpguard check` lists every one.
+const WARNINGS_PER_FILE: usize = 10;
+
 fn log_warnings(warnings: &[Warning]) {
+    let mut per_file: Vec<(&std::path::Path, usize)> = Vec::new();
     for warning in warnings {
-        log::warn!("{warning}");
+        let file: &std::path::Path = &warning.at.file;
+        let seen = match per_file.iter_mut().find(|(known, _)| *known == file) {
+            Some((_, count)) => count,
+            None => {
+                per_file.push((file, 0));
+                &mut per_file.last_mut().expect("just pushed").1
+            }
+        };
+        *seen += 1;
+        if *seen <= WARNINGS_PER_FILE {
+            log::warn!("{warning}");
+        }
+    }
+    for (file, count) in per_file {
+        if count > WARNINGS_PER_FILE {
+            log::warn!(
+                "{} more warnings about {} not logged; `smtpguard check --config FILE` lists them all",
+                count - WARNINGS_PER_FILE,
+                file.display()
+            );
+        }
     }
 }
 

@@ -666,8 +666,12 @@ impl Drop for Daemon {
             .args(["--instance", &self.instance, "detach"])
             .output();
         let _ = std::fs::remove_dir_all(&self.dir);
-        // The last-good store outlives detach, by design; not a test's.
+        // The last-good store outlives detach, by design; not a test's. Nor is the run
+        // folder the daemon's lock file stays in.
         let _ = std::fs::remove_dir_all(self.state_dir());
+        if let Ok(instance) = smtpguard::instance::Instance::new(&self.instance) {
+            let _ = std::fs::remove_dir_all(instance.run_dir());
+        }
     }
 }
 

@@ -316,4 +316,8 @@ fn smtpguard_mounts_bpffs_0700_and_makes_its_folders_0700() {
         .args(["--instance", &name, "detach"])
         .output();
     let _ = std::fs::remove_dir_all(&dir);
+    // The last-good store and the run folder (its lock file) outlive detach, by design; not
+    // a test's.
+    let _ = std::fs::remove_dir_all(std::path::Path::new("/var/lib/smtpguard").join(&name));
+    let _ = std::fs::remove_dir_all(std::path::Path::new("/run/smtpguard").join(&name));
 }

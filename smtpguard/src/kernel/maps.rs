@@ -466,19 +466,10 @@ impl PolicyMaps {
 
     /// How many /24 blocks each slot's IPv4 table holds in the kernel, read from the maps.
     pub fn ipv4_table_blocks(&self) -> Result<[usize; SLOTS as usize], ApplyError> {
-        let count = |slot| {
-            self.v4_table
-                .blocks_in_kernel(slot)
-                .map_err(|source| ApplyError::Read {
-                    map: if slot == 0 {
-                        map_name::V4_BLOCKS_SLOT0
-                    } else {
-                        map_name::V4_BLOCKS_SLOT1
-                    },
-                    source,
-                })
-        };
-        Ok([count(0)?, count(1)?])
+        Ok([
+            self.v4_table.blocks_in_kernel(0)?,
+            self.v4_table.blocks_in_kernel(1)?,
+        ])
     }
 
     /// The settings of the slot the program reads.

@@ -8,7 +8,7 @@
 //! Built from the same entries the trie gets, so both give the longest prefix's rule: the
 //! kernel tests and the fuzzers check it through the real program.
 
-use std::{mem::size_of, os::fd::AsFd as _};
+use std::{mem::size_of, ops::Range, os::fd::AsFd as _};
 
 use aya::maps::{Array, HashMap as KernelHashMap, IterableMap as _, MapData, MapError};
 use ipnet::{IpNet, Ipv4Net};
@@ -77,10 +77,7 @@ impl TableMaps {
         if let Some(blocks) = too_many_blocks(entries().map(|(net, _)| net)) {
             return Ok(TableUse::TooLarge { blocks });
         }
-        if self.held[index].is_none() {
-            self.held[index] = self.read(index).ok();
-        }
-        let Some(previous) = self.held[index].take() else {
+        let Some(previous) = self.take_held(index) else {
             return Ok(TableUse::Unreadable);
         };
         let table = build(entries());
@@ -128,14 +125,23 @@ impl TableMaps {
         crate::reclaim::drop_later(previous);
         Ok(TableUse::On)
     }
-}
 
-impl TableMaps {
+    /// The blocks `slot` holds, taken from the record (`held[slot]` is `None` until it is
+    /// given back), or read back from the kernel where the record is not known; `None` where
+    /// that fails too.
+    fn take_held(&mut self, slot: usize) -> Option<Vec<(u32, V4Block)>> {
+        self.held[slot].take().or_else(|| self.read(slot).ok())
+    }
+
     /// How many blocks `slot`'s hash holds in the kernel.
-    pub fn blocks_in_kernel(&self, slot: usize) -> Result<usize, MapError> {
+    pub fn blocks_in_kernel(&self, slot: usize) -> Result<usize, ApplyError> {
         self.blocks[slot]
             .keys()
             .try_fold(0, |count, key| key.map(|_| count + 1))
+            .map_err(|source| ApplyError::Read {
+                map: blocks_name(slot),
+                source,
+            })
     }
 
     /// Deletes the blocks `slot` holds, for a policy in force that leaves its table off: the
@@ -144,11 +150,7 @@ impl TableMaps {
     /// stays until the slot's table is next written (by difference).
     pub fn empty(&mut self, slot: u32) {
         let index = slot as usize;
-        let held = match self.held[index].take() {
-            Some(held) => Ok(held),
-            None => self.read(index),
-        };
-        let Ok(held) = held else {
+        let Some(held) = self.take_held(index) else {
             return;
         };
         if held.is_empty() {
@@ -213,34 +215,40 @@ impl std::fmt::Display for TableUse {
 }
 
 /// How many /24 blocks `nets` need, if more than the map takes; counted before anything is
-/// built. The quick bound (every /24 a /17-/24 prefix covers, one for each longer prefix)
-/// counts a /24 once for each prefix that reaches it; only when it is over the limit are the
-/// distinct /24s counted, from the prefixes' ranges (not /24 by /24). A bound past twice the
-/// limit is refused at once: building would list that many pieces first.
+/// built. The quick bound (the blocks each prefix reaches, summed) counts a /24 once for each
+/// prefix that reaches it; only when it is over the limit are the distinct /24s counted, from
+/// the prefixes' ranges (not /24 by /24). A bound past twice the limit is refused at once:
+/// building would list that many pieces first.
 fn too_many_blocks<'a>(nets: impl Iterator<Item = &'a Ipv4Net> + Clone) -> Option<u64> {
     let limit = u64::from(MAX_V4_BLOCKS);
-    let reach = |net: &Ipv4Net| match net.prefix_len() {
-        0..=16 => 0,
-        len @ 17..=24 => 1u64 << (24 - len),
-        _ => 1,
-    };
-    let bound: u64 = nets.clone().map(reach).sum();
+    let bound: u64 = nets
+        .clone()
+        .map(|net| blocks_reached(net).len() as u64)
+        .sum();
     if bound <= limit {
         return None;
     }
     if bound > 2 * limit {
         return Some(bound);
     }
-    let blocks = distinct_blocks(nets.filter(|net| net.prefix_len() > 16).map(|net| {
-        let first = u32::from(net.network()) >> 8;
-        (first, first + reach(net) as u32)
-    }));
+    let blocks = distinct_blocks(nets.map(blocks_reached));
     (blocks > limit).then_some(blocks)
 }
 
-/// How many /24s the ranges of /24s `[first, end)` cover together.
-fn distinct_blocks(ranges: impl Iterator<Item = (u32, u32)>) -> u64 {
-    let mut ranges: Vec<(u32, u32)> = ranges.collect();
+/// The /24 blocks a prefix longer than /16 overlaps, by /24 index: every /24 of a /17-/24,
+/// the one /24 of a longer prefix; none for a /16 or shorter (its /16 words decide).
+fn blocks_reached(net: &Ipv4Net) -> Range<u32> {
+    let first = u32::from(net.network()) >> 8;
+    match net.prefix_len() {
+        0..=16 => first..first,
+        len @ 17..=24 => first..first + (1 << (24 - len)),
+        _ => first..first + 1,
+    }
+}
+
+/// How many /24s `ranges` cover together.
+fn distinct_blocks(ranges: impl Iterator<Item = Range<u32>>) -> u64 {
+    let mut ranges: Vec<(u32, u32)> = ranges.map(|range| (range.start, range.end)).collect();
     ranges.sort_unstable();
     let mut blocks = 0u64;
     let mut covered_to = 0u32;
@@ -288,10 +296,7 @@ pub fn build<'a>(entries: impl Iterator<Item = (&'a Ipv4Net, &'a RuleValue)>) ->
         match len {
             0..=16 => short.push((len, start >> 16, word(value))),
             17..=24 => {
-                let first = start >> 8;
-                for block in first..first + (1 << (24 - len)) {
-                    pieces.push((block, len, 0, word(value)));
-                }
+                pieces.extend(blocks_reached(net).map(|block| (block, len, 0, word(value))));
             }
             _ => pieces.push((start >> 8, len, start as u8, word(value))),
         }
@@ -480,13 +485,7 @@ mod tests {
                 entries.insert(net, value(id));
             }
             let built = build(entries.iter()).blocks.len() as u64;
-            let counted = distinct_blocks(entries.keys().map(|net| {
-                let first = u32::from(net.network()) >> 8;
-                (
-                    first,
-                    first + (1 << 24u32.saturating_sub(u32::from(net.prefix_len()))),
-                )
-            }));
+            let counted = distinct_blocks(entries.keys().map(blocks_reached));
             assert_eq!(counted, built, "seed {seed}");
         }
     }

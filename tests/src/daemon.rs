@@ -454,7 +454,12 @@ impl Daemon {
 
     /// Where the instance keeps its last-good store.
     pub fn state_dir(&self) -> PathBuf {
-        Path::new("/var/lib/smtpguard").join(&self.instance)
+        self.paths().state_dir()
+    }
+
+    /// The instance's folders, as the daemon names them.
+    fn paths(&self) -> smtpguard::instance::Instance {
+        smtpguard::instance::Instance::new(&self.instance).expect("a valid instance name")
     }
 
     /// Waits until the log holds `needle` `count` times or more; returns the log.
@@ -668,10 +673,9 @@ impl Drop for Daemon {
         let _ = std::fs::remove_dir_all(&self.dir);
         // The last-good store outlives detach, by design; not a test's. Nor is the run
         // folder the daemon's lock file stays in.
-        let _ = std::fs::remove_dir_all(self.state_dir());
-        if let Ok(instance) = smtpguard::instance::Instance::new(&self.instance) {
-            let _ = std::fs::remove_dir_all(instance.run_dir());
-        }
+        let paths = self.paths();
+        let _ = std::fs::remove_dir_all(paths.state_dir());
+        let _ = std::fs::remove_dir_all(paths.run_dir());
     }
 }
 

@@ -318,6 +318,7 @@ fn smtpguard_mounts_bpffs_0700_and_makes_its_folders_0700() {
     let _ = std::fs::remove_dir_all(&dir);
     // The last-good store and the run folder (its lock file) outlive detach, by design; not
     // a test's.
-    let _ = std::fs::remove_dir_all(std::path::Path::new("/var/lib/smtpguard").join(&name));
-    let _ = std::fs::remove_dir_all(std::path::Path::new("/run/smtpguard").join(&name));
+    let paths = Instance::new(&name).expect("instance");
+    let _ = std::fs::remove_dir_all(paths.state_dir());
+    let _ = std::fs::remove_dir_all(paths.run_dir());
 }

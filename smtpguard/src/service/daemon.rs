@@ -1245,16 +1245,9 @@ fn count_refused(telemetry: &SharedTelemetry, refused: &[Refusal]) {
 const WARNINGS_PER_FILE: usize = 10;
 
 fn log_warnings(warnings: &[Warning]) {
-    let mut per_file: Vec<(&std::path::Path, usize)> = Vec::new();
+    let mut per_file: std::collections::BTreeMap<&std::path::Path, usize> = Default::default();
     for warning in warnings {
-        let file: &std::path::Path = &warning.at.file;
-        let seen = match per_file.iter_mut().find(|(known, _)| *known == file) {
-            Some((_, count)) => count,
-            None => {
-                per_file.push((file, 0));
-                &mut per_file.last_mut().expect("just pushed").1
-            }
-        };
+        let seen = per_file.entry(&warning.at.file).or_default();
         *seen += 1;
         if *seen <= WARNINGS_PER_FILE {
             log::warn!("{warning}");
